@@ -1,0 +1,19 @@
+"""Backbone registry: ``create_backbone(name)`` builds any registered model."""
+
+from featurestore.backbones.base import (
+    Backbone,
+    BackboneInfo,
+    TensorSpec,
+    create_backbone,
+    list_backbones,
+    register_backbone,
+)
+
+__all__ = [
+    "Backbone",
+    "BackboneInfo",
+    "TensorSpec",
+    "create_backbone",
+    "list_backbones",
+    "register_backbone",
+]

@@ -1,0 +1,127 @@
+"""The backbone contract: every model the store can cache is a ``Backbone`` in one registry.
+
+A backbone takes a batch of normalised windows ``(B, 3, H, W)`` (all windows of a batch share one
+size) and returns *named dense tensors* (a dict, DINOv2-style), each described by a ``TensorSpec``
+so the store can lay it out without knowing the model. Adding a backbone = one module that
+defines a subclass and registers builders with ``@register_backbone``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+# Row units: how many rows a tensor has per image in the store.
+#   "token":  one row per patch token of every window (sum over windows of gh * gw)
+#   "window": one row per window
+#   "image":  one row per image
+UNITS = ("token", "window", "image")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named output of a backbone.
+
+    Attributes:
+        name: key in the dict ``forward_dense`` returns (e.g. ``patch``, ``cls``, ``reg``,
+            ``layer8``).
+        unit: ``token``, ``window`` or ``image`` (see ``UNITS``).
+        row_shape: shape of one row, e.g. ``(384,)`` for a token or ``(4, 384)`` for the
+            4 register tokens of a window.
+        doc: one line for ``ovss store info``.
+    """
+
+    name: str
+    unit: str
+    row_shape: tuple[int, ...]
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        if self.unit not in UNITS:
+            raise ValueError(f"unit must be one of {UNITS}, not {self.unit!r}")
+
+
+@dataclass
+class BackboneInfo:
+    """Identity and preprocessing of a built backbone (recorded in feature-set provenance)."""
+
+    name: str
+    family: str
+    patch_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights: str  # "sha256:<hex>" of the checkpoint file, or "random-init:<seed>"
+    weights_path: str | None = None
+    library: dict[str, str] = field(default_factory=dict)  # e.g. {"timm": "1.0.31"}
+    arch: str = ""  # library architecture name, e.g. "vit_small_patch14_dinov2"
+    extra: dict = field(default_factory=dict)  # family-specific facts (activation, layers, ...)
+
+
+class Backbone(torch.nn.Module):
+    """Base class. Subclasses set ``self.info`` and implement ``tensor_specs``/``forward_dense``."""
+
+    info: BackboneInfo
+
+    def tensor_specs(self) -> list[TensorSpec]:
+        raise NotImplementedError
+
+    def forward_dense(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the model on normalised windows.
+
+        Args:
+            x: ``(B, 3, H, W)`` float tensor, normalised with ``info.mean``/``info.std``;
+               H and W are multiples of ``info.patch_size``.
+
+        Returns:
+            A dict with one entry per ``TensorSpec``: ``token`` tensors as ``(B, gh*gw, *row)``
+            in row-major patch order, ``window`` tensors as ``(B, *row)``.
+        """
+        raise NotImplementedError
+
+
+BackboneBuilder = Callable[..., Backbone]
+_REGISTRY: dict[str, BackboneBuilder] = {}
+_DOCS: dict[str, str] = {}
+
+
+def register_backbone(name: str, doc: str = "") -> Callable[[BackboneBuilder], BackboneBuilder]:
+    """Decorator: register ``builder(weights=None, random_init=False, seed=0, layers=(), **kw)``."""
+
+    def deco(fn: BackboneBuilder) -> BackboneBuilder:
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} registered twice")
+        _REGISTRY[name] = fn
+        _DOCS[name] = doc or ((fn.__doc__ or "").strip().splitlines() or [""])[0]
+        return fn
+
+    return deco
+
+
+def list_backbones() -> list[str]:
+    _import_families()
+    return sorted(_REGISTRY)
+
+
+def backbone_doc(name: str) -> str:
+    _import_families()
+    return _DOCS.get(name, "")
+
+
+def create_backbone(name: str, **kwargs) -> Backbone:
+    """Build a registered backbone by short name (``dinov2-s14``, ``dino-b16``, ...).
+
+    Unknown names raise ``OvssError`` listing what exists.
+    """
+    from featurestore.errors import OvssError
+
+    _import_families()
+    if name not in _REGISTRY:
+        raise OvssError(f"'{name}' is not a known model; choose from {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](**kwargs)
+
+
+def _import_families() -> None:
+    # Importing a family module registers its builders.
+    from featurestore.backbones import dino  # noqa: F401

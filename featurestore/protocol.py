@@ -1,0 +1,148 @@
+"""Preprocessing protocols: how an image becomes model inputs (resize rule, sliding windows, padding).
+
+A protocol is part of a feature set's identity: two feature sets of the same model with different
+protocols are different sets. The geometry rules follow the OVSS benchmark protocol
+(``spec/EVAL.md`` §4.1, the mmseg ``Resize(scale=(2048, S), keep_ratio=True)`` + ``slide`` rule).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+RESIZE_MODES = ("short", "square", "long", "none")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How images are resized and cut into windows before a backbone sees them.
+
+    Attributes:
+        resize: ``short`` (shorter side to ``size``, longer side capped at ``max_long``, the mmseg
+            keep-ratio rule), ``square`` (``size``x``size``, aspect not kept), ``long`` (longer side
+            to ``size``, SAM's rule) or ``none`` (original size).
+        size: target side in pixels for ``short``/``square``/``long``; ignored for ``none``.
+        max_long: cap on the longer side for ``short`` (2048 in every benchmark config).
+        crop: sliding-window size in pixels; 0 means one window covering the whole resized image.
+        stride: sliding-window stride in pixels (required when ``crop > 0``).
+        pad_multiple: each window is zero-padded (in normalised space, i.e. with the mean colour)
+            symmetrically up to a multiple of this many pixels; 0 means "the backbone's patch
+            size". [ours] symmetric padding as ProxyCLIP does for its 56-pixel rule.
+    """
+
+    resize: str = "short"
+    size: int = 448
+    max_long: int = 2048
+    crop: int = 0
+    stride: int = 0
+    pad_multiple: int = 0
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, not {self.resize!r}")
+        if self.resize != "none" and self.size <= 0:
+            raise ValueError("protocol size must be a positive number of pixels")
+        if self.crop < 0 or self.stride < 0:
+            raise ValueError("crop and stride must be >= 0")
+        if self.crop > 0 and self.stride <= 0:
+            raise ValueError("a sliding-window crop needs a stride > 0")
+
+    def key(self) -> str:
+        """A short, filesystem-safe identifier, e.g. ``short448`` or ``short336-c224s112``."""
+        base = "orig" if self.resize == "none" else f"{self.resize}{self.size}"
+        if self.resize == "short" and self.max_long != 2048:
+            base += f"max{self.max_long}"
+        if self.crop:
+            base += f"-c{self.crop}s{self.stride}"
+        if self.pad_multiple:
+            base += f"-pad{self.pad_multiple}"
+        return base
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Protocol:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """Size ``(H, W)`` of the resized image (EVAL.md §4.1: ``int(x * f + 0.5)``)."""
+        if self.resize == "none":
+            return height, width
+        if self.resize == "square":
+            return self.size, self.size
+        if self.resize == "long":
+            f = self.size / max(height, width)
+        else:
+            f = min(self.max_long / max(height, width), self.size / min(height, width))
+        return max(1, int(height * f + 0.5)), max(1, int(width * f + 0.5))
+
+    def windows(self, height: int, width: int) -> np.ndarray:
+        """Window boxes ``(n, 4)`` as ``(y1, x1, y2, x2)`` in resized-image pixels.
+
+        mmseg ``slide`` rule: ``grids = max(H - c + s - 1, 0) // s + 1``; the last window is flush
+        with the border; an image smaller than the crop is a single window.
+        """
+        if not self.crop:
+            return np.array([[0, 0, height, width]], dtype=np.int64)
+        c, s = self.crop, self.stride
+        h_grids = max(height - c + s - 1, 0) // s + 1
+        w_grids = max(width - c + s - 1, 0) // s + 1
+        boxes = []
+        for i in range(h_grids):
+            for j in range(w_grids):
+                y1, x1 = i * s, j * s
+                y2, x2 = min(y1 + c, height), min(x1 + c, width)
+                y1, x1 = max(y2 - c, 0), max(x2 - c, 0)
+                boxes.append((y1, x1, y2, x2))
+        return np.array(boxes, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class WindowGeometry:
+    """One window: its box in the resized image, its symmetric padding and its token grid."""
+
+    box: tuple[int, int, int, int]  # y1, x1, y2, x2 in resized pixels
+    pad: tuple[int, int, int, int]  # top, left, bottom, right (pixels added)
+    grid: tuple[int, int]  # (gh, gw) patch tokens
+
+
+@dataclass
+class ImageGeometry:
+    """Everything about one image's model inputs that follows from its size and the protocol."""
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+    windows: list[WindowGeometry] = field(default_factory=list)
+
+    @property
+    def n_windows(self) -> int:
+        return len(self.windows)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(w.grid[0] * w.grid[1] for w in self.windows)
+
+
+def padding_for(length: int, multiple: int) -> tuple[int, int]:
+    """Symmetric padding ``(before, after)`` that brings ``length`` up to a multiple."""
+    total = (-length) % multiple
+    return total // 2, total - total // 2
+
+
+def image_geometry(protocol: Protocol, height: int, width: int, patch_size: int) -> ImageGeometry:
+    """Geometry of one image of original size ``(height, width)`` for a backbone's patch size."""
+    multiple = protocol.pad_multiple or patch_size
+    if multiple % patch_size:
+        multiple = math.lcm(multiple, patch_size)
+    rh, rw = protocol.resized_size(height, width)
+    geo = ImageGeometry(original=(height, width), resized=(rh, rw))
+    for y1, x1, y2, x2 in protocol.windows(rh, rw).tolist():
+        top, bottom = padding_for(y2 - y1, multiple)
+        left, right = padding_for(x2 - x1, multiple)
+        gh = (y2 - y1 + top + bottom) // patch_size
+        gw = (x2 - x1 + left + right) // patch_size
+        geo.windows.append(WindowGeometry((y1, x1, y2, x2), (top, left, bottom, right), (gh, gw)))
+    return geo
