@@ -1,0 +1,494 @@
+"""The extraction pipeline: images -> backbone -> feature store.
+
+Decoding and preprocessing run in background threads, store writes in a background writer
+thread, so the model forward is the only thing on the critical path. Work is done block by
+block (see ``featurestore.store``): a block is written whole and only then marked finished, so a
+killed run resumes at the first unfinished block of its shard.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from featurestore.backbones.base import Backbone, TensorSpec, create_backbone
+from featurestore.errors import ImageReadError, OvssError
+from featurestore.images import ImageRecord, load_image_rgb, probe_image
+from featurestore.protocol import ImageGeometry, Protocol, image_geometry
+from featurestore.store import (
+    DEFAULT_BLOCK_MB,
+    STATUS_FAILED,
+    STATUS_OK,
+    FeatureSet,
+    FeatureStore,
+    _storage_dtype,
+    plan_layout,
+    set_key,
+)
+
+ProgressCallback = Callable[[str, int, int], None]  # (model, images done, images total)
+
+
+@dataclass
+class ExtractConfig:
+    """Options of ``ovss extract`` (every field is a CLI flag of the same name).
+
+    Attributes:
+        models: backbone short names, run one after the other over the same images.
+        protocol: resize / window rule shared by all models of the call.
+        store: store path or URL; created if absent, resumed if present.
+        batch_size: windows per forward pass (windows of one shape are batched across images).
+        device: ``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
+        precision: compute precision: ``auto`` (fp16 autocast on CUDA, fp32 elsewhere),
+            ``fp32``, ``fp16``, ``bf16``.
+        dtype: storage dtype of features: ``float16`` (default), ``float32``, ``bfloat16``.
+        shard: ``(i, n)``: this process writes blocks ``b % n == i``. ``None``: from
+            ``RANK``/``WORLD_SIZE`` under torchrun, else ``(0, 1)``.
+        overwrite: replace existing feature sets of these models/protocol (never the store).
+        weights: checkpoint path (only with a single model).
+        random_init: build the real architecture with seeded random weights.
+        seed: the random-init seed (recorded as ``random-init:<seed>``).
+        layers: extra intermediate layers to cache (block indices).
+        block_mb: target size of one block (= one chunk file per tensor).
+        workers: image decoding threads.
+        arch_overrides: architecture overrides (tiny test models of the real classes).
+    """
+
+    models: list[str]
+    protocol: Protocol
+    store: str
+    batch_size: int = 8
+    device: str = "auto"
+    precision: str = "auto"
+    dtype: str = "float16"
+    shard: tuple[int, int] | None = None
+    overwrite: bool = False
+    weights: str | None = None
+    random_init: bool = False
+    seed: int = 0
+    layers: tuple[int, ...] = ()
+    block_mb: float = DEFAULT_BLOCK_MB
+    workers: int = 2
+    arch_overrides: dict | None = None
+
+
+@dataclass
+class ModelReport:
+    model: str
+    feature_set: str
+    images_total: int
+    images_done_before: int
+    images_extracted: int
+    images_failed: int
+    seconds: float
+    images_per_s: float
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ExtractReport:
+    store: str
+    shard: tuple[int, int]
+    models: list[ModelReport]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
+    """``(i, n)`` from the argument, else torchrun's RANK/WORLD_SIZE, else ``(0, 1)``."""
+    if shard is None:
+        n = int(os.environ.get("WORLD_SIZE", "1"))
+        i = int(os.environ.get("RANK", "0"))
+        shard = (i, n)
+    i, n = shard
+    if n < 1 or not 0 <= i < n:
+        raise OvssError(f"invalid shard {i}/{n}: need 0 <= i < n")
+    return i, n
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device(f"cuda:{local}")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise OvssError(f"'{device}' is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OvssError("--device cuda was asked for but CUDA is not available here")
+    return dev
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    if precision not in ("fp16", "bf16"):
+        raise OvssError(f"precision must be auto, fp32, fp16 or bf16, not {precision!r}")
+    dt = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dt)
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing
+# --------------------------------------------------------------------------------------------
+
+
+def preprocess(
+    image: np.ndarray,
+    geometry: ImageGeometry,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> list[torch.Tensor]:
+    """Resize, normalise and cut one RGB image into padded windows.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 at the original size.
+        geometry: the image's geometry for the protocol and the backbone's patch size.
+
+    Returns:
+        One ``(3, h, w)`` float32 tensor per window, zero-padded (i.e. with the mean colour)
+        symmetrically as ``geometry`` says. Resizing is bilinear, ``align_corners=False``,
+        no antialiasing (cv2 ``INTER_LINEAR`` semantics, as mmseg's ``Resize``).
+    """
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    rh, rw = geometry.resized
+    if (rh, rw) != tuple(x.shape[1:]):
+        x = F.interpolate(x[None], size=(rh, rw), mode="bilinear", align_corners=False)[0]
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255.0
+    x = (x - m) / s
+    out = []
+    for w in geometry.windows:
+        y1, x1, y2, x2 = w.box
+        top, left, bottom, right = w.pad
+        crop = x[:, y1:y2, x1:x2]
+        if top or left or bottom or right:
+            crop = F.pad(crop, (left, right, top, bottom))
+        out.append(crop.contiguous())
+    return out
+
+
+def geometries_for(
+    sizes: np.ndarray, protocol: Protocol, patch_size: int
+) -> list[ImageGeometry]:
+    """Geometry of every image; an unreadable image (size 0) gets no windows."""
+    out = []
+    for h, w in sizes.tolist():
+        if h <= 0 or w <= 0:
+            out.append(ImageGeometry(original=(h, w), resized=(0, 0)))
+        else:
+            out.append(image_geometry(protocol, h, w, patch_size))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Dry run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlanRow:
+    model: str
+    feature_set: str
+    images: int
+    unreadable: int
+    windows: int
+    tokens: int
+    bytes: int
+    blocks: int
+
+
+def plan(records: Sequence[ImageRecord], cfg: ExtractConfig) -> list[PlanRow]:
+    """What ``extract`` would write (images, windows, tokens, bytes per model); builds the models
+    on the meta device only to read their output specs, loads no weights."""
+    sizes = np.zeros((len(records), 2), dtype=np.int64)
+    for i, r in enumerate(records):
+        try:
+            sizes[i] = probe_image(r.path)
+        except ImageReadError:
+            pass
+    rows = []
+    for name in cfg.models:
+        with torch.device("meta"):
+            bb = create_backbone(
+                name, random_init=True, seed=cfg.seed, layers=cfg.layers,
+                arch_overrides=cfg.arch_overrides,
+            )
+        geos = geometries_for(sizes, cfg.protocol, bb.info.patch_size)
+        specs = bb.tensor_specs()
+        layout = plan_layout(geos, specs, cfg.dtype, cfg.block_mb)
+        itemsize = _storage_dtype(cfg.dtype).itemsize
+        nbytes = sum(
+            int(layout.row_count[s.unit].sum()) * int(np.prod(s.row_shape)) * itemsize
+            for s in specs
+        )
+        rows.append(
+            PlanRow(
+                model=name,
+                feature_set=set_key(name, cfg.protocol),
+                images=len(records),
+                unreadable=int((sizes[:, 0] == 0).sum()),
+                windows=int(layout.row_count["window"].sum()),
+                tokens=int(layout.row_count["token"].sum()),
+                bytes=nbytes,
+                blocks=layout.n_blocks,
+            )
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Extraction
+# --------------------------------------------------------------------------------------------
+
+
+def build_backbone(name: str, cfg: ExtractConfig) -> Backbone:
+    if cfg.weights and len(cfg.models) > 1:
+        raise OvssError("--weights names one checkpoint: use it with a single --model")
+    return create_backbone(
+        name,
+        weights=cfg.weights,
+        random_init=cfg.random_init,
+        seed=cfg.seed,
+        layers=tuple(cfg.layers),
+        arch_overrides=cfg.arch_overrides,
+    )
+
+
+def extract(
+    records: Sequence[ImageRecord],
+    cfg: ExtractConfig,
+    progress: ProgressCallback | None = None,
+) -> ExtractReport:
+    """Extract every model of ``cfg`` over ``records`` into ``cfg.store`` (resuming).
+
+    Unreadable images are skipped, recorded in the feature set (status *failed* + message) and
+    listed in the report; finished blocks are never recomputed.
+    """
+    if not records:
+        raise OvssError("no images to extract")
+    shard = resolve_shard(cfg.shard)
+    device = resolve_device(cfg.device)
+    store = FeatureStore.open_or_create(cfg.store, records)
+    reports = []
+    for name in cfg.models:
+        backbone = build_backbone(name, cfg).to(device).eval()
+        reports.append(_extract_model(store, records, backbone, cfg, shard, device, progress))
+        del backbone
+    return ExtractReport(store=cfg.store, shard=shard, models=reports)
+
+
+def _extract_model(
+    store: FeatureStore,
+    records: Sequence[ImageRecord],
+    backbone: Backbone,
+    cfg: ExtractConfig,
+    shard: tuple[int, int],
+    device: torch.device,
+    progress: ProgressCallback | None,
+) -> ModelReport:
+    info = backbone.info
+    sizes = store.root["images/size"][...]
+    geos = geometries_for(sizes, cfg.protocol, info.patch_size)
+    specs = backbone.tensor_specs()
+    fs = store.create_feature_set(
+        info.name,
+        cfg.protocol,
+        asdict(info),
+        specs,
+        geos,
+        dtype=cfg.dtype,
+        target_block_mb=cfg.block_mb,
+        overwrite=cfg.overwrite,
+    )
+    done = fs.done_blocks()
+    mine = [b for b in range(fs.n_blocks) if b % shard[1] == shard[0]]
+    todo = [b for b in mine if not done[b]]
+    n_mine = sum(len(fs.block_images(b)) for b in mine)
+    n_before = n_mine - sum(len(fs.block_images(b)) for b in todo)
+    if progress:
+        progress(info.name, n_before, n_mine)
+
+    t0 = time.perf_counter()
+    failures: dict[str, str] = {}
+    n_done = 0
+    writer = _BlockWriter(fs)
+    try:
+        for b, images in _decoded_blocks(fs, records, geos, todo, info, cfg.workers):
+            buffers = fs.new_block_buffers(b)
+            status = np.full(len(images), STATUS_OK, dtype=np.uint8)
+            errors = [""] * len(images)
+            for j, (i, windows, err) in enumerate(images):
+                if err:
+                    status[j] = STATUS_FAILED
+                    errors[j] = err
+                    failures[records[i].image_id] = err
+            _run_block(fs, backbone, specs, images, buffers, cfg, device)
+            writer.put(b, buffers, status, errors)
+            n_done += len(images)
+            if progress:
+                progress(info.name, n_before + n_done, n_mine)
+    finally:
+        writer.close()
+    dt = time.perf_counter() - t0
+    return ModelReport(
+        model=info.name,
+        feature_set=fs.key,
+        images_total=n_mine,
+        images_done_before=n_before,
+        images_extracted=n_done - len(failures),
+        images_failed=len(failures),
+        seconds=round(dt, 3),
+        images_per_s=round(n_done / dt, 3) if dt > 0 and n_done else 0.0,
+        failures=failures,
+    )
+
+
+def _decoded_blocks(
+    fs: FeatureSet,
+    records: Sequence[ImageRecord],
+    geos: list[ImageGeometry],
+    blocks: Sequence[int],
+    info,
+    workers: int,
+) -> Iterator[tuple[int, list[tuple[int, list[torch.Tensor], str]]]]:
+    """Yield ``(block, [(image index, windows, error), ...])`` with decoding done ahead in
+    background threads (bounded look-ahead)."""
+
+    def load(i: int) -> tuple[int, list[torch.Tensor], str]:
+        g = geos[i]
+        if not g.n_windows:
+            return i, [], f"cannot read image {records[i].path}"
+        try:
+            img = load_image_rgb(records[i].path)
+        except ImageReadError as e:
+            return i, [], str(e)
+        if img.shape[:2] != g.original:
+            return i, [], (
+                f"image {records[i].path} is {img.shape[0]}x{img.shape[1]} but was "
+                f"{g.original[0]}x{g.original[1]} when the store was created"
+            )
+        return i, preprocess(img, g, info.mean, info.std), ""
+
+    order = [(b, i) for b in blocks for i in fs.block_images(b)]
+    lookahead = max(4, 2 * workers)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="ovss-decode") as ex:
+        futures: list = []
+        pos = 0
+
+        def fill() -> None:
+            nonlocal pos
+            while pos < len(order) and len(futures) < lookahead:
+                futures.append((order[pos][0], ex.submit(load, order[pos][1])))
+                pos += 1
+
+        fill()
+        current, items = None, []
+        while futures:
+            b, fut = futures.pop(0)
+            fill()
+            if current is not None and b != current:
+                yield current, items
+                items = []
+            current = b
+            items.append(fut.result())
+        if current is not None:
+            yield current, items
+
+
+def _run_block(
+    fs: FeatureSet,
+    backbone: Backbone,
+    specs: list[TensorSpec],
+    images: list[tuple[int, list[torch.Tensor], str]],
+    buffers: dict[str, np.ndarray],
+    cfg: ExtractConfig,
+    device: torch.device,
+) -> None:
+    """Forward all windows of a block (batched by shape) and place outputs in the buffers."""
+    pending: list[tuple[int, int, int, torch.Tensor]] = []  # image, window, token offset, x
+
+    def flush() -> None:
+        if not pending:
+            return
+        x = torch.stack([p[3] for p in pending]).to(device, non_blocking=True)
+        with torch.inference_mode(), _autocast(device, cfg.precision):
+            out = backbone.forward_dense(x)
+        for s in specs:
+            arr = fs.encode(out[s.name])
+            for k, (i, w, tok_off, _) in enumerate(pending):
+                if s.unit == "token":
+                    base = fs.local_rows("token", i).start + tok_off
+                    buffers[s.name][base : base + arr.shape[1]] = arr[k]
+                elif s.unit == "window":
+                    buffers[s.name][fs.local_rows("window", i).start + w] = arr[k]
+                else:  # image-level tensors come from single-window images only
+                    buffers[s.name][fs.local_rows("image", i).start] = arr[k]
+        pending.clear()
+
+    for i, windows, err in images:
+        if err:
+            continue
+        tok_off = 0
+        for w, x in enumerate(windows):
+            if pending and (len(pending) >= cfg.batch_size or pending[0][3].shape != x.shape):
+                flush()
+            pending.append((i, w, tok_off, x))
+            tok_off += (x.shape[1] // backbone.info.patch_size) * (
+                x.shape[2] // backbone.info.patch_size
+            )
+    flush()
+
+
+class _BlockWriter:
+    """One background thread writing finished blocks, so compute continues meanwhile."""
+
+    def __init__(self, fs: FeatureSet, depth: int = 2):
+        self.fs = fs
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="ovss-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self.fs.write_block(*item)
+                except BaseException as e:  # surfaced in put()/close()
+                    self.error = e
+
+    def put(self, b, buffers, status, errors) -> None:
+        self._raise()
+        self.q.put((b, buffers, status, errors))
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            e, self.error = self.error, None
+            if isinstance(e, OSError):
+                raise OvssError(f"writing the store failed: {e}") from e
+            raise e

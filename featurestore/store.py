@@ -1,0 +1,750 @@
+"""The ovss feature store: a Zarr v3 group of ragged per-image dense features.
+
+Layout (see README "The feature store" for the rationale)::
+
+    <store>/                         zarr group, attrs {"ovss_store": 1, ...}
+      images/                        the image table, fixed when the store is created
+        id, path, source, split, sha256     (n_images,) strings
+        size                                (n_images, 2) int32 original (H, W) after EXIF
+      features/<model>@<protocol>/   one feature set; attrs = provenance
+        geometry/                    derived from sizes + protocol + patch size, written once
+          resized (n_images, 2), n_windows (n_images,), win_box/win_pad/win_grid (n_win_total, 4|2)
+          win_start (n_images + 1,)  first window row of each image (global window numbering)
+          block_start (n_blocks + 1,) first image of each block
+          row_start_<unit> (n_images,) first row of the image in every tensor of that unit
+          row_count_<unit> (n_images,)
+        <tensor>                     (n_blocks * block_rows_<unit>, *row_shape), one chunk = one block
+        status                       (n_blocks, max_block_images) uint8, chunk = one block's row
+        errors                       (n_blocks, max_block_images) str, chunk = one block's row
+
+Images are grouped into *blocks* of consecutive images (about ``target_block_mb`` of the largest
+tensor each). A block is one uncompressed chunk of every tensor, so:
+  * reading one image touches one chunk per tensor (a byte-range read of it);
+  * streaming a feature set reads whole chunk files in order;
+  * a writer always owns whole chunks: ``--shard i/n`` writes the blocks ``b % n == i``;
+  * a block's ``status`` chunk is written only after its data chunks are on disk (fsync), so an
+    interrupted extraction resumes at the first unfinished block and never exposes partial data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BytesCodec
+
+from featurestore import __version__
+from featurestore.backbones.base import UNITS, TensorSpec
+from featurestore.errors import ProvenanceMismatchError, StoreError
+from featurestore.images import ImageRecord
+from featurestore.protocol import ImageGeometry, Protocol
+
+STORE_FORMAT = 1
+STATUS_PENDING, STATUS_OK, STATUS_FAILED = 0, 1, 2
+DTYPES = ("float16", "float32", "bfloat16")
+DEFAULT_BLOCK_MB = 32.0
+
+
+def set_key(model: str, protocol: Protocol) -> str:
+    """Feature-set name: ``<model>@<protocol key>``, e.g. ``dinov2-s14@short448``."""
+    return f"{model}@{protocol.key()}"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _storage_dtype(dtype: str) -> np.dtype:
+    # numpy has no bfloat16: its bit pattern is stored as uint16 and viewed back through torch.
+    return np.dtype("uint16") if dtype == "bfloat16" else np.dtype(dtype)
+
+
+@dataclass
+class Provenance:
+    """Everything that identifies how a feature set was made."""
+
+    model: str
+    protocol: dict
+    backbone: dict  # BackboneInfo as a dict: weights identity, library versions, arch, mean/std...
+    tensors: list[dict]
+    dtype: str
+    ovss_version: str = __version__
+    created: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "protocol": self.protocol,
+            "backbone": self.backbone,
+            "tensors": self.tensors,
+            "dtype": self.dtype,
+            "ovss_version": self.ovss_version,
+            "created": self.created,
+        }
+
+
+def extract_command(store: str, model: str, protocol: Protocol, extra: str = "") -> str:
+    """The ``ovss extract`` command line that produces a feature set."""
+    p = protocol
+    cmd = f"ovss extract --store {store} --model {model} --resize {p.resize}"
+    if p.resize != "none":
+        cmd += f" --size {p.size}"
+    if p.crop:
+        cmd += f" --crop {p.crop} --stride {p.stride}"
+    if p.pad_multiple:
+        cmd += f" --pad-multiple {p.pad_multiple}"
+    return cmd + (f" {extra}" if extra else "") + " <images or --dataset ...>"
+
+
+# --------------------------------------------------------------------------------------------
+# Layout planning
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Layout:
+    """Where every image's rows live; derived deterministically from sizes + protocol + specs."""
+
+    geometries: list[ImageGeometry]
+    block_start: np.ndarray  # (n_blocks + 1,)
+    block_rows: dict[str, int]  # unit -> rows per block chunk
+    row_start: dict[str, np.ndarray]  # unit -> (n_images,) absolute row in the tensor array
+    row_count: dict[str, np.ndarray]  # unit -> (n_images,)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.block_start) - 1
+
+    @property
+    def max_block_images(self) -> int:
+        return int(np.diff(self.block_start).max()) if self.n_blocks else 1
+
+
+def _unit_counts(geos: Sequence[ImageGeometry]) -> dict[str, np.ndarray]:
+    return {
+        "token": np.array([g.n_tokens for g in geos], dtype=np.int64),
+        "window": np.array([g.n_windows for g in geos], dtype=np.int64),
+        "image": np.array([1 if g.n_windows else 0 for g in geos], dtype=np.int64),
+    }
+
+
+def plan_layout(
+    geometries: list[ImageGeometry],
+    specs: Sequence[TensorSpec],
+    dtype: str = "float16",
+    target_block_mb: float = DEFAULT_BLOCK_MB,
+    max_block_images: int = 256,
+) -> Layout:
+    """Group consecutive images into blocks of about ``target_block_mb`` of feature bytes.
+
+    An image is never split across blocks; a block holds at least one image and at most
+    ``max_block_images``. The block size in rows of each unit is the largest block's use.
+    """
+    counts = _unit_counts(geometries)
+    itemsize = _storage_dtype(dtype).itemsize
+    per_image_bytes = np.zeros(len(geometries), dtype=np.float64)
+    for spec in specs:
+        per_image_bytes += counts[spec.unit] * int(np.prod(spec.row_shape)) * itemsize
+    target = target_block_mb * 2**20
+    starts = [0]
+    acc, n_in = 0.0, 0
+    for i, b in enumerate(per_image_bytes):
+        if n_in and (acc + b > target or n_in >= max_block_images):
+            starts.append(i)
+            acc, n_in = 0.0, 0
+        acc += b
+        n_in += 1
+    if len(geometries):
+        starts.append(len(geometries))
+    block_start = np.array(starts, dtype=np.int64)
+    block_rows: dict[str, int] = {}
+    row_start: dict[str, np.ndarray] = {}
+    for unit in UNITS:
+        c = counts[unit]
+        within = np.zeros(len(c), dtype=np.int64)
+        rows = 1
+        for b in range(len(block_start) - 1):
+            s, e = block_start[b], block_start[b + 1]
+            cs = np.cumsum(c[s:e])
+            within[s:e] = cs - c[s:e]
+            rows = max(rows, int(cs[-1]) if e > s else 0)
+        block_rows[unit] = rows
+        block_of = np.repeat(np.arange(len(block_start) - 1), np.diff(block_start))
+        row_start[unit] = block_of * rows + within
+    return Layout(geometries, block_start, block_rows, row_start, counts)
+
+
+# --------------------------------------------------------------------------------------------
+# Store
+# --------------------------------------------------------------------------------------------
+
+
+class FeatureStore:
+    """A Zarr v3 feature store. Open with ``FeatureStore.open`` or ``FeatureStore.create``."""
+
+    def __init__(self, root: zarr.Group, path: str):
+        self.root = root
+        self.path = path
+
+    # -- opening -----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r") -> FeatureStore:
+        """Open an existing store (``mode`` ``r`` or ``a``); a clear StoreError otherwise."""
+        path = str(path)
+        from featurestore.hdf5 import is_hdf5_path, open_hdf5
+
+        if is_hdf5_path(path):
+            root = open_hdf5(path)
+            if root.attrs.get("ovss_store") != STORE_FORMAT:
+                raise StoreError(f"{path} is an HDF5 file but not an exported ovss store")
+            return cls(root, path)  # type: ignore[arg-type]
+        if "://" not in path and not Path(path, "zarr.json").exists():
+            raise StoreError(f"no ovss store at {path} (create one with 'ovss extract --store {path}')")
+        try:
+            root = zarr.open_group(path, mode=mode, zarr_format=3)
+        except Exception as e:  # zarr raises several types for unreadable metadata
+            raise StoreError(f"cannot open store {path}: {e}") from None
+        if root.attrs.get("ovss_store") != STORE_FORMAT:
+            raise StoreError(f"{path} is a Zarr group but not an ovss store")
+        return cls(root, path)
+
+    @classmethod
+    def open_or_create(cls, path: str | os.PathLike, records: Sequence[ImageRecord]) -> FeatureStore:
+        """Open the store at ``path`` or create it with this image table.
+
+        Creation is serialised with a lock file so concurrent shard processes agree. An existing
+        store must hold exactly the same images (ids and content hashes).
+        """
+        path = str(path)
+        with _creation_lock(path):
+            if "://" in path or Path(path, "zarr.json").exists():
+                store = cls.open(path, mode="a")
+                store._check_same_images(records)
+                return store
+            root = zarr.open_group(path, mode="a", zarr_format=3)
+            root.attrs.update(
+                {"ovss_store": STORE_FORMAT, "ovss_version": __version__, "created": _now()}
+            )
+            store = cls(root, path)
+            store._write_image_table(records)
+            return store
+
+    # -- image table -------------------------------------------------------------------------
+    def _write_image_table(self, records: Sequence[ImageRecord]) -> None:
+        from featurestore.images import file_sha256, probe_image
+
+        g = self.root.create_group("images")
+        n = len(records)
+        sizes = np.zeros((n, 2), dtype=np.int32)
+        hashes = []
+        for i, r in enumerate(records):
+            try:
+                sizes[i] = probe_image(r.path)
+                hashes.append(file_sha256(r.path))
+            except Exception:  # unreadable: recorded as size 0, reported at extraction
+                hashes.append("")
+        for name, values in (
+            ("id", [r.image_id for r in records]),
+            ("path", [str(r.path) for r in records]),
+            ("source", [r.source for r in records]),
+            ("split", [r.split for r in records]),
+            ("sha256", hashes),
+        ):
+            arr = g.create_array(name, shape=(n,), dtype=str, chunks=(max(n, 1),))
+            if n:
+                arr[:] = np.array(values, dtype=object)
+        arr = g.create_array("size", shape=(n, 2), dtype="int32", chunks=(max(n, 1), 2))
+        if n:
+            arr[:] = sizes
+
+    def _check_same_images(self, records: Sequence[ImageRecord]) -> None:
+        ids = self.image_ids
+        new = [r.image_id for r in records]
+        if list(ids) != new:
+            raise StoreError(
+                f"store {self.path} holds a different image list ({len(ids)} images) than "
+                f"requested ({len(new)}); use another --store"
+            )
+
+    @property
+    def n_images(self) -> int:
+        return int(self.root["images/id"].shape[0])
+
+    @property
+    def image_ids(self) -> list[str]:
+        a = self.root["images/id"]
+        return [str(x) for x in a[:]] if a.shape[0] else []
+
+    def image_table(self) -> dict[str, np.ndarray]:
+        g = self.root["images"]
+        return {k: g[k][:] for k in ("id", "path", "source", "split", "sha256", "size")}
+
+    def image_records(self) -> list[ImageRecord]:
+        t = self.image_table()
+        return [
+            ImageRecord(str(t["id"][i]), str(t["path"][i]), str(t["source"][i]), str(t["split"][i]))
+            for i in range(len(t["id"]))
+        ]
+
+    # -- feature sets ------------------------------------------------------------------------
+    def feature_sets(self) -> list[str]:
+        if "features" not in self.root:
+            return []
+        return sorted(k for k, _ in self.root["features"].groups())
+
+    def feature_set(self, key: str) -> FeatureSet:
+        if key not in self.feature_sets():
+            have = ", ".join(self.feature_sets()) or "none"
+            raise StoreError(f"store {self.path} has no feature set '{key}' (it has: {have})")
+        return FeatureSet(self, key)
+
+    def require(
+        self,
+        model: str,
+        protocol: Protocol,
+        weights: str | None = None,
+        tensors: Sequence[str] = (),
+    ) -> FeatureSet:
+        """The feature set of ``model`` under ``protocol``, checked against what the caller needs.
+
+        Raises ProvenanceMismatchError naming the ``ovss extract`` command when the set is
+        missing, made with other weights, or lacks a tensor.
+        """
+        key = set_key(model, protocol)
+        cmd = extract_command(self.path, model, protocol)
+        if key not in self.feature_sets():
+            have = ", ".join(self.feature_sets()) or "none"
+            raise ProvenanceMismatchError(
+                f"store {self.path} has no '{key}' features (it has: {have}); run: {cmd}"
+            )
+        fs = FeatureSet(self, key)
+        prov = fs.provenance
+        if Protocol.from_dict(prov["protocol"]) != protocol:
+            raise ProvenanceMismatchError(
+                f"feature set '{key}' was made with protocol {prov['protocol']}, not "
+                f"{protocol.to_dict()}; run: {cmd} --overwrite"
+            )
+        have_w = prov["backbone"].get("weights")
+        if weights is not None and have_w != weights:
+            raise ProvenanceMismatchError(
+                f"feature set '{key}' was made with weights {have_w}, not {weights}; "
+                f"re-extract into another store: {cmd}"
+            )
+        missing = [t for t in tensors if t not in fs.tensor_names]
+        if missing:
+            raise ProvenanceMismatchError(
+                f"feature set '{key}' lacks tensors {missing}; run: {cmd} --overwrite"
+            )
+        return fs
+
+    def create_feature_set(
+        self,
+        model: str,
+        protocol: Protocol,
+        backbone_info: dict,
+        specs: Sequence[TensorSpec],
+        geometries: list[ImageGeometry],
+        dtype: str = "float16",
+        target_block_mb: float = DEFAULT_BLOCK_MB,
+        overwrite: bool = False,
+    ) -> FeatureSet:
+        """Create (or, with identical provenance, reopen for resuming) a feature set.
+
+        An existing set with different provenance is an error unless ``overwrite``; with
+        ``overwrite`` only that set is deleted (never the store).
+        """
+        if dtype not in DTYPES:
+            raise StoreError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        key = set_key(model, protocol)
+        prov = Provenance(
+            model=model,
+            protocol=protocol.to_dict(),
+            backbone=_jsonable(backbone_info),
+            tensors=[
+                {"name": s.name, "unit": s.unit, "row_shape": list(s.row_shape), "doc": s.doc}
+                for s in specs
+            ],
+            dtype=dtype,
+        )
+        with _creation_lock(self.path):
+            feats = self.root.require_group("features")
+            if key in feats:
+                existing = FeatureSet(self, key)
+                if overwrite:
+                    del feats[key]
+                elif existing.same_provenance(prov.to_dict()):
+                    return existing
+                else:
+                    old = existing.provenance
+                    diff = [
+                        k
+                        for k in ("protocol", "tensors", "dtype")
+                        if old.get(k) != prov.to_dict()[k]
+                    ]
+                    if old["backbone"].get("weights") != prov.backbone.get("weights"):
+                        diff.append("weights")
+                    raise ProvenanceMismatchError(
+                        f"feature set '{key}' already exists with different "
+                        f"{', '.join(diff) or 'settings'}; pass --overwrite to replace it, or "
+                        "use another --store"
+                    )
+            layout = plan_layout(geometries, specs, dtype, target_block_mb)
+            g = feats.create_group(key)
+            _write_geometry(g, layout)
+            sdt = _storage_dtype(dtype)
+            for s in specs:
+                rows = layout.block_rows[s.unit]
+                g.create_array(
+                    s.name,
+                    shape=(layout.n_blocks * rows, *s.row_shape),
+                    chunks=(rows, *s.row_shape),
+                    dtype=sdt,
+                    fill_value=0,
+                    compressors=None,
+                    filters=None,
+                    serializer=BytesCodec(endian="little"),
+                )
+            nb, mb = layout.n_blocks, layout.max_block_images
+            g.create_array("status", shape=(nb, mb), chunks=(1, mb), dtype="uint8", fill_value=0)
+            g.create_array("errors", shape=(nb, mb), chunks=(1, mb), dtype=str)
+            prov.created = _now()
+            d = prov.to_dict()
+            d["layout"] = {
+                "n_blocks": nb,
+                "block_rows": layout.block_rows,
+                "max_block_images": mb,
+                "target_block_mb": target_block_mb,
+            }
+            g.attrs.update({"provenance": d})
+            return FeatureSet(self, key)
+
+
+def _jsonable(d):
+    return json.loads(json.dumps(d, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def _write_geometry(g: zarr.Group, layout: Layout) -> None:
+    geos = layout.geometries
+    n = len(geos)
+    geo = g.create_group("geometry")
+
+    def put(name: str, data: np.ndarray) -> None:
+        data = np.ascontiguousarray(data)
+        shape = data.shape
+        chunks = tuple(max(s, 1) for s in shape)
+        a = geo.create_array(name, shape=shape, chunks=chunks, dtype=data.dtype, fill_value=0)
+        if data.size:
+            a[...] = data
+
+    wins = [w for g_ in geos for w in g_.windows]
+    put("resized", np.array([g_.resized for g_ in geos], dtype=np.int32).reshape(n, 2))
+    n_win = np.array([g_.n_windows for g_ in geos], dtype=np.int64)
+    put("win_start", np.concatenate([[0], np.cumsum(n_win)]).astype(np.int64))
+    put("win_box", np.array([w.box for w in wins], dtype=np.int32).reshape(-1, 4))
+    put("win_pad", np.array([w.pad for w in wins], dtype=np.int32).reshape(-1, 4))
+    put("win_grid", np.array([w.grid for w in wins], dtype=np.int32).reshape(-1, 2))
+    put("block_start", layout.block_start)
+    for unit in UNITS:
+        put(f"row_start_{unit}", layout.row_start[unit])
+        put(f"row_count_{unit}", layout.row_count[unit])
+
+
+@contextlib.contextmanager
+def _creation_lock(path: str):
+    """Serialise store/feature-set creation between processes (local stores only)."""
+    if "://" in path:
+        yield
+        return
+    p = Path(path).absolute()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    # The lock lives beside the store: zarr warns about foreign files inside a group.
+    with open(p.parent / f".{p.name}.ovss-lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@dataclass
+class ImageFeatures:
+    """One image's cached tensors and the geometry needed to place them."""
+
+    index: int
+    image_id: str
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    win_box: np.ndarray  # (n_windows, 4) y1, x1, y2, x2 in resized pixels
+    win_pad: np.ndarray  # (n_windows, 4) top, left, bottom, right
+    win_grid: np.ndarray  # (n_windows, 2) gh, gw
+    tensors: dict[str, np.ndarray]  # token: (n_tokens, *row); window: (n_windows, *row); image
+
+    def window_tokens(self, name: str) -> list[np.ndarray]:
+        """Split a token tensor into per-window ``(gh, gw, *row)`` grids."""
+        out, start = [], 0
+        t = self.tensors[name]
+        for gh, gw in self.win_grid.tolist():
+            out.append(t[start : start + gh * gw].reshape(gh, gw, *t.shape[1:]))
+            start += gh * gw
+        return out
+
+
+class FeatureSet:
+    """One (model, protocol) feature set inside a store."""
+
+    def __init__(self, store: FeatureStore, key: str):
+        self.store = store
+        self.key = key
+        self.group: zarr.Group = store.root["features"][key]
+        self._geometry: dict[str, np.ndarray] | None = None
+        self._ids: list[str] | None = None  # cached image ids while streaming
+
+    # -- metadata ----------------------------------------------------------------------------
+    @property
+    def provenance(self) -> dict:
+        return dict(self.group.attrs["provenance"])
+
+    def same_provenance(self, other: dict) -> bool:
+        mine = self.provenance
+        keys = ("model", "protocol", "tensors", "dtype")
+        if any(mine.get(k) != other.get(k) for k in keys):
+            return False
+        a, b = mine["backbone"], other["backbone"]
+        return a.get("weights") == b.get("weights") and a.get("extra") == b.get("extra")
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        return [
+            TensorSpec(t["name"], t["unit"], tuple(t["row_shape"]), t.get("doc", ""))
+            for t in self.provenance["tensors"]
+        ]
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    @property
+    def dtype(self) -> str:
+        return self.provenance["dtype"]
+
+    @property
+    def protocol(self) -> Protocol:
+        return Protocol.from_dict(self.provenance["protocol"])
+
+    @property
+    def geometry(self) -> dict[str, np.ndarray]:
+        if self._geometry is None:
+            geo = self.group["geometry"]
+            self._geometry = {k: a[...] for k, a in geo.arrays()}
+        return self._geometry
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.geometry["block_start"]) - 1
+
+    def block_images(self, b: int) -> range:
+        bs = self.geometry["block_start"]
+        return range(int(bs[b]), int(bs[b + 1]))
+
+    def block_of(self, index: int) -> int:
+        return int(np.searchsorted(self.geometry["block_start"], index, side="right") - 1)
+
+    def block_rows(self, unit: str) -> int:
+        return int(self.provenance["layout"]["block_rows"][unit])
+
+    # -- status ------------------------------------------------------------------------------
+    def status(self) -> np.ndarray:
+        """Per-image status: 0 pending, 1 done, 2 failed (unreadable image)."""
+        st = self.group["status"][...]
+        out = np.zeros(self.store.n_images, dtype=np.uint8)
+        for b in range(self.n_blocks):
+            imgs = self.block_images(b)
+            out[imgs.start : imgs.stop] = st[b, : len(imgs)]
+        return out
+
+    def done_blocks(self) -> np.ndarray:
+        """Boolean (n_blocks,): the block's status chunk has been written."""
+        st = self.group["status"][...]
+        sizes = np.diff(self.geometry["block_start"])
+        return np.array([bool(st[b, : sizes[b]].all()) for b in range(len(sizes))], dtype=bool)
+
+    def errors(self) -> dict[str, str]:
+        """Image id -> error message for images that failed."""
+        ids = self.store.image_ids
+        err = self.group["errors"][...]
+        out = {}
+        for b in range(self.n_blocks):
+            for j, i in enumerate(self.block_images(b)):
+                if err[b, j]:
+                    out[ids[i]] = str(err[b, j])
+        return out
+
+    # -- writing -----------------------------------------------------------------------------
+    def new_block_buffers(self, b: int) -> dict[str, np.ndarray]:
+        """Zero buffers holding exactly one chunk (block ``b``) of every tensor."""
+        sdt = _storage_dtype(self.dtype)
+        return {
+            s.name: np.zeros((self.block_rows(s.unit), *s.row_shape), dtype=sdt) for s in self.specs
+        }
+
+    def local_rows(self, unit: str, index: int) -> slice:
+        """Rows of image ``index`` inside its block's chunk."""
+        rows = self.block_rows(unit)
+        start = int(self.geometry[f"row_start_{unit}"][index]) % rows
+        return slice(start, start + int(self.geometry[f"row_count_{unit}"][index]))
+
+    def write_block(
+        self, b: int, buffers: dict[str, np.ndarray], status: np.ndarray, errors: Sequence[str]
+    ) -> None:
+        """Write block ``b`` (whole chunks), make it durable, then mark its images finished."""
+        for s in self.specs:
+            rows = self.block_rows(s.unit)
+            self.group[s.name][b * rows : (b + 1) * rows] = buffers[s.name]
+        self._fsync_block(b)
+        mb = self.group["status"].shape[1]
+        err = np.full(mb, "", dtype=object)
+        err[: len(errors)] = list(errors)
+        if any(errors):
+            self.group["errors"][b] = err
+        st = np.zeros(mb, dtype=np.uint8)
+        st[: len(status)] = status
+        self.group["status"][b] = st
+        self._fsync_paths([self._chunk_path("status", b)])
+
+    def _chunk_path(self, name: str, b: int) -> Path | None:
+        """The chunk file of block ``b`` when the store is a local Zarr directory, else None."""
+        if "://" in self.store.path or self.store.path.lower().endswith((".h5", ".hdf5")):
+            return None
+        ndim = len(self.group[name].shape)
+        return Path(self.store.path, "features", self.key, name, "c", str(b), *["0"] * (ndim - 1))
+
+    def _fsync_block(self, b: int) -> None:
+        self._fsync_paths([self._chunk_path(s.name, b) for s in self.specs])
+
+    @staticmethod
+    def _fsync_paths(paths: Sequence[Path | None]) -> None:
+        for p in paths:
+            if p is None or not p.exists():
+                continue
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    # -- reading -----------------------------------------------------------------------------
+    def _read_rows(self, name: str, unit: str, start: int, count: int) -> np.ndarray:
+        """Rows ``[start, start + count)`` of a tensor; a byte-range read of one chunk file
+        for local stores (uncompressed chunks), the zarr API otherwise."""
+        spec_shape = self.group[name].shape[1:]
+        sdt = _storage_dtype(self.dtype)
+        rows = self.block_rows(unit)
+        b = start // rows
+        path = self._chunk_path(name, b)
+        if path is not None:
+            row_items = int(np.prod(spec_shape))
+            if not path.exists():
+                return np.zeros((count, *spec_shape), dtype=sdt)
+            offset = (start - b * rows) * row_items * sdt.itemsize
+            data = np.fromfile(path, dtype=sdt, count=count * row_items, offset=offset)
+            return data.reshape(count, *spec_shape)
+        return self.group[name][start : start + count]
+
+    def read(self, index: int, names: Sequence[str] | None = None) -> ImageFeatures:
+        """All (or the named) tensors of image ``index``: O(1) chunks, exact byte ranges."""
+        if not 0 <= index < self.store.n_images:
+            raise StoreError(f"image index {index} out of range (store has {self.store.n_images})")
+        geo = self.geometry
+        tensors = {}
+        for s in self.specs:
+            if names is not None and s.name not in names:
+                continue
+            start = int(geo[f"row_start_{s.unit}"][index])
+            count = int(geo[f"row_count_{s.unit}"][index])
+            tensors[s.name] = self._decode(self._read_rows(s.name, s.unit, start, count))
+        return self._image_features(index, tensors)
+
+    def _image_features(self, index: int, tensors: dict[str, np.ndarray]) -> ImageFeatures:
+        geo = self.geometry
+        w0, w1 = int(geo["win_start"][index]), int(geo["win_start"][index + 1])
+        size = self.store.root["images/size"][index]
+        return ImageFeatures(
+            index=index,
+            image_id=self.store.image_ids[index] if self._ids is None else self._ids[index],
+            original_size=(int(size[0]), int(size[1])),
+            resized_size=tuple(int(x) for x in geo["resized"][index]),
+            win_box=geo["win_box"][w0:w1],
+            win_pad=geo["win_pad"][w0:w1],
+            win_grid=geo["win_grid"][w0:w1],
+            tensors=tensors,
+        )
+
+    def encode(self, a) -> np.ndarray:
+        """Float array or tensor -> this set's storage representation (bfloat16 as uint16 bits)."""
+        import torch
+
+        t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a, np.float32))
+        t = t.detach().float().cpu()
+        if self.dtype == "bfloat16":
+            return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return t.numpy().astype(self.dtype, copy=False)
+
+    def _decode(self, a: np.ndarray) -> np.ndarray:
+        if self.dtype == "bfloat16":
+            import torch
+
+            bits = torch.from_numpy(np.ascontiguousarray(a).view(np.int16))
+            return bits.view(torch.bfloat16).float().numpy()
+        return a
+
+    def iter_images(
+        self, names: Sequence[str] | None = None, indices: Sequence[int] | None = None
+    ) -> Iterator[ImageFeatures]:
+        """Stream images in store order, one whole chunk read per block and tensor.
+
+        Pending or failed images are skipped. Memory holds one block at a time.
+        """
+        self._ids = self.store.image_ids
+        status = self.status()
+        wanted = None if indices is None else set(int(i) for i in indices)
+        specs = [s for s in self.specs if names is None or s.name in names]
+        try:
+            for b in range(self.n_blocks):
+                imgs = [
+                    i
+                    for i in self.block_images(b)
+                    if status[i] == STATUS_OK and (wanted is None or i in wanted)
+                ]
+                if not imgs:
+                    continue
+                chunks = {s.name: self._read_chunk(s, b) for s in specs}
+                for i in imgs:
+                    tensors = {}
+                    for s in specs:
+                        sl = self.local_rows(s.unit, i)
+                        tensors[s.name] = self._decode(chunks[s.name][sl])
+                    yield self._image_features(i, tensors)
+        finally:
+            self._ids = None
+
+    def _read_chunk(self, spec: TensorSpec, b: int) -> np.ndarray:
+        rows = self.block_rows(spec.unit)
+        sdt = _storage_dtype(self.dtype)
+        path = self._chunk_path(spec.name, b)
+        if path is not None:
+            if not path.exists():
+                return np.zeros((rows, *spec.row_shape), dtype=sdt)
+            return np.fromfile(path, dtype=sdt).reshape(rows, *spec.row_shape)
+        return self.group[spec.name][b * rows : (b + 1) * rows]
+
+    def nbytes(self) -> int:
+        """Bytes of the feature arrays as laid out (including block padding)."""
+        return int(sum(self.group[s.name].nbytes for s in self.specs))

@@ -1,0 +1,316 @@
+"""The ``ovss`` command line. Each command parses options, calls one library function and
+renders its result; results go to stdout (``--json`` for machines), progress/logs to stderr."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from featurestore import __version__
+from featurestore.errors import OvssError
+from ovss_cli import render
+
+
+def user_errors(fn):
+    """Turn library errors into one-line messages with a non-zero exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OvssError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted; finished work is kept — rerun the same command to resume",
+                       err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise click.BadParameter("use the form i/n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise click.BadParameter(f"{value}: need 0 <= i < n")
+    return i, n
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ovss")
+def cli() -> None:
+    """ovss: open-vocabulary semantic segmentation on cached feature stores.
+
+    Run the expensive backbones once (`ovss extract`), then work from the store.
+    """
+
+
+# ------------------------------------------------------------------------------------------
+# extract
+# ------------------------------------------------------------------------------------------
+
+
+def protocol_options(fn):
+    opts = [
+        click.option("--resize", type=click.Choice(["short", "square", "long", "none"]),
+                     default="short", show_default=True,
+                     help="Resize rule: shorter side to --size (longer side capped at 2048, the "
+                          "benchmark rule), a --size square, longer side to --size, or none."),
+        click.option("--size", type=int, default=448, show_default=True,
+                     help="Target side in pixels for the resize rule."),
+        click.option("--crop", type=int, default=0, show_default=True,
+                     help="Sliding-window size in pixels (0: one window = whole resized image)."),
+        click.option("--stride", type=int, default=0, show_default=True,
+                     help="Sliding-window stride in pixels (needed with --crop)."),
+        click.option("--pad-multiple", type=int, default=0, show_default=True,
+                     help="Pad windows symmetrically to a multiple of this many pixels "
+                          "(0: the model's patch size)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def make_protocol(resize, size, crop, stride, pad_multiple):
+    from featurestore.protocol import Protocol
+
+    try:
+        return Protocol(resize=resize, size=size, crop=crop, stride=stride,
+                        pad_multiple=pad_multiple)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def image_source_options(fn):
+    opts = [
+        click.option("--images", "images_dir", type=click.Path(file_okay=False),
+                     help="A folder of images (searched recursively)."),
+        click.option("--dataset", help="A benchmark dataset name (ade20k, voc21, voc20, "
+                                       "context60, context59, coco_stuff171, coco_object, "
+                                       "cityscapes, custom)."),
+        click.option("--data-root", type=click.Path(file_okay=False),
+                     help="Where the dataset lives (see README 'Datasets')."),
+        click.option("--split", default=None, help="Dataset split (default: the benchmark's "
+                                                   "evaluation split)."),
+        click.option("--limit", type=int, default=None,
+                     help="Only the first N images (quick tries)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def load_records(images_dir, dataset, data_root, split, limit):
+    from featurestore.datasets import list_dataset_images
+    from featurestore.images import list_folder_images
+
+    if bool(images_dir) == bool(dataset):
+        raise click.UsageError("give exactly one of --images DIR or --dataset NAME")
+    if dataset:
+        if not data_root:
+            raise click.UsageError("--dataset needs --data-root")
+        records = list_dataset_images(dataset, data_root, split)
+    else:
+        records = list_folder_images(images_dir)
+    return records[:limit] if limit else records
+
+
+@cli.command()
+@click.option("--model", "-m", "models", multiple=True, required=True,
+              help="Backbone short name; repeat for several (see `ovss models`).")
+@image_source_options
+@click.option("--store", "-s", required=True, help="Store path (created if absent, resumed if "
+                                                    "present).")
+@protocol_options
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Windows per forward pass; higher is faster on GPU but uses more memory.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+              default="auto", show_default=True,
+              help="Compute precision (auto: fp16 autocast on CUDA, fp32 on CPU).")
+@click.option("--dtype", type=click.Choice(["float16", "float32", "bfloat16"]),
+              default="float16", show_default=True, help="Storage dtype of the features.")
+@click.option("--shard", help="i/n: write only this process's part (SLURM arrays). Default: "
+                              "RANK/WORLD_SIZE under torchrun, else 0/1.")
+@click.option("--overwrite", is_flag=True, help="Replace existing feature sets of these models "
+                                                "and protocol (the store itself is kept).")
+@click.option("--weights", type=click.Path(dir_okay=False),
+              help="Checkpoint file (else $OVSS_WEIGHTS, library caches, hub when online).")
+@click.option("--random-init", is_flag=True,
+              help="Real architecture with seeded random weights (recorded in provenance).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-init.")
+@click.option("--layers", default="", help="Extra intermediate layers to cache, e.g. '3,7'.")
+@click.option("--block-mb", type=float, default=32.0, show_default=True,
+              help="Target size of one store block (one chunk file per tensor).")
+@click.option("--workers", type=int, default=2, show_default=True,
+              help="Image decoding threads.")
+@click.option("--dry-run", is_flag=True, help="Show images, windows, tokens and bytes; write "
+                                              "nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@user_errors
+def extract(models, images_dir, dataset, data_root, split, limit, store, resize, size, crop,
+            stride, pad_multiple, batch_size, device, precision, dtype, shard, overwrite, weights,
+            random_init, seed, layers, block_mb, workers, dry_run, as_json, quiet):
+    """Run backbones over images and write their dense features into a store.
+
+    Resumes by default: finished blocks of images are never recomputed. Concurrent processes
+    with --shard i/n write disjoint blocks of the same store.
+    """
+    from featurestore.extract import ExtractConfig
+    from featurestore.extract import extract as run_extract
+    from featurestore.extract import plan
+
+    records = load_records(images_dir, dataset, data_root, split, limit)
+    try:
+        layer_ids = tuple(int(x) for x in layers.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter("--layers takes comma-separated integers") from None
+    cfg = ExtractConfig(
+        models=list(models), protocol=make_protocol(resize, size, crop, stride, pad_multiple),
+        store=store, batch_size=batch_size, device=device, precision=precision, dtype=dtype,
+        shard=parse_shard(shard), overwrite=overwrite, weights=weights, random_init=random_init,
+        seed=seed, layers=layer_ids, block_mb=block_mb, workers=workers,
+    )
+    if dry_run:
+        rows = plan(records, cfg)
+        render.plan(rows, as_json)
+        return
+    with render.progress(quiet) as cb:
+        report = run_extract(records, cfg, progress=cb)
+    render.extract_report(report, as_json)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def models(as_json):
+    """List the backbones `ovss extract --model` accepts."""
+    from featurestore.backbones.base import backbone_doc, list_backbones
+
+    rows = [{"name": n, "doc": backbone_doc(n)} for n in list_backbones()]
+    render.models(rows, as_json)
+
+
+# ------------------------------------------------------------------------------------------
+# store
+# ------------------------------------------------------------------------------------------
+
+
+@cli.group()
+def store():
+    """Inspect, check and export feature stores."""
+
+
+@store.command("info")
+@click.argument("store_path", metavar="STORE")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@user_errors
+def store_info(store_path, as_json):
+    """Feature sets, tensors, provenance, completeness and sizes of a store."""
+    from featurestore.inspect import store_info as info
+
+    render.store_info(info(store_path), as_json)
+
+
+@store.command("ls")
+@click.argument("store_path", metavar="STORE")
+@click.option("--images", is_flag=True, help="List image ids instead of feature sets.")
+@user_errors
+def store_ls(store_path, images):
+    """One line per feature set (or per image with --images)."""
+    from featurestore.store import FeatureStore
+
+    st = FeatureStore.open(store_path)
+    for line in st.image_ids if images else st.feature_sets():
+        click.echo(line)
+
+
+@store.command("verify")
+@click.argument("store_path", metavar="STORE")
+@click.option("--no-values", is_flag=True, help="Skip the NaN/inf scan of every value.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@user_errors
+def store_verify(store_path, no_values, as_json):
+    """Check a store: missing/partial images, shapes, dtypes, provenance, NaN/inf.
+
+    Exits with status 1 when a problem is found.
+    """
+    from featurestore.inspect import verify_store
+
+    rep = verify_store(store_path, scan_values=not no_values)
+    render.verify(rep, as_json)
+    if not rep.ok:
+        sys.exit(1)
+
+
+@store.command("export")
+@click.argument("store_path", metavar="STORE")
+@click.argument("out", metavar="OUT")
+@click.option("--format", "fmt", type=click.Choice(["hdf5"]), default="hdf5", show_default=True,
+              help="Output format (HDF5 layout: see README).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@user_errors
+def store_export(store_path, out, fmt, as_json):
+    """Export a store to one HDF5 file, readable back as a store (`ovss store info OUT.h5`)."""
+    from featurestore.hdf5 import export_hdf5
+
+    summary = export_hdf5(store_path, out)
+    render.kv("export", summary, as_json)
+
+
+# ------------------------------------------------------------------------------------------
+# demo / doctor
+# ------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False),
+              help="Where the demo writes its dataset, store and outputs.")
+@click.option("--model", default="dinov2-s14", show_default=True, help="DINO backbone.")
+@click.option("--weights", type=click.Path(dir_okay=False),
+              help="Real checkpoint for --model (default: random init, real architecture).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data and weights.")
+@click.option("--n-train", type=int, default=24, show_default=True, help="Training collages.")
+@click.option("--n-val", type=int, default=8, show_default=True, help="Validation collages.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@user_errors
+def demo(out, model, weights, seed, n_train, n_val, as_json, quiet):
+    """The embedded default: Voronoi collages of scikit-image photographs -> feature store.
+
+    Builds the benchmark deterministically, extracts features with the real DINOv2 ViT-S/14
+    architecture (random weights unless --weights), and prints the store summary.
+    """
+    from featurestore.demo import run_demo
+
+    with render.progress(quiet) as cb:
+        result = run_demo(out, model=model, weights=weights, seed=seed, n_train=n_train,
+                          n_val=n_val, progress=cb)
+    render.demo(result, as_json)
+
+
+@cli.command()
+@click.option("--store", "store_path", help="Also check that this store opens.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def doctor(store_path, as_json):
+    """Environment report: versions, devices, FAISS, weights found or missing."""
+    from featurestore.doctor import doctor_report
+
+    render.doctor(doctor_report(store_path), as_json)
+
+
+def main() -> None:  # pragma: no cover
+    cli()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+
+

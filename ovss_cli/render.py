@@ -1,0 +1,198 @@
+"""Rendering of results: rich tables on stdout, JSON with --json, progress bars on stderr."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, is_dataclass
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True)
+
+
+def _json(obj) -> None:
+    if is_dataclass(obj):
+        obj = asdict(obj)
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class _Rate(TextColumn):
+    """images/s column."""
+
+    def __init__(self):
+        super().__init__("")
+
+    def render(self, task):
+        speed = task.finished_speed or task.speed
+        return f"{speed:.2f} img/s" if speed else "– img/s"
+
+
+@contextlib.contextmanager
+def progress(quiet: bool = False):
+    """Yield a callback ``(label, done, total)`` driving a rich progress bar on stderr."""
+    if quiet:
+        yield None
+        return
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        _Rate(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
+    tasks: dict[str, int] = {}
+
+    def cb(label: str, done: int, total: int) -> None:
+        if label not in tasks:
+            tasks[label] = bar.add_task(label, total=total, completed=done)
+            # The speed estimate must not count work finished in an earlier run.
+            bar.tasks[tasks[label]].start_time = None
+            bar.reset(tasks[label], total=total, completed=done)
+        else:
+            bar.update(tasks[label], completed=done, total=total)
+
+    with bar:
+        yield cb
+
+
+def plan(rows, as_json: bool) -> None:
+    if as_json:
+        _json([asdict(r) for r in rows])
+        return
+    t = Table(title="extraction plan (dry run)")
+    for c in ("feature set", "images", "unreadable", "windows", "tokens", "blocks", "size"):
+        t.add_column(c, justify="right" if c != "feature set" else "left")
+    for r in rows:
+        t.add_row(r.feature_set, str(r.images), str(r.unreadable), str(r.windows), str(r.tokens),
+                  str(r.blocks), human_bytes(r.bytes))
+    out.print(t)
+
+
+def extract_report(rep, as_json: bool) -> None:
+    if as_json:
+        _json(rep)
+        return
+    t = Table(title=f"extracted into {rep.store} (shard {rep.shard[0]}/{rep.shard[1]})")
+    for c in ("feature set", "images", "already done", "extracted", "failed", "img/s"):
+        t.add_column(c, justify="right" if c != "feature set" else "left")
+    for m in rep.models:
+        t.add_row(m.feature_set, str(m.images_total), str(m.images_done_before),
+                  str(m.images_extracted), str(m.images_failed), f"{m.images_per_s:.2f}")
+    out.print(t)
+    for m in rep.models:
+        for image_id, msg in m.failures.items():
+            err.print(f"[yellow]skipped[/] {image_id}: {msg}")
+
+
+def models(rows, as_json: bool) -> None:
+    if as_json:
+        _json(rows)
+        return
+    t = Table(title="backbones")
+    t.add_column("name")
+    t.add_column("description")
+    for r in rows:
+        t.add_row(r["name"], r["doc"])
+    out.print(t)
+
+
+def store_info(info: dict, as_json: bool) -> None:
+    if as_json:
+        _json(info)
+        return
+    out.print(f"[bold]{info['store']}[/]: {info['images']} images "
+              f"({', '.join(info['sources']) or 'no source'}), "
+              f"{human_bytes(info['disk_bytes'])} on disk")
+    t = Table(title="feature sets")
+    for c in ("feature set", "weights", "dtype", "tensors", "done", "pending", "failed",
+              "windows", "tokens", "size"):
+        t.add_column(c)
+    for s in info["feature_sets"]:
+        tensors = ", ".join(
+            f"{x['name']}[{x['unit']}]{tuple(x['row_shape'])}" for x in s["tensors"]
+        )
+        w = s["weights"] or "-"
+        t.add_row(s["key"], w if len(w) < 28 else w[:27] + "…", s["dtype"], tensors,
+                  str(s["images_done"]), str(s["images_pending"]), str(s["images_failed"]),
+                  str(s["windows"]), str(s["tokens"]), human_bytes(s["bytes"]))
+    out.print(t)
+
+
+def verify(rep, as_json: bool) -> None:
+    if as_json:
+        _json(rep.to_dict())
+        return
+    for n in rep.notes:
+        out.print(f"[yellow]note[/]: {n}")
+    for p in rep.problems:
+        out.print(f"[red]problem[/]: {p}")
+    status = "[green]OK[/]" if rep.ok else f"[red]{len(rep.problems)} problem(s)[/]"
+    out.print(f"{rep.store}: {status} ({rep.checked_sets} feature sets, "
+              f"{rep.checked_blocks} blocks checked)")
+
+
+def kv(title: str, d: dict, as_json: bool) -> None:
+    if as_json:
+        _json(d)
+        return
+    t = Table(title=title, show_header=False)
+    t.add_column("key")
+    t.add_column("value")
+    for k, v in d.items():
+        t.add_row(str(k), human_bytes(v) if k == "bytes" else str(v))
+    out.print(t)
+
+
+def demo(result: dict, as_json: bool) -> None:
+    if as_json:
+        _json(result)
+        return
+    out.print(f"[bold]ovss demo[/]: {result['dataset']['n_train']} train + "
+              f"{result['dataset']['n_val']} val collages of {len(result['dataset']['classes'])} "
+              f"classes in {result['dataset']['root']}")
+    out.print(f"backbone {result['model']} ({result['weights']})")
+    store_info(result["store_info"], False)
+    for stage, secs in result["timings"].items():
+        out.print(f"  {stage}: {secs:.1f} s")
+    if result.get("note"):
+        out.print(result["note"])
+
+
+def doctor(rep: dict, as_json: bool) -> None:
+    if as_json:
+        _json(rep)
+        return
+    t = Table(title="ovss doctor", show_header=False)
+    t.add_column("check")
+    t.add_column("result")
+    for k, v in rep.items():
+        t.add_row(k, v if isinstance(v, str) else json.dumps(v))
+    out.print(t)

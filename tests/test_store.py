@@ -1,0 +1,180 @@
+"""Store format: ragged round trip, provenance checks, verify, HDF5 export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featurestore.backbones.base import TensorSpec
+from featurestore.errors import ProvenanceMismatchError, StoreError
+from featurestore.extract import geometries_for
+from featurestore.hdf5 import export_hdf5
+from featurestore.images import ImageRecord
+from featurestore.inspect import store_info, verify_store
+from featurestore.protocol import Protocol
+from featurestore.store import STATUS_OK, FeatureStore, plan_layout
+
+D = 8
+SPECS = [
+    TensorSpec("patch", "token", (D,)),
+    TensorSpec("cls", "window", (D,)),
+    TensorSpec("reg", "window", (2, D)),
+]
+SIZES = [(40, 60), (64, 30), (20, 20), (90, 45), (33, 77)]
+PROTOCOL = Protocol(resize="short", size=32, crop=28, stride=14)
+INFO = {"name": "fake", "weights": "random-init:0", "extra": {}}
+
+
+def make_records(tmp_path, sizes=SIZES):
+    recs = []
+    for i, (h, w) in enumerate(sizes):
+        p = tmp_path / "imgs" / f"im{i}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((h, w, 3), i * 20, dtype=np.uint8)).save(p)
+        recs.append(ImageRecord(f"im{i}", str(p), "folder", ""))
+    return recs
+
+
+def fill_store(tmp_path, dtype="float16", block_mb=0.0005):
+    recs = make_records(tmp_path)
+    store = FeatureStore.open_or_create(tmp_path / "s.zarr", recs)
+    sizes = store.root["images/size"][...]
+    geos = geometries_for(sizes, PROTOCOL, 7)
+    fs = store.create_feature_set("fake", PROTOCOL, INFO, SPECS, geos, dtype=dtype,
+                                  target_block_mb=block_mb)
+    rng = np.random.default_rng(0)
+    truth = {}
+    for b in range(fs.n_blocks):
+        bufs = fs.new_block_buffers(b)
+        imgs = fs.block_images(b)
+        for i in imgs:
+            g = geos[i]
+            t = {
+                "patch": rng.standard_normal((g.n_tokens, D)).astype(np.float32),
+                "cls": rng.standard_normal((g.n_windows, D)).astype(np.float32),
+                "reg": rng.standard_normal((g.n_windows, 2, D)).astype(np.float32),
+            }
+            truth[i] = t
+            for s in SPECS:
+                bufs[s.name][fs.local_rows(s.unit, i)] = fs.encode(t[s.name])
+        fs.write_block(b, bufs, np.full(len(imgs), STATUS_OK), [""] * len(imgs))
+    return store, fs, geos, truth
+
+
+def test_plan_layout_blocks_hold_whole_images():
+    geos = geometries_for(np.array(SIZES), PROTOCOL, 7)
+    lay = plan_layout(geos, SPECS, "float16", target_block_mb=0.0005)
+    assert lay.n_blocks > 1
+    for unit in ("token", "window"):
+        rows = lay.block_rows[unit]
+        for b in range(lay.n_blocks):
+            s, e = lay.block_start[b], lay.block_start[b + 1]
+            starts = lay.row_start[unit][s:e]
+            ends = starts + lay.row_count[unit][s:e]
+            assert (starts >= b * rows).all() and (ends <= (b + 1) * rows).all()
+            assert (starts[1:] == ends[:-1]).all()  # packed contiguously
+
+
+def test_ragged_round_trip(tmp_path):
+    store, fs, geos, truth = fill_store(tmp_path)
+    assert len({g.n_windows for g in geos}) > 1  # really ragged
+    for i, t in truth.items():
+        f = fs.read(i)
+        for name in ("patch", "cls", "reg"):
+            np.testing.assert_allclose(f.tensors[name], t[name].astype(np.float16), rtol=0)
+        assert f.original_size == SIZES[i]
+        assert len(f.win_box) == geos[i].n_windows
+        grids = f.window_tokens("patch")
+        assert [g.shape[:2] for g in grids] == [w.grid for w in geos[i].windows]
+    streamed = list(fs.iter_images())
+    assert [f.index for f in streamed] == sorted(truth)
+    for f in streamed:
+        np.testing.assert_array_equal(f.tensors["patch"], fs.read(f.index).tensors["patch"])
+    assert fs.read(0, names=["cls"]).tensors.keys() == {"cls"}
+
+
+def test_bfloat16_and_float32(tmp_path):
+    for dtype in ("bfloat16", "float32"):
+        sub = tmp_path / dtype
+        sub.mkdir()
+        _, fs, _, truth = fill_store(sub, dtype=dtype)
+        got = fs.read(2).tensors["patch"]
+        tol = 1e-2 if dtype == "bfloat16" else 0
+        np.testing.assert_allclose(got, truth[2]["patch"], rtol=tol, atol=tol)
+
+
+def test_require_and_provenance_mismatch(tmp_path):
+    store, fs, geos, _ = fill_store(tmp_path)
+    assert store.require("fake", PROTOCOL).key == fs.key
+    with pytest.raises(ProvenanceMismatchError, match="ovss extract"):
+        store.require("fake", Protocol(resize="short", size=64))
+    with pytest.raises(ProvenanceMismatchError, match="weights"):
+        store.require("fake", PROTOCOL, weights="sha256:abc")
+    with pytest.raises(ProvenanceMismatchError, match="lacks"):
+        store.require("fake", PROTOCOL, tensors=["layer3"])
+    other = dict(INFO, weights="random-init:1")
+    with pytest.raises(ProvenanceMismatchError, match="--overwrite"):
+        store.create_feature_set("fake", PROTOCOL, other, SPECS, geos)
+    # same provenance reopens (resume), overwrite replaces only that set
+    assert store.create_feature_set("fake", PROTOCOL, INFO, SPECS, geos,
+                                    target_block_mb=0.0005).done_blocks().all()
+    fresh = store.create_feature_set("fake", PROTOCOL, other, SPECS, geos, overwrite=True)
+    assert not fresh.done_blocks().any()
+    assert store.n_images == len(SIZES)
+
+
+def test_open_errors(tmp_path):
+    with pytest.raises(StoreError, match="no ovss store"):
+        FeatureStore.open(tmp_path / "nope")
+    store, _, _, _ = fill_store(tmp_path)
+    recs = make_records(tmp_path / "other", sizes=[(10, 10)])
+    with pytest.raises(StoreError, match="different image list"):
+        FeatureStore.open_or_create(tmp_path / "s.zarr", recs)
+
+
+def test_verify_ok_then_detects_corruption(tmp_path):
+    store, fs, _, _ = fill_store(tmp_path)
+    assert verify_store(store.path).ok
+    path = fs._chunk_path("patch", 0)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a partial chunk
+    rep = verify_store(store.path)
+    assert not rep.ok and any("partial or corrupt" in p for p in rep.problems)
+    path.write_bytes(data)
+    # NaN inside the used rows of a block
+    arr = np.frombuffer(data, dtype=np.float16).copy()
+    arr[3] = np.nan
+    path.write_bytes(arr.tobytes())
+    rep = verify_store(store.path)
+    assert any("NaN" in p for p in rep.problems)
+    # a finished block whose chunk disappeared
+    path.unlink()
+    assert any("missing" in p for p in verify_store(store.path).problems)
+
+
+def test_verify_reports_pending(tmp_path):
+    recs = make_records(tmp_path)
+    store = FeatureStore.open_or_create(tmp_path / "s.zarr", recs)
+    geos = geometries_for(store.root["images/size"][...], PROTOCOL, 7)
+    store.create_feature_set("fake", PROTOCOL, INFO, SPECS, geos)
+    rep = verify_store(store.path)
+    assert any("not extracted" in p for p in rep.problems)
+    info = store_info(store.path)
+    assert info["feature_sets"][0]["images_pending"] == len(SIZES)
+
+
+def test_hdf5_export_reads_back(tmp_path):
+    store, fs, _, truth = fill_store(tmp_path)
+    out = tmp_path / "x.h5"
+    export_hdf5(store.path, str(out))
+    h5 = FeatureStore.open(str(out))
+    assert h5.image_ids == store.image_ids
+    hfs = h5.require("fake", PROTOCOL)
+    for i in truth:
+        a, b = hfs.read(i), fs.read(i)
+        for name in ("patch", "cls", "reg"):
+            np.testing.assert_array_equal(a.tensors[name], b.tensors[name])
+        np.testing.assert_array_equal(a.win_box, b.win_box)
+    assert [f.index for f in hfs.iter_images()] == sorted(truth)
+    assert store_info(str(out))["feature_sets"][0]["images_done"] == len(SIZES)
