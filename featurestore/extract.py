@@ -285,10 +285,14 @@ def extract(
         raise OvssError("no images to extract")
     shard = resolve_shard(cfg.shard)
     device = resolve_device(cfg.device)
-    store = FeatureStore.open_or_create(cfg.store, records)
+    store = None
     reports = []
     for name in cfg.models:
+        # The model is built (weights found) before the store is touched, so a missing
+        # checkpoint leaves nothing behind.
         backbone = build_backbone(name, cfg).to(device).eval()
+        if store is None:
+            store = FeatureStore.open_or_create(cfg.store, records)
         reports.append(_extract_model(store, records, backbone, cfg, shard, device, progress))
         del backbone
     return ExtractReport(store=cfg.store, shard=shard, models=reports)

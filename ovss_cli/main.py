@@ -42,6 +42,17 @@ def parse_shard(value: str | None) -> tuple[int, int] | None:
     return i, n
 
 
+def parse_overrides(items: tuple[str, ...]) -> dict | None:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key.strip()] = int(value)
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: use KEY=INT, e.g. depth=2") from None
+    return out or None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ovss")
 def cli() -> None:
@@ -151,6 +162,9 @@ def load_records(images_dir, dataset, data_root, split, limit):
               help="Target size of one store block (one chunk file per tensor).")
 @click.option("--workers", type=int, default=2, show_default=True,
               help="Image decoding threads.")
+@click.option("--arch-override", "arch_override", multiple=True, metavar="KEY=INT",
+              help="Reduced configuration of the same architecture, e.g. depth=2 "
+                   "embed_dim=64 num_heads=2 (tests and demos; recorded in provenance).")
 @click.option("--dry-run", is_flag=True, help="Show images, windows, tokens and bytes; write "
                                               "nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -158,7 +172,7 @@ def load_records(images_dir, dataset, data_root, split, limit):
 @user_errors
 def extract(models, images_dir, dataset, data_root, split, limit, store, resize, size, crop,
             stride, pad_multiple, batch_size, device, precision, dtype, shard, overwrite, weights,
-            random_init, seed, layers, block_mb, workers, dry_run, as_json, quiet):
+            random_init, seed, layers, block_mb, workers, arch_override, dry_run, as_json, quiet):
     """Run backbones over images and write their dense features into a store.
 
     Resumes by default: finished blocks of images are never recomputed. Concurrent processes
@@ -178,6 +192,7 @@ def extract(models, images_dir, dataset, data_root, split, limit, store, resize,
         store=store, batch_size=batch_size, device=device, precision=precision, dtype=dtype,
         shard=parse_shard(shard), overwrite=overwrite, weights=weights, random_init=random_init,
         seed=seed, layers=layer_ids, block_mb=block_mb, workers=workers,
+        arch_overrides=parse_overrides(arch_override),
     )
     if dry_run:
         rows = plan(records, cfg)

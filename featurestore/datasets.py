@@ -1,0 +1,684 @@
+"""The evaluated benchmarks and the ``custom`` layout: one registry entry per dataset.
+
+Each :class:`DatasetSpec` holds what ``ovss`` needs to know about a benchmark: number of classes,
+class-name files, label rule (``reduce_zero_label``, background), splits and the on-disk layout
+(the MMSegmentation layout of docs EVAL.md §1.1, so data prepared for SCLIP/NACLIP/ProxyCLIP/
+Trident works as is).
+
+``data_root`` convention of :func:`list_dataset_images` — pass either the folder that *contains*
+the dataset folder (the mmseg ``data/`` folder) or the dataset folder itself:
+
+============== ================================== =============================================
+dataset        data_root = parent of              or the dataset folder itself
+============== ================================== =============================================
+ade20k         ``ADEChallengeData2016/``          ``.../ADEChallengeData2016``
+voc21, voc20   ``VOCdevkit/VOC2012/``             ``.../VOCdevkit`` or ``.../VOCdevkit/VOC2012``
+context60/59   ``VOCdevkit/VOC2010/``             ``.../VOCdevkit`` or ``.../VOCdevkit/VOC2010``
+coco_stuff171  ``coco_stuff164k/``                ``.../coco_stuff164k``
+coco_object    ``coco_object/`` or                ``.../coco_object`` (``cvt_coco_object.py -o``)
+               ``coco_stuff164k/``                or ``.../coco_stuff164k`` (converted in place)
+cityscapes     ``cityscapes/``                    ``.../cityscapes``
+custom         (none)                             ``<root>`` holding ``images/``
+============== ================================== =============================================
+
+The candidates are tried in the order: data_root itself, then the sub-folders listed above; the
+first one holding the dataset's marker folder (e.g. ``images/validation`` for ADE20K,
+``ImageSets/Segmentation`` for VOC) is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from featurestore.errors import OvssError
+from featurestore.images import ImageRecord, is_image_file
+
+CLASSNAMES_PACKAGE = "featurestore.data"
+"""Package whose ``classnames/`` folder holds the bundled class-name files."""
+
+FAMILIES: dict[str, str] = {
+    "sclip": "sclip",
+    "naclip": "sclip",
+    "proxyclip": "proxyclip",
+    "trident": "proxyclip",
+}
+"""Class-file families (lower-case name -> family). ``sclip``: SCLIP/NACLIP files, synonyms
+separated by ``", "``; ``proxyclip``: ProxyCLIP/Trident files, separated by ``"; "``."""
+
+_SEPARATORS = {"sclip": ", ", "proxyclip": "; "}
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    """Where a dataset's images, labels and split lists live, relative to the dataset folder.
+
+    Templates may contain ``{split}``, replaced by the split's folder/file token
+    (:attr:`split_tokens`, default: the split name itself).
+
+    Attributes:
+        folders: sub-paths of ``data_root`` that may be the dataset folder, tried in order
+            (``""`` = ``data_root`` itself); the last one is the canonical place named in errors.
+        marker: path inside the dataset folder whose presence identifies it (a folder).
+        img_dir: image folder.
+        ann_dir: label folder.
+        img_suffix: image file suffix (matched case-sensitively, as mmseg does); None = any of
+            :data:`~featurestore.images.IMAGE_SUFFIXES` (case-insensitive).
+        seg_suffix: label file suffix appended to the id.
+        split_file: text file listing the ids of a split in order (VOC/Context); None = list
+            ``img_dir`` recursively and sort by id (ADE/COCO/Cityscapes/custom).
+        split_tokens: ``(split, token)`` pairs when the token differs from the split name
+            (COCO: ``("val", "val2017")``).
+        split_aliases: ``(alias, split)`` pairs accepted in place of a split name.
+    """
+
+    folders: tuple[str, ...]
+    marker: str
+    img_dir: str
+    ann_dir: str
+    img_suffix: str | None
+    seg_suffix: str
+    split_file: str | None = None
+    split_tokens: tuple[tuple[str, str], ...] = ()
+    split_aliases: tuple[tuple[str, str], ...] = ()
+
+    def token(self, split: str) -> str:
+        """The folder/file token of ``split`` (``"val"`` -> ``"val2017"`` for COCO)."""
+        return dict(self.split_tokens).get(split, split)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One benchmark (or the ``custom`` layout).
+
+    Attributes:
+        name: registry name (``"ade20k"``, ``"voc21"``, ...).
+        num_classes: number of evaluated classes; 0 for ``custom`` until read from its
+            ``classes.txt`` (see :func:`get_dataset` with ``data_root``).
+        class_file: file in ``featurestore/data/classnames`` (SCLIP/NACLIP family); ``""`` for
+            ``custom`` (its ``<root>/classes.txt`` is used).
+        class_file_proxyclip: ProxyCLIP/Trident variant where it differs, else None.
+        reduce_zero_label: raw label 0 is ignored and k becomes k-1 (mmseg rule).
+        has_background: class 0 is a scored background class.
+        splits: accepted split names; ``default_split`` is the evaluated one.
+        default_split: split used when none is given.
+        doc: one line: what to download and where it goes.
+        layout: on-disk layout.
+        aliases: other accepted names (matched ignoring case, ``-``, ``_`` and spaces).
+    """
+
+    name: str
+    num_classes: int
+    class_file: str
+    class_file_proxyclip: str | None
+    reduce_zero_label: bool
+    has_background: bool
+    splits: tuple[str, ...]
+    default_split: str
+    doc: str
+    layout: DatasetLayout
+    aliases: tuple[str, ...] = ()
+
+
+_ADE_LAYOUT = DatasetLayout(
+    folders=("", "ADEChallengeData2016"),
+    marker="images/{split}",
+    img_dir="images/{split}",
+    ann_dir="annotations/{split}",
+    img_suffix=".jpg",
+    seg_suffix=".png",
+    split_aliases=(("val", "validation"), ("train", "training")),
+)
+_VOC_LAYOUT = DatasetLayout(
+    folders=("", "VOC2012", "VOCdevkit/VOC2012"),
+    marker="ImageSets/Segmentation",
+    img_dir="JPEGImages",
+    ann_dir="SegmentationClass",
+    img_suffix=".jpg",
+    seg_suffix=".png",
+    split_file="ImageSets/Segmentation/{split}.txt",
+)
+_CONTEXT_LAYOUT = DatasetLayout(
+    folders=("", "VOC2010", "VOCdevkit/VOC2010"),
+    marker="ImageSets/SegmentationContext",
+    img_dir="JPEGImages",
+    ann_dir="SegmentationClassContext",
+    img_suffix=".jpg",
+    seg_suffix=".png",
+    split_file="ImageSets/SegmentationContext/{split}.txt",
+)
+_COCO_TOKENS = (("val", "val2017"), ("train", "train2017"))
+_COCO_ALIASES = (("val2017", "val"), ("train2017", "train"))
+_COCO_STUFF_LAYOUT = DatasetLayout(
+    folders=("", "coco_stuff164k"),
+    marker="images/{split}",
+    img_dir="images/{split}",
+    ann_dir="annotations/{split}",
+    img_suffix=".jpg",
+    seg_suffix="_labelTrainIds.png",
+    split_tokens=_COCO_TOKENS,
+    split_aliases=_COCO_ALIASES,
+)
+_COCO_OBJECT_LAYOUT = DatasetLayout(
+    folders=("", "coco_object", "coco_stuff164k"),
+    marker="images/{split}",
+    img_dir="images/{split}",
+    ann_dir="annotations/{split}",
+    img_suffix=".jpg",
+    seg_suffix="_instanceTrainIds.png",
+    split_tokens=_COCO_TOKENS,
+    split_aliases=_COCO_ALIASES,
+)
+_CITYSCAPES_LAYOUT = DatasetLayout(
+    folders=("", "cityscapes"),
+    marker="leftImg8bit/{split}",
+    img_dir="leftImg8bit/{split}",
+    ann_dir="gtFine/{split}",
+    img_suffix="_leftImg8bit.png",
+    seg_suffix="_gtFine_labelTrainIds.png",
+)
+_CUSTOM_LAYOUT = DatasetLayout(
+    folders=("",),
+    marker="images/{split}",
+    img_dir="images/{split}",
+    ann_dir="annotations/{split}",
+    img_suffix=None,
+    seg_suffix=".png",
+)
+
+_VOC_DOC = (
+    "VOCtrainval_11-May-2012.tar extracted into data_root "
+    "(data_root/VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation})"
+)
+_CONTEXT_DOC = (
+    "VOCtrainval_03-May-2010.tar extracted into data_root (data_root/VOCdevkit/VOC2010), then "
+    "SegmentationClassContext/ and ImageSets/SegmentationContext/ written from "
+    "trainval_merged.json by mmseg's tools/dataset_converters/pascal_context.py"
+)
+_COCO_DOC = (
+    "val2017.zip unzipped into data_root/coco_stuff164k/images/ and "
+    "stuffthingmaps_trainval2017.zip into data_root/coco_stuff164k/annotations/, then "
+)
+
+_REGISTRY: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec(
+            name="ade20k",
+            num_classes=150,
+            class_file="ade20k.txt",
+            class_file_proxyclip=None,
+            reduce_zero_label=True,
+            has_background=False,
+            splits=("validation", "training"),
+            default_split="validation",
+            doc=(
+                "ADEChallengeData2016.zip unzipped into data_root "
+                "(data_root/ADEChallengeData2016/{images,annotations}/validation)"
+            ),
+            layout=_ADE_LAYOUT,
+            aliases=("ade", "ade150", "ade20k150", "ade20k_150"),
+        ),
+        DatasetSpec(
+            name="voc21",
+            num_classes=21,
+            class_file="voc21.txt",
+            class_file_proxyclip="proxyclip_trident/voc21.txt",
+            reduce_zero_label=False,
+            has_background=True,
+            splits=("val", "train"),
+            default_split="val",
+            doc=_VOC_DOC,
+            layout=_VOC_LAYOUT,
+            aliases=("voc", "pascal_voc", "voc2012", "pascalvoc21"),
+        ),
+        DatasetSpec(
+            name="voc20",
+            num_classes=20,
+            class_file="voc20.txt",
+            class_file_proxyclip="proxyclip_trident/voc20.txt",
+            reduce_zero_label=True,
+            has_background=False,
+            splits=("val", "train"),
+            default_split="val",
+            doc=_VOC_DOC,
+            layout=_VOC_LAYOUT,
+            aliases=("pascalvoc20",),
+        ),
+        DatasetSpec(
+            name="context60",
+            num_classes=60,
+            class_file="context60.txt",
+            class_file_proxyclip=None,
+            reduce_zero_label=False,
+            has_background=True,
+            splits=("val", "train"),
+            default_split="val",
+            doc=_CONTEXT_DOC,
+            layout=_CONTEXT_LAYOUT,
+            aliases=("pc60", "pascal_context60", "pcontext60"),
+        ),
+        DatasetSpec(
+            name="context59",
+            num_classes=59,
+            class_file="context59.txt",
+            class_file_proxyclip=None,
+            reduce_zero_label=True,
+            has_background=False,
+            splits=("val", "train"),
+            default_split="val",
+            doc=_CONTEXT_DOC,
+            layout=_CONTEXT_LAYOUT,
+            aliases=("pc59", "pascal_context59", "pcontext59"),
+        ),
+        DatasetSpec(
+            name="coco_stuff171",
+            num_classes=171,
+            class_file="coco_stuff171.txt",
+            class_file_proxyclip=None,
+            reduce_zero_label=False,
+            has_background=False,
+            splits=("val", "train"),
+            default_split="val",
+            doc=_COCO_DOC
+            + (
+                "mmseg's tools/dataset_converters/coco_stuff164k.py writes "
+                "annotations/val2017/<id>_labelTrainIds.png"
+            ),
+            layout=_COCO_STUFF_LAYOUT,
+            aliases=("coco_stuff", "cocostuff", "coco_stuff164k", "stuff", "cocostuff171"),
+        ),
+        DatasetSpec(
+            name="coco_object",
+            num_classes=81,
+            class_file="coco_object.txt",
+            class_file_proxyclip="proxyclip_trident/coco_object.txt",
+            reduce_zero_label=False,
+            has_background=True,
+            splits=("val", "train"),
+            default_split="val",
+            doc=_COCO_DOC
+            + (
+                "SCLIP/ProxyCLIP's datasets/cvt_coco_object.py writes "
+                "annotations/val2017/<id>_instanceTrainIds.png (in place, or into "
+                "data_root/coco_object with -o)"
+            ),
+            layout=_COCO_OBJECT_LAYOUT,
+            aliases=("coco_obj", "cocoobject", "coco_object81", "object"),
+        ),
+        DatasetSpec(
+            name="cityscapes",
+            num_classes=19,
+            class_file="cityscapes.txt",
+            class_file_proxyclip=None,
+            reduce_zero_label=False,
+            has_background=False,
+            splits=("val", "train"),
+            default_split="val",
+            doc=(
+                "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip unzipped into "
+                "data_root/cityscapes, then mmseg's tools/dataset_converters/cityscapes.py "
+                "writes gtFine/<split>/<city>/*_gtFine_labelTrainIds.png"
+            ),
+            layout=_CITYSCAPES_LAYOUT,
+            aliases=("city", "cityscapes19", "city_scapes"),
+        ),
+        DatasetSpec(
+            name="custom",
+            num_classes=0,
+            class_file="",
+            class_file_proxyclip=None,
+            reduce_zero_label=False,
+            has_background=False,
+            splits=("train", "val"),
+            default_split="val",
+            doc=(
+                "your own data: data_root/images/<split>/**/<id>.<jpg|png|...>, optional "
+                "data_root/annotations/<split>/<id>.png (label indices, 255 = ignore) and "
+                "data_root/classes.txt (one class per line)"
+            ),
+            layout=_CUSTOM_LAYOUT,
+        ),
+    )
+}
+
+
+def _squash(name: str) -> str:
+    """Lower-case ``name`` and drop ``-``, ``_``, ``.`` and spaces (for alias matching)."""
+    return "".join(ch for ch in name.lower() if ch not in "-_. ")
+
+
+def _build_lookup() -> dict[str, str]:
+    """Squashed name or alias -> registry name."""
+    lookup: dict[str, str] = {}
+    for spec in _REGISTRY.values():
+        for key in (spec.name, *spec.aliases):
+            lookup[_squash(key)] = spec.name
+    return lookup
+
+
+_LOOKUP = _build_lookup()
+
+
+def list_datasets() -> list[str]:
+    """Registry names, in registry order (the eight benchmarks, then ``custom``)."""
+    return list(_REGISTRY)
+
+
+def get_dataset(name: str, data_root: str | os.PathLike | None = None) -> DatasetSpec:
+    """The spec of dataset ``name`` (a registry name or an alias such as ``ade``, ``voc``,
+    ``pc59``, ``coco-stuff``, ``city``; case, ``-``, ``_`` and spaces are ignored).
+
+    For ``custom`` with ``data_root`` given, ``num_classes`` is read from
+    ``data_root/classes.txt``; without it, it stays 0.
+
+    Raises:
+        OvssError: unknown name (the message lists the known names).
+    """
+    key = _LOOKUP.get(_squash(str(name)))
+    if key is None:
+        raise OvssError(
+            f"'{name}' is not a known dataset; choose from {', '.join(list_datasets())}"
+        )
+    spec = _REGISTRY[key]
+    if key == "custom" and data_root is not None:
+        spec = dataclasses.replace(spec, num_classes=len(class_names(key, data_root=data_root)))
+    return spec
+
+
+def _resolve_split(spec: DatasetSpec, split: str | None) -> str:
+    """Canonical split name for ``split`` (None -> the default split)."""
+    if split is None:
+        return spec.default_split
+    if split in spec.splits:
+        return split
+    alias = dict(spec.layout.split_aliases).get(split)
+    if alias is not None:
+        return alias
+    if spec.name == "custom" and split and Path(split).name == split and split not in (".", ".."):
+        return split  # a custom dataset may use any split folder name
+    raise OvssError(f"{spec.name} has no split '{split}'; choose from {', '.join(spec.splits)}")
+
+
+def _find_dataset_dir(spec: DatasetSpec, data_root: str | os.PathLike, split: str) -> Path:
+    """The dataset folder under ``data_root`` (see the module docstring for the candidates)."""
+    layout = spec.layout
+    root = Path(data_root).expanduser()
+    marker = layout.marker.format(split=layout.token(split))
+    for sub in layout.folders:
+        candidate = root / sub if sub else root
+        if (candidate / marker).is_dir():
+            return candidate
+    tried = [(root / sub if sub else root) / marker for sub in layout.folders]
+    also = f" (also looked for {', '.join(map(str, tried[:-1]))})" if len(tried) > 1 else ""
+    state = "" if root.is_dir() else f"data_root {root} does not exist; "
+    raise OvssError(f"{spec.name}: {state}expected {tried[-1]}{also}; download: {spec.doc}")
+
+
+def _list_by_walk(img_dir: Path, suffix: str | None) -> dict[str, Path]:
+    """Images under ``img_dir`` (recursive, hidden entries skipped), keyed by id = relative POSIX
+    path without ``suffix`` (``suffix=None``: any image suffix, case-insensitive)."""
+    found: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(img_dir):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for fname in filenames:
+            if fname.startswith("."):
+                continue
+            if suffix is None:
+                if not is_image_file(fname):
+                    continue
+                cut = len(Path(fname).suffix)
+            else:
+                if not fname.endswith(suffix):
+                    continue
+                cut = len(suffix)
+            full = Path(dirpath) / fname
+            image_id = full.relative_to(img_dir).as_posix()[:-cut]
+            if image_id in found:
+                raise OvssError(
+                    f"two images share the id '{image_id}': {found[image_id]} and {full}; "
+                    "rename one of them"
+                )
+            found[image_id] = full
+    return found
+
+
+def _read_split_file(path: Path) -> list[str]:
+    """Ids listed in a split file, one per line, in file order (blank lines skipped)."""
+    text = path.read_text(encoding="utf-8-sig")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def list_dataset_images(
+    name: str, data_root: str | os.PathLike, split: str | None = None
+) -> list[ImageRecord]:
+    """The images of one split of a benchmark (or of a ``custom`` dataset), mmseg order.
+
+    - ADE20K / COCO / Cityscapes / custom: the image folder is listed recursively (files with the
+      dataset's image suffix; hidden files skipped) and sorted by id.
+    - VOC / PASCAL-Context: the ids of ``ImageSets/.../<split>.txt``, in file order.
+
+    ``label_path`` is the ground-truth path per EVAL.md §1.1 (set even when that file is absent;
+    evaluation checks it). For ``custom`` it is None when ``annotations/<split>`` does not exist.
+    Image files named in a split file are not checked here; a missing one fails when read
+    (:class:`~featurestore.errors.ImageReadError`).
+
+    Args:
+        name: dataset name or alias.
+        data_root: the folder containing the dataset folder, or the dataset folder itself (see
+            the module docstring).
+        split: split name (or alias such as ``val`` for ADE, ``val2017`` for COCO); default:
+            the dataset's ``default_split``.
+
+    Raises:
+        OvssError: unknown dataset or split, dataset folder / split file / image folder not
+            found (the message names the expected path and what to download), or no images.
+    """
+    spec = get_dataset(name)
+    split = _resolve_split(spec, split)
+    layout = spec.layout
+    base = Path(os.path.abspath(_find_dataset_dir(spec, data_root, split)))
+    token = layout.token(split)
+    img_dir = base / layout.img_dir.format(split=token)
+    ann_dir = base / layout.ann_dir.format(split=token)
+    if not img_dir.is_dir():
+        raise OvssError(f"{spec.name}: image folder {img_dir} not found; download: {spec.doc}")
+
+    if layout.split_file is not None:
+        split_file = base / layout.split_file.format(split=token)
+        if not split_file.is_file():
+            raise OvssError(f"{spec.name}: split file {split_file} not found; download: {spec.doc}")
+        suffix = layout.img_suffix or ".jpg"
+        ids = _read_split_file(split_file)
+        paths = {i: img_dir / f"{i}{suffix}" for i in ids}
+        if not ids:
+            raise OvssError(f"{spec.name}: split file {split_file} lists no image")
+    else:
+        paths = _list_by_walk(img_dir, layout.img_suffix)
+        ids = sorted(paths)
+        if not ids:
+            what = f"*{layout.img_suffix}" if layout.img_suffix else "image"
+            raise OvssError(f"{spec.name}: no {what} files under {img_dir}")
+
+    with_labels = spec.name != "custom" or ann_dir.is_dir()
+    return [
+        ImageRecord(
+            image_id=i,
+            path=str(paths[i]),
+            source=spec.name,
+            split=split,
+            label_path=str(ann_dir / f"{i}{layout.seg_suffix}") if with_labels else None,
+        )
+        for i in ids
+    ]
+
+
+def _parse_lines(text: str, separator: str) -> list[list[str]]:
+    """Split class-file text into per-class synonym lists, as the reference parsers do:
+    ``line.split(separator)`` with newlines removed. Trailing empty lines are dropped."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return [line.split(separator) for line in lines]
+
+
+def _read_bundled(file_name: str) -> str:
+    """Text of a bundled class-name file (``featurestore/data/classnames/<file_name>``)."""
+    node = resources.files(CLASSNAMES_PACKAGE).joinpath("classnames")
+    for part in file_name.split("/"):
+        node = node.joinpath(part)
+    return node.read_text(encoding="utf-8")
+
+
+def class_names(
+    name: str, family: str = "sclip", data_root: str | os.PathLike | None = None
+) -> list[list[str]]:
+    """Per class (in label order), its synonyms (the text queries of that class).
+
+    Args:
+        name: dataset name or alias.
+        family: ``"sclip"`` (also ``"naclip"``; files split on ``", "``) or ``"proxyclip"``
+            (also ``"trident"``; split on ``"; "``). ``proxyclip`` uses the ProxyCLIP/Trident
+            variant where one exists (voc20, voc21, coco_object) and the SCLIP file otherwise
+            (those files contain neither separator, so both parsers agree).
+        data_root: required for ``custom``: its ``classes.txt`` is read with
+            :func:`read_class_file` (``family`` is then ignored).
+
+    Names are kept byte-exact apart from the removed newline (e.g. context60's last class is
+    ``"wood "`` with its trailing space, as in the reference parser).
+
+    Raises:
+        OvssError: unknown dataset or family, or ``custom`` without ``data_root``.
+    """
+    spec = get_dataset(name)
+    fam = FAMILIES.get(str(family).lower())
+    if fam is None:
+        raise OvssError(
+            f"'{family}' is not a known class-name family; choose from {', '.join(FAMILIES)}"
+        )
+    if spec.name == "custom":
+        if data_root is None:
+            raise OvssError("the custom dataset needs data_root to read its classes.txt")
+        return read_class_file(Path(data_root).expanduser() / "classes.txt")
+    file_name = spec.class_file
+    if fam == "proxyclip" and spec.class_file_proxyclip is not None:
+        file_name = spec.class_file_proxyclip
+    names = _parse_lines(_read_bundled(file_name), _SEPARATORS[fam])
+    if len(names) != spec.num_classes:  # guards the packaged data, never the user's input
+        raise OvssError(
+            f"class file {file_name} has {len(names)} lines, expected {spec.num_classes}; "
+            "the installed package is damaged, reinstall ovss"
+        )
+    return names
+
+
+def read_class_file(path: str | os.PathLike) -> list[list[str]]:
+    """A user's class file: one class per line, in label order; each line lists synonyms.
+
+    Separator rule: if any line contains ``"; "`` every line is split on ``"; "`` (ProxyCLIP
+    style), otherwise on ``", "`` (SCLIP style). Each synonym is stripped of surrounding
+    whitespace and empty synonyms are dropped; trailing blank lines are ignored. A UTF-8 BOM is
+    accepted.
+
+    Raises:
+        OvssError: file missing/unreadable, no class, or a blank line between classes (which
+            would shift every later label id).
+    """
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise OvssError(f"class file not found: {p} (one class per line)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise OvssError(f"cannot read class file {p}: {err}") from err
+    separator = "; " if "; " in text else ", "
+    classes: list[list[str]] = []
+    for lineno, raw in enumerate(_parse_lines(text, separator), start=1):
+        synonyms = [s.strip() for s in raw if s.strip()]
+        if not synonyms:
+            raise OvssError(
+                f"class file {p}: line {lineno} is empty; every line up to the last must name "
+                "a class (label id = line number - 1)"
+            )
+        classes.append(synonyms)
+    if not classes:
+        raise OvssError(f"class file {p} holds no class (one class per line)")
+    return classes
+
+
+# -- palettes -----------------------------------------------------------------------------------
+
+MAX_PALETTE_SIZE = 1 << 16
+"""Largest ``n`` accepted by :func:`palette`."""
+
+_CITYSCAPES_COLOURS = (
+    (128, 64, 128),
+    (244, 35, 232),
+    (70, 70, 70),
+    (102, 102, 156),
+    (190, 153, 153),
+    (153, 153, 153),
+    (250, 170, 30),
+    (220, 220, 0),
+    (107, 142, 35),
+    (152, 251, 152),
+    (70, 130, 180),
+    (220, 20, 60),
+    (255, 0, 0),
+    (0, 0, 142),
+    (0, 0, 70),
+    (0, 60, 100),
+    (0, 80, 100),
+    (0, 0, 230),
+    (119, 11, 32),
+)  # the official Cityscapes trainId colours (road, sidewalk, ..., bicycle)
+
+
+def voc_colour_map(labels: np.ndarray) -> np.ndarray:
+    """PASCAL VOC bit-interleave colours of integer ``labels`` (any shape) -> (..., 3) uint8.
+
+    Bits 0, 1, 2 of the label go to the most significant bit of R, G, B, the next three bits to
+    the next bit, and so on over 8 rounds, so labels 0..2**24-1 all get distinct colours (0 is
+    black, 1 is (128, 0, 0), ...).
+    """
+    c = np.asarray(labels, dtype=np.int64)
+    rgb = np.zeros((*c.shape, 3), dtype=np.int64)
+    for bit in range(7, -1, -1):
+        for channel in range(3):
+            rgb[..., channel] |= ((c >> channel) & 1) << bit
+        c = c >> 3
+    return rgb.astype(np.uint8)
+
+
+def palette(name: str, n: int) -> np.ndarray:
+    """Display colours for ``n`` classes of dataset ``name``: (n, 3) uint8, deterministic.
+
+    - Datasets with a scored background (voc21, context60, coco_object): the VOC colour map,
+      class i -> VOC colour i (background black, aeroplane (128, 0, 0), ...).
+    - cityscapes: the official Cityscapes colours for the 19 classes (VOC colour i+1 beyond).
+    - Every other dataset (voc20, context59, ade20k, coco_stuff171, custom): VOC colour i+1, so
+      no class is black and voc20/context59 keep the colours of voc21/context60.
+
+    All colours within one palette are distinct.
+
+    Raises:
+        OvssError: unknown dataset, or ``n`` outside 0..:data:`MAX_PALETTE_SIZE`.
+    """
+    spec = get_dataset(name)
+    if not 0 <= n <= MAX_PALETTE_SIZE:
+        raise OvssError(f"palette size must be in 0..{MAX_PALETTE_SIZE}, got {n}")
+    if spec.name != "cityscapes":
+        offset = 0 if spec.has_background else 1
+        return voc_colour_map(np.arange(n, dtype=np.int64) + offset)
+    fixed = np.asarray(_CITYSCAPES_COLOURS[:n], dtype=np.uint8).reshape(-1, 3)
+    if n <= len(fixed):
+        return fixed
+    # beyond the 19 official colours: VOC colours 1, 2, ... that are not already used
+    taken = {tuple(c) for c in fixed.tolist()}
+    extra = [c for c in voc_colour_map(np.arange(1, n + 1)).tolist() if tuple(c) not in taken]
+    return np.concatenate([fixed, np.asarray(extra[: n - len(fixed)], dtype=np.uint8)])
