@@ -120,6 +120,13 @@ class Layout:
     row_count: dict[str, np.ndarray]  # unit -> (n_images,)
 
     @property
+    def image_sizes(self) -> np.ndarray:
+        """(n_images, 2) original sizes (cached)."""
+        if self._sizes is None:
+            self._sizes = np.asarray(self.store.root["images/size"][...])
+        return self._sizes
+
+    @property
     def n_blocks(self) -> int:
         return len(self.block_start) - 1
 
@@ -506,11 +513,17 @@ class FeatureSet:
         self.group: zarr.Group = store.root["features"][key]
         self._geometry: dict[str, np.ndarray] | None = None
         self._ids: list[str] | None = None  # cached image ids while streaming
+        self._sizes: np.ndarray | None = None
+        self._prov: dict | None = None
+        self._specs: list[TensorSpec] | None = None
 
     # -- metadata ----------------------------------------------------------------------------
     @property
     def provenance(self) -> dict:
-        return dict(self.group.attrs["provenance"])
+        """The set's provenance (read once; a feature set's provenance never changes)."""
+        if self._prov is None:
+            self._prov = dict(self.group.attrs["provenance"])
+        return self._prov
 
     def same_provenance(self, other: dict) -> bool:
         mine = self.provenance
@@ -522,10 +535,12 @@ class FeatureSet:
 
     @property
     def specs(self) -> list[TensorSpec]:
-        return [
-            TensorSpec(t["name"], t["unit"], tuple(t["row_shape"]), t.get("doc", ""))
-            for t in self.provenance["tensors"]
-        ]
+        if self._specs is None:
+            self._specs = [
+                TensorSpec(t["name"], t["unit"], tuple(t["row_shape"]), t.get("doc", ""))
+                for t in self.provenance["tensors"]
+            ]
+        return self._specs
 
     @property
     def tensor_names(self) -> list[str]:
@@ -545,6 +560,13 @@ class FeatureSet:
             geo = self.group["geometry"]
             self._geometry = {k: a[...] for k, a in geo.arrays()}
         return self._geometry
+
+    @property
+    def image_sizes(self) -> np.ndarray:
+        """(n_images, 2) original sizes (cached)."""
+        if self._sizes is None:
+            self._sizes = np.asarray(self.store.root["images/size"][...])
+        return self._sizes
 
     @property
     def n_blocks(self) -> int:
@@ -675,7 +697,7 @@ class FeatureSet:
     def _image_features(self, index: int, tensors: dict[str, np.ndarray]) -> ImageFeatures:
         geo = self.geometry
         w0, w1 = int(geo["win_start"][index]), int(geo["win_start"][index + 1])
-        size = self.store.root["images/size"][index]
+        size = self.image_sizes[index]
         return ImageFeatures(
             index=index,
             image_id=self.store.image_ids[index] if self._ids is None else self._ids[index],
@@ -708,14 +730,17 @@ class FeatureSet:
     def iter_images(
         self, names: Sequence[str] | None = None, indices: Sequence[int] | None = None
     ) -> Iterator[ImageFeatures]:
-        """Stream images in store order, one whole chunk read per block and tensor.
+        """Stream images in store order, reading each block's chunk files sequentially.
 
-        Pending or failed images are skipped. Memory holds one block at a time.
+        Local stores read every image's exact byte range into its own array (no large
+        temporary buffers); other backends read one whole chunk per block and tensor.
+        Pending or failed images are skipped. Memory holds at most one block.
         """
         self._ids = self.store.image_ids
         status = self.status()
         wanted = None if indices is None else set(int(i) for i in indices)
         specs = [s for s in self.specs if names is None or s.name in names]
+        sdt = _storage_dtype(self.dtype)
         try:
             for b in range(self.n_blocks):
                 imgs = [
@@ -725,13 +750,41 @@ class FeatureSet:
                 ]
                 if not imgs:
                     continue
-                chunks = {s.name: self._read_chunk(s, b) for s in specs}
-                for i in imgs:
-                    tensors = {}
-                    for s in specs:
-                        sl = self.local_rows(s.unit, i)
-                        tensors[s.name] = self._decode(chunks[s.name][sl])
-                    yield self._image_features(i, tensors)
+                sources = {}
+                for s in specs:
+                    path = self._chunk_path(s.name, b)
+                    if path is not None and path.exists():
+                        sources[s.name] = open(path, "rb", buffering=0)
+                    elif path is None:
+                        sources[s.name] = self._read_chunk(s, b)
+                    else:
+                        sources[s.name] = None  # never written: all zeros
+                try:
+                    for i in imgs:
+                        tensors = {}
+                        for s in specs:
+                            sl = self.local_rows(s.unit, i)
+                            src = sources[s.name]
+                            shape = (sl.stop - sl.start, *s.row_shape)
+                            if isinstance(src, np.ndarray):
+                                arr = src[sl]
+                            else:
+                                arr = np.empty(shape, dtype=sdt)
+                                if src is None:
+                                    arr[...] = 0
+                                elif arr.size:
+                                    row_bytes = int(np.prod(s.row_shape)) * sdt.itemsize
+                                    got = os.preadv(src.fileno(), [memoryview(arr).cast("B")],
+                                                    sl.start * row_bytes)
+                                    if got != arr.nbytes:
+                                        raise StoreError(f"chunk {b} of '{s.name}' in {self.key}"
+                                                         " is truncated; run 'ovss store verify'")
+                            tensors[s.name] = self._decode(arr)
+                        yield self._image_features(i, tensors)
+                finally:
+                    for src in sources.values():
+                        if src is not None and not isinstance(src, np.ndarray):
+                            src.close()
         finally:
             self._ids = None
 

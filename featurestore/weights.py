@@ -166,15 +166,18 @@ def _download_from_hub(spec: WeightsSpec) -> Path | None:
 
 
 def _missing_message(spec: WeightsSpec) -> str:
-    names = " or ".join(spec.candidates) if spec.candidates else "the checkpoint"
-    where = os.environ.get(WEIGHTS_ENV)
-    where_text = f"$OVSS_WEIGHTS ({where})" if where else "$OVSS_WEIGHTS (not set)"
     what = f"no weights for {spec.model}" if spec.model else "no weights"
-    source = f" (get it from {spec.url_hint})" if spec.url_hint else ""
-    return (
-        f"{what} on disk or from the hub: put {names}{source} into {where_text} as $OVSS_WEIGHTS/<file>, "
-        f"or pass --weights PATH, or use --random-init"
-    )
+    where = os.environ.get(WEIGHTS_ENV)
+    env_state = f"{WEIGHTS_ENV}={where}" if where else f"{WEIGHTS_ENV} is not set"
+    if not spec.candidates:
+        todo = f"set {WEIGHTS_ENV} to a folder holding the checkpoint ({env_state})"
+    else:
+        first, rest = spec.candidates[0], spec.candidates[1:]
+        source = f" (from {spec.url_hint})" if spec.url_hint else ""
+        todo = f"save {first}{source} as ${WEIGHTS_ENV}/{first} ({env_state})"
+        if rest:
+            todo += f"; {', '.join(rest)} there also work"
+    return f"{what} on disk or from the hub: {todo}, or pass --weights PATH, or use --random-init"
 
 
 @functools.lru_cache(maxsize=256)

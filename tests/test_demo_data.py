@@ -188,6 +188,21 @@ def test_photos_load_offline_as_rgb(name: str) -> None:
     assert min(photo.shape[:2]) >= 300
 
 
+def test_photos_equal_the_skimage_loaders() -> None:
+    """Reading the files directly gives the pixels of ``skimage.data.<name>()``."""
+    import skimage.data
+
+    for name in DEMO_CLASSES:
+        expected = getattr(skimage.data, name)()
+        if expected.ndim == 2:
+            expected = np.repeat(expected[:, :, None], 3, axis=2)
+        if name == "retina":
+            side = round(expected.shape[0] * 0.6)
+            top = (expected.shape[0] - side) // 2
+            expected = expected[top : top + side, top : top + side]
+        np.testing.assert_array_equal(load_demo_photo(name), expected, err_msg=name)
+
+
 def test_unknown_photo_is_a_user_error() -> None:
     with pytest.raises(OvssError, match="not a demo class"):
         load_demo_photo("astronaut")

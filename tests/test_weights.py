@@ -176,9 +176,10 @@ def test_offline_and_missing_gives_one_line_instruction(
     assert "\n" not in message
     assert message.startswith("no weights for tiny-s14")
     for part in (
-        "tiny_pretrain.pth or timm/tiny.lvd/model.safetensors",
-        "https://example.org/tiny_pretrain.pth",
-        f"$OVSS_WEIGHTS ({tmp_path})",
+        "save tiny_pretrain.pth (from https://example.org/tiny_pretrain.pth)",
+        "as $OVSS_WEIGHTS/tiny_pretrain.pth",
+        f"OVSS_WEIGHTS={tmp_path}",
+        "timm/tiny.lvd/model.safetensors there also work",
         "--weights PATH",
         "--random-init",
     ):

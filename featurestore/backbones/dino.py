@@ -123,8 +123,8 @@ class DinoBackbone(Backbone):
     def forward_dense(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the ViT on ``(B, 3, H, W)`` windows; H, W multiples of the patch size.
 
-        Returns the dict described in the class docstring; all tensors are contiguous and have
-        the model's dtype.
+        Returns the dict described in the class docstring; all tensors are contiguous, have the
+        model's dtype and device, and are inference tensors (computed without autograd).
         """
         self._check_input(x)
         with torch.inference_mode():

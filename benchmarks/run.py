@@ -1,0 +1,230 @@
+"""``make bench``: side-by-side ratios measured in one run, a table on stdout, JSON in bench_out/.
+
+Figures (PRODUCT.md "Performance"):
+  1. extraction overhead: ``ovss extract`` images/s ÷ a bare forward loop over the same decoded
+     images (target ≥ 0.95);
+  2. store read: streaming one feature set ÷ ``numpy.memmap`` of the same bytes (target ≥ 0.5);
+  3. peak RSS of streaming a feature set at two store sizes (must not grow with the images).
+
+Environment knobs: BENCH_IMAGES (extraction images, default 12), BENCH_MODEL (default
+dinov2-s14), BENCH_SIZE (short side, default 448), BENCH_READ_IMAGES (default 400).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from featurestore.backbones import create_backbone
+from featurestore.backbones.base import TensorSpec
+from featurestore.extract import ExtractConfig, extract, geometries_for, preprocess
+from featurestore.images import ImageRecord, list_folder_images, load_image_rgb
+from featurestore.protocol import Protocol, image_geometry
+from featurestore.store import STATUS_OK, FeatureStore
+
+OUT = Path(os.environ.get("BENCH_OUT", "bench_out"))
+
+
+def machine() -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+
+
+def write_images(root: Path, n: int, seed: int = 0) -> list[ImageRecord]:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        h, w = 480, int(rng.integers(560, 720))
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+            root / f"img{i:04d}.jpg", quality=92
+        )
+    return list_folder_images(root)
+
+
+def bench_extraction(tmp: Path) -> dict:
+    """ovss extract vs a bare loop of the same model forward over pre-decoded images."""
+    n = int(os.environ.get("BENCH_IMAGES", "12"))
+    model = os.environ.get("BENCH_MODEL", "dinov2-s14")
+    size = int(os.environ.get("BENCH_SIZE", "448"))
+    protocol = Protocol(resize="short", size=size)
+    records = write_images(tmp / "ext_images", n)
+    bb = create_backbone(model, random_init=True).eval()
+    # Bare loop: decode + preprocess everything first (not timed), then only forwards.
+    inputs = []
+    for r in records:
+        img = load_image_rgb(r.path)
+        geo = image_geometry(protocol, *img.shape[:2], bb.info.patch_size)
+        inputs.extend(preprocess(img, geo, bb.info.mean, bb.info.std))
+    with torch.inference_mode():
+        bb.forward_dense(inputs[0][None])  # warm-up
+        t = time.perf_counter()
+        for x in inputs:
+            bb.forward_dense(x[None])
+        bare = time.perf_counter() - t
+    cfg = ExtractConfig(models=[model], protocol=protocol, store=str(tmp / "ext.zarr"),
+                        random_init=True, batch_size=1)
+    t = time.perf_counter()
+    extract(records, cfg)
+    full = time.perf_counter() - t
+    return {
+        "model": model,
+        "images": n,
+        "short_side": size,
+        "bare_images_per_s": round(n / bare, 3),
+        "extract_images_per_s": round(n / full, 3),
+        "ratio": round(bare / full, 3),
+        "target": 0.95,
+    }
+
+
+def synthetic_store(path: Path, n_images: int, dim: int = 384) -> FeatureStore:
+    """A store of ``n_images`` 448x448-protocol images with random float16 tokens."""
+    root = path.parent / (path.name + "_img")
+    root.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "x.png")
+    recs = [ImageRecord(f"i{i:05d}", str(root / "x.png"), "bench", "") for i in range(n_images)]
+    store = FeatureStore.open_or_create(path, recs)
+    sizes = np.tile(np.array([[448, 448]]), (n_images, 1))
+    protocol = Protocol(resize="square", size=448)
+    geos = geometries_for(sizes, protocol, 14)
+    specs = [TensorSpec("patch", "token", (dim,)), TensorSpec("cls", "window", (dim,))]
+    info = {"name": "synthetic", "weights": "random-init:0"}
+    fs = store.create_feature_set("synthetic", protocol, info, specs, geos)
+    rng = np.random.default_rng(0)
+    for b in range(fs.n_blocks):
+        bufs = fs.new_block_buffers(b)
+        for k in bufs:
+            bufs[k][:] = rng.standard_normal(bufs[k].shape, dtype=np.float32).astype(np.float16)
+        imgs = fs.block_images(b)
+        fs.write_block(b, bufs, np.full(len(imgs), STATUS_OK), [""] * len(imgs))
+    return store
+
+
+def bench_read(tmp: Path) -> dict:
+    """Streaming the `patch` tensor of a feature set vs numpy.memmap over the same bytes."""
+    n = int(os.environ.get("BENCH_READ_IMAGES", "400"))
+    store = synthetic_store(tmp / "read.zarr", n)
+    fs = store.feature_set(store.feature_sets()[0])
+    # The same bytes as one flat file, read per image through a memmap.
+    flat = tmp / "flat.bin"
+    rows = fs.geometry["row_count_token"]
+    with open(flat, "wb") as fh:
+        for f in fs.iter_images(names=["patch"]):
+            fh.write(f.tensors["patch"].tobytes())
+    dim = fs.specs[0].row_shape[0]
+    total_bytes = int(rows.sum()) * dim * 2
+
+    def stream() -> float:
+        s = 0.0
+        for f in fs.iter_images(names=["patch"]):
+            s += float(f.tensors["patch"][0, 0])
+        return s
+
+    def memmap() -> float:
+        mm = np.memmap(flat, dtype=np.float16, mode="r").reshape(-1, dim)
+        s, start = 0.0, 0
+        for r in rows.tolist():
+            a = np.array(mm[start : start + r])  # materialise like the store read does
+            s += float(a[0, 0])
+            start += r
+        return s
+
+    def best(fn, k=3) -> float:
+        fn()  # warm the page cache
+        times = []
+        for _ in range(k):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    t_store, t_mm = best(stream), best(memmap)
+    return {
+        "images": n,
+        "bytes": total_bytes,
+        "store_GBps": round(total_bytes / t_store / 1e9, 3),
+        "memmap_GBps": round(total_bytes / t_mm / 1e9, 3),
+        "ratio": round(t_mm / t_store, 3),
+        "target": 0.5,
+    }
+
+
+RSS_CHILD = """
+import resource, sys
+from featurestore.store import FeatureStore
+fs = FeatureStore.open(sys.argv[1]).feature_set(FeatureStore.open(sys.argv[1]).feature_sets()[0])
+n = 0
+for f in fs.iter_images():
+    n += f.tensors["patch"].shape[0]
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def bench_rss(tmp: Path) -> dict:
+    """Peak RSS (MB) of a process streaming a feature set, at two store sizes."""
+    out = {}
+    for n in (100, 400):
+        path = tmp / f"rss{n}.zarr"
+        synthetic_store(path, n)
+        res = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path)], capture_output=True,
+                             text=True, check=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        out[f"peak_rss_mb_{n}_images"] = round(float(res.stdout.strip()), 1)
+    a, b = out["peak_rss_mb_100_images"], out["peak_rss_mb_400_images"]
+    out["growth_ratio_4x_images"] = round(b / a, 3)
+    return out
+
+
+def main() -> None:
+    OUT.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="ovss-bench-"))
+    results = {"machine": machine()}
+    try:
+        for name, fn in (("store_read", bench_read), ("streaming_rss", bench_rss),
+                         ("extraction_overhead", bench_extraction)):
+            t = time.perf_counter()
+            results[name] = fn(tmp)
+            results[name]["bench_seconds"] = round(time.perf_counter() - t, 1)
+            print(f"[bench] {name}: {results[name]}", file=sys.stderr)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    results["self_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="ovss benchmarks (ratios measured side by side in this run)")
+    for c in ("benchmark", "ours", "baseline", "ratio", "target"):
+        t.add_column(c)
+    e, r, m = results["extraction_overhead"], results["store_read"], results["streaming_rss"]
+    t.add_row("extraction overhead", f"{e['extract_images_per_s']} img/s (ovss extract)",
+              f"{e['bare_images_per_s']} img/s (bare forward)", str(e["ratio"]), ">= 0.95")
+    t.add_row("store read", f"{r['store_GBps']} GB/s (stream)",
+              f"{r['memmap_GBps']} GB/s (memmap)", str(r["ratio"]), ">= 0.5")
+    t.add_row("streaming peak RSS", f"{m['peak_rss_mb_400_images']} MB at 400 images",
+              f"{m['peak_rss_mb_100_images']} MB at 100 images",
+              str(m["growth_ratio_4x_images"]), "~1.0")
+    Console().print(t)
+    Console().print(f"machine: {results['machine']}")
+    path = OUT / "bench.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
