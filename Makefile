@@ -23,7 +23,7 @@ $(STAMP): setup.cfg Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
-	$(BIN)/python -m pip install --quiet -e '.[test]' $(TORCH_PINS)
+	$(BIN)/python -m pip install --quiet -e '.[test]' $(TORCH_PINS) --config-settings editable_mode=compat
 	touch $(STAMP)
 
 demo: install

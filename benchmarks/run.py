@@ -29,7 +29,7 @@ from PIL import Image
 
 from featurestore.backbones import create_backbone
 from featurestore.backbones.base import TensorSpec
-from featurestore.extract import ExtractConfig, extract, geometries_for, preprocess
+from featurestore.extract import ExtractConfig, extract
 from featurestore.images import ImageRecord, list_folder_images, load_image_rgb
 from featurestore.protocol import Protocol, image_geometry
 from featurestore.store import STATUS_OK, FeatureStore
@@ -70,16 +70,20 @@ def bench_extraction(tmp: Path) -> dict:
     inputs = []
     for r in records:
         img = load_image_rgb(r.path)
-        geo = image_geometry(protocol, *img.shape[:2], bb.info.patch_size)
-        inputs.extend(preprocess(img, geo, bb.info.mean, bb.info.std))
+        inputs.extend(bb.preprocess(img, bb.geometry(protocol, *img.shape[:2])))
     with torch.inference_mode():
         bb.forward_dense(inputs[0][None])  # warm-up
         t = time.perf_counter()
         for x in inputs:
             bb.forward_dense(x[None])
         bare = time.perf_counter() - t
-    cfg = ExtractConfig(models=[model], protocol=protocol, store=str(tmp / "ext.zarr"),
-                        random_init=True, batch_size=1)
+    cfg = ExtractConfig(
+        models=[model],
+        protocol=protocol,
+        store=str(tmp / "ext.zarr"),
+        random_init=True,
+        batch_size=1,
+    )
     t = time.perf_counter()
     extract(records, cfg)
     full = time.perf_counter() - t
@@ -103,7 +107,7 @@ def synthetic_store(path: Path, n_images: int, dim: int = 384) -> FeatureStore:
     store = FeatureStore.open_or_create(path, recs)
     sizes = np.tile(np.array([[448, 448]]), (n_images, 1))
     protocol = Protocol(resize="square", size=448)
-    geos = geometries_for(sizes, protocol, 14)
+    geos = [image_geometry(protocol, h, w, 14) for h, w in sizes.tolist()]
     specs = [TensorSpec("patch", "token", (dim,)), TensorSpec("cls", "window", (dim,))]
     info = {"name": "synthetic", "weights": "random-init:0"}
     fs = store.create_feature_set("synthetic", protocol, info, specs, geos)
@@ -183,8 +187,13 @@ def bench_rss(tmp: Path) -> dict:
     for n in (100, 400):
         path = tmp / f"rss{n}.zarr"
         synthetic_store(path, n)
-        res = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path)], capture_output=True,
-                             text=True, check=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        res = subprocess.run(
+            [sys.executable, "-c", RSS_CHILD, str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=dict(os.environ, PYTHONPATH=os.getcwd()),
+        )
         out[f"peak_rss_mb_{n}_images"] = round(float(res.stdout.strip()), 1)
     a, b = out["peak_rss_mb_100_images"], out["peak_rss_mb_400_images"]
     out["growth_ratio_4x_images"] = round(b / a, 3)
@@ -196,15 +205,20 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ovss-bench-"))
     results = {"machine": machine()}
     try:
-        for name, fn in (("store_read", bench_read), ("streaming_rss", bench_rss),
-                         ("extraction_overhead", bench_extraction)):
+        for name, fn in (
+            ("store_read", bench_read),
+            ("streaming_rss", bench_rss),
+            ("extraction_overhead", bench_extraction),
+        ):
             t = time.perf_counter()
             results[name] = fn(tmp)
             results[name]["bench_seconds"] = round(time.perf_counter() - t, 1)
             print(f"[bench] {name}: {results[name]}", file=sys.stderr)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    results["self_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    results["self_peak_rss_mb"] = round(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+    )
     from rich.console import Console
     from rich.table import Table
 
@@ -212,13 +226,27 @@ def main() -> None:
     for c in ("benchmark", "ours", "baseline", "ratio", "target"):
         t.add_column(c)
     e, r, m = results["extraction_overhead"], results["store_read"], results["streaming_rss"]
-    t.add_row("extraction overhead", f"{e['extract_images_per_s']} img/s (ovss extract)",
-              f"{e['bare_images_per_s']} img/s (bare forward)", str(e["ratio"]), ">= 0.95")
-    t.add_row("store read", f"{r['store_GBps']} GB/s (stream)",
-              f"{r['memmap_GBps']} GB/s (memmap)", str(r["ratio"]), ">= 0.5")
-    t.add_row("streaming peak RSS", f"{m['peak_rss_mb_400_images']} MB at 400 images",
-              f"{m['peak_rss_mb_100_images']} MB at 100 images",
-              str(m["growth_ratio_4x_images"]), "~1.0")
+    t.add_row(
+        "extraction overhead",
+        f"{e['extract_images_per_s']} img/s (ovss extract)",
+        f"{e['bare_images_per_s']} img/s (bare forward)",
+        str(e["ratio"]),
+        ">= 0.95",
+    )
+    t.add_row(
+        "store read",
+        f"{r['store_GBps']} GB/s (stream)",
+        f"{r['memmap_GBps']} GB/s (memmap)",
+        str(r["ratio"]),
+        ">= 0.5",
+    )
+    t.add_row(
+        "streaming peak RSS",
+        f"{m['peak_rss_mb_400_images']} MB at 400 images",
+        f"{m['peak_rss_mb_100_images']} MB at 100 images",
+        str(m["growth_ratio_4x_images"]),
+        "~1.0",
+    )
     Console().print(t)
     Console().print(f"machine: {results['machine']}")
     path = OUT / "bench.json"

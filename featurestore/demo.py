@@ -65,6 +65,7 @@ def run_demo(
             "n_train": ds.n_train,
             "n_val": ds.n_val,
         },
+        "out": str(out),
         "model": model,
         "weights": weights_id,
         "store": store_path,

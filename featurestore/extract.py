@@ -18,12 +18,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from featurestore.backbones.base import Backbone, TensorSpec, create_backbone
 from featurestore.errors import ImageReadError, OvssError
 from featurestore.images import ImageRecord, load_image_rgb, probe_image
-from featurestore.protocol import ImageGeometry, Protocol, image_geometry
+from featurestore.protocol import ImageGeometry, Protocol, preprocess_windows
 from featurestore.store import (
     DEFAULT_BLOCK_MB,
     STATUS_FAILED,
@@ -35,6 +34,7 @@ from featurestore.store import (
     set_key,
 )
 
+preprocess = preprocess_windows  # the default window preprocessing, re-exported
 ProgressCallback = Callable[[str, int, int], None]  # (model, images done, images total)
 
 
@@ -149,51 +149,16 @@ def _autocast(device: torch.device, precision: str):
 # --------------------------------------------------------------------------------------------
 
 
-def preprocess(
-    image: np.ndarray,
-    geometry: ImageGeometry,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> list[torch.Tensor]:
-    """Resize, normalise and cut one RGB image into padded windows.
-
-    Args:
-        image: ``(H, W, 3)`` uint8 at the original size.
-        geometry: the image's geometry for the protocol and the backbone's patch size.
-
-    Returns:
-        One ``(3, h, w)`` float32 tensor per window, zero-padded (i.e. with the mean colour)
-        symmetrically as ``geometry`` says. Resizing is bilinear, ``align_corners=False``,
-        no antialiasing (cv2 ``INTER_LINEAR`` semantics, as mmseg's ``Resize``).
-    """
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
-    rh, rw = geometry.resized
-    if (rh, rw) != tuple(x.shape[1:]):
-        x = F.interpolate(x[None], size=(rh, rw), mode="bilinear", align_corners=False)[0]
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255.0
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255.0
-    x = (x - m) / s
-    out = []
-    for w in geometry.windows:
-        y1, x1, y2, x2 = w.box
-        top, left, bottom, right = w.pad
-        crop = x[:, y1:y2, x1:x2]
-        if top or left or bottom or right:
-            crop = F.pad(crop, (left, right, top, bottom))
-        out.append(crop.contiguous())
-    return out
-
-
 def geometries_for(
-    sizes: np.ndarray, protocol: Protocol, patch_size: int
+    sizes: np.ndarray, backbone: Backbone, protocol: Protocol
 ) -> list[ImageGeometry]:
-    """Geometry of every image; an unreadable image (size 0) gets no windows."""
+    """Geometry of every image for a backbone; an unreadable image (size 0) gets no windows."""
     out = []
     for h, w in sizes.tolist():
         if h <= 0 or w <= 0:
             out.append(ImageGeometry(original=(h, w), resized=(0, 0)))
         else:
-            out.append(image_geometry(protocol, h, w, patch_size))
+            out.append(backbone.geometry(protocol, h, w))
     return out
 
 
@@ -227,10 +192,13 @@ def plan(records: Sequence[ImageRecord], cfg: ExtractConfig) -> list[PlanRow]:
     for name in cfg.models:
         with torch.device("meta"):
             bb = create_backbone(
-                name, random_init=True, seed=cfg.seed, layers=cfg.layers,
+                name,
+                random_init=True,
+                seed=cfg.seed,
+                layers=cfg.layers,
                 arch_overrides=cfg.arch_overrides,
             )
-        geos = geometries_for(sizes, cfg.protocol, bb.info.patch_size)
+        geos = geometries_for(sizes, bb, cfg.protocol)
         specs = bb.tensor_specs()
         layout = plan_layout(geos, specs, cfg.dtype, cfg.block_mb)
         itemsize = _storage_dtype(cfg.dtype).itemsize
@@ -309,7 +277,7 @@ def _extract_model(
 ) -> ModelReport:
     info = backbone.info
     sizes = store.root["images/size"][...]
-    geos = geometries_for(sizes, cfg.protocol, info.patch_size)
+    geos = geometries_for(sizes, backbone, cfg.protocol)
     specs = backbone.tensor_specs()
     fs = store.create_feature_set(
         info.name,
@@ -320,6 +288,7 @@ def _extract_model(
         dtype=cfg.dtype,
         target_block_mb=cfg.block_mb,
         overwrite=cfg.overwrite,
+        static=backbone.static_tensors(),
     )
     done = fs.done_blocks()
     mine = [b for b in range(fs.n_blocks) if b % shard[1] == shard[0]]
@@ -334,20 +303,24 @@ def _extract_model(
     n_done = 0
     writer = _BlockWriter(fs)
     try:
-        for b, images in _decoded_blocks(fs, records, geos, todo, info, cfg.workers):
+        for b, images in _decoded_blocks(fs, records, geos, todo, backbone, cfg.workers):
             buffers = fs.new_block_buffers(b)
             status = np.full(len(images), STATUS_OK, dtype=np.uint8)
             errors = [""] * len(images)
-            for j, (i, windows, err) in enumerate(images):
+            for j, (i, _windows, err) in enumerate(images):
                 if err:
                     status[j] = STATUS_FAILED
                     errors[j] = err
                     failures[records[i].image_id] = err
-            _run_block(fs, backbone, specs, images, buffers, cfg, device)
+
+            def image_done() -> None:
+                nonlocal n_done
+                n_done += 1
+                if progress:
+                    progress(info.name, n_before + n_done, n_mine)
+
+            _run_block(fs, backbone, specs, images, buffers, cfg, device, geos, image_done)
             writer.put(b, buffers, status, errors)
-            n_done += len(images)
-            if progress:
-                progress(info.name, n_before + n_done, n_mine)
     finally:
         writer.close()
     dt = time.perf_counter() - t0
@@ -369,7 +342,7 @@ def _decoded_blocks(
     records: Sequence[ImageRecord],
     geos: list[ImageGeometry],
     blocks: Sequence[int],
-    info,
+    backbone: Backbone,
     workers: int,
 ) -> Iterator[tuple[int, list[tuple[int, list[torch.Tensor], str]]]]:
     """Yield ``(block, [(image index, windows, error), ...])`` with decoding done ahead in
@@ -384,11 +357,15 @@ def _decoded_blocks(
         except ImageReadError as e:
             return i, [], str(e)
         if img.shape[:2] != g.original:
-            return i, [], (
-                f"image {records[i].path} is {img.shape[0]}x{img.shape[1]} but was "
-                f"{g.original[0]}x{g.original[1]} when the store was created"
+            return (
+                i,
+                [],
+                (
+                    f"image {records[i].path} is {img.shape[0]}x{img.shape[1]} but was "
+                    f"{g.original[0]}x{g.original[1]} when the store was created"
+                ),
             )
-        return i, preprocess(img, g, info.mean, info.std), ""
+        return i, backbone.preprocess(img, g), ""
 
     order = [(b, i) for b in blocks for i in fs.block_images(b)]
     lookahead = max(4, 2 * workers)
@@ -424,39 +401,53 @@ def _run_block(
     buffers: dict[str, np.ndarray],
     cfg: ExtractConfig,
     device: torch.device,
+    geos: list[ImageGeometry],
+    image_done: Callable[[], None] | None = None,
 ) -> None:
-    """Forward all windows of a block (batched by shape) and place outputs in the buffers."""
+    """Forward all windows of a block (batched by shape) and place outputs in the buffers.
+
+    ``image_done`` is called once per image when its last window has been computed (and once
+    per failed image), to drive progress.
+    """
     pending: list[tuple[int, int, int, torch.Tensor]] = []  # image, window, token offset, x
+    n_windows = {i: len(windows) for i, windows, _ in images}
 
     def flush() -> None:
         if not pending:
             return
         x = torch.stack([p[3] for p in pending]).to(device, non_blocking=True)
+        grids = [geos[i].windows[w].grid for i, w, _, _ in pending]
         with torch.inference_mode(), _autocast(device, cfg.precision):
-            out = backbone.forward_dense(x)
+            out = backbone.forward_dense(x, grids)
         for s in specs:
             arr = fs.encode(out[s.name])
             for k, (i, w, tok_off, _) in enumerate(pending):
                 if s.unit == "token":
+                    gh, gw = grids[k]
                     base = fs.local_rows("token", i).start + tok_off
-                    buffers[s.name][base : base + arr.shape[1]] = arr[k]
+                    buffers[s.name][base : base + gh * gw] = arr[k][: gh * gw]
                 elif s.unit == "window":
                     buffers[s.name][fs.local_rows("window", i).start + w] = arr[k]
                 else:  # image-level tensors come from single-window images only
                     buffers[s.name][fs.local_rows("image", i).start] = arr[k]
+        if image_done:
+            for i, w, _, _ in pending:
+                if w == n_windows[i] - 1:
+                    image_done()
         pending.clear()
 
     for i, windows, err in images:
         if err:
+            if image_done:
+                image_done()
             continue
         tok_off = 0
         for w, x in enumerate(windows):
             if pending and (len(pending) >= cfg.batch_size or pending[0][3].shape != x.shape):
                 flush()
             pending.append((i, w, tok_off, x))
-            tok_off += (x.shape[1] // backbone.info.patch_size) * (
-                x.shape[2] // backbone.info.patch_size
-            )
+            gh, gw = geos[i].windows[w].grid
+            tok_off += gh * gw
     flush()
 
 

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from featurestore.store import STATUS_FAILED, STATUS_OK, STATUS_PENDING, FeatureStore, _storage_dtype
+from featurestore.store import (
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_PENDING,
+    FeatureStore,
+    _storage_dtype,
+)
 
 
 def _disk_bytes(path: str) -> int | None:
@@ -29,7 +35,9 @@ def store_info(path: str) -> dict:
     completeness (done / pending / failed images) and size."""
     store = FeatureStore.open(path)
     table = store.image_table()
-    sources = sorted({f"{s}:{p}" if p else str(s) for s, p in zip(table["source"], table["split"])})
+    sources = sorted(
+        {f"{s}:{p}" if p else str(s) for s, p in zip(table["source"], table["split"], strict=True)}
+    )
     sets = []
     for key in store.feature_sets():
         fs = store.feature_set(key)
@@ -107,8 +115,9 @@ def verify_store(path: str, scan_values: bool = True) -> VerifyReport:
             if k not in prov:
                 rep.problems.append(f"{key}: provenance lacks '{k}'")
         if len(geo["row_count_token"]) != n or len(geo["win_start"]) != n + 1:
-            rep.problems.append(f"{key}: geometry covers {len(geo['row_count_token'])} images, "
-                                f"the image table {n}")
+            rep.problems.append(
+                f"{key}: geometry covers {len(geo['row_count_token'])} images, the image table {n}"
+            )
             continue
         grids = geo["win_grid"]
         tok_from_grid = np.zeros(n, dtype=np.int64)
@@ -134,8 +143,10 @@ def verify_store(path: str, scan_values: bool = True) -> VerifyReport:
         pending = int((status == STATUS_PENDING).sum())
         failed = int((status == STATUS_FAILED).sum())
         if pending:
-            rep.problems.append(f"{key}: {pending} of {n} images not extracted (resume with the "
-                                "same 'ovss extract' command)")
+            rep.problems.append(
+                f"{key}: {pending} of {n} images not extracted (resume with the "
+                "same 'ovss extract' command)"
+            )
         if failed:
             rep.notes.append(f"{key}: {failed} images failed to decode and were skipped")
         done = fs.done_blocks()
@@ -153,19 +164,24 @@ def verify_store(path: str, scan_values: bool = True) -> VerifyReport:
                 if path_ is not None:
                     if not Path(path_).exists():
                         if any_ok and used:
-                            rep.problems.append(f"{key}/{spec.name}: block {b} is marked done but "
-                                                "its chunk is missing")
+                            rep.problems.append(
+                                f"{key}/{spec.name}: block {b} is marked done but "
+                                "its chunk is missing"
+                            )
                         continue
                     size = Path(path_).stat().st_size
                     if size != expected:
-                        rep.problems.append(f"{key}/{spec.name}: block {b} chunk has {size} bytes, "
-                                            f"expected {expected} (partial or corrupt)")
+                        rep.problems.append(
+                            f"{key}/{spec.name}: block {b} chunk has {size} bytes, "
+                            f"expected {expected} (partial or corrupt)"
+                        )
                         continue
                 if scan_values and used:
                     data = fs._read_chunk(spec, b)
                     vals = fs._decode(data[:used]) if fs.dtype == "bfloat16" else data[:used]
                     if not np.isfinite(vals).all():
                         bad = int((~np.isfinite(vals)).sum())
-                        rep.problems.append(f"{key}/{spec.name}: block {b} holds {bad} NaN/inf "
-                                            "values")
+                        rep.problems.append(
+                            f"{key}/{spec.name}: block {b} holds {bad} NaN/inf values"
+                        )
     return rep

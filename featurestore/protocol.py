@@ -8,9 +8,12 @@ protocols are different sets. The geometry rules follow the OVSS benchmark proto
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 RESIZE_MODES = ("short", "square", "long", "none")
 
@@ -41,7 +44,9 @@ class Protocol:
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
-            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, not {self.resize!r}")
+            raise ValueError(
+                f"resize must be one of {', '.join(RESIZE_MODES)}, not {self.resize!r}"
+            )
         if self.resize != "none" and self.size <= 0:
             raise ValueError("protocol size must be a positive number of pixels")
         if self.crop < 0 or self.stride < 0:
@@ -146,3 +151,38 @@ def image_geometry(protocol: Protocol, height: int, width: int, patch_size: int)
         gw = (x2 - x1 + left + right) // patch_size
         geo.windows.append(WindowGeometry((y1, x1, y2, x2), (top, left, bottom, right), (gh, gw)))
     return geo
+
+
+def preprocess_windows(
+    image: np.ndarray,
+    geometry: ImageGeometry,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> list[torch.Tensor]:
+    """Resize, normalise and cut one RGB image into padded windows.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 at the original size.
+        geometry: the image's geometry for the protocol and the backbone's patch size.
+
+    Returns:
+        One ``(3, h, w)`` float32 tensor per window, zero-padded (i.e. with the mean colour)
+        symmetrically as ``geometry`` says. Resizing is bilinear, ``align_corners=False``,
+        no antialiasing (cv2 ``INTER_LINEAR`` semantics, as mmseg's ``Resize``).
+    """
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    rh, rw = geometry.resized
+    if (rh, rw) != tuple(x.shape[1:]):
+        x = F.interpolate(x[None], size=(rh, rw), mode="bilinear", align_corners=False)[0]
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255.0
+    x = (x - m) / s
+    out = []
+    for w in geometry.windows:
+        y1, x1, y2, x2 = w.box
+        top, left, bottom, right = w.pad
+        crop = x[:, y1:y2, x1:x2]
+        if top or left or bottom or right:
+            crop = F.pad(crop, (left, right, top, bottom))
+        out.append(crop.contiguous())
+    return out

@@ -119,6 +119,18 @@ class Layout:
     row_start: dict[str, np.ndarray]  # unit -> (n_images,) absolute row in the tensor array
     row_count: dict[str, np.ndarray]  # unit -> (n_images,)
 
+    def static_names(self) -> list[str]:
+        """Names of the per-set arrays (model parameters needed to run methods from the store)."""
+        if "static" not in self.group:
+            return []
+        return sorted(k for k, _ in self.group["static"].arrays())
+
+    def static(self, name: str) -> np.ndarray:
+        """A per-set array stored at creation (e.g. ``ln_post.weight`` of CLIP)."""
+        if name not in self.static_names():
+            raise StoreError(f"feature set '{self.key}' has no static array '{name}'")
+        return np.asarray(self.group["static"][name][...])
+
     @property
     def image_sizes(self) -> np.ndarray:
         """(n_images, 2) original sizes (cached)."""
@@ -214,7 +226,9 @@ class FeatureStore:
                 raise StoreError(f"{path} is an HDF5 file but not an exported ovss store")
             return cls(root, path)  # type: ignore[arg-type]
         if "://" not in path and not Path(path, "zarr.json").exists():
-            raise StoreError(f"no ovss store at {path} (create one with 'ovss extract --store {path}')")
+            raise StoreError(
+                f"no ovss store at {path} (create one with 'ovss extract --store {path}')"
+            )
         try:
             root = zarr.open_group(path, mode=mode, zarr_format=3)
         except Exception as e:  # zarr raises several types for unreadable metadata
@@ -224,7 +238,9 @@ class FeatureStore:
         return cls(root, path)
 
     @classmethod
-    def open_or_create(cls, path: str | os.PathLike, records: Sequence[ImageRecord]) -> FeatureStore:
+    def open_or_create(
+        cls, path: str | os.PathLike, records: Sequence[ImageRecord]
+    ) -> FeatureStore:
         """Open the store at ``path`` or create it with this image table.
 
         Creation is serialised with a lock file so concurrent shard processes agree. An existing
@@ -362,6 +378,7 @@ class FeatureStore:
         dtype: str = "float16",
         target_block_mb: float = DEFAULT_BLOCK_MB,
         overwrite: bool = False,
+        static: dict[str, np.ndarray] | None = None,
     ) -> FeatureSet:
         """Create (or, with identical provenance, reopen for resuming) a feature set.
 
@@ -419,6 +436,17 @@ class FeatureStore:
                     filters=None,
                     serializer=BytesCodec(endian="little"),
                 )
+            if static:
+                st_group = g.create_group("static")
+                for name, value in static.items():
+                    value = np.ascontiguousarray(value)
+                    a = st_group.create_array(
+                        name,
+                        shape=value.shape,
+                        dtype=value.dtype,
+                        chunks=tuple(max(1, n) for n in value.shape) or None,
+                    )
+                    a[...] = value
             nb, mb = layout.n_blocks, layout.max_block_images
             g.create_array("status", shape=(nb, mb), chunks=(1, mb), dtype="uint8", fill_value=0)
             g.create_array("errors", shape=(nb, mb), chunks=(1, mb), dtype=str)
@@ -560,6 +588,18 @@ class FeatureSet:
             geo = self.group["geometry"]
             self._geometry = {k: a[...] for k, a in geo.arrays()}
         return self._geometry
+
+    def static_names(self) -> list[str]:
+        """Names of the per-set arrays (model parameters needed to run methods from the store)."""
+        if "static" not in self.group:
+            return []
+        return sorted(k for k, _ in self.group["static"].arrays())
+
+    def static(self, name: str) -> np.ndarray:
+        """A per-set array stored at creation (e.g. ``ln_post.weight`` of CLIP)."""
+        if name not in self.static_names():
+            raise StoreError(f"feature set '{self.key}' has no static array '{name}'")
+        return np.asarray(self.group["static"][name][...])
 
     @property
     def image_sizes(self) -> np.ndarray:
@@ -774,11 +814,16 @@ class FeatureSet:
                                     arr[...] = 0
                                 elif arr.size:
                                     row_bytes = int(np.prod(s.row_shape)) * sdt.itemsize
-                                    got = os.preadv(src.fileno(), [memoryview(arr).cast("B")],
-                                                    sl.start * row_bytes)
+                                    got = os.preadv(
+                                        src.fileno(),
+                                        [memoryview(arr).cast("B")],
+                                        sl.start * row_bytes,
+                                    )
                                     if got != arr.nbytes:
-                                        raise StoreError(f"chunk {b} of '{s.name}' in {self.key}"
-                                                         " is truncated; run 'ovss store verify'")
+                                        raise StoreError(
+                                            f"chunk {b} of '{s.name}' in {self.key}"
+                                            " is truncated; run 'ovss store verify'"
+                                        )
                             tensors[s.name] = self._decode(arr)
                         yield self._image_features(i, tensors)
                 finally:

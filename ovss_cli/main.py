@@ -23,8 +23,9 @@ def user_errors(fn):
         except OvssError as e:
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
-            click.echo("interrupted; finished work is kept — rerun the same command to resume",
-                       err=True)
+            click.echo(
+                "interrupted; finished work is kept — rerun the same command to resume", err=True
+            )
             sys.exit(130)
 
     return wrapper
@@ -69,19 +70,43 @@ def cli() -> None:
 
 def protocol_options(fn):
     opts = [
-        click.option("--resize", type=click.Choice(["short", "square", "long", "none"]),
-                     default="short", show_default=True,
-                     help="Resize rule: shorter side to --size (longer side capped at 2048, the "
-                          "benchmark rule), a --size square, longer side to --size, or none."),
-        click.option("--size", type=int, default=448, show_default=True,
-                     help="Target side in pixels for the resize rule."),
-        click.option("--crop", type=int, default=0, show_default=True,
-                     help="Sliding-window size in pixels (0: one window = whole resized image)."),
-        click.option("--stride", type=int, default=0, show_default=True,
-                     help="Sliding-window stride in pixels (needed with --crop)."),
-        click.option("--pad-multiple", type=int, default=0, show_default=True,
-                     help="Pad windows symmetrically to a multiple of this many pixels "
-                          "(0: the model's patch size)."),
+        click.option(
+            "--resize",
+            type=click.Choice(["short", "square", "long", "none"]),
+            default="short",
+            show_default=True,
+            help="Resize rule: shorter side to --size (longer side capped at 2048, the "
+            "benchmark rule), a --size square, longer side to --size, or none.",
+        ),
+        click.option(
+            "--size",
+            type=int,
+            default=448,
+            show_default=True,
+            help="Target side in pixels for the resize rule.",
+        ),
+        click.option(
+            "--crop",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Sliding-window size in pixels (0: one window = whole resized image).",
+        ),
+        click.option(
+            "--stride",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Sliding-window stride in pixels (needed with --crop).",
+        ),
+        click.option(
+            "--pad-multiple",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Pad windows symmetrically to a multiple of this many pixels "
+            "(0: the model's patch size).",
+        ),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -92,25 +117,40 @@ def make_protocol(resize, size, crop, stride, pad_multiple):
     from featurestore.protocol import Protocol
 
     try:
-        return Protocol(resize=resize, size=size, crop=crop, stride=stride,
-                        pad_multiple=pad_multiple)
+        return Protocol(
+            resize=resize, size=size, crop=crop, stride=stride, pad_multiple=pad_multiple
+        )
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
 
 
 def image_source_options(fn):
     opts = [
-        click.option("--images", "images_dir", type=click.Path(file_okay=False),
-                     help="A folder of images (searched recursively)."),
-        click.option("--dataset", help="A benchmark dataset name (ade20k, voc21, voc20, "
-                                       "context60, context59, coco_stuff171, coco_object, "
-                                       "cityscapes, custom)."),
-        click.option("--data-root", type=click.Path(file_okay=False),
-                     help="Where the dataset lives (see README 'Datasets')."),
-        click.option("--split", default=None, help="Dataset split (default: the benchmark's "
-                                                   "evaluation split)."),
-        click.option("--limit", type=int, default=None,
-                     help="Only the first N images (quick tries)."),
+        click.option(
+            "--images",
+            "images_dir",
+            type=click.Path(file_okay=False),
+            help="A folder of images (searched recursively).",
+        ),
+        click.option(
+            "--dataset",
+            help="A benchmark dataset name (ade20k, voc21, voc20, "
+            "context60, context59, coco_stuff171, coco_object, "
+            "cityscapes, custom).",
+        ),
+        click.option(
+            "--data-root",
+            type=click.Path(file_okay=False),
+            help="Where the dataset lives (see README 'Datasets').",
+        ),
+        click.option(
+            "--split",
+            default=None,
+            help="Dataset split (default: the benchmark's evaluation split).",
+        ),
+        click.option(
+            "--limit", type=int, default=None, help="Only the first N images (quick tries)."
+        ),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -133,54 +173,122 @@ def load_records(images_dir, dataset, data_root, split, limit):
 
 
 @cli.command()
-@click.option("--model", "-m", "models", multiple=True, required=True,
-              help="Backbone short name; repeat for several (see `ovss models`).")
+@click.option(
+    "--model",
+    "-m",
+    "models",
+    multiple=True,
+    required=True,
+    help="Backbone short name; repeat for several (see `ovss models`).",
+)
 @image_source_options
-@click.option("--store", "-s", required=True, help="Store path (created if absent, resumed if "
-                                                    "present).")
+@click.option(
+    "--store", "-s", required=True, help="Store path (created if absent, resumed if present)."
+)
 @protocol_options
-@click.option("--batch-size", type=int, default=8, show_default=True,
-              help="Windows per forward pass; higher is faster on GPU but uses more memory.")
-@click.option("--device", default="auto", show_default=True,
-              help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
-              default="auto", show_default=True,
-              help="Compute precision (auto: fp16 autocast on CUDA, fp32 on CPU).")
-@click.option("--dtype", type=click.Choice(["float16", "float32", "bfloat16"]),
-              default="float16", show_default=True, help="Storage dtype of the features.")
-@click.option("--shard", help="i/n: write only this process's part (SLURM arrays). Default: "
-                              "RANK/WORLD_SIZE under torchrun, else 0/1.")
-@click.option("--overwrite", is_flag=True, help="Replace existing feature sets of these models "
-                                                "and protocol (the store itself is kept).")
-@click.option("--weights", type=click.Path(dir_okay=False),
-              help="Checkpoint file (else $OVSS_WEIGHTS, library caches, hub when online).")
-@click.option("--random-init", is_flag=True,
-              help="Real architecture with seeded random weights (recorded in provenance).")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=8,
+    show_default=True,
+    help="Windows per forward pass; higher is faster on GPU but uses more memory.",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="Compute precision (auto: fp16 autocast on CUDA, fp32 on CPU).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "float32", "bfloat16"]),
+    default="float16",
+    show_default=True,
+    help="Storage dtype of the features.",
+)
+@click.option(
+    "--shard",
+    help="i/n: write only this process's part (SLURM arrays). Default: "
+    "RANK/WORLD_SIZE under torchrun, else 0/1.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace existing feature sets of these models and protocol (the store itself is kept).",
+)
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False),
+    help="Checkpoint file (else $OVSS_WEIGHTS, library caches, hub when online).",
+)
+@click.option(
+    "--random-init",
+    is_flag=True,
+    help="Real architecture with seeded random weights (recorded in provenance).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-init.")
 @click.option("--layers", default="", help="Extra intermediate layers to cache, e.g. '3,7'.")
-@click.option("--block-mb", type=float, default=32.0, show_default=True,
-              help="Target size of one store block (one chunk file per tensor).")
-@click.option("--workers", type=int, default=2, show_default=True,
-              help="Image decoding threads.")
-@click.option("--arch-override", "arch_override", multiple=True, metavar="KEY=INT",
-              help="Reduced configuration of the same architecture, e.g. depth=2 "
-                   "embed_dim=64 num_heads=2 (tests and demos; recorded in provenance).")
-@click.option("--dry-run", is_flag=True, help="Show images, windows, tokens and bytes; write "
-                                              "nothing.")
+@click.option(
+    "--block-mb",
+    type=float,
+    default=32.0,
+    show_default=True,
+    help="Target size of one store block (one chunk file per tensor).",
+)
+@click.option("--workers", type=int, default=2, show_default=True, help="Image decoding threads.")
+@click.option(
+    "--arch-override",
+    "arch_override",
+    multiple=True,
+    metavar="KEY=INT",
+    help="Reduced configuration of the same architecture, e.g. depth=2 "
+    "embed_dim=64 num_heads=2 (tests and demos; recorded in provenance).",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Show images, windows, tokens and bytes; write nothing."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
-def extract(models, images_dir, dataset, data_root, split, limit, store, resize, size, crop,
-            stride, pad_multiple, batch_size, device, precision, dtype, shard, overwrite, weights,
-            random_init, seed, layers, block_mb, workers, arch_override, dry_run, as_json, quiet):
+def extract(
+    models,
+    images_dir,
+    dataset,
+    data_root,
+    split,
+    limit,
+    store,
+    resize,
+    size,
+    crop,
+    stride,
+    pad_multiple,
+    batch_size,
+    device,
+    precision,
+    dtype,
+    shard,
+    overwrite,
+    weights,
+    random_init,
+    seed,
+    layers,
+    block_mb,
+    workers,
+    arch_override,
+    dry_run,
+    as_json,
+    quiet,
+):
     """Run backbones over images and write their dense features into a store.
 
     Resumes by default: finished blocks of images are never recomputed. Concurrent processes
     with --shard i/n write disjoint blocks of the same store.
     """
-    from featurestore.extract import ExtractConfig
+    from featurestore.extract import ExtractConfig, plan
     from featurestore.extract import extract as run_extract
-    from featurestore.extract import plan
 
     records = load_records(images_dir, dataset, data_root, split, limit)
     try:
@@ -188,10 +296,21 @@ def extract(models, images_dir, dataset, data_root, split, limit, store, resize,
     except ValueError:
         raise click.BadParameter("--layers takes comma-separated integers") from None
     cfg = ExtractConfig(
-        models=list(models), protocol=make_protocol(resize, size, crop, stride, pad_multiple),
-        store=store, batch_size=batch_size, device=device, precision=precision, dtype=dtype,
-        shard=parse_shard(shard), overwrite=overwrite, weights=weights, random_init=random_init,
-        seed=seed, layers=layer_ids, block_mb=block_mb, workers=workers,
+        models=list(models),
+        protocol=make_protocol(resize, size, crop, stride, pad_multiple),
+        store=store,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        dtype=dtype,
+        shard=parse_shard(shard),
+        overwrite=overwrite,
+        weights=weights,
+        random_init=random_init,
+        seed=seed,
+        layers=layer_ids,
+        block_mb=block_mb,
+        workers=workers,
         arch_overrides=parse_overrides(arch_override),
     )
     if dry_run:
@@ -268,8 +387,14 @@ def store_verify(store_path, no_values, as_json):
 @store.command("export")
 @click.argument("store_path", metavar="STORE")
 @click.argument("out", metavar="OUT")
-@click.option("--format", "fmt", type=click.Choice(["hdf5"]), default="hdf5", show_default=True,
-              help="Output format (HDF5 layout: see README).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["hdf5"]),
+    default="hdf5",
+    show_default=True,
+    help="Output format (HDF5 layout: see README).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def store_export(store_path, out, fmt, as_json):
@@ -286,11 +411,19 @@ def store_export(store_path, out, fmt, as_json):
 
 
 @cli.command()
-@click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False),
-              help="Where the demo writes its dataset, store and outputs.")
+@click.option(
+    "--out",
+    default="demo_out",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the demo writes its dataset, store and outputs.",
+)
 @click.option("--model", default="dinov2-s14", show_default=True, help="DINO backbone.")
-@click.option("--weights", type=click.Path(dir_okay=False),
-              help="Real checkpoint for --model (default: random init, real architecture).")
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False),
+    help="Real checkpoint for --model (default: random init, real architecture).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data and weights.")
 @click.option("--n-train", type=int, default=24, show_default=True, help="Training collages.")
 @click.option("--n-val", type=int, default=8, show_default=True, help="Validation collages.")
@@ -306,8 +439,9 @@ def demo(out, model, weights, seed, n_train, n_val, as_json, quiet):
     from featurestore.demo import run_demo
 
     with render.progress(quiet) as cb:
-        result = run_demo(out, model=model, weights=weights, seed=seed, n_train=n_train,
-                          n_val=n_val, progress=cb)
+        result = run_demo(
+            out, model=model, weights=weights, seed=seed, n_train=n_train, n_val=n_val, progress=cb
+        )
     render.demo(result, as_json)
 
 
@@ -327,5 +461,3 @@ def main() -> None:  # pragma: no cover
 
 if __name__ == "__main__":  # pragma: no cover
     main()
-
-

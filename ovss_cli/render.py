@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from dataclasses import asdict, is_dataclass
 
 import click
@@ -19,7 +20,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-out = Console(soft_wrap=True)
+# Tables are wide: outside a terminal (pipes, CI logs) rich would wrap them at 80 columns.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 
@@ -91,8 +93,15 @@ def plan(rows, as_json: bool) -> None:
     for c in ("feature set", "images", "unreadable", "windows", "tokens", "blocks", "size"):
         t.add_column(c, justify="right" if c != "feature set" else "left")
     for r in rows:
-        t.add_row(r.feature_set, str(r.images), str(r.unreadable), str(r.windows), str(r.tokens),
-                  str(r.blocks), human_bytes(r.bytes))
+        t.add_row(
+            r.feature_set,
+            str(r.images),
+            str(r.unreadable),
+            str(r.windows),
+            str(r.tokens),
+            str(r.blocks),
+            human_bytes(r.bytes),
+        )
     out.print(t)
 
 
@@ -104,8 +113,14 @@ def extract_report(rep, as_json: bool) -> None:
     for c in ("feature set", "images", "already done", "extracted", "failed", "img/s"):
         t.add_column(c, justify="right" if c != "feature set" else "left")
     for m in rep.models:
-        t.add_row(m.feature_set, str(m.images_total), str(m.images_done_before),
-                  str(m.images_extracted), str(m.images_failed), f"{m.images_per_s:.2f}")
+        t.add_row(
+            m.feature_set,
+            str(m.images_total),
+            str(m.images_done_before),
+            str(m.images_extracted),
+            str(m.images_failed),
+            f"{m.images_per_s:.2f}",
+        )
     out.print(t)
     for m in rep.models:
         for image_id, msg in m.failures.items():
@@ -128,21 +143,42 @@ def store_info(info: dict, as_json: bool) -> None:
     if as_json:
         _json(info)
         return
-    out.print(f"[bold]{info['store']}[/]: {info['images']} images "
-              f"({', '.join(info['sources']) or 'no source'}), "
-              f"{human_bytes(info['disk_bytes'])} on disk")
+    out.print(
+        f"[bold]{info['store']}[/]: {info['images']} images "
+        f"({', '.join(info['sources']) or 'no source'}), "
+        f"{human_bytes(info['disk_bytes'])} on disk"
+    )
     t = Table(title="feature sets")
-    for c in ("feature set", "weights", "dtype", "tensors", "done", "pending", "failed",
-              "windows", "tokens", "size"):
+    for c in (
+        "feature set",
+        "weights",
+        "dtype",
+        "tensors",
+        "done",
+        "pending",
+        "failed",
+        "windows",
+        "tokens",
+        "size",
+    ):
         t.add_column(c)
     for s in info["feature_sets"]:
         tensors = ", ".join(
             f"{x['name']}[{x['unit']}]{tuple(x['row_shape'])}" for x in s["tensors"]
         )
         w = s["weights"] or "-"
-        t.add_row(s["key"], w if len(w) < 28 else w[:27] + "…", s["dtype"], tensors,
-                  str(s["images_done"]), str(s["images_pending"]), str(s["images_failed"]),
-                  str(s["windows"]), str(s["tokens"]), human_bytes(s["bytes"]))
+        t.add_row(
+            s["key"],
+            w if len(w) < 28 else w[:27] + "…",
+            s["dtype"],
+            tensors,
+            str(s["images_done"]),
+            str(s["images_pending"]),
+            str(s["images_failed"]),
+            str(s["windows"]),
+            str(s["tokens"]),
+            human_bytes(s["bytes"]),
+        )
     out.print(t)
 
 
@@ -155,8 +191,10 @@ def verify(rep, as_json: bool) -> None:
     for p in rep.problems:
         out.print(f"[red]problem[/]: {p}")
     status = "[green]OK[/]" if rep.ok else f"[red]{len(rep.problems)} problem(s)[/]"
-    out.print(f"{rep.store}: {status} ({rep.checked_sets} feature sets, "
-              f"{rep.checked_blocks} blocks checked)")
+    out.print(
+        f"{rep.store}: {status} ({rep.checked_sets} feature sets, "
+        f"{rep.checked_blocks} blocks checked)"
+    )
 
 
 def kv(title: str, d: dict, as_json: bool) -> None:
@@ -175,15 +213,18 @@ def demo(result: dict, as_json: bool) -> None:
     if as_json:
         _json(result)
         return
-    out.print(f"[bold]ovss demo[/]: {result['dataset']['n_train']} train + "
-              f"{result['dataset']['n_val']} val collages of {len(result['dataset']['classes'])} "
-              f"classes in {result['dataset']['root']}")
+    out.print(
+        f"[bold]ovss demo[/]: {result['dataset']['n_train']} train + "
+        f"{result['dataset']['n_val']} val collages of {len(result['dataset']['classes'])} "
+        f"classes in {result['dataset']['root']}"
+    )
     out.print(f"backbone {result['model']} ({result['weights']})")
     store_info(result["store_info"], False)
     for stage, secs in result["timings"].items():
         out.print(f"  {stage}: {secs:.1f} s")
     if result.get("note"):
         out.print(result["note"])
+    out.print(f"outputs in {result['out']}")
 
 
 def doctor(rep: dict, as_json: bool) -> None:

@@ -12,8 +12,15 @@ from PIL import Image
 
 from ovss_cli.main import cli
 
-TINY_ARGS = ["--random-init", "--arch-override", "depth=2", "--arch-override", "embed_dim=64",
-             "--arch-override", "num_heads=2"]
+TINY_ARGS = [
+    "--random-init",
+    "--arch-override",
+    "depth=2",
+    "--arch-override",
+    "embed_dim=64",
+    "--arch-override",
+    "num_heads=2",
+]
 
 
 def all_commands(group=cli, prefix=()):
@@ -23,8 +30,9 @@ def all_commands(group=cli, prefix=()):
             yield from all_commands(cmd, (*prefix, name))
 
 
-@pytest.mark.parametrize("path,cmd", list(all_commands()), ids=lambda x: " ".join(x)
-                         if isinstance(x, tuple) else "")
+@pytest.mark.parametrize(
+    "path,cmd", list(all_commands()), ids=lambda x: " ".join(x) if isinstance(x, tuple) else ""
+)
 def test_every_command_and_option_documented(path, cmd):
     res = CliRunner().invoke(cli, [*path, "--help"])
     assert res.exit_code == 0, res.output
@@ -47,15 +55,28 @@ def images(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(4):
         Image.fromarray(rng.integers(0, 255, (40 + 7 * i, 50, 3), dtype=np.uint8)).save(
-            root / f"a{i}.png")
+            root / f"a{i}.png"
+        )
     return root
 
 
 def test_extract_info_verify_export_ls(tmp_path, images):
     r = CliRunner()
     store = str(tmp_path / "s.zarr")
-    args = ["extract", "-m", "dinov2-s14", "--images", str(images), "--store", store,
-            "--size", "42", "-q", "--json", *TINY_ARGS]
+    args = [
+        "extract",
+        "-m",
+        "dinov2-s14",
+        "--images",
+        str(images),
+        "--store",
+        store,
+        "--size",
+        "42",
+        "-q",
+        "--json",
+        *TINY_ARGS,
+    ]
     res = r.invoke(cli, args)
     assert res.exit_code == 0, res.output
     rep = json.loads(res.output)
@@ -68,7 +89,11 @@ def test_extract_info_verify_export_ls(tmp_path, images):
     res = r.invoke(cli, ["store", "ls", store])
     assert res.output.split() == ["dinov2-s14@short42"]
     assert r.invoke(cli, ["store", "ls", store, "--images"]).output.split() == [
-        "a0", "a1", "a2", "a3"]
+        "a0",
+        "a1",
+        "a2",
+        "a3",
+    ]
     res = r.invoke(cli, ["store", "verify", store])
     assert res.exit_code == 0 and "OK" in res.output
     h5 = str(tmp_path / "x.h5")
@@ -77,8 +102,21 @@ def test_extract_info_verify_export_ls(tmp_path, images):
     res = r.invoke(cli, ["store", "info", h5, "--json"])
     assert json.loads(res.output)["feature_sets"][0]["images_done"] == 4
     # dry run writes nothing
-    res = r.invoke(cli, ["extract", "-m", "dinov2-s14", "--images", str(images), "--store",
-                         str(tmp_path / "d.zarr"), "--dry-run", "--json", *TINY_ARGS])
+    res = r.invoke(
+        cli,
+        [
+            "extract",
+            "-m",
+            "dinov2-s14",
+            "--images",
+            str(images),
+            "--store",
+            str(tmp_path / "d.zarr"),
+            "--dry-run",
+            "--json",
+            *TINY_ARGS,
+        ],
+    )
     assert res.exit_code == 0 and json.loads(res.output)[0]["images"] == 4
     assert not (tmp_path / "d.zarr").exists()
 
@@ -86,8 +124,22 @@ def test_extract_info_verify_export_ls(tmp_path, images):
 def test_verify_exit_code_on_corruption(tmp_path, images):
     r = CliRunner()
     store = tmp_path / "s.zarr"
-    r.invoke(cli, ["extract", "-m", "dinov2-s14", "--images", str(images), "--store",
-                   str(store), "--size", "42", "-q", *TINY_ARGS])
+    r.invoke(
+        cli,
+        [
+            "extract",
+            "-m",
+            "dinov2-s14",
+            "--images",
+            str(images),
+            "--store",
+            str(store),
+            "--size",
+            "42",
+            "-q",
+            *TINY_ARGS,
+        ],
+    )
     chunk = store / "features" / "dinov2-s14@short42" / "patch" / "c" / "0" / "0"
     chunk.write_bytes(chunk.read_bytes()[:100])
     res = r.invoke(cli, ["store", "verify", str(store)])
@@ -98,19 +150,61 @@ def test_verify_exit_code_on_corruption(tmp_path, images):
     "args,message",
     [
         (["extract", "-m", "dinov2-s14", "--store", "x"], "exactly one of --images"),
-        (["extract", "-m", "nope", "--images", "{images}", "--store", "{tmp}/s"],
-         "not a known model"),
-        (["extract", "-m", "dinov2-s14", "--images", "{tmp}/missing", "--store", "{tmp}/s"],
-         "missing"),
-        (["extract", "-m", "dinov2-s14", "--images", "{images}", "--store", "{tmp}/s",
-          "--shard", "3/2"], "0 <= i < n"),
-        (["extract", "-m", "dinov2-s14", "--images", "{images}", "--store", "{tmp}/s",
-          "--crop", "10"], "stride"),
-        (["extract", "-m", "dinov2-s14", "--images", "{images}", "--store", "{tmp}/s",
-          "--device", "cuda"], "CUDA"),
+        (
+            ["extract", "-m", "nope", "--images", "{images}", "--store", "{tmp}/s"],
+            "not a known model",
+        ),
+        (
+            ["extract", "-m", "dinov2-s14", "--images", "{tmp}/missing", "--store", "{tmp}/s"],
+            "missing",
+        ),
+        (
+            [
+                "extract",
+                "-m",
+                "dinov2-s14",
+                "--images",
+                "{images}",
+                "--store",
+                "{tmp}/s",
+                "--shard",
+                "3/2",
+            ],
+            "0 <= i < n",
+        ),
+        (
+            [
+                "extract",
+                "-m",
+                "dinov2-s14",
+                "--images",
+                "{images}",
+                "--store",
+                "{tmp}/s",
+                "--crop",
+                "10",
+            ],
+            "stride",
+        ),
+        (
+            [
+                "extract",
+                "-m",
+                "dinov2-s14",
+                "--images",
+                "{images}",
+                "--store",
+                "{tmp}/s",
+                "--device",
+                "cuda",
+            ],
+            "CUDA",
+        ),
         (["store", "info", "{tmp}/nothing"], "no ovss store"),
-        (["extract", "-m", "dinov2-s14", "--images", "{images}", "--store", "{tmp}/s"],
-         "--random-init"),
+        (
+            ["extract", "-m", "dinov2-s14", "--images", "{images}", "--store", "{tmp}/s"],
+            "--random-init",
+        ),
     ],
 )
 def test_user_errors_are_one_line(tmp_path, images, args, message, monkeypatch):
@@ -127,8 +221,10 @@ def test_user_errors_are_one_line(tmp_path, images, args, message, monkeypatch):
 
 
 def test_demo_small(tmp_path):
-    res = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "d"), "--n-train", "3",
-                                   "--n-val", "2", "-q", "--json"])
+    res = CliRunner().invoke(
+        cli,
+        ["demo", "--out", str(tmp_path / "d"), "--n-train", "3", "--n-val", "2", "-q", "--json"],
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
     assert out["store_info"]["feature_sets"][0]["images_done"] == 5

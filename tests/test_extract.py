@@ -31,13 +31,23 @@ def write_images(root, n=6, seed=0):
     root.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         h, w = int(rng.integers(30, 90)), int(rng.integers(30, 90))
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"im{i:02d}.png")
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+            root / f"im{i:02d}.png"
+        )
     return root
 
 
 def cfg(store, **kw):
-    base = dict(models=["dinov2-s14"], protocol=PROTO, store=str(store), random_init=True,
-                arch_overrides=TINY, batch_size=3, block_mb=0.01, workers=2)
+    base = dict(
+        models=["dinov2-s14"],
+        protocol=PROTO,
+        store=str(store),
+        random_init=True,
+        arch_overrides=TINY,
+        batch_size=3,
+        block_mb=0.01,
+        workers=2,
+    )
     base.update(kw)
     return ExtractConfig(**base)
 
@@ -51,6 +61,7 @@ def test_features_equal_direct_forward(tmp_path):
     for i, r in enumerate(recs):
         img = load_image_rgb(r.path)
         geo = image_geometry(PROTO, *img.shape[:2], 14)
+        assert geo == bb.geometry(PROTO, *img.shape[:2])
         wins = preprocess(img, geo, bb.info.mean, bb.info.std)
         with torch.inference_mode():
             want = [bb.forward_dense(w[None]) for w in wins]
@@ -103,8 +114,10 @@ def test_bad_images_skipped_and_reported(tmp_path):
 
 def test_errors_are_clear(tmp_path):
     with pytest.raises(OvssError, match="not a known model"):
-        extract(list_folder_images(write_images(tmp_path / "i", 1)),
-                cfg(tmp_path / "s.zarr", models=["nope"]))
+        extract(
+            list_folder_images(write_images(tmp_path / "i", 1)),
+            cfg(tmp_path / "s.zarr", models=["nope"]),
+        )
     with pytest.raises(OvssError, match="shard"):
         extract(list_folder_images(tmp_path / "i"), cfg(tmp_path / "s.zarr", shard=(2, 2)))
 
@@ -137,8 +150,13 @@ RUNNER = textwrap.dedent(
 
 def run_py(args, **kw):
     env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-c", RUNNER, *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-c", RUNNER, *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def read_all(store):

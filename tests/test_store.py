@@ -8,11 +8,10 @@ from PIL import Image
 
 from featurestore.backbones.base import TensorSpec
 from featurestore.errors import ProvenanceMismatchError, StoreError
-from featurestore.extract import geometries_for
 from featurestore.hdf5 import export_hdf5
 from featurestore.images import ImageRecord
 from featurestore.inspect import store_info, verify_store
-from featurestore.protocol import Protocol
+from featurestore.protocol import Protocol, image_geometry
 from featurestore.store import STATUS_OK, FeatureStore, plan_layout
 
 D = 8
@@ -24,6 +23,10 @@ SPECS = [
 SIZES = [(40, 60), (64, 30), (20, 20), (90, 45), (33, 77)]
 PROTOCOL = Protocol(resize="short", size=32, crop=28, stride=14)
 INFO = {"name": "fake", "weights": "random-init:0", "extra": {}}
+
+
+def geometries_for(sizes, protocol, patch):
+    return [image_geometry(protocol, h, w, patch) for h, w in np.asarray(sizes).tolist()]
 
 
 def make_records(tmp_path, sizes=SIZES):
@@ -41,8 +44,9 @@ def fill_store(tmp_path, dtype="float16", block_mb=0.0005):
     store = FeatureStore.open_or_create(tmp_path / "s.zarr", recs)
     sizes = store.root["images/size"][...]
     geos = geometries_for(sizes, PROTOCOL, 7)
-    fs = store.create_feature_set("fake", PROTOCOL, INFO, SPECS, geos, dtype=dtype,
-                                  target_block_mb=block_mb)
+    fs = store.create_feature_set(
+        "fake", PROTOCOL, INFO, SPECS, geos, dtype=dtype, target_block_mb=block_mb
+    )
     rng = np.random.default_rng(0)
     truth = {}
     for b in range(fs.n_blocks):
@@ -117,8 +121,11 @@ def test_require_and_provenance_mismatch(tmp_path):
     with pytest.raises(ProvenanceMismatchError, match="--overwrite"):
         store.create_feature_set("fake", PROTOCOL, other, SPECS, geos)
     # same provenance reopens (resume), overwrite replaces only that set
-    assert store.create_feature_set("fake", PROTOCOL, INFO, SPECS, geos,
-                                    target_block_mb=0.0005).done_blocks().all()
+    assert (
+        store.create_feature_set("fake", PROTOCOL, INFO, SPECS, geos, target_block_mb=0.0005)
+        .done_blocks()
+        .all()
+    )
     fresh = store.create_feature_set("fake", PROTOCOL, other, SPECS, geos, overwrite=True)
     assert not fresh.done_blocks().any()
     assert store.n_images == len(SIZES)

@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+
+from featurestore.protocol import ImageGeometry, Protocol, image_geometry, preprocess_windows
 
 # Row units: how many rows a tensor has per image in the store.
 #   "token":  one row per patch token of every window (sum over windows of gh * gw)
@@ -67,16 +70,35 @@ class Backbone(torch.nn.Module):
     def tensor_specs(self) -> list[TensorSpec]:
         raise NotImplementedError
 
-    def forward_dense(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def static_tensors(self) -> dict[str, np.ndarray]:
+        """Arrays stored once per feature set (e.g. CLIP's last-block weights, SAM's
+        relative-position tables), so methods can run from the store alone. Default: none."""
+        return {}
+
+    def geometry(self, protocol: Protocol, height: int, width: int) -> ImageGeometry:
+        """Windows, padding and token grids of one image (default: the protocol's rule with
+        symmetric padding to the patch size, see ``featurestore.protocol``)."""
+        return image_geometry(protocol, height, width, self.info.patch_size)
+
+    def preprocess(self, image: np.ndarray, geometry: ImageGeometry) -> list[torch.Tensor]:
+        """``(H, W, 3)`` uint8 image -> one normalised ``(3, h, w)`` float tensor per window."""
+        return preprocess_windows(image, geometry, self.info.mean, self.info.std)
+
+    def forward_dense(
+        self, x: torch.Tensor, grids: list[tuple[int, int]] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Run the model on normalised windows.
 
         Args:
-            x: ``(B, 3, H, W)`` float tensor, normalised with ``info.mean``/``info.std``;
-               H and W are multiples of ``info.patch_size``.
+            x: ``(B, 3, H, W)`` float tensor from ``preprocess`` (all windows of a batch share
+               one shape).
+            grids: per window, its valid token grid ``(gh, gw)`` from the geometry; backbones
+               whose input is padded beyond the valid region (SAM) use it, others ignore it.
 
         Returns:
-            A dict with one entry per ``TensorSpec``: ``token`` tensors as ``(B, gh*gw, *row)``
-            in row-major patch order, ``window`` tensors as ``(B, *row)``.
+            A dict with one entry per ``TensorSpec``: ``token`` tensors as ``(B, N, *row)``
+            whose first ``gh*gw`` rows of sample k are its tokens in row-major patch order,
+            ``window`` tensors as ``(B, *row)``.
         """
         raise NotImplementedError
 
@@ -118,7 +140,9 @@ def create_backbone(name: str, **kwargs) -> Backbone:
 
     _import_families()
     if name not in _REGISTRY:
-        raise OvssError(f"'{name}' is not a known model; choose from {', '.join(sorted(_REGISTRY))}")
+        raise OvssError(
+            f"'{name}' is not a known model; choose from {', '.join(sorted(_REGISTRY))}"
+        )
     return _REGISTRY[name](**kwargs)
 
 

@@ -120,7 +120,9 @@ class DinoBackbone(Backbone):
             )
         return specs
 
-    def forward_dense(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward_dense(
+        self, x: torch.Tensor, grids: list[tuple[int, int]] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Run the ViT on ``(B, 3, H, W)`` windows; H, W multiples of the patch size.
 
         Returns the dict described in the class docstring; all tensors are contiguous, have the
