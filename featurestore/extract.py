@@ -307,11 +307,11 @@ def _extract_model(
             buffers = fs.new_block_buffers(b)
             status = np.full(len(images), STATUS_OK, dtype=np.uint8)
             errors = [""] * len(images)
-            for j, (i, _windows, err) in enumerate(images):
-                if err:
+            for j, d in enumerate(images):
+                if d.error:
                     status[j] = STATUS_FAILED
-                    errors[j] = err
-                    failures[records[i].image_id] = err
+                    errors[j] = d.error
+                    failures[records[d.index].image_id] = d.error
 
             def image_done() -> None:
                 nonlocal n_done
@@ -337,6 +337,16 @@ def _extract_model(
     )
 
 
+@dataclass
+class DecodedImage:
+    """One decoded image: its windows (and whole-image input), or why it failed."""
+
+    index: int
+    windows: list[torch.Tensor] = field(default_factory=list)
+    image_input: torch.Tensor | None = None
+    error: str = ""
+
+
 def _decoded_blocks(
     fs: FeatureSet,
     records: Sequence[ImageRecord],
@@ -344,28 +354,28 @@ def _decoded_blocks(
     blocks: Sequence[int],
     backbone: Backbone,
     workers: int,
-) -> Iterator[tuple[int, list[tuple[int, list[torch.Tensor], str]]]]:
-    """Yield ``(block, [(image index, windows, error), ...])`` with decoding done ahead in
-    background threads (bounded look-ahead)."""
+) -> Iterator[tuple[int, list[DecodedImage]]]:
+    """Yield ``(block, [DecodedImage, ...])`` with decoding done ahead in background threads
+    (bounded look-ahead)."""
 
-    def load(i: int) -> tuple[int, list[torch.Tensor], str]:
+    wants_image = any(s.unit == "image" for s in backbone.tensor_specs())
+
+    def load(i: int) -> DecodedImage:
         g = geos[i]
         if not g.n_windows:
-            return i, [], f"cannot read image {records[i].path}"
+            return DecodedImage(i, error=f"cannot read image {records[i].path}")
         try:
             img = load_image_rgb(records[i].path)
         except ImageReadError as e:
-            return i, [], str(e)
+            return DecodedImage(i, error=str(e))
         if img.shape[:2] != g.original:
-            return (
+            return DecodedImage(
                 i,
-                [],
-                (
-                    f"image {records[i].path} is {img.shape[0]}x{img.shape[1]} but was "
-                    f"{g.original[0]}x{g.original[1]} when the store was created"
-                ),
+                error=f"image {records[i].path} is {img.shape[0]}x{img.shape[1]} but was "
+                f"{g.original[0]}x{g.original[1]} when the store was created",
             )
-        return i, backbone.preprocess(img, g), ""
+        whole = backbone.preprocess_image(img, g) if wants_image else None
+        return DecodedImage(i, backbone.preprocess(img, g), whole)
 
     order = [(b, i) for b in blocks for i in fs.block_images(b)]
     lookahead = max(4, 2 * workers)
@@ -397,7 +407,7 @@ def _run_block(
     fs: FeatureSet,
     backbone: Backbone,
     specs: list[TensorSpec],
-    images: list[tuple[int, list[torch.Tensor], str]],
+    images: list[DecodedImage],
     buffers: dict[str, np.ndarray],
     cfg: ExtractConfig,
     device: torch.device,
@@ -410,7 +420,9 @@ def _run_block(
     per failed image), to drive progress.
     """
     pending: list[tuple[int, int, int, torch.Tensor]] = []  # image, window, token offset, x
-    n_windows = {i: len(windows) for i, windows, _ in images}
+    n_windows = {d.index: len(d.windows) for d in images}
+    window_specs = [s for s in specs if s.unit != "image"]
+    image_specs = [s for s in specs if s.unit == "image"]
 
     def flush() -> None:
         if not pending:
@@ -419,28 +431,33 @@ def _run_block(
         grids = [geos[i].windows[w].grid for i, w, _, _ in pending]
         with torch.inference_mode(), _autocast(device, cfg.precision):
             out = backbone.forward_dense(x, grids)
-        for s in specs:
+        for s in window_specs:
             arr = fs.encode(out[s.name])
             for k, (i, w, tok_off, _) in enumerate(pending):
                 if s.unit == "token":
                     gh, gw = grids[k]
                     base = fs.local_rows("token", i).start + tok_off
                     buffers[s.name][base : base + gh * gw] = arr[k][: gh * gw]
-                elif s.unit == "window":
+                else:
                     buffers[s.name][fs.local_rows("window", i).start + w] = arr[k]
-                else:  # image-level tensors come from single-window images only
-                    buffers[s.name][fs.local_rows("image", i).start] = arr[k]
         if image_done:
             for i, w, _, _ in pending:
                 if w == n_windows[i] - 1:
                     image_done()
         pending.clear()
 
-    for i, windows, err in images:
-        if err:
+    for d in images:
+        i, windows = d.index, d.windows
+        if d.error:
             if image_done:
                 image_done()
             continue
+        if image_specs:
+            x = d.image_input[None].to(device)
+            with torch.inference_mode(), _autocast(device, cfg.precision):
+                out = backbone.forward_image(x)
+            for s in image_specs:
+                buffers[s.name][fs.local_rows("image", i).start] = fs.encode(out[s.name])[0]
         tok_off = 0
         for w, x in enumerate(windows):
             if pending and (len(pending) >= cfg.batch_size or pending[0][3].shape != x.shape):

@@ -270,7 +270,7 @@ class IoUAccumulator:
 
 
 def _clip_to_overflow(x: np.ndarray, num_classes: int) -> np.ndarray:
-    """``int64`` copy of ``x`` with every id outside ``[0, num_classes-1]`` set to ``num_classes``."""
+    """``x`` as ``int64`` with every id outside ``[0, num_classes-1]`` set to ``num_classes``."""
     x = x.astype(np.int64, copy=False)
     lo, hi = x.min(), x.max()
     if lo >= 0 and hi < num_classes:

@@ -455,6 +455,10 @@ def doctor(store_path, as_json):
     render.doctor(doctor_report(store_path), as_json)
 
 
+# Commands defined in their own modules (one line each).
+# -- command registry (keep one import + add_command per line pair) --
+
+
 def main() -> None:  # pragma: no cover
     cli()
 

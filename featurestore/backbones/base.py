@@ -84,6 +84,15 @@ class Backbone(torch.nn.Module):
         """``(H, W, 3)`` uint8 image -> one normalised ``(3, h, w)`` float tensor per window."""
         return preprocess_windows(image, geometry, self.info.mean, self.info.std)
 
+    def preprocess_image(self, image: np.ndarray, geometry: ImageGeometry) -> torch.Tensor | None:
+        """Input ``(3, h, w)`` for the ``image``-unit tensors (one per image, e.g. CLIP's
+        whole-image embedding), or None. Only called when a spec has unit ``image``."""
+        return None
+
+    def forward_image(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``(B, 3, h, w)`` whole-image inputs -> ``image``-unit tensors ``(B, *row)``."""
+        raise NotImplementedError(f"{type(self).__name__} declares no image-level tensors")
+
     def forward_dense(
         self, x: torch.Tensor, grids: list[tuple[int, int]] | None = None
     ) -> dict[str, torch.Tensor]:
@@ -98,7 +107,7 @@ class Backbone(torch.nn.Module):
         Returns:
             A dict with one entry per ``TensorSpec``: ``token`` tensors as ``(B, N, *row)``
             whose first ``gh*gw`` rows of sample k are its tokens in row-major patch order,
-            ``window`` tensors as ``(B, *row)``.
+            ``window`` tensors as ``(B, *row)``. ``image`` tensors come from ``forward_image``.
         """
         raise NotImplementedError
 
