@@ -1,0 +1,214 @@
+"""The segmenter contract: one registry of methods, each a typed config + declared features.
+
+A method turns one image's cached tensors into *cosine logits* ``(Q, H, W)`` over the queries
+of a vocabulary, on the resized-image canvas of its protocol (sliding windows already merged).
+The shared driver (``methods.segment``) then resizes to the original size and applies the
+SCLIP-lineage scoring of METHODS.md §0.2. Adding a method = one module with a ``Segmenter``
+subclass and ``@register_method``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from featurestore.errors import OvssError
+from featurestore.protocol import Protocol
+from featurestore.store import FeatureSet, FeatureStore
+
+
+@dataclass(frozen=True)
+class FeatureRequirement:
+    """A feature set a method reads: model, protocol, tensors, and the role it plays."""
+
+    role: str  # e.g. "clip", "vfm", "sam", "dense"
+    model: str
+    protocol: Protocol
+    tensors: tuple[str, ...]
+
+
+@dataclass
+class ScoringConfig:
+    """§0.2 post-processing, shared by every method (recorded in every result).
+
+    Attributes:
+        logit_scale: softmax temperature applied to cosine logits (40 in every reference repo).
+        prob_thd: pixels whose best class probability is below it become class 0 (only for
+            datasets with a background class).
+        area_thd: SCLIP's VOC21 area rule (None: off).
+    """
+
+    logit_scale: float = 40.0
+    prob_thd: float = 0.0
+    area_thd: float | None = None
+
+
+@dataclass
+class Vocab:
+    """Query embeddings of a vocabulary: ``embeddings`` (Q, E) unit norm, ``query_to_class``."""
+
+    class_names: list[list[str]]
+    embeddings: torch.Tensor
+    query_to_class: torch.Tensor
+    source: str = ""
+    templates: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+class Segmenter:
+    """Base class. Subclasses define ``name``, ``Config`` (a dataclass), ``requirements`` and
+    ``cosine_logits``; ``presets`` gives per-dataset overrides of the config."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = object
+    doc: ClassVar[str] = ""
+
+    def __init__(self, store: FeatureStore, config: Any, device: str | torch.device = "cpu"):
+        self.store = store
+        self.config = config
+        self.device = torch.device(device)
+        self.sets: dict[str, FeatureSet] = {
+            r.role: store.require(r.model, r.protocol, tensors=r.tensors)
+            for r in self.requirements(config)
+        }
+
+    @classmethod
+    def requirements(cls, config: Any) -> list[FeatureRequirement]:
+        raise NotImplementedError
+
+    @classmethod
+    def presets(cls, dataset: str) -> dict[str, Any]:
+        """Per-dataset config overrides (EVAL.md §4.2/§4.4). Default: none."""
+        return {}
+
+    def cosine_logits(self, index: int, vocab: Vocab) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Cosine logits ``(Q, H, W)`` of image ``index`` and the size ``(H, W)`` they live on
+        (the resized canvas); the driver resizes them to the original image size."""
+        raise NotImplementedError
+
+
+_METHODS: dict[str, type[Segmenter]] = {}
+
+
+def register_method(cls: type[Segmenter]) -> type[Segmenter]:
+    if not cls.name or cls.name in _METHODS:
+        raise ValueError(f"method name {cls.name!r} empty or registered twice")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def _import_methods() -> None:
+    from methods import prototype_method  # noqa: F401
+
+
+def list_methods() -> list[str]:
+    _import_methods()
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> type[Segmenter]:
+    _import_methods()
+    if name not in _METHODS:
+        raise OvssError(
+            f"'{name}' is not a known method; choose from {', '.join(sorted(_METHODS))}"
+        )
+    return _METHODS[name]
+
+
+def build_config(
+    cls: type[Segmenter], dataset: str | None = None, overrides: dict[str, Any] | None = None
+) -> Any:
+    """The method's config: defaults, then the dataset preset, then user overrides (validated:
+    an unknown key is an error naming the valid ones)."""
+    values: dict[str, Any] = {}
+    if dataset:
+        values.update(cls.presets(dataset))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    names = {f.name: f for f in dataclasses.fields(cls.Config)}
+    bad = [k for k in values if k not in names]
+    if bad:
+        raise OvssError(
+            f"method {cls.name} has no option {', '.join(bad)}; options: {', '.join(names)}"
+        )
+    return cls.Config(**values)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    def conv(v):
+        if isinstance(v, Protocol):
+            return v.to_dict()
+        if dataclasses.is_dataclass(v):
+            return {k: conv(x) for k, x in dataclasses.asdict(v).items()}
+        if isinstance(v, tuple):
+            return list(v)
+        return v
+
+    return {f.name: conv(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def parse_option_value(text: str) -> Any:
+    """``--set key=value`` values: int, float, bool (true/false/on/off), none, or string."""
+    low = text.lower()
+    if low in ("true", "on", "yes"):
+        return True
+    if low in ("false", "off", "no"):
+        return False
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+# Helpers shared by window-based methods ---------------------------------------------------
+
+
+def l2n(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=dim)
+
+
+def window_cosines(window_feats: list[torch.Tensor], text: torch.Tensor) -> list[torch.Tensor]:
+    """Per window ``(gh, gw, E)`` features -> cosine logits ``(Q, gh, gw)``."""
+    t = l2n(text.float())
+    return [torch.einsum("hwe,qe->qhw", l2n(f.float()), t) for f in window_feats]
+
+
+def window_logits_to_box(logits: torch.Tensor, box: np.ndarray, pad: np.ndarray) -> torch.Tensor:
+    """Token-grid logits ``(Q, gh, gw)`` of a padded window -> logits on its box ``(Q, h, w)``.
+
+    As the reference repos do: bilinear (align_corners=False) upsampling to the padded window's
+    pixel size, then the symmetric padding is cropped off.
+    """
+    from methods.scoring import upsample_bilinear
+
+    y1, x1, y2, x2 = (int(v) for v in box)
+    top, left, bottom, right = (int(v) for v in pad)
+    h, w = y2 - y1, x2 - x1
+    up = upsample_bilinear(logits, (h + top + bottom, w + left + right))
+    return up[..., top : top + h, left : left + w]
+
+
+Factory = Callable[..., Segmenter]
+__all__ = [
+    "FeatureRequirement",
+    "ScoringConfig",
+    "Segmenter",
+    "Vocab",
+    "build_config",
+    "config_to_dict",
+    "get_method",
+    "list_methods",
+    "register_method",
+    "field",
+]

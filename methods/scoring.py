@@ -1,0 +1,440 @@
+"""Dense logits -> label maps: the sliding-window merge and the SCLIP-lineage post-processing.
+
+``spec/EVAL.md`` §2.2/§4.1 and ``spec/METHODS.md`` §0.2/§0.3. The reference computation is::
+
+    up    = bilinear(cos, out_hw, align_corners=False)        # (Q, H, W), float32
+    probs = softmax(logit_scale * up, over ALL queries)        # every synonym of every class
+    cls   = max over each class's queries of probs             # (C, H, W)
+    [area_thd: classes >= 1 with <= area_thd of the foreground pixels get cls = 0]   (SCLIP VOC21)
+    label = argmax_c cls ; label[max_c cls < prob_thd] = 0
+
+``score_logits_reference`` does exactly that. ``score_logits`` / ``score_labels`` give the same
+labels about twice as fast on CPU without materialising the softmax (or, for ``score_labels``
+with ``prob_thd == 0``, any exponential at all):
+
+- the upsampled logits come from the same ``F.interpolate`` call (so they are bitwise the
+  reference's) and are then reduced in cache-sized blocks of rows;
+- the label of a pixel is the class of its best query (softmax is monotone), read from the
+  logits; the max probability is ``1 / sum_q exp(s_q - s_max)``;
+- every pixel whose decision could depend on float32 rounding (best two scaled logits within
+  ``4e-6`` of each other, or max probability within 1e-4 (relative) of ``prob_thd``), and every
+  pixel whose class ``area_thd`` removes, is recomputed with the reference formula on its column.
+
+So the labels equal the reference's except where the reference itself is a float32 coin flip
+(two probabilities equal to the last bit, whose order then depends on memory layout). Peak memory
+is the upsampled logits, ``4 * Q * H * W`` bytes (the reference needs three such tensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from featurestore.errors import OvssError
+
+__all__ = [
+    "merge_window_logits",
+    "score_labels",
+    "score_logits",
+    "score_logits_reference",
+    "upsample_bilinear",
+]
+
+# Two best scaled logits closer than this (absolute, in logit_scale * cos units) are re-decided by
+# the reference formula. Any pair further apart keeps its order through exp() and the softmax
+# division (the gap is >= 60 ulps of 1.0), whatever the exp implementation.
+_TIE_TOL = 4e-6
+# Max probabilities within this relative distance of prob_thd are recomputed exactly.
+_PROB_RTOL = 1e-4
+# Pixel blocks hold about this many logits (Q * pixels): 4 MB, cache-sized.
+_BLOCK_ELEMS = 1 << 20
+
+
+def upsample_bilinear(x: torch.Tensor, out_hw: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize of the last two dims, ``align_corners=False`` (mmseg's ``resize``).
+
+    Args:
+        x: ``(..., h, w)`` tensor with at least 2 dims, e.g. ``(Q, h, w)`` logits.
+        out_hw: ``(H, W)`` target size.
+
+    Returns:
+        ``(..., H, W)`` tensor of ``x``'s dtype; each leading channel is resized independently
+        (bitwise the same as ``F.interpolate(x[None], size, mode="bilinear")``).
+    """
+    if x.dim() < 2:
+        raise OvssError(f"upsample_bilinear needs a (..., h, w) tensor, got shape {tuple(x.shape)}")
+    out_h, out_w = _hw(out_hw)
+    lead = x.shape[:-2]
+    y = F.interpolate(
+        x.reshape(1, -1, *x.shape[-2:]), size=(out_h, out_w), mode="bilinear", align_corners=False
+    )
+    return y.reshape(*lead, out_h, out_w)
+
+
+def _hw(out_hw: Sequence[int]) -> tuple[int, int]:
+    """Validate an ``(H, W)`` pair of positive ints."""
+    if len(out_hw) != 2:
+        raise OvssError(f"a size must be (H, W), got {tuple(out_hw)}")
+    out_h, out_w = int(out_hw[0]), int(out_hw[1])
+    if out_h < 1 or out_w < 1:
+        raise OvssError(f"a size must be positive, got {(out_h, out_w)}")
+    return out_h, out_w
+
+
+def merge_window_logits(
+    window_logits: Sequence[torch.Tensor],
+    boxes: np.ndarray | torch.Tensor | Sequence[Sequence[int]],
+    canvas_hw: Sequence[int],
+) -> torch.Tensor:
+    """Average per-window logits on a canvas (mmseg ``slide`` inference, EVAL.md §4.1 rule 4).
+
+    Each window's logits are bilinearly resized (``align_corners=False``) to its box size, summed
+    on a zero canvas in window order, and the sum is divided by how many windows cover each pixel.
+    The result is bitwise what mmseg's ``forward_slide`` computes.
+
+    Args:
+        window_logits: ``n`` tensors ``(Q, h_i, w_i)`` (e.g. cosine logits on each window's patch
+            grid); all with the same ``Q``.
+        boxes: ``(n, 4)`` window boxes ``(y1, x1, y2, x2)`` in canvas pixels (as
+            ``featurestore.protocol.Protocol.windows`` returns them).
+        canvas_hw: ``(H, W)`` canvas size (the resized image).
+
+    Returns:
+        ``(Q, H, W)`` float32 averaged logits.
+
+    Raises:
+        OvssError: inconsistent shapes, a box outside the canvas, or a canvas pixel that no
+            window covers.
+    """
+    out_h, out_w = _hw(canvas_hw)
+    box_arr = np.asarray(
+        boxes.cpu().numpy() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.int64
+    )
+    if box_arr.ndim != 2 or box_arr.shape[1] != 4 or len(box_arr) != len(window_logits):
+        raise OvssError(
+            f"need one (y1, x1, y2, x2) box per window: {len(window_logits)} windows, "
+            f"boxes of shape {box_arr.shape}"
+        )
+    if len(window_logits) == 0:
+        raise OvssError("no windows to merge")
+    q = window_logits[0].shape[0]
+    for logits, (y1, x1, y2, x2) in zip(window_logits, box_arr, strict=True):
+        if logits.dim() != 3 or logits.shape[0] != q:
+            raise OvssError(
+                f"window logits must be (Q={q}, h, w) tensors, got {tuple(logits.shape)}"
+            )
+        if not (0 <= y1 < y2 <= out_h and 0 <= x1 < x2 <= out_w):
+            raise OvssError(
+                f"window box {(y1, x1, y2, x2)} is not inside the canvas {(out_h, out_w)}"
+            )
+    count = torch.zeros(out_h, out_w, dtype=torch.float32)
+    for y1, x1, y2, x2 in box_arr:
+        count[y1:y2, x1:x2] += 1
+    if bool((count == 0).any()):
+        raise OvssError("the windows do not cover the whole canvas (mmseg requires full coverage)")
+
+    device = window_logits[0].device
+    canvas = torch.zeros(q, out_h, out_w, dtype=torch.float32, device=device)
+    for logits, (y1, x1, y2, x2) in zip(window_logits, box_arr, strict=True):
+        canvas[:, y1:y2, x1:x2] += upsample_bilinear(logits.float(), (int(y2 - y1), int(x2 - x1)))
+    return canvas / count.to(device)
+
+
+def _check_scoring_inputs(
+    cos: torch.Tensor,
+    out_hw: Sequence[int],
+    query_to_class: torch.Tensor | Sequence[int],
+    num_classes: int,
+) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
+    """Validate and normalise the arguments shared by the scoring functions."""
+    if cos.dim() != 3:
+        raise OvssError(f"logits must be (Q, h, w), got shape {tuple(cos.shape)}")
+    q2c = torch.as_tensor(query_to_class, dtype=torch.long, device=cos.device).reshape(-1)
+    if q2c.numel() != cos.shape[0]:
+        raise OvssError(
+            f"query_to_class has {q2c.numel()} entries but the logits have {cos.shape[0]} queries"
+        )
+    num_classes = int(num_classes)
+    if num_classes < 1 or q2c.numel() == 0:
+        raise OvssError("need at least one class and one query")
+    if int(q2c.min()) < 0 or int(q2c.max()) >= num_classes:
+        raise OvssError(f"query_to_class values must lie in [0, {num_classes - 1}]")
+    return cos.float(), _hw(out_hw), q2c
+
+
+def _is_identity(q2c: torch.Tensor, num_classes: int) -> bool:
+    """True when query q is class q for every class (no synonyms: the merge step is skipped)."""
+    return q2c.numel() == num_classes and bool(
+        torch.equal(q2c, torch.arange(num_classes, device=q2c.device))
+    )
+
+
+def _class_max(probs: torch.Tensor, q2c: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(Q, ...)`` query probabilities -> ``(C, ...)``: max over each class's queries (0 if none).
+
+    Same values as the reference's ``(probs * one_hot(query_idx).T[..., None, None]).max(1)``:
+    the max is exact and the one-hot zeros never win since ``probs >= 0``.
+    """
+    if _is_identity(q2c, num_classes):
+        return probs
+    out = torch.zeros((num_classes, *probs.shape[1:]), dtype=probs.dtype, device=probs.device)
+    index = q2c.view(-1, *([1] * (probs.dim() - 1))).expand_as(probs)
+    return out.scatter_reduce_(0, index, probs, reduce="amax", include_self=True)
+
+
+def _area_keep(labels: torch.Tensor, num_classes: int, area_thd: float) -> torch.Tensor:
+    """SCLIP's ``area_thd`` rule: ``(C,)`` bool, False for classes >= 1 to be zeroed.
+
+    A foreground class survives when its predicted area is ``> area_thd *`` (total foreground
+    predicted area), computed in float32 as the reference does.
+    """
+    counts = torch.bincount(labels.reshape(-1), minlength=num_classes)[:num_classes]
+    area = counts[1:].to(torch.float32)
+    keep_fg = area > area_thd * area.sum()
+    return torch.cat([torch.ones(1, dtype=torch.bool, device=labels.device), keep_fg])
+
+
+def _postprocess_columns(
+    logits: torch.Tensor,
+    q2c: torch.Tensor,
+    num_classes: int,
+    logit_scale: float,
+    keep: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference post-processing of ``(Q, ...)`` upsampled logits, without ``prob_thd``.
+
+    Returns ``(labels, max_prob)`` of shape ``logits.shape[1:]``; ``keep`` (``(C,)`` bool) zeroes
+    the probabilities of the classes it marks False (the ``area_thd`` step).
+    """
+    probs = (logits * logit_scale).softmax(0)
+    cls = _class_max(probs, q2c, num_classes)
+    if keep is not None:
+        cls[1:] *= keep[1:].to(cls.dtype).view(-1, *([1] * (cls.dim() - 1)))
+    return cls.argmax(0), cls.max(0).values
+
+
+def score_logits_reference(
+    cos: torch.Tensor,
+    out_hw: Sequence[int],
+    query_to_class: torch.Tensor | Sequence[int],
+    num_classes: int,
+    logit_scale: float = 40.0,
+    prob_thd: float = 0.0,
+    area_thd: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain float32 post-processing of SCLIP/NACLIP/ProxyCLIP/Trident (EVAL.md §2.2).
+
+    Materialises the ``(Q, H, W)`` upsampled logits and their softmax. Use ``score_logits``
+    (same labels, much faster on CPU); this one is the definition it is tested against.
+
+    Args:
+        cos: ``(Q, h, w)`` cosine logits (e.g. the merged canvas at the resized image size).
+        out_hw: ``(H, W)``, the original image size.
+        query_to_class: ``(Q,)`` class id of each query (synonyms share a class).
+        num_classes: ``C``; classes without a query get probability 0.
+        logit_scale: multiplies the logits before the softmax (default 40).
+        prob_thd: pixels whose max class probability is below it become class 0 (default 0).
+        area_thd: SCLIP's area rule (default ``None``: off).
+
+    Returns:
+        ``(labels, max_prob)``: ``(H, W)`` int64 class ids and ``(H, W)`` float32 probability of
+        the chosen class (after the area rule, before the threshold sets labels to 0).
+    """
+    cos, out_hw, q2c = _check_scoring_inputs(cos, out_hw, query_to_class, num_classes)
+    up = upsample_bilinear(cos, out_hw)
+    probs = (up * logit_scale).softmax(0)
+    cls = _class_max(probs, q2c, num_classes)
+    if area_thd is not None:
+        keep = _area_keep(cls.argmax(0), num_classes, area_thd)
+        cls[1:] *= keep[1:].to(cls.dtype)[:, None, None]
+    labels = cls.argmax(0)
+    max_prob = cls.max(0).values
+    labels[max_prob < prob_thd] = 0
+    return labels, max_prob
+
+
+class _LogitBlocks:
+    """The upsampled logits ``(Q, H, W)`` of one image, served in blocks of whole rows.
+
+    ``blocks`` yields ``(Q, n)`` views (row-major pixels ``start:stop``) of one tensor built by
+    ``upsample_bilinear``, so every value is bitwise the reference's. A block holds about
+    ``block_elems`` logits, so per-block work stays in cache.
+    """
+
+    def __init__(self, cos: torch.Tensor, out_hw: tuple[int, int], block_elems: int) -> None:
+        self.q = cos.shape[0]
+        self.out_h, self.out_w = out_hw
+        self._up = upsample_bilinear(cos, out_hw)
+        self.rows_per_block = max(1, int(block_elems) // (self.q * self.out_w))
+
+    def blocks(self, select: torch.Tensor | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Yield ``(start, stop, logits)``, ``logits`` the ``(Q, stop - start)`` view of the
+        row-major pixels ``start:stop``; blocks without a ``select``-ed pixel are skipped.
+
+        The views share memory with the upsampled tensor: modify them only to restore them.
+        """
+        for r0 in range(0, self.out_h, self.rows_per_block):
+            r1 = min(self.out_h, r0 + self.rows_per_block)
+            start, stop = r0 * self.out_w, r1 * self.out_w
+            if select is not None and not bool(select[start:stop].any()):
+                continue
+            yield start, stop, self._up[:, r0:r1].reshape(self.q, -1)
+
+
+def _score_block(
+    block: torch.Tensor,
+    q2c: torch.Tensor,
+    num_classes: int,
+    logit_scale: float,
+    prob_thd: float,
+    need_prob: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Labels (and max probabilities) of a ``(Q, n)`` block of upsampled logits.
+
+    The block's values are restored before returning (it may be a view of the caller's tensor).
+    """
+    best, best_q = block.max(0)
+    s_best = best * logit_scale
+    max_prob = None
+    if need_prob:
+        # sum_q exp(s_q - s_max): the softmax denominator, whose max probability is 1 / it.
+        denom = torch.exp(block * logit_scale - s_best).sum(0)
+        max_prob = denom.reciprocal_()
+    # Second best logit: hide the best, take the max, put the best back (bitwise restore).
+    if block.shape[0] > 1:
+        block.scatter_(0, best_q[None], float("-inf"))
+        second = block.amax(0)
+        block.scatter_(0, best_q[None], best[None])
+        unsure = (s_best - second * logit_scale) < _TIE_TOL
+    else:
+        unsure = torch.zeros_like(best, dtype=torch.bool)
+    if prob_thd > 0 and max_prob is not None:
+        unsure |= (max_prob - prob_thd).abs() <= _PROB_RTOL * prob_thd
+    labels = q2c[best_q]
+    redo = unsure.nonzero()[:, 0]
+    if redo.numel():
+        redo_labels, redo_prob = _postprocess_columns(
+            block[:, redo], q2c, num_classes, logit_scale, None
+        )
+        labels[redo] = redo_labels
+        if max_prob is not None:
+            max_prob[redo] = redo_prob
+    return labels, max_prob
+
+
+def _score(
+    cos: torch.Tensor,
+    out_hw: Sequence[int],
+    query_to_class: torch.Tensor | Sequence[int],
+    num_classes: int,
+    logit_scale: float,
+    prob_thd: float,
+    area_thd: float | None,
+    want_prob: bool,
+    block_elems: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Shared body of ``score_logits`` and ``score_labels``."""
+    if cos.device.type != "cpu":
+        return score_logits_reference(
+            cos, out_hw, query_to_class, num_classes, logit_scale, prob_thd, area_thd
+        )
+    cos, hw, q2c = _check_scoring_inputs(cos, out_hw, query_to_class, num_classes)
+    need_prob = want_prob or prob_thd > 0 or area_thd is not None
+    blocks = _LogitBlocks(cos, hw, block_elems)
+    n_pixels = hw[0] * hw[1]
+    labels = torch.empty(n_pixels, dtype=torch.long)
+    max_prob = torch.empty(n_pixels, dtype=torch.float32) if need_prob else None
+    for start, stop, block in blocks.blocks():
+        block_labels, block_prob = _score_block(
+            block, q2c, num_classes, logit_scale, prob_thd, need_prob
+        )
+        labels[start:stop] = block_labels
+        if max_prob is not None and block_prob is not None:
+            max_prob[start:stop] = block_prob
+    if area_thd is not None and max_prob is not None:
+        keep = _area_keep(labels, num_classes, area_thd)
+        if not bool(keep.all()):
+            # Pixels whose class is zeroed fall to their best surviving class: recompute them.
+            hit = ~keep[labels]
+            for start, _, block in blocks.blocks(select=hit):
+                redo = hit[start : start + block.shape[1]].nonzero()[:, 0]
+                if redo.numel():
+                    redo_labels, redo_prob = _postprocess_columns(
+                        block[:, redo], q2c, num_classes, logit_scale, keep
+                    )
+                    labels[start + redo] = redo_labels
+                    max_prob[start + redo] = redo_prob
+    if prob_thd > 0 and max_prob is not None:
+        labels[max_prob < prob_thd] = 0
+    labels_img = labels.view(hw)
+    prob_img = max_prob.view(hw) if want_prob and max_prob is not None else None
+    return labels_img, prob_img
+
+
+def score_logits(
+    cos: torch.Tensor,
+    out_hw: Sequence[int],
+    query_to_class: torch.Tensor | Sequence[int],
+    num_classes: int,
+    logit_scale: float = 40.0,
+    prob_thd: float = 0.0,
+    area_thd: float | None = None,
+    block_elems: int = _BLOCK_ELEMS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upsample cosine logits to the image size and turn them into labels (EVAL.md §2.2, §4.1).
+
+    Same arguments and labels as ``score_logits_reference`` (see the module docstring for the
+    exactness argument); on CPU it never builds the softmax and works in cache-sized pixel blocks.
+    On other devices it runs the reference computation.
+
+    Args:
+        cos: ``(Q, h, w)`` cosine logits (float32; other dtypes are converted).
+        out_hw: ``(H, W)`` output (original image) size.
+        query_to_class: ``(Q,)`` class id of each query (synonyms share a class).
+        num_classes: ``C``.
+        logit_scale: softmax temperature multiplier (default 40).
+        prob_thd: pixels whose max class probability is below it become class 0 (default 0).
+        area_thd: SCLIP's area rule (default ``None``: off).
+        block_elems: logits per pixel block (default 2**20, about 4 MB).
+
+    Returns:
+        ``(labels, max_prob)``: ``(H, W)`` int64 and ``(H, W)`` float32. ``max_prob`` matches the
+        reference to float32 rounding (relative 1e-5), exactly where a pixel was recomputed.
+    """
+    labels, max_prob = _score(
+        cos, out_hw, query_to_class, num_classes, logit_scale, prob_thd, area_thd, True, block_elems
+    )
+    assert max_prob is not None
+    return labels, max_prob
+
+
+def score_labels(
+    cos: torch.Tensor,
+    out_hw: Sequence[int],
+    query_to_class: torch.Tensor | Sequence[int],
+    num_classes: int,
+    logit_scale: float = 40.0,
+    prob_thd: float = 0.0,
+    area_thd: float | None = None,
+    block_elems: int = _BLOCK_ELEMS,
+) -> torch.Tensor:
+    """``score_logits`` without the max-probability map: ``(H, W)`` int64 labels.
+
+    When ``prob_thd == 0`` and ``area_thd is None`` (every dataset without a background class)
+    this skips the softmax denominator entirely, which is the fastest path.
+    """
+    labels, _ = _score(
+        cos,
+        out_hw,
+        query_to_class,
+        num_classes,
+        logit_scale,
+        prob_thd,
+        area_thd,
+        False,
+        block_elems,
+    )
+    return labels
