@@ -110,6 +110,14 @@ class DatasetSpec:
         doc: one line: what to download and where it goes.
         layout: on-disk layout.
         aliases: other accepted names (matched ignoring case, ``-``, ``_`` and spaces).
+        expected_images: ``(split, count)`` pairs: the standard number of images of a split
+            (``ovss data verify`` warns, without failing, when a listing differs).
+        converter: name of the built-in label conversion ``ovss data prepare`` runs
+            (``"coco_stuff"``, ``"coco_object"``; see :mod:`featurestore.labels`), or None when
+            the dataset is used as downloaded or needs an external tool.
+        prepare_steps: what to do to get the dataset ready, one instruction per entry, printed by
+            ``ovss data prepare``. Placeholders: ``{data_root}``, ``{dataset_dir}`` (the dataset
+            folder) and ``{dataset_parent}`` (its parent folder).
     """
 
     name: str
@@ -123,6 +131,13 @@ class DatasetSpec:
     doc: str
     layout: DatasetLayout
     aliases: tuple[str, ...] = ()
+    expected_images: tuple[tuple[str, int], ...] = ()
+    converter: str | None = None
+    prepare_steps: tuple[str, ...] = ()
+
+    def expected_count(self, split: str) -> int | None:
+        """The standard number of images of ``split`` (a canonical split name), if known."""
+        return dict(self.expected_images).get(split)
 
 
 _ADE_LAYOUT = DatasetLayout(
@@ -205,6 +220,29 @@ _COCO_DOC = (
     "stuffthingmaps_trainval2017.zip into data_root/coco_stuff164k/annotations/, then "
 )
 
+_VOC_STEPS = (
+    "nothing to convert: extract VOCtrainval_11-May-2012.tar into {data_root} so that "
+    "{dataset_dir}/JPEGImages, SegmentationClass/ and ImageSets/Segmentation/val.txt exist",
+    "the official SegmentationClass palette PNGs are used as is and read as palette indices "
+    "(do not use SBD / SegmentationClassAug)",
+)
+_CONTEXT_STEPS = (
+    "extract VOCtrainval_03-May-2010.tar into {data_root} (gives {dataset_dir}/JPEGImages)",
+    "put the PASCAL-Context annotation file trainval_merged.json into {dataset_dir}/",
+    "install the Detail API, an external package (https://github.com/zhanghang1989/detail-api, "
+    "folder PythonAPI), and get MMSegmentation's converter tools/dataset_converters/"
+    "pascal_context.py (an mmsegmentation checkout)",
+    "run: python tools/dataset_converters/pascal_context.py {dataset_parent} "
+    "{dataset_dir}/trainval_merged.json",
+    "it writes {dataset_dir}/SegmentationClassContext/<id>.png (Context ids mapped to 0..59 with "
+    "np.digitize over the 60 ids; featurestore.labels.context_ids_to_labels does the same for "
+    "masks you already have) and {dataset_dir}/ImageSets/SegmentationContext/<split>.txt",
+)
+_COCO_UNZIP_STEP = (
+    "unzip val2017.zip into {dataset_dir}/images/ and stuffthingmaps_trainval2017.zip into "
+    "{dataset_dir}/annotations/ (train2017 is only needed for --split train)"
+)
+
 _REGISTRY: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in (
@@ -223,6 +261,12 @@ _REGISTRY: dict[str, DatasetSpec] = {
             ),
             layout=_ADE_LAYOUT,
             aliases=("ade", "ade150", "ade20k150", "ade20k_150"),
+            expected_images=(("validation", 2000), ("training", 20210)),
+            prepare_steps=(
+                "nothing to convert: unzip ADEChallengeData2016.zip into {data_root} so that "
+                "{dataset_dir}/images/validation and {dataset_dir}/annotations/validation exist",
+                "the annotations are used as is (0 = other, ignored through reduce_zero_label)",
+            ),
         ),
         DatasetSpec(
             name="voc21",
@@ -236,6 +280,8 @@ _REGISTRY: dict[str, DatasetSpec] = {
             doc=_VOC_DOC,
             layout=_VOC_LAYOUT,
             aliases=("voc", "pascal_voc", "voc2012", "pascalvoc21"),
+            expected_images=(("val", 1449), ("train", 1464)),
+            prepare_steps=_VOC_STEPS,
         ),
         DatasetSpec(
             name="voc20",
@@ -249,6 +295,8 @@ _REGISTRY: dict[str, DatasetSpec] = {
             doc=_VOC_DOC,
             layout=_VOC_LAYOUT,
             aliases=("pascalvoc20",),
+            expected_images=(("val", 1449), ("train", 1464)),
+            prepare_steps=_VOC_STEPS,
         ),
         DatasetSpec(
             name="context60",
@@ -262,6 +310,8 @@ _REGISTRY: dict[str, DatasetSpec] = {
             doc=_CONTEXT_DOC,
             layout=_CONTEXT_LAYOUT,
             aliases=("pc60", "pascal_context60", "pcontext60"),
+            expected_images=(("val", 5105), ("train", 4998)),
+            prepare_steps=_CONTEXT_STEPS,
         ),
         DatasetSpec(
             name="context59",
@@ -275,6 +325,8 @@ _REGISTRY: dict[str, DatasetSpec] = {
             doc=_CONTEXT_DOC,
             layout=_CONTEXT_LAYOUT,
             aliases=("pc59", "pascal_context59", "pcontext59"),
+            expected_images=(("val", 5105), ("train", 4998)),
+            prepare_steps=_CONTEXT_STEPS,
         ),
         DatasetSpec(
             name="coco_stuff171",
@@ -292,6 +344,14 @@ _REGISTRY: dict[str, DatasetSpec] = {
             ),
             layout=_COCO_STUFF_LAYOUT,
             aliases=("coco_stuff", "cocostuff", "coco_stuff164k", "stuff", "cocostuff171"),
+            expected_images=(("val", 5000), ("train", 118287)),
+            converter="coco_stuff",
+            prepare_steps=(
+                _COCO_UNZIP_STEP,
+                "ovss data prepare coco_stuff171 writes annotations/<split>2017/"
+                "<id>_labelTrainIds.png from the raw maps (the mapping of mmseg's "
+                "tools/dataset_converters/coco_stuff164k.py)",
+            ),
         ),
         DatasetSpec(
             name="coco_object",
@@ -310,6 +370,15 @@ _REGISTRY: dict[str, DatasetSpec] = {
             ),
             layout=_COCO_OBJECT_LAYOUT,
             aliases=("coco_obj", "cocoobject", "coco_object81", "object"),
+            expected_images=(("val", 5000), ("train", 118287)),
+            converter="coco_object",
+            prepare_steps=(
+                _COCO_UNZIP_STEP,
+                "ovss data prepare coco_object writes annotations/<split>2017/"
+                "<id>_instanceTrainIds.png from the RAW maps (the mapping of cvt_coco_object.py); "
+                "with --out DIR it writes under DIR and links DIR/images/<split>2017 to the "
+                "source images",
+            ),
         ),
         DatasetSpec(
             name="cityscapes",
@@ -327,6 +396,16 @@ _REGISTRY: dict[str, DatasetSpec] = {
             ),
             layout=_CITYSCAPES_LAYOUT,
             aliases=("city", "cityscapes19", "city_scapes"),
+            expected_images=(("val", 500), ("train", 2975)),
+            prepare_steps=(
+                "unzip leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip into {dataset_dir}",
+                "install cityscapesScripts, an external package: pip install cityscapesscripts",
+                "run: CITYSCAPES_DATASET={dataset_dir} csCreateTrainIdLabelImgs (or, from an "
+                "mmsegmentation checkout: python tools/dataset_converters/cityscapes.py "
+                "{dataset_dir} --nproc 8)",
+                "it writes gtFine/<split>/<city>/*_gtFine_labelTrainIds.png (trainIds 0..18, "
+                "255 = ignore)",
+            ),
         ),
         DatasetSpec(
             name="custom",
@@ -343,6 +422,11 @@ _REGISTRY: dict[str, DatasetSpec] = {
                 "data_root/classes.txt (one class per line)"
             ),
             layout=_CUSTOM_LAYOUT,
+            prepare_steps=(
+                "nothing to convert: put the images in {dataset_dir}/images/<split>/, the labels "
+                "(8-bit PNG class indices, 255 = ignore) in {dataset_dir}/annotations/<split>/"
+                "<id>.png and one class per line in {dataset_dir}/classes.txt",
+            ),
         ),
     )
 }
@@ -516,6 +600,141 @@ def list_dataset_images(
         )
         for i in ids
     ]
+
+
+def resolve_split(name: str, split: str | None = None) -> str:
+    """The canonical name of ``split`` of dataset ``name`` (None -> its default split; aliases
+    such as ``val`` for ADE20K or ``val2017`` for COCO are accepted).
+
+    Raises:
+        OvssError: unknown dataset or split.
+    """
+    return _resolve_split(get_dataset(name), split)
+
+
+def _guess_dataset_dir(spec: DatasetSpec, root: Path) -> Path:
+    """Where the dataset folder *should* be under ``root`` when it is not there yet.
+
+    ``root`` may already be the dataset folder or part of its path (``.../VOCdevkit`` for
+    ``VOCdevkit/VOC2010``); otherwise the canonical sub-folder (last of ``layout.folders``).
+    """
+    named = [tuple(f.split("/")) for f in spec.layout.folders if f]
+    for parts in named:  # root is the dataset folder itself
+        if root.parts[-len(parts) :] == parts:
+            return root
+    for parts in named:  # root is a leading part of the dataset path (e.g. VOCdevkit)
+        for k in range(len(parts) - 1, 0, -1):
+            if root.parts[-k:] == parts[:k]:
+                return root.joinpath(*parts[k:])
+    canonical = spec.layout.folders[-1]
+    return root / canonical if canonical else root
+
+
+def dataset_dir(
+    name: str, data_root: str | os.PathLike, split: str | None = None, must_exist: bool = True
+) -> Path:
+    """The dataset folder of ``name`` under ``data_root`` (absolute path).
+
+    The candidates are those of :func:`list_dataset_images` (see the module docstring); the
+    first one holding the dataset's marker folder for ``split`` wins.
+
+    Args:
+        name: dataset name or alias.
+        data_root: the folder containing the dataset folder, or the dataset folder itself.
+        split: split whose marker folder identifies the dataset (default: the default split).
+        must_exist: when False and no candidate holds the marker, return where the folder is
+            expected (``data_root`` itself when it looks like the dataset folder, else the
+            canonical sub-folder) instead of raising.
+
+    Raises:
+        OvssError: unknown dataset or split; with ``must_exist``, folder not found (the
+            message names the expected path and what to download).
+    """
+    spec = get_dataset(name)
+    split = _resolve_split(spec, split)
+    try:
+        found = _find_dataset_dir(spec, data_root, split)
+    except OvssError:
+        if must_exist:
+            raise
+        found = _guess_dataset_dir(spec, Path(data_root).expanduser())
+    return Path(os.path.abspath(found))
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One line of ``ovss data list``: a registry entry summarised for people.
+
+    Attributes:
+        name: registry name.
+        num_classes: evaluated classes (custom: from ``classes.txt`` when ``data_root`` has one,
+            else 0).
+        split: the evaluated (default) split.
+        expected_images: standard image count of that split, None when unknown.
+        label_rule: how label values are read (reduce_zero_label, background, ignore).
+        layout_root: the dataset folder relative to ``data_root`` (canonical name).
+        label_suffix: suffix of the label files.
+        dataset_dir: with ``data_root``: the dataset folder found there, else None.
+        present: with ``data_root``: whether the folder was found; None without ``data_root``.
+    """
+
+    name: str
+    num_classes: int
+    split: str
+    expected_images: int | None
+    label_rule: str
+    layout_root: str
+    label_suffix: str
+    dataset_dir: str | None = None
+    present: bool | None = None
+
+
+def _label_rule(spec: DatasetSpec) -> str:
+    """One-phrase description of how the labels of ``spec`` are read."""
+    if spec.reduce_zero_label:
+        return "reduce_zero_label: raw 0 ignored, k -> k-1, 255 ignored"
+    if spec.has_background:
+        return "0 = background (scored), 255 ignored"
+    return "255 ignored"
+
+
+def describe_datasets(data_root: str | os.PathLike | None = None) -> list[DatasetInfo]:
+    """One :class:`DatasetInfo` per registry entry, in registry order.
+
+    With ``data_root``, each entry also says whether its dataset folder (default split) is
+    found there; nothing else is read.
+    """
+    infos = []
+    for name, spec in _REGISTRY.items():
+        num_classes = spec.num_classes
+        found: str | None = None
+        present: bool | None = None
+        if data_root is not None:
+            try:
+                found = str(dataset_dir(name, data_root))
+                present = True
+            except OvssError:
+                present = False
+            if name == "custom" and present:
+                try:
+                    num_classes = get_dataset(name, data_root=data_root).num_classes
+                except OvssError:
+                    num_classes = 0
+        canonical = spec.layout.folders[-1]
+        infos.append(
+            DatasetInfo(
+                name=name,
+                num_classes=num_classes,
+                split=spec.default_split,
+                expected_images=spec.expected_count(spec.default_split),
+                label_rule=_label_rule(spec),
+                layout_root=f"{canonical}/" if canonical else "./",
+                label_suffix=spec.layout.seg_suffix,
+                dataset_dir=found,
+                present=present,
+            )
+        )
+    return infos
 
 
 def _parse_lines(text: str, separator: str) -> list[list[str]]:

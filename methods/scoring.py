@@ -27,7 +27,7 @@ is the upsampled logits, ``4 * Q * H * W`` bytes (the reference needs three such
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -256,55 +256,29 @@ def score_logits_reference(
     return labels, max_prob
 
 
-class _LogitBlocks:
-    """The upsampled logits ``(Q, H, W)`` of one image, served in blocks of whole rows.
-
-    ``blocks`` yields ``(Q, n)`` views (row-major pixels ``start:stop``) of one tensor built by
-    ``upsample_bilinear``, so every value is bitwise the reference's. A block holds about
-    ``block_elems`` logits, so per-block work stays in cache.
-    """
-
-    def __init__(self, cos: torch.Tensor, out_hw: tuple[int, int], block_elems: int) -> None:
-        self.q = cos.shape[0]
-        self.out_h, self.out_w = out_hw
-        self._up = upsample_bilinear(cos, out_hw)
-        self.rows_per_block = max(1, int(block_elems) // (self.q * self.out_w))
-
-    def blocks(self, select: torch.Tensor | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """Yield ``(start, stop, logits)``, ``logits`` the ``(Q, stop - start)`` view of the
-        row-major pixels ``start:stop``; blocks without a ``select``-ed pixel are skipped.
-
-        The views share memory with the upsampled tensor: modify them only to restore them.
-        """
-        for r0 in range(0, self.out_h, self.rows_per_block):
-            r1 = min(self.out_h, r0 + self.rows_per_block)
-            start, stop = r0 * self.out_w, r1 * self.out_w
-            if select is not None and not bool(select[start:stop].any()):
-                continue
-            yield start, stop, self._up[:, r0:r1].reshape(self.q, -1)
-
-
 def _score_block(
     block: torch.Tensor,
     q2c: torch.Tensor,
-    num_classes: int,
     logit_scale: float,
     prob_thd: float,
     need_prob: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Labels (and max probabilities) of a ``(Q, n)`` block of upsampled logits.
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Fast decisions for a ``(Q, n)`` block of upsampled logits.
 
-    The block's values are restored before returning (it may be a view of the caller's tensor).
+    Returns ``(labels, max_prob, unsure)``, each ``(n,)``: the class of the best query, the max
+    probability (``None`` unless ``need_prob``) and the pixels whose decision float32 rounding
+    could change, to be recomputed with the reference formula. The block's values are restored
+    before returning (it is a view of the caller's tensor).
     """
     best, best_q = block.max(0)
     s_best = best * logit_scale
     max_prob = None
     if need_prob:
-        # sum_q exp(s_q - s_max): the softmax denominator, whose max probability is 1 / it.
-        denom = torch.exp(block * logit_scale - s_best).sum(0)
-        max_prob = denom.reciprocal_()
-    # Second best logit: hide the best, take the max, put the best back (bitwise restore).
+        # sum_q exp(s_q - s_max) is the softmax denominator; the max probability is 1 / it.
+        shifted = torch.mul(block, logit_scale).sub_(s_best)
+        max_prob = shifted.exp_().sum(0).reciprocal_()
     if block.shape[0] > 1:
+        # Second best logit: hide the best, take the max, put the best back (bitwise restore).
         block.scatter_(0, best_q[None], float("-inf"))
         second = block.amax(0)
         block.scatter_(0, best_q[None], best[None])
@@ -313,16 +287,7 @@ def _score_block(
         unsure = torch.zeros_like(best, dtype=torch.bool)
     if prob_thd > 0 and max_prob is not None:
         unsure |= (max_prob - prob_thd).abs() <= _PROB_RTOL * prob_thd
-    labels = q2c[best_q]
-    redo = unsure.nonzero()[:, 0]
-    if redo.numel():
-        redo_labels, redo_prob = _postprocess_columns(
-            block[:, redo], q2c, num_classes, logit_scale, None
-        )
-        labels[redo] = redo_labels
-        if max_prob is not None:
-            max_prob[redo] = redo_prob
-    return labels, max_prob
+    return q2c[best_q], max_prob, unsure
 
 
 def _score(
@@ -343,35 +308,53 @@ def _score(
         )
     cos, hw, q2c = _check_scoring_inputs(cos, out_hw, query_to_class, num_classes)
     need_prob = want_prob or prob_thd > 0 or area_thd is not None
-    blocks = _LogitBlocks(cos, hw, block_elems)
-    n_pixels = hw[0] * hw[1]
-    labels = torch.empty(n_pixels, dtype=torch.long)
-    max_prob = torch.empty(n_pixels, dtype=torch.float32) if need_prob else None
-    for start, stop, block in blocks.blocks():
-        block_labels, block_prob = _score_block(
-            block, q2c, num_classes, logit_scale, prob_thd, need_prob
+    q, (out_h, out_w) = cos.shape[0], hw
+    # (Q, H*W) view of the upsampled logits: bitwise the reference's values.
+    flat = upsample_bilinear(cos, hw).view(q, out_h * out_w)
+    labels = torch.empty(out_h * out_w, dtype=torch.long)
+    max_prob = torch.empty(out_h * out_w, dtype=torch.float32) if need_prob else None
+    unsure = torch.empty(out_h * out_w, dtype=torch.bool)
+    step = max(1, int(block_elems) // (q * out_w)) * out_w  # whole rows, ~block_elems logits
+    for start in range(0, out_h * out_w, step):
+        stop = min(start + step, out_h * out_w)
+        b_labels, b_prob, b_unsure = _score_block(
+            flat[:, start:stop], q2c, logit_scale, prob_thd, need_prob
         )
-        labels[start:stop] = block_labels
-        if max_prob is not None and block_prob is not None:
-            max_prob[start:stop] = block_prob
-    if area_thd is not None and max_prob is not None:
+        labels[start:stop] = b_labels
+        unsure[start:stop] = b_unsure
+        if max_prob is not None and b_prob is not None:
+            max_prob[start:stop] = b_prob
+    # One reference call for every unsure pixel of the image (few; tiny ops are costly).
+    _redo(flat, unsure.nonzero()[:, 0], labels, max_prob, q2c, num_classes, logit_scale, None)
+    if area_thd is not None:
         keep = _area_keep(labels, num_classes, area_thd)
         if not bool(keep.all()):
-            # Pixels whose class is zeroed fall to their best surviving class: recompute them.
-            hit = ~keep[labels]
-            for start, _, block in blocks.blocks(select=hit):
-                redo = hit[start : start + block.shape[1]].nonzero()[:, 0]
-                if redo.numel():
-                    redo_labels, redo_prob = _postprocess_columns(
-                        block[:, redo], q2c, num_classes, logit_scale, keep
-                    )
-                    labels[start + redo] = redo_labels
-                    max_prob[start + redo] = redo_prob
+            # Pixels whose class is zeroed fall to their best surviving class.
+            hit = (~keep[labels]).nonzero()[:, 0]
+            _redo(flat, hit, labels, max_prob, q2c, num_classes, logit_scale, keep)
     if prob_thd > 0 and max_prob is not None:
         labels[max_prob < prob_thd] = 0
-    labels_img = labels.view(hw)
     prob_img = max_prob.view(hw) if want_prob and max_prob is not None else None
-    return labels_img, prob_img
+    return labels.view(hw), prob_img
+
+
+def _redo(
+    flat: torch.Tensor,
+    idx: torch.Tensor,
+    labels: torch.Tensor,
+    max_prob: torch.Tensor | None,
+    q2c: torch.Tensor,
+    num_classes: int,
+    logit_scale: float,
+    keep: torch.Tensor | None,
+) -> None:
+    """Recompute pixels ``idx`` of ``labels``/``max_prob`` in place with the reference formula."""
+    if idx.numel() == 0:
+        return
+    redo_labels, redo_prob = _postprocess_columns(flat[:, idx], q2c, num_classes, logit_scale, keep)
+    labels[idx] = redo_labels
+    if max_prob is not None:
+        max_prob[idx] = redo_prob
 
 
 def score_logits(

@@ -4,9 +4,11 @@ renders its result; results go to stdout (``--json`` for machines), progress/log
 from __future__ import annotations
 
 import functools
+import json
 import sys
 
 import click
+from rich.table import Table
 
 from featurestore import __version__
 from featurestore.errors import OvssError
@@ -44,13 +46,22 @@ def parse_shard(value: str | None) -> tuple[int, int] | None:
 
 
 def parse_overrides(items: tuple[str, ...]) -> dict | None:
-    out = {}
+    """``KEY=INT`` items -> dict; a dotted key nests (``vision_cfg.layers=2`` ->
+    ``{"vision_cfg": {"layers": 2}}``, the CLIP config sections)."""
+    out: dict = {}
     for item in items:
         key, _, value = item.partition("=")
         try:
-            out[key.strip()] = int(value)
+            number = int(value)
         except ValueError:
             raise click.BadParameter(f"{item!r}: use KEY=INT, e.g. depth=2") from None
+        *parents, leaf = [k.strip() for k in key.split(".")]
+        node = out
+        for k in parents:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise click.BadParameter(f"{item!r}: '{k}' is already set to a number")
+        node[leaf] = number
     return out or None
 
 
@@ -178,8 +189,38 @@ def load_records(images_dir, dataset, data_root, split, limit):
     "-m",
     "models",
     multiple=True,
-    required=True,
-    help="Backbone short name; repeat for several (see `ovss models`).",
+    help="Backbone short name; repeat for several (see `ovss models`). With --for: replaces "
+    "the recipe's model of the same kind (clip-*, sam-*, else the VFM).",
+)
+@click.option(
+    "--for",
+    "for_method",
+    type=click.Choice(["proxyclip", "trident", "maskclip", "fmbseg", "prototype"]),
+    help="Extract exactly what METHOD needs with its --dataset preset (models, protocols, "
+    "vocabulary, templates); --size/--crop/--stride/--pad-multiple change the preset windows. "
+    "--dataset names the preset; images come from --data-root or --images.",
+)
+@click.option(
+    "--vocab",
+    "vocabs",
+    multiple=True,
+    metavar="SPEC",
+    help="Also cache text embeddings of a vocabulary (repeatable): a dataset name "
+    "(ade20k, voc21/proxyclip for the ProxyCLIP class file), a class file, or a comma list "
+    "'sky,tree;trees,horse' (commas separate classes, ';' synonyms). Works on an existing "
+    "store without --model.",
+)
+@click.option(
+    "--templates",
+    default=None,
+    help="Template set of the text embeddings: openai80 (default), clip7, pixelclip8, "
+    "sub_imagenet7, tcl9, maskclip5, single (with --for: the method's).",
+)
+@click.option(
+    "--text-model",
+    default=None,
+    help="CLIP whose text tower embeds --vocab (default: every clip-* model of the call, "
+    "else clip-b16). --random-init/--seed/--weights/--arch-override apply to it too.",
 )
 @image_source_options
 @click.option(
@@ -244,7 +285,9 @@ def load_records(images_dir, dataset, data_root, split, limit):
     multiple=True,
     metavar="KEY=INT",
     help="Reduced configuration of the same architecture, e.g. depth=2 "
-    "embed_dim=64 num_heads=2 (tests and demos; recorded in provenance).",
+    "embed_dim=64 num_heads=2; dotted keys nest (CLIP: embed_dim=32 vision_cfg.layers=2 "
+    "vision_cfg.width=64 vision_cfg.heads=2 text_cfg.layers=1 ...). Tests and demos; "
+    "recorded in provenance.",
 )
 @click.option(
     "--dry-run", is_flag=True, help="Show images, windows, tokens and bytes; write nothing."
@@ -254,6 +297,10 @@ def load_records(images_dir, dataset, data_root, split, limit):
 @user_errors
 def extract(
     models,
+    for_method,
+    vocabs,
+    templates,
+    text_model,
     images_dir,
     dataset,
     data_root,
@@ -285,12 +332,29 @@ def extract(
     """Run backbones over images and write their dense features into a store.
 
     Resumes by default: finished blocks of images are never recomputed. Concurrent processes
-    with --shard i/n write disjoint blocks of the same store.
+    with --shard i/n write disjoint blocks of the same store. `--for METHOD --dataset NAME`
+    extracts what a method needs with its per-dataset preset; `--vocab` caches text embeddings
+    (computed by shard 0 only).
     """
     from featurestore.extract import ExtractConfig, plan
     from featurestore.extract import extract as run_extract
+    from featurestore.recipes import make_job, plan_job, run_job
 
-    records = load_records(images_dir, dataset, data_root, split, limit)
+    ctx = click.get_current_context()
+    protocol_changes = {
+        name: value
+        for name, value in (
+            ("resize", resize),
+            ("size", size),
+            ("crop", crop),
+            ("stride", stride),
+            ("pad_multiple", pad_multiple),
+        )
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+    }
+    records = extract_records(
+        models, for_method, vocabs, images_dir, dataset, data_root, split, limit, dry_run
+    )
     try:
         layer_ids = tuple(int(x) for x in layers.split(",") if x.strip())
     except ValueError:
@@ -313,13 +377,138 @@ def extract(
         workers=workers,
         arch_overrides=parse_overrides(arch_override),
     )
+    if not for_method and not vocabs:  # the plain call: one pass, the original report shape
+        if dry_run:
+            render.plan(plan(records, cfg), as_json)
+            return
+        with render.progress(quiet) as cb:
+            report = run_extract(records, cfg, progress=cb)
+        render.extract_report(report, as_json)
+        return
+    job = make_job(
+        models,
+        cfg.protocol,
+        method=for_method,
+        dataset=dataset,
+        vocabs=vocabs,
+        templates=templates,
+        text_model=text_model,
+        data_root=data_root,
+        protocol_changes=protocol_changes,
+    )
     if dry_run:
-        rows = plan(records, cfg)
-        render.plan(rows, as_json)
+        render_job_plan(plan_job(records, job, cfg), as_json)
         return
     with render.progress(quiet) as cb:
-        report = run_extract(records, cfg, progress=cb)
-    render.extract_report(report, as_json)
+        job_report = run_job(records, job, cfg, progress=cb)
+    render_job_report(job_report, as_json)
+
+
+def extract_records(
+    models, for_method, vocabs, images_dir, dataset, data_root, split, limit, dry_run
+):
+    """The images of an `extract` call (see its help for which options name them)."""
+    from featurestore.datasets import list_dataset_images
+    from featurestore.images import list_folder_images
+
+    if for_method:
+        if not dataset:
+            raise click.UsageError(f"--for {for_method} needs --dataset NAME (the preset)")
+        if images_dir:
+            records = list_folder_images(images_dir)
+        elif data_root:
+            records = list_dataset_images(dataset, data_root, split)
+        elif dry_run:
+            return []  # the recipe alone, without sizes
+        else:
+            raise click.UsageError(
+                f"--for {for_method} needs the images: --data-root PATH (the {dataset} "
+                "dataset) or --images DIR"
+            )
+        return records[:limit] if limit else records
+    if not models:
+        if not vocabs:
+            raise click.UsageError("give --model NAME (or --for METHOD, or --vocab SPEC)")
+        if not images_dir and not (dataset and data_root):
+            return []  # text sets only, into an existing store
+    return load_records(images_dir, dataset, data_root, split, limit)
+
+
+def render_job_plan(job_plan, as_json: bool) -> None:
+    """Dry run of a recipe / --vocab call: the recipe, the feature sets, the text sets."""
+    if as_json:
+        click.echo(json.dumps(job_plan.to_dict(), indent=2, default=str))
+        return
+    if job_plan.recipe:
+        render_recipe(job_plan.recipe)
+    if job_plan.feature_sets:
+        if all(r.images == 0 for r in job_plan.feature_sets):
+            render.out.print("no images given: sizes need --data-root PATH or --images DIR")
+        else:
+            render.plan(job_plan.feature_sets, False)
+    if job_plan.text_sets:
+        t = Table(title="text embeddings (dry run)")
+        for c in ("text set", "source", "classes", "queries", "templates", "dim", "size", "state"):
+            t.add_column(c)
+        for r in job_plan.text_sets:
+            t.add_row(
+                r.key,
+                r.source,
+                str(r.classes),
+                str(r.queries),
+                f"{r.template_set} ({r.templates})",
+                str(r.dim) if r.dim is not None else "-",
+                render.human_bytes(r.bytes),
+                "cached" if r.cached else "to compute",
+            )
+        render.out.print(t)
+
+
+def render_recipe(recipe: dict) -> None:
+    t = Table(title=f"recipe: --for {recipe['method']} --dataset {recipe['dataset']}")
+    for c in ("role", "model", "feature set", "protocol"):
+        t.add_column(c)
+    for s in recipe["steps"]:
+        p = s["protocol"]
+        desc = f"{p['resize']} {p['size']}"
+        if p["crop"]:
+            desc += f", windows {p['crop']}/{p['stride']}"
+        if p["pad_multiple"]:
+            desc += f", pad to {p['pad_multiple']}"
+        t.add_row(s["role"], s["model"], s["feature_set"], desc)
+    render.out.print(t)
+    render.out.print(
+        f"vocabulary {recipe['vocab']}, templates {recipe['templates']}, "
+        f"text model {recipe['text_model']}"
+    )
+    settings = ", ".join(f"{k}={v}" for k, v in recipe["settings"].items())
+    if settings:
+        render.out.print(f"method settings (same preset row): {settings}")
+    for n in recipe["notes"]:
+        render.out.print(f"[yellow]note[/]: {n}")
+
+
+def render_job_report(rep, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(rep.to_dict(), indent=2, default=str))
+        return
+    if rep.models:
+        render.extract_report(rep, False)
+    if rep.text_sets:
+        t = Table(title=f"text embeddings in {rep.store}")
+        for c in ("text set", "source", "classes", "queries", "templates", "status", "s"):
+            t.add_column(c)
+        for r in rep.text_sets:
+            t.add_row(
+                r.key or "-",
+                r.source,
+                str(r.classes),
+                str(r.queries),
+                r.template_set,
+                r.status,
+                f"{r.seconds:.1f}",
+            )
+        render.out.print(t)
 
 
 @cli.command()
@@ -457,6 +646,8 @@ def doctor(store_path, as_json):
 
 # Commands defined in their own modules (one line each).
 # -- command registry (keep one import + add_command per line pair) --
+from ovss_cli.data_cmd import data  # noqa: E402
+cli.add_command(data)
 
 
 def main() -> None:  # pragma: no cover

@@ -13,11 +13,14 @@ import pytest
 from featurestore.datasets import (
     DatasetSpec,
     class_names,
+    dataset_dir,
+    describe_datasets,
     get_dataset,
     list_dataset_images,
     list_datasets,
     palette,
     read_class_file,
+    resolve_split,
     voc_colour_map,
 )
 from featurestore.errors import OvssError
@@ -503,3 +506,78 @@ def test_palette_rules() -> None:
     assert palette("cityscapes", 19)[-1].tolist() == [119, 11, 32]
     with pytest.raises(OvssError):
         palette("ade20k", -1)
+
+
+# -- expected counts, preparation entries, dataset folders, descriptions ------------------------
+
+EXPECTED_VAL = {
+    "ade20k": 2000,
+    "voc21": 1449,
+    "voc20": 1449,
+    "context60": 5105,
+    "context59": 5105,
+    "coco_stuff171": 5000,
+    "coco_object": 5000,
+    "cityscapes": 500,
+}
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_expected_counts_and_prepare_entries(name: str) -> None:
+    spec = get_dataset(name)
+    assert spec.expected_count(spec.default_split) == EXPECTED_VAL[name]
+    assert spec.expected_count("no-such-split") is None
+    assert all(split in spec.splits for split, _ in spec.expected_images)
+    assert spec.converter == {"coco_stuff171": "coco_stuff", "coco_object": "coco_object"}.get(name)
+    assert spec.prepare_steps
+    for step in spec.prepare_steps:
+        filled = step.format(data_root="R", dataset_dir="D", dataset_parent="P")
+        assert "{" not in filled and "\n" not in filled
+
+
+def test_resolve_split() -> None:
+    assert resolve_split("ade") == "validation"
+    assert resolve_split("ade20k", "val") == "validation"
+    assert resolve_split("coco_object", "val2017") == "val"
+    with pytest.raises(OvssError, match="no split"):
+        resolve_split("voc21", "test")
+
+
+def test_dataset_dir_found_and_expected(tmp_path: Path) -> None:
+    base = _make_voc(tmp_path, year="2010", context=True)
+    for root in (tmp_path, tmp_path / "VOCdevkit", base):
+        assert dataset_dir("context59", root) == base
+    with pytest.raises(OvssError, match="download"):
+        dataset_dir("ade20k", tmp_path)
+    guess = {
+        tmp_path: tmp_path / "ADEChallengeData2016",
+        tmp_path / "ADEChallengeData2016": tmp_path / "ADEChallengeData2016",
+    }
+    for root, expected in guess.items():
+        assert dataset_dir("ade20k", root, must_exist=False) == expected
+    assert dataset_dir("voc21", tmp_path / "x" / "VOCdevkit", must_exist=False) == (
+        tmp_path / "x" / "VOCdevkit" / "VOC2012"
+    )
+    assert dataset_dir("coco_object", tmp_path, must_exist=False) == tmp_path / "coco_stuff164k"
+    assert dataset_dir("custom", tmp_path, must_exist=False) == tmp_path
+
+
+def test_describe_datasets(tmp_path: Path) -> None:
+    infos = describe_datasets()
+    assert [i.name for i in infos] == list_datasets()
+    by_name = {i.name: i for i in infos}
+    ade = by_name["ade20k"]
+    assert (ade.num_classes, ade.split, ade.expected_images) == (150, "validation", 2000)
+    assert ade.layout_root == "ADEChallengeData2016/" and "reduce_zero_label" in ade.label_rule
+    assert ade.present is None and ade.dataset_dir is None
+    assert "background" in by_name["voc21"].label_rule
+    assert by_name["coco_stuff171"].label_suffix == "_labelTrainIds.png"
+    assert by_name["custom"].expected_images is None
+
+    _make_ade(tmp_path)
+    _make_custom(tmp_path)
+    found = {i.name: i for i in describe_datasets(tmp_path)}
+    assert found["ade20k"].present is True
+    assert found["ade20k"].dataset_dir == str(tmp_path / "ADEChallengeData2016")
+    assert found["voc21"].present is False and found["voc21"].dataset_dir is None
+    assert found["custom"].present is True and found["custom"].num_classes == 3

@@ -115,6 +115,8 @@ class Backbone(torch.nn.Module):
 BackboneBuilder = Callable[..., Backbone]
 _REGISTRY: dict[str, BackboneBuilder] = {}
 _DOCS: dict[str, str] = {}
+# Name prefix -> (builder(name, **kw), syntax shown in messages), e.g. "openclip:".
+_PREFIXES: dict[str, tuple[BackboneBuilder, str]] = {}
 
 
 def register_backbone(name: str, doc: str = "") -> Callable[[BackboneBuilder], BackboneBuilder]:
@@ -130,6 +132,14 @@ def register_backbone(name: str, doc: str = "") -> Callable[[BackboneBuilder], B
     return deco
 
 
+def register_backbone_prefix(prefix: str, builder: BackboneBuilder, syntax: str = "") -> None:
+    """Route every unregistered name starting with ``prefix`` to ``builder(name, **kw)`` (e.g.
+    ``openclip:<model_name>:<pretrained_tag>``); ``syntax`` is shown in unknown-name messages."""
+    if prefix in _PREFIXES:
+        raise ValueError(f"backbone prefix {prefix!r} registered twice")
+    _PREFIXES[prefix] = (builder, syntax or f"{prefix}...")
+
+
 def list_backbones() -> list[str]:
     _import_families()
     return sorted(_REGISTRY)
@@ -141,7 +151,8 @@ def backbone_doc(name: str) -> str:
 
 
 def create_backbone(name: str, **kwargs) -> Backbone:
-    """Build a registered backbone by short name (``dinov2-s14``, ``dino-b16``, ...).
+    """Build a registered backbone by short name (``dinov2-s14``, ``dino-b16``, ...) or by a
+    registered prefix (``openclip:<model_name>:<pretrained_tag>``).
 
     Unknown names raise ``OvssError`` listing what exists.
     """
@@ -149,12 +160,17 @@ def create_backbone(name: str, **kwargs) -> Backbone:
 
     _import_families()
     if name not in _REGISTRY:
+        for prefix, (builder, _) in _PREFIXES.items():
+            if name.startswith(prefix):
+                return builder(name, **kwargs)
+        also = "".join(f" or {syntax}" for _, syntax in _PREFIXES.values())
         raise OvssError(
-            f"'{name}' is not a known model; choose from {', '.join(sorted(_REGISTRY))}"
+            f"'{name}' is not a known model; choose from {', '.join(sorted(_REGISTRY))}{also}"
         )
     return _REGISTRY[name](**kwargs)
 
 
 def _import_families() -> None:
     # Importing a family module registers its builders.
-    from featurestore.backbones import dino  # noqa: F401
+    import featurestore.backbones.sam  # noqa: F401
+    from featurestore.backbones import clip, dino  # noqa: F401

@@ -1,0 +1,342 @@
+"""Extraction recipes: per-dataset presets (EVAL.md §4.2/§4.4), role changes, dry runs, runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import featurestore.backbones.clip as clip_module
+from featurestore.errors import OvssError
+from featurestore.extract import ExtractConfig
+from featurestore.images import list_folder_images
+from featurestore.protocol import Protocol
+from featurestore.recipes import (
+    BENCHMARKS,
+    RecipeStep,
+    list_recipes,
+    make_job,
+    plan_job,
+    recipe_for,
+    run_job,
+)
+from featurestore.store import FeatureStore
+from featurestore.text import list_text_sets, load_text_embeddings, parse_vocab
+from ovss_cli.main import cli
+
+# EVAL.md §4.4, typed again here: S / crop / stride / prob_thd.
+PROXYCLIP_TABLE = {
+    "voc21": (336, 336, 112, 0.2),
+    "voc20": (336, 336, 112, 0.0),
+    "context60": (336, 336, 112, 0.15),
+    "context59": (336, 336, 112, 0.0),
+    "coco_object": (336, 336, 112, 0.25),
+    "coco_stuff171": (336, 336, 112, 0.0),
+    "ade20k": (448, 336, 112, 0.0),
+    "cityscapes": (448, 224, 112, 0.0),
+}
+# S / crop / stride / prob_thd / coarse_thresh / cos_fac / refine_neg_cos
+TRIDENT_TABLE = {
+    "voc21": (448, 336, 224, 0.2, 0.2, 1.2, True),
+    "voc20": (336, 336, 112, 0.0, 0.2, 0.0, True),
+    "context60": (576, 336, 224, 0.15, 0.15, 1.2, True),
+    "context59": (576, 336, 224, 0.0, 0.15, 1.2, True),
+    "coco_object": (448, 336, 224, 0.25, 0.25, 1.2, True),
+    "coco_stuff171": (448, 336, 224, 0.0, 0.05, 1.2, True),
+    "ade20k": (576, 336, 224, 0.0, 0.05, 1.2, False),
+    "cityscapes": (688, 336, 224, 0.0, 0.10, 3.0, False),
+}
+# EVAL.md §4.2, SCLIP column: S (maskclip windows are 224/112).
+SCLIP_SIZES = {
+    "voc21": 336,
+    "context60": 336,
+    "coco_object": 336,
+    "voc20": 336,
+    "context59": 336,
+    "coco_stuff171": 448,
+    "cityscapes": 560,
+    "ade20k": 336,
+}
+TINY_CLIP_ARGS = [
+    "--random-init",
+    "--arch-override",
+    "embed_dim=32",
+    "--arch-override",
+    "vision_cfg.layers=1",
+    "--arch-override",
+    "vision_cfg.width=32",
+    "--arch-override",
+    "vision_cfg.heads=2",
+    "--arch-override",
+    "text_cfg.layers=1",
+    "--arch-override",
+    "text_cfg.width=32",
+    "--arch-override",
+    "text_cfg.heads=2",
+]
+
+
+@pytest.fixture(autouse=True)
+def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    weights_dir = tmp_path / "weights"
+    weights_dir.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OVSS_WEIGHTS", str(weights_dir))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(clip_module, "OPENAI_CACHE_DIR", tmp_path / "clip_cache")
+
+
+def test_benchmarks_are_the_eval_tables() -> None:
+    assert set(BENCHMARKS) == set(PROXYCLIP_TABLE) == set(TRIDENT_TABLE) == set(SCLIP_SIZES)
+
+
+@pytest.mark.parametrize("dataset", list(PROXYCLIP_TABLE))
+def test_proxyclip_presets(dataset: str) -> None:
+    size, crop, stride, thd = PROXYCLIP_TABLE[dataset]
+    r = recipe_for("proxyclip", dataset)
+    win = Protocol("short", size, crop=crop, stride=stride, pad_multiple=56)
+    assert r.steps == [RecipeStep("clip", "clip-b16", win), RecipeStep("vfm", "dino-b8", win)]
+    assert (r.settings["size"], r.settings["crop"], r.settings["stride"]) == (size, crop, stride)
+    assert r.settings["prob_thd"] == thd
+    assert (r.settings["beta"], r.settings["gamma"], r.settings["logit_scale"]) == (1.2, 3.0, 40)
+    assert r.vocab == f"dataset:{dataset}/proxyclip" and r.templates == "openai80"
+    assert r.text_model == "clip-b16"
+    assert r.groups() == [(win, ["clip-b16", "dino-b8"])]  # one pass: same windows
+
+
+@pytest.mark.parametrize("dataset", list(TRIDENT_TABLE))
+def test_trident_presets(dataset: str) -> None:
+    size, crop, stride, thd, coarse, cos_fac, neg = TRIDENT_TABLE[dataset]
+    r = recipe_for("trident", dataset)
+    win = Protocol("short", size, crop=crop, stride=stride, pad_multiple=56)
+    sam = Protocol(resize="long", size=1024)
+    assert r.steps == [
+        RecipeStep("clip", "clip-b16", win),
+        RecipeStep("vfm", "dino-b16", win),
+        RecipeStep("sam", "sam-b", sam),
+    ]
+    s = r.settings
+    assert (s["prob_thd"], s["coarse_thresh"], s["cos_fac"], s["refine_neg_cos"]) == (
+        thd,
+        coarse,
+        cos_fac,
+        neg,
+    )
+    assert (s["sam_iou_thresh"], s["minimal_area"], s["sam_mask_alpha"]) == (0.8, 225, 0.005)
+    assert r.vocab == f"dataset:{dataset}/proxyclip"
+    assert r.groups() == [(win, ["clip-b16", "dino-b16"]), (sam, ["sam-b"])]
+    assert s["sam_halves"] == (dataset == "cityscapes")
+    assert any("halves" in n for n in r.notes) == (dataset == "cityscapes")
+
+
+@pytest.mark.parametrize("dataset", list(SCLIP_SIZES))
+def test_maskclip_presets(dataset: str) -> None:
+    r = recipe_for("maskclip", dataset)
+    win = Protocol("short", SCLIP_SIZES[dataset], crop=224, stride=112)
+    assert r.steps == [RecipeStep("clip", "clip-b16", win)]
+    assert r.vocab == f"dataset:{dataset}/sclip" and r.templates == "openai80"
+    assert r.settings["logit_scale"] == {"voc21": 65, "context60": 50, "coco_object": 50}.get(
+        dataset, 40
+    )
+
+
+def test_fmbseg_and_prototype_defaults() -> None:
+    f = recipe_for("fmbseg", "coco_stuff171")
+    assert [(s.role, s.model, s.protocol.key()) for s in f.steps] == [
+        ("clip", "clip-l14", "short448-c224s112"),
+        ("vfm", "dinov2-l14", "short448"),
+        ("sam", "sam-h", "long1024"),
+    ]
+    assert f.templates == "single" and f.text_model == "clip-l14"
+    assert f.vocab == "dataset:coco_stuff171/sclip"
+    p = recipe_for("prototype", "voc20")
+    assert [(s.role, s.model, s.protocol.key()) for s in p.steps] == [
+        ("dense", "clip-b16", "short448")
+    ]
+    p = recipe_for("prototype", "voc20", models=["dinov2-s14"])
+    assert p.steps[0].model == "dinov2-s14" and p.text_model == "clip-b16"
+
+
+def test_role_changes_and_protocol_changes() -> None:
+    r = recipe_for("trident", "voc21", models=["dinov2-b14"])
+    assert [s.model for s in r.steps] == ["clip-b16", "dinov2-b14", "sam-b"]
+    h = recipe_for("trident", "voc21", models=["clip-h14"])
+    assert [s.model for s in h.steps] == ["clip-h14", "dino-b16", "sam-h"]
+    assert h.text_model == "clip-h14"
+    hb = recipe_for("trident", "voc21", models=["clip-h14", "sam-b"])
+    assert hb.steps[2].model == "sam-b"
+    c = recipe_for("proxyclip", "ade20k", size=512, stride=224)
+    assert c.steps[0].protocol == Protocol("short", 512, crop=336, stride=224, pad_multiple=56)
+    assert c.settings["size"] == 512 and any("preset changed" in n for n in c.notes)
+    t = recipe_for("trident", "ade20k", size=640)
+    assert t.steps[2].protocol == Protocol(resize="long", size=1024)  # SAM's is fixed
+    assert recipe_for("maskclip", "voc20", templates="clip7", text_model="clip-l14").templates == (
+        "clip7"
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"method": "segformer", "dataset": "ade20k"}, "proxyclip, trident, maskclip"),
+        ({"method": "trident", "dataset": "ade21"}, "ade20k, voc21"),
+        ({"method": "trident", "dataset": "custom"}, "no trident preset.*voc21"),
+        ({"method": "maskclip", "dataset": "voc20", "models": ["dino-b8"]}, "no vfm model"),
+        ({"method": "trident", "dataset": "voc20", "models": ["dino-b8", "dino-b16"]}, "two"),
+        ({"method": "proxyclip", "dataset": "voc20", "crop": 336, "stride": 0}, "stride"),
+        ({"method": "proxyclip", "dataset": "voc20", "templates": "x"}, "template set"),
+    ],
+)
+def test_recipe_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(OvssError, match=match):
+        recipe_for(**kwargs)
+
+
+def test_list_recipes_matches_cli_choices() -> None:
+    opt = next(p for p in cli.commands["extract"].params if p.name == "for_method")
+    assert list(opt.type.choices) == list_recipes()
+
+
+def test_make_job_rules() -> None:
+    proto = Protocol("short", 448)
+    job = make_job(["dinov2-s14", "clip-l14"], proto, vocabs=["ade20k"])
+    assert job.groups == [(proto, ["dinov2-s14", "clip-l14"])] and job.text_models == ["clip-l14"]
+    assert make_job(["dinov2-s14"], proto, vocabs=["a,b"]).text_models == ["clip-b16"]
+    assert make_job(["dinov2-s14"], proto).text_models == []
+    job = make_job([], proto, method="trident", dataset="voc20", vocabs=["cat,dog"])
+    assert job.vocabs == ["dataset:voc20/proxyclip", "cat,dog"]
+    with pytest.raises(OvssError, match="resize"):
+        make_job([], proto, method="trident", dataset="voc20", protocol_changes={"resize": "x"})
+    with pytest.raises(OvssError, match="needs --dataset"):
+        make_job([], proto, method="trident")
+    with pytest.raises(OvssError, match="nothing to extract"):
+        make_job([], proto)
+
+
+# -- through the CLI --------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def ade_root(tmp_path: Path) -> Path:
+    d = tmp_path / "data" / "ADEChallengeData2016" / "images" / "validation"
+    d.mkdir(parents=True)
+    for i, (h, w) in enumerate([(512, 683), (300, 400)]):
+        Image.fromarray(np.full((h, w, 3), 40 * i, np.uint8)).save(d / f"ADE_val_{i:08d}.jpg")
+    return tmp_path / "data"
+
+
+def test_cli_trident_ade20k_dry_run(tmp_path: Path, ade_root: Path) -> None:
+    store = tmp_path / "t.zarr"
+    args = ["extract", "--for", "trident", "--dataset", "ade20k", "--data-root", str(ade_root),
+            "--store", str(store), "--dry-run"]  # fmt: skip
+    res = CliRunner().invoke(cli, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert [(s["role"], s["model"], s["feature_set"]) for s in out["recipe"]["steps"]] == [
+        ("clip", "clip-b16", "clip-b16@short576-c336s224-pad56"),
+        ("vfm", "dino-b16", "dino-b16@short576-c336s224-pad56"),
+        ("sam", "sam-b", "sam-b@long1024"),
+    ]
+    rows = {r["feature_set"]: r for r in out["feature_sets"]}
+    # both images resize to 576x768 -> 3x3 windows of 336 px = 21x21 tokens (patch 16)
+    for key in ("clip-b16@short576-c336s224-pad56", "dino-b16@short576-c336s224-pad56"):
+        assert rows[key]["images"] == 2 and rows[key]["windows"] == 18
+        assert rows[key]["tokens"] == 18 * 21 * 21
+    # SAM: longer side 1024 -> 1024x768 -> 64x48 valid tokens per image
+    assert rows["sam-b@long1024"]["windows"] == 2 and rows["sam-b@long1024"]["tokens"] == 6144
+    assert all(r["bytes"] > 0 for r in rows.values())
+    [text] = out["text_sets"]
+    assert text["source"] == "dataset:ade20k/proxyclip" and text["queries"] == 150
+    assert text["dim"] == 512 and text["bytes"] == 150 * 512 * 4 and not text["cached"]
+    assert text["template_set"] == "openai80" and text["templates"] == 80
+    assert not store.exists()  # a dry run writes nothing
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert "recipe: --for trident --dataset ade20k" in res.output and "sam-b@long1024" in res.output
+    # without images: the recipe alone
+    res = CliRunner().invoke(
+        cli, ["extract", "--for", "trident", "--dataset", "ade", "--store", "x", "--dry-run"]
+    )
+    assert res.exit_code == 0 and "no images given" in res.output
+    res = CliRunner().invoke(cli, ["extract", "--for", "trident", "--dataset", "ade", "-s", "x"])
+    assert res.exit_code == 2 and "--data-root" in res.output
+
+
+def test_cli_recipe_overrides_reach_the_plan(tmp_path: Path, ade_root: Path) -> None:
+    res = CliRunner().invoke(
+        cli,
+        ["extract", "--for", "proxyclip", "--dataset", "ade20k", "--data-root", str(ade_root),
+         "-m", "dinov2-b14-reg", "--size", "336", "--store", str(tmp_path / "p.zarr"),
+         "--templates", "clip7", "--dry-run", "--json"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert [r["feature_set"] for r in out["feature_sets"]] == [
+        "clip-b16@short336-c336s112-pad56",
+        "dinov2-b14-reg@short336-c336s112-pad56",
+    ]
+    assert out["text_sets"][0]["template_set"] == "clip7"
+    res = CliRunner().invoke(
+        cli, ["extract", "--for", "proxyclip", "--dataset", "ade20k", "--resize", "square",
+              "-s", "x", "--dry-run"],
+    )  # fmt: skip
+    assert res.exit_code == 1 and "resize" in res.output
+
+
+def test_cli_maskclip_recipe_runs(tmp_path: Path) -> None:
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (40, 50 + 10 * i, 3), dtype=np.uint8)).save(
+            imgs / f"x{i}.png"
+        )
+    store = str(tmp_path / "m.zarr")
+    args = ["extract", "--for", "maskclip", "--dataset", "voc20", "--images", str(imgs),
+            "--store", store, "--templates", "single", "-q", "--json", *TINY_CLIP_ARGS]  # fmt: skip
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert rep["recipe"]["method"] == "maskclip"
+    assert [m["feature_set"] for m in rep["models"]] == ["clip-b16@short336-c224s112"]
+    assert rep["models"][0]["images_extracted"] == 2
+    assert rep["text_sets"][0]["status"] == "computed"
+    st = FeatureStore.open(store)
+    st.require("clip-b16", Protocol("short", 336, crop=224, stride=112))
+    emb = load_text_embeddings(st, "clip-b16", parse_vocab("voc20"), "single")
+    assert emb.embeddings.shape == (30, 32) and emb.query_to_class.max() == 19
+    res = CliRunner().invoke(cli, [a for a in args if a != "--json"])
+    assert res.exit_code == 0 and "cached" in res.output
+
+
+def test_text_sets_only_on_shard_zero(tmp_path: Path) -> None:
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(imgs / "a.png")
+    records = list_folder_images(imgs)
+    store = str(tmp_path / "s.zarr")
+    FeatureStore.open_or_create(store, records)
+    proto = Protocol("short", 32)
+    job = make_job([], proto, vocabs=["a,b"])
+    cfg = ExtractConfig(models=[], protocol=proto, store=store, shard=(1, 2), random_init=True)
+    rep = run_job(records, job, cfg)
+    assert rep.text_sets[0].status.startswith("skipped: shard 1/2")
+    assert list_text_sets(store) == []
+    plan = plan_job(records, job, cfg)
+    assert plan.feature_sets == [] and plan.text_sets[0].queries == 2
+
+
+def test_weights_with_a_text_model_outside_the_call(tmp_path: Path) -> None:
+    proto = Protocol("short", 32)
+    job = make_job(["dinov2-s14"], proto, vocabs=["a,b"])
+    ckpt = tmp_path / "w.pth"
+    ckpt.write_bytes(b"x")
+    cfg = ExtractConfig(models=["dinov2-s14"], protocol=proto, store="s", weights=str(ckpt))
+    with pytest.raises(OvssError, match="text model clip-b16 needs its own"):
+        run_job([], job, cfg)

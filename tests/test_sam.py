@@ -1,0 +1,638 @@
+"""SAM backbones and the cached-SAM methods, against segment_anything's own classes.
+
+Models are the real ``Sam`` classes in a tiny configuration (2 encoder blocks, 64-d, 256 px input,
+a 16 x 16 token grid), random-initialised on the CPU; the official configurations are checked on
+the meta device against segment_anything's ``build_sam_vit_*``. Checkpoints are written by the
+tests in Meta's ``.pth`` layout (a flat ``Sam`` state dict).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import segment_anything.modeling.image_encoder as sam_image_encoder
+import torch
+from PIL import Image
+from segment_anything import (
+    SamAutomaticMaskGenerator,
+    SamPredictor,
+    build_sam_vit_b,
+    build_sam_vit_h,
+    build_sam_vit_l,
+)
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from featurestore.backbones import create_backbone, list_backbones
+from featurestore.backbones.sam import SamBackbone, load_sam_decoder
+from featurestore.errors import OvssError, ProvenanceMismatchError, WeightsNotFoundError
+from featurestore.extract import ExtractConfig, extract, plan
+from featurestore.images import list_folder_images, load_image_rgb
+from featurestore.protocol import Protocol
+from featurestore.store import FeatureSet, FeatureStore
+from methods.sam_cache import (
+    CachedSamPredictor,
+    crop_token_rows,
+    generate_masks_cached,
+    load_sam_decoder_for,
+    sam_attention,
+    sam_static,
+    trident_sam_inputs,
+)
+
+SAM_NAMES = [n for n in list_backbones() if n.startswith("sam-")]
+TINY = {
+    "depth": 2,
+    "embed_dim": 64,
+    "num_heads": 2,
+    "global_attn_indexes": (1,),
+    "window_size": 4,
+    "img_size": 256,
+    "out_chans": 32,
+    "decoder_mlp_dim": 64,
+    "decoder_num_heads": 2,
+    "iou_head_hidden_dim": 32,
+    "mask_in_chans": 8,
+}
+IMG = TINY["img_size"]
+S = IMG // 16  # token grid side
+PROTO = Protocol(resize="long", size=IMG)
+CHECKPOINTS = {
+    "sam-b": "sam_vit_b_01ec64.pth",
+    "sam-l": "sam_vit_l_0b3195.pth",
+    "sam-h": "sam_vit_h_4b8939.pth",
+}
+# Original sizes: wide and tall with sides that are no multiple of 16 after resizing, and square.
+IMAGE_SIZES = ((90, 131), (200, 57), (64, 64))
+
+
+def tiny(name: str = "sam-b", seed: int = 0, layers: tuple[int, ...] = ()) -> SamBackbone:
+    return create_backbone(name, random_init=True, seed=seed, layers=layers, arch_overrides=TINY)
+
+
+@pytest.fixture(autouse=True)
+def offline_and_isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No network, an empty $OVSS_WEIGHTS, and empty huggingface_hub / torch.hub caches."""
+    weights_dir = tmp_path / "weights"
+    weights_dir.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OVSS_WEIGHTS", str(weights_dir))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    return weights_dir
+
+
+def write_images(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for i, (h, w) in enumerate(IMAGE_SIZES):
+        # Smooth blobs plus noise: structure the tiny decoder can turn into varied masks.
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = 127 + 100 * np.sin(xx / (7 + 3 * i))[..., None] * np.cos(yy / 9)[..., None]
+        pixels = base + rng.normal(0, 20, (h, w, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / f"im{i}.png")
+    return root
+
+
+def save_official(model: Sam, path: Path) -> Path:
+    """Meta's release layout: ``torch.save`` of the whole ``Sam`` state dict."""
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list:
+    return list_folder_images(write_images(tmp_path_factory.mktemp("sam_images")))
+
+
+@pytest.fixture(scope="module")
+def random_store(images: list, tmp_path_factory: pytest.TempPathFactory) -> FeatureSet:
+    """float32 store of the tiny random-init sam-b (seed 0), extracted in batches of 2."""
+    store = tmp_path_factory.mktemp("sam_store") / "s.zarr"
+    cfg = ExtractConfig(
+        models=["sam-b"],
+        protocol=PROTO,
+        store=str(store),
+        random_init=True,
+        arch_overrides=TINY,
+        dtype="float32",
+        batch_size=2,
+        workers=1,
+        device="cpu",
+    )
+    report = extract(images, cfg)
+    assert report.models[0].images_extracted == len(images)
+    return FeatureStore.open(store).require("sam-b", PROTO)
+
+
+@pytest.fixture(scope="module")
+def strong_bias_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Sam, Path]:
+    """A tiny sam-b whose relative-position tables are large (std 0.5), saved as the release
+    file: the relative-position bias then changes the attention a lot."""
+    model = tiny(seed=3).model
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for block in model.image_encoder.blocks:
+            block.attn.rel_pos_h.normal_(0, 0.5, generator=gen)
+            block.attn.rel_pos_w.normal_(0, 0.5, generator=gen)
+    path = tmp_path_factory.mktemp("sam_ckpt") / CHECKPOINTS["sam-b"]
+    return model, save_official(model, path)
+
+
+@pytest.fixture(scope="module")
+def loaded_store(
+    images: list, strong_bias_model: tuple[Sam, Path], tmp_path_factory: pytest.TempPathFactory
+) -> FeatureSet:
+    store = tmp_path_factory.mktemp("sam_store_w") / "s.zarr"
+    cfg = ExtractConfig(
+        models=["sam-b"],
+        protocol=PROTO,
+        store=str(store),
+        weights=str(strong_bias_model[1]),
+        arch_overrides=TINY,
+        dtype="float32",
+        batch_size=3,
+        workers=1,
+        device="cpu",
+    )
+    extract(images, cfg)
+    return FeatureStore.open(store).require("sam-b", PROTO)
+
+
+class GlobalAttentionRecorder:
+    """Records the pre-softmax logits of the real encoder's global-attention blocks by wrapping
+    segment_anything's ``add_decomposed_rel_pos`` (which ``Attention.forward`` calls)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.logits: list[torch.Tensor] = []
+        original = sam_image_encoder.add_decomposed_rel_pos
+
+        def record(attn, q, rel_pos_h, rel_pos_w, q_size, k_size):
+            out = original(attn, q, rel_pos_h, rel_pos_w, q_size, k_size)
+            if tuple(q_size) == (S, S):  # global blocks only (windows are 4 x 4 here)
+                self.logits.append(out.detach().clone())
+            return out
+
+        monkeypatch.setattr(sam_image_encoder, "add_decomposed_rel_pos", record)
+
+    def last_attention(self) -> torch.Tensor:
+        """``(H, S*S, S*S)`` softmax attention of the last global block (batch of one)."""
+        return self.logits[-1].softmax(dim=-1)
+
+
+def valid_rows(grid: tuple[int, int]) -> torch.Tensor:
+    gh, gw = grid
+    return (torch.arange(gh)[:, None] * S + torch.arange(gw)[None, :]).reshape(-1)
+
+
+# --- registry, configurations, geometry -------------------------------------------------------
+
+
+def test_registry_holds_every_sam_name() -> None:
+    assert SAM_NAMES == ["sam-b", "sam-h", "sam-l"]
+
+
+@pytest.mark.parametrize(
+    ("name", "reference", "attn_block"),
+    [
+        ("sam-b", build_sam_vit_b, 11),
+        ("sam-l", build_sam_vit_l, 23),
+        ("sam-h", build_sam_vit_h, 31),
+    ],
+)
+def test_official_configuration_equals_segment_anything_builder(
+    name: str, reference, attn_block: int
+) -> None:
+    with torch.device("meta"):
+        ours = create_backbone(name, random_init=True)
+        ref = reference()
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in ours.model.state_dict().items()} == want
+    assert ours.attn_block == attn_block and ours.info.extra["attn_block"] == attn_block
+    assert ours.model.image_encoder.blocks[attn_block].window_size == 0  # global
+    assert ours.info.extra["img_size"] == 1024 and ours.info.extra["embedding_size"] == 64
+
+
+@pytest.mark.parametrize("name", SAM_NAMES)
+def test_tiny_build_is_the_real_classes_and_recorded(name: str) -> None:
+    backbone = tiny(name, seed=3, layers=(-2,))
+    model = backbone.model
+    assert type(model) is Sam and type(model.image_encoder) is ImageEncoderViT
+    assert type(model.prompt_encoder) is PromptEncoder and type(model.mask_decoder) is MaskDecoder
+    assert len(model.image_encoder.blocks) == 2 and model.image_encoder.img_size == IMG
+    assert [b.window_size for b in model.image_encoder.blocks] == [4, 0]
+    assert model.prompt_encoder.image_embedding_size == (S, S)
+    info = backbone.info
+    assert info.name == name and info.family == "sam" and info.patch_size == 16
+    assert info.arch == {"sam-b": "vit_b", "sam-l": "vit_l", "sam-h": "vit_h"}[name]
+    assert info.mean == (0.485, 0.456, 0.406) and info.std == (0.229, 0.224, 0.225)
+    assert info.weights == "random-init:3" and info.weights_path is None
+    assert set(info.library) == {"torch", "segment_anything"}
+    extra = info.extra
+    assert (extra["heads"], extra["head_dim"], extra["attn_block"]) == (2, 32, 1)
+    assert extra["layers"] == [0] and extra["arch_overrides"]["global_attn_indexes"] == [1]
+    specs = {s.name: (s.unit, s.row_shape) for s in backbone.tensor_specs()}
+    assert specs == {
+        "embedding": ("window", (32, S, S)),
+        "q": ("token", (2, 32)),
+        "k": ("token", (2, 32)),
+        "v": ("token", (2, 32)),
+        "attn_lse": ("token", (2,)),
+        "layer0": ("token", (64,)),
+    }
+    static = backbone.static_tensors()
+    assert static["rel_pos_h"].shape == static["rel_pos_w"].shape == (2 * S - 1, 32)
+    assert static["scale"].tolist() == [32**-0.5] and static["patch_size"].tolist() == [16]
+    # segment_anything starts the tables at zero; our random init draws them.
+    assert np.abs(static["rel_pos_h"]).max() > 0
+
+
+def test_random_init_is_seeded_per_part_and_leaves_global_rng_alone() -> None:
+    state = torch.get_rng_state()
+    a, b, c = tiny(seed=7), tiny(seed=7), tiny(seed=8)
+    assert torch.equal(torch.get_rng_state(), state)
+    for key, value in a.model.state_dict().items():
+        assert torch.equal(value, b.model.state_dict()[key]), key
+    assert not torch.equal(
+        a.model.image_encoder.patch_embed.proj.weight, c.model.image_encoder.patch_embed.proj.weight
+    )
+    decoder = load_sam_decoder("sam-b", random_init=True, seed=7, arch_overrides=TINY)
+    for key, value in decoder.state_dict().items():
+        assert torch.equal(value, a.model.state_dict()[key]), key
+
+
+def test_bad_overrides_and_arguments_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown SAM arch_overrides.*allowed keys"):
+        create_backbone("sam-b", random_init=True, arch_overrides={"dept": 2})
+    with pytest.raises(ValueError, match="global_attn_indexes"):
+        create_backbone(
+            "sam-b", random_init=True, arch_overrides=dict(TINY, global_attn_indexes=(5,))
+        )
+    with pytest.raises(OvssError, match="exclude each other"):
+        create_backbone("sam-b", weights=str(tmp_path / "x.pth"), random_init=True)
+    with pytest.raises(OvssError, match="layer 2 does not exist"):
+        tiny(layers=(2,))
+
+
+@pytest.mark.parametrize(
+    ("size", "resized", "grid"),
+    [
+        ((90, 131), (176, 256), (11, 16)),  # wide, 176 = 11 * 16
+        ((300, 40), (256, 34), (16, 3)),  # tall, 34 px = 2 patches + 2 px
+        ((40, 300), (34, 256), (3, 16)),
+        ((5, 7), (183, 256), (12, 16)),  # smaller than a patch: upsampled
+        ((3, 100), (8, 256), (1, 16)),  # short side below one patch after resizing
+        ((1, 600), (1, 256), (1, 16)),  # SAM's rounding gives 0 rows: kept at 1
+        ((64, 64), (256, 256), (16, 16)),
+    ],
+)
+def test_geometry_is_resize_longest_side_padded_bottom_right(
+    size: tuple[int, int], resized: tuple[int, int], grid: tuple[int, int]
+) -> None:
+    backbone = tiny()
+    geo = backbone.geometry(PROTO, *size)
+    assert geo.original == size and geo.resized == resized
+    expected = ResizeLongestSide.get_preprocess_shape(*size, IMG)
+    assert resized == tuple(max(1, s) for s in expected) == PROTO.resized_size(*size)
+    (window,) = geo.windows
+    assert window.box == (0, 0, *resized)
+    assert window.pad == (0, 0, IMG - resized[0], IMG - resized[1])
+    assert window.grid == grid and geo.n_tokens == grid[0] * grid[1]
+
+
+def test_other_protocols_are_refused_with_the_right_one_named() -> None:
+    backbone = tiny()
+    for protocol in (
+        Protocol(resize="short", size=IMG),
+        Protocol(resize="long", size=1024),
+        Protocol(resize="long", size=IMG, crop=128, stride=64),
+    ):
+        with pytest.raises(OvssError, match=r"Protocol\(resize='long', size=256\)"):
+            backbone.geometry(protocol, 90, 131)
+
+
+@pytest.mark.parametrize("size", [(90, 131), (300, 40)])
+def test_preprocess_equals_sam_predictor_input(size: tuple[int, int]) -> None:
+    backbone = tiny()
+    image = np.random.default_rng(1).integers(0, 256, (*size, 3), dtype=np.uint8)
+    (x,) = backbone.preprocess(image, backbone.geometry(PROTO, *size))
+    resized = torch.as_tensor(ResizeLongestSide(IMG).apply_image(image)).permute(2, 0, 1)
+    assert torch.equal(x, backbone.model.preprocess(resized[None])[0])
+
+
+# --- cached tensors ---------------------------------------------------------------------------
+
+
+def test_store_embedding_and_factors_equal_the_real_encoder(
+    random_store: FeatureSet, images: list
+) -> None:
+    backbone = tiny()
+    block = backbone.model.image_encoder.blocks[1]
+    predictor = SamPredictor(backbone.model)
+    captured = {}
+    block.attn.qkv.register_forward_hook(lambda m, a, out: captured.update(qkv=out))
+    for i, record in enumerate(images):
+        predictor.set_image(load_image_rgb(record.path))
+        got = random_store.read(i)
+        assert got.resized_size == predictor.input_size
+        assert got.original_size == predictor.original_size
+        assert torch.equal(torch.from_numpy(got.tensors["embedding"]), predictor.features)
+        grid = tuple(got.win_grid[0])
+        qkv = captured["qkv"].reshape(S * S, 3, 2, 32)[valid_rows(grid)]
+        for j, name in enumerate("qkv"):
+            assert torch.equal(torch.from_numpy(got.tensors[name]), qkv[:, j]), name
+    static = sam_static(random_store)
+    assert np.array_equal(static["rel_pos_h"], block.attn.rel_pos_h.detach().numpy())
+    assert random_store.provenance["backbone"]["extra"]["attn_block"] == 1
+
+
+def test_intermediate_layers_are_block_outputs_on_valid_tokens() -> None:
+    backbone = tiny(layers=(0,))
+    x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))
+    out = backbone.forward_dense(x, [(11, 16), (16, 3)])
+    with torch.no_grad():
+        enc = backbone.model.image_encoder
+        tokens = enc.blocks[0](enc.patch_embed(x) + enc.pos_embed)  # (2, S, S, D)
+    assert out["layer0"].shape == (2, 176, 64) and out["q"].shape == (2, 176, 2, 32)
+    assert torch.equal(out["layer0"][1, :48], tokens[1, :16, :3].reshape(48, 64))
+    assert torch.equal(out["layer0"][0], tokens[0, :11].reshape(176, 64))
+    assert not out["q"][1, 48:].any() and not out["attn_lse"][1, 48:].any()
+
+
+# --- attention --------------------------------------------------------------------------------
+
+
+def test_attention_equals_the_real_blocks_attention(
+    loaded_store: FeatureSet,
+    strong_bias_model: tuple[Sam, Path],
+    images: list,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    recorder = GlobalAttentionRecorder(monkeypatch)
+    predictor = SamPredictor(strong_bias_model[0])
+    static = sam_static(loaded_store)
+    for i, record in enumerate(images):
+        predictor.set_image(load_image_rgb(record.path))
+        full = recorder.last_attention()  # (H, S*S, S*S), softmax over the padded grid
+        got = loaded_store.read(i).tensors
+        grid = tuple(loaded_store.read(i).win_grid[0])
+        rows = valid_rows(grid)
+        cropped = full[:, rows][:, :, rows]
+        q, k = got["q"], got["k"]
+        attn_full = sam_attention(q, k, grid, static, normalise="full", attn_lse=got["attn_lse"])
+        torch.testing.assert_close(attn_full, cropped, rtol=1e-5, atol=1e-7)
+        attn_valid = sam_attention(q, k, grid, static)
+        renormalised = cropped / cropped.sum(-1, keepdim=True)
+        torch.testing.assert_close(attn_valid, renormalised, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(attn_valid.sum(-1), torch.ones(2, len(rows)))
+        padded = grid != (S, S)
+        assert (attn_full.sum(-1) < 1 - 1e-3).any() == padded
+        # One head, and the bias matters: zero tables give another attention.
+        assert torch.equal(sam_attention(q, k, grid, static, heads=[1])[0], attn_valid[1])
+        no_bias = dict(static, rel_pos_h=0 * static["rel_pos_h"], rel_pos_w=0 * static["rel_pos_w"])
+        assert (sam_attention(q, k, grid, no_bias) - attn_valid).abs().max() > 0.05
+
+
+def test_trident_inputs_equal_tridents_crop_of_the_encoder(
+    loaded_store: FeatureSet,
+    strong_bias_model: tuple[Sam, Path],
+    images: list,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    recorder = GlobalAttentionRecorder(monkeypatch)
+    model = strong_bias_model[0]
+    captured = {}
+    model.image_encoder.blocks[1].attn.qkv.register_forward_hook(
+        lambda m, a, out: captured.update(qkv=out)
+    )
+    predictor = SamPredictor(model)
+    static = sam_static(loaded_store)
+    for i, record in enumerate(images):
+        predictor.set_image(load_image_rgb(record.path))
+        vh, vw = (s // 16 for s in predictor.input_size)  # Trident: input_size // stride
+        # Trident's get_sam_feat, on the attention and values of the real block.
+        attn = recorder.last_attention().view(1, 2, S, S, S, S)[:, :, :vh, :vw, :vh, :vw]
+        attn = attn.flatten(2, 3).flatten(3, 4)[0]
+        v = captured["qkv"].reshape(1, S, S, 3, 2, 32)[0, :, :, 2].permute(2, 0, 1, 3)
+        v = v[:, :vh, :vw].reshape(2, vh * vw, 32)
+        emb = predictor.features[0, :, :vh, :vw]
+
+        got = trident_sam_inputs(loaded_store.read(i), static)
+        assert got.grid == (vh, vw)
+        torch.testing.assert_close(got.attn, attn, rtol=1e-5, atol=1e-7)
+        assert torch.equal(got.v, v) and torch.equal(got.embedding, emb)
+    assert (vh, vw) == (16, 16)  # the square image: floor = ceil grid
+    wide = loaded_store.read(0)
+    assert tuple(wide.win_grid[0]) == (11, 16) and wide.resized_size == (176, 256)
+
+
+def test_crop_token_rows_keeps_the_top_left_sub_grid() -> None:
+    x = np.arange(12).reshape(3, 4)  # tokens of a 3 x 4 grid, row-major
+    assert crop_token_rows(x.reshape(12), (3, 4), (2, 3)).tolist() == [0, 1, 2, 4, 5, 6]
+    t = crop_token_rows(torch.arange(12), (3, 4), (3, 1))
+    assert t.tolist() == [0, 4, 8]
+
+
+# --- prompt decoding --------------------------------------------------------------------------
+
+
+PROMPTS = {
+    "point": dict(point_coords=np.array([[40.0, 30.0]]), point_labels=np.array([1])),
+    "points": dict(
+        point_coords=np.array([[10.0, 20.0], [100.0, 60.0]]), point_labels=np.array([1, 0])
+    ),
+    "box": dict(box=np.array([5.0, 8.0, 90.0, 70.0])),
+    "box+point": dict(
+        box=np.array([5.0, 8.0, 90.0, 70.0]),
+        point_coords=np.array([[50.0, 40.0]]),
+        point_labels=np.array([1]),
+    ),
+}
+
+
+@pytest.mark.parametrize("prompt", list(PROMPTS))
+@pytest.mark.parametrize("multimask", [True, False])
+def test_cached_predictor_is_identical_to_sam_predictor(
+    random_store: FeatureSet, images: list, prompt: str, multimask: bool
+) -> None:
+    model = tiny().model
+    reference = SamPredictor(model)
+    reference.set_image(load_image_rgb(images[0].path))
+    cached = CachedSamPredictor(load_sam_decoder_for(random_store))
+    cached.set_features(random_store.read(0))
+    kwargs = dict(PROMPTS[prompt], multimask_output=multimask)
+    want = reference.predict(**kwargs)
+    got = cached.predict(**kwargs)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and np.array_equal(a, b)
+    assert want[0].shape == ((3 if multimask else 1), 90, 131)
+    # A second round with the low-res logits as mask input, and raw logits out.
+    mask_input = want[2][np.argmax(want[1])][None]
+    kwargs.update(mask_input=mask_input, return_logits=True)
+    for a, b in zip(cached.predict(**kwargs), reference.predict(**kwargs), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_cached_predictor_batched_torch_prompts(random_store: FeatureSet, images: list) -> None:
+    reference = SamPredictor(tiny().model)
+    reference.set_image(load_image_rgb(images[1].path))
+    cached = CachedSamPredictor(load_sam_decoder_for(random_store))
+    cached.set_features(random_store.read(1))
+    boxes = reference.transform.apply_boxes_torch(
+        torch.tensor([[0.0, 0.0, 40.0, 100.0], [10.0, 50.0, 57.0, 190.0]]), (200, 57)
+    )
+    got = cached.predict_torch(None, None, boxes=boxes, multimask_output=False)
+    want = reference.predict_torch(None, None, boxes=boxes, multimask_output=False)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape[0] == 2 and torch.equal(a, b)
+    assert torch.equal(cached.get_image_embedding(), reference.get_image_embedding())
+
+
+def test_float16_embedding_moves_logits_slightly(random_store: FeatureSet) -> None:
+    """The float16 effect documented in ``methods.sam_cache``: measured, bounded, non-zero."""
+    features = random_store.read(0)
+    decoder = load_sam_decoder_for(random_store)
+    exact, rounded = CachedSamPredictor(decoder), CachedSamPredictor(decoder)
+    exact.set_features(features)
+    emb16 = features.tensors["embedding"][0].astype(np.float16)
+    rounded.set_cached(emb16, features.original_size, features.resized_size)
+    kwargs = dict(PROMPTS["points"], multimask_output=True, return_logits=True)
+    (m32, s32, low32), (m16, s16, low16) = exact.predict(**kwargs), rounded.predict(**kwargs)
+    logit_diff = float(np.abs(low32 - low16).max())
+    assert 0 < logit_diff < 1e-2
+    assert float(np.abs(s32 - s16).max()) < 1e-3
+    # Binary masks differ only where a logit is within that distance of the threshold.
+    flips = (m32 > 0) != (m16 > 0)
+    assert np.all(np.abs(m32[flips]) <= logit_diff)
+
+
+def test_decoder_only_model_has_no_encoder() -> None:
+    decoder = load_sam_decoder("sam-h", random_init=True, arch_overrides=TINY)
+    assert not any(k.startswith("image_encoder.") for k in decoder.state_dict())
+    predictor = CachedSamPredictor(decoder)
+    with pytest.raises(OvssError, match="without its image encoder"):
+        predictor.set_image(np.zeros((20, 30, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="embedding must be"):
+        predictor.set_cached(np.zeros((32, 8, 8), np.float32), (20, 30), (171, 256))
+    with pytest.raises(ValueError, match="longer side = 256"):
+        predictor.set_cached(np.zeros((32, S, S), np.float32), (20, 30), (170, 250))
+    with pytest.raises(RuntimeError, match="An image must be set"):
+        predictor.predict(box=np.array([0, 0, 5, 5]))
+
+
+# --- automatic mask generation ----------------------------------------------------------------
+
+AMG = dict(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.6, box_nms_thresh=0.7)
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_cached_mask_generation_equals_sam_automatic_mask_generator(
+    random_store: FeatureSet, images: list, index: int
+) -> None:
+    reference = SamAutomaticMaskGenerator(tiny().model, **AMG)
+    want = reference.generate(load_image_rgb(images[index].path))
+    got = generate_masks_cached(load_sam_decoder_for(random_store), random_store.read(index), **AMG)
+    assert 1 < len(want) < 3 * 64  # some masks survive, not all
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert a["area"] == b["area"] and a["bbox"] == b["bbox"]
+        assert a["predicted_iou"] == b["predicted_iou"]
+        assert a["stability_score"] == b["stability_score"]
+        assert a["point_coords"] == b["point_coords"] and a["crop_box"] == b["crop_box"]
+        assert np.array_equal(a["segmentation"], b["segmentation"])
+
+
+def test_cached_mask_generation_refuses_crop_layers(random_store: FeatureSet) -> None:
+    decoder = load_sam_decoder_for(random_store)
+    with pytest.raises(OvssError, match="crop_n_layers must be 0"):
+        generate_masks_cached(decoder, random_store.read(0), crop_n_layers=1)
+
+
+# --- weights ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sam-b", "sam-h"])
+def test_checkpoint_loads_through_the_real_path(name: str, offline_and_isolated: Path) -> None:
+    source = tiny(name, seed=11)
+    path = save_official(source.model, offline_and_isolated / CHECKPOINTS[name])
+    loaded = create_backbone(name, arch_overrides=TINY)  # found in $OVSS_WEIGHTS
+    explicit = create_backbone(name, weights=str(path), arch_overrides=TINY)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    for backbone in (loaded, explicit):
+        assert backbone.info.weights == f"sha256:{digest}"
+        assert backbone.info.weights_path == str(path)
+    x = torch.randn(1, 3, IMG, IMG, generator=torch.Generator().manual_seed(2))
+    want, got = source.forward_dense(x, [(11, 16)]), loaded.forward_dense(x, [(11, 16)])
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    decoder = load_sam_decoder(name, weights=path, arch_overrides=TINY)
+    for key, value in decoder.state_dict().items():
+        assert torch.equal(value, source.model.state_dict()[key]), key
+
+
+def test_checkpoint_in_torch_hub_cache_is_found(tmp_path: Path) -> None:
+    folder = tmp_path / "torch_home" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    path = save_official(tiny("sam-l").model, folder / CHECKPOINTS["sam-l"])
+    assert create_backbone("sam-l", arch_overrides=TINY).info.weights_path == str(path)
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path: Path) -> None:
+    path = save_official(tiny().model, tmp_path / "tiny.pth")
+    deeper = dict(TINY, depth=3, global_attn_indexes=(2,))
+    with pytest.raises(OvssError, match="does not fit sam-b") as err:
+        create_backbone("sam-b", weights=str(path), arch_overrides=deeper)
+    assert "missing" in str(err.value) and "\n" not in str(err.value)
+    wider = dict(TINY, embed_dim=96)  # same decoder, other encoder: refused as well
+    with pytest.raises(OvssError, match="wrong shape"):
+        load_sam_decoder("sam-b", weights=path, arch_overrides=wider)
+
+
+def test_decoder_for_a_store_checks_the_weights(
+    loaded_store: FeatureSet, strong_bias_model: tuple[Sam, Path], tmp_path: Path
+) -> None:
+    model, path = strong_bias_model
+    decoder = load_sam_decoder_for(loaded_store, weights=path)
+    for key, value in decoder.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    other = save_official(tiny(seed=9).model, tmp_path / "other.pth")
+    with pytest.raises(ProvenanceMismatchError, match="was made with weights sha256:"):
+        load_sam_decoder_for(loaded_store, weights=other)
+
+
+@pytest.mark.parametrize("name", SAM_NAMES)
+def test_missing_weights_offline_names_the_file(name: str) -> None:
+    for build in (
+        lambda: create_backbone(name, arch_overrides=TINY),
+        lambda: load_sam_decoder(name, arch_overrides=TINY),
+    ):
+        with pytest.raises(WeightsNotFoundError) as err:
+            build()
+        message = str(err.value)
+        assert "\n" not in message
+        assert f"$OVSS_WEIGHTS/{CHECKPOINTS[name]}" in message
+        assert f"https://dl.fbaipublicfiles.com/segment_anything/{CHECKPOINTS[name]}" in message
+        assert "--weights PATH" in message and "--random-init" in message
+
+
+# --- sizes ------------------------------------------------------------------------------------
+
+
+def test_plan_bytes_per_image_for_sam_b_at_1024(tmp_path: Path) -> None:
+    """float16 bytes of one image for the real sam-b: 256x64x64 embedding + n x (3 x 12 x 64 +
+    12) token values, n = valid tokens (4096 for a square image, 48 x 64 for 4:3)."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.new("RGB", (512, 512)).save(root / "a.png")
+    Image.new("RGB", (640, 480)).save(root / "b.png")
+    records = list_folder_images(root)
+    cfg = ExtractConfig(models=["sam-b"], protocol=Protocol(resize="long", size=1024), store="x")
+    for name, n in (("a", 64 * 64), ("b", 48 * 64)):
+        (row,) = plan([r for r in records if r.image_id == name], cfg)
+        assert row.tokens == n and row.windows == 1
+        assert row.bytes == 2 * (256 * 64 * 64 + n * (3 * 12 * 64 + 12))
+    assert 2 * (256 * 64 * 64 + 4096 * 2316) == 21_069_824

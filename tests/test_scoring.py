@@ -1,0 +1,199 @@
+"""Scoring: window merge (mmseg slide) and the fast, exact SCLIP-lineage post-processing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from featurestore.errors import OvssError
+from featurestore.protocol import Protocol
+from methods.scoring import (
+    merge_window_logits,
+    score_labels,
+    score_logits,
+    score_logits_reference,
+    upsample_bilinear,
+)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _assert_same_as_reference(cos: torch.Tensor, out_hw: tuple[int, int], q2c, c: int, **kw):
+    ref_labels, ref_prob = score_logits_reference(cos, out_hw, q2c, c, **kw)
+    labels, prob = score_logits(cos, out_hw, q2c, c, **kw)
+    assert labels.shape == out_hw and labels.dtype == torch.long
+    assert torch.equal(labels, ref_labels)
+    torch.testing.assert_close(prob, ref_prob, rtol=1e-5, atol=0)
+    assert torch.equal(score_labels(cos, out_hw, q2c, c, **kw), ref_labels)
+    return ref_labels, ref_prob
+
+
+# ------------------------------------------------------------------------------------- upsample
+
+
+def test_upsample_bilinear_is_f_interpolate_for_any_leading_dims() -> None:
+    x = torch.randn(2, 3, 7, 9, generator=_gen(0))
+    ref = F.interpolate(x, size=(20, 13), mode="bilinear", align_corners=False)
+    assert torch.equal(upsample_bilinear(x, (20, 13)), ref)
+    assert torch.equal(upsample_bilinear(x[0], (20, 13)), ref[0])
+    assert torch.equal(upsample_bilinear(x[0, 0], (20, 13)), ref[0, 0])
+    assert torch.equal(upsample_bilinear(x[0], (7, 9)), x[0])
+    with pytest.raises(OvssError):
+        upsample_bilinear(x, (0, 4))
+
+
+# ---------------------------------------------------------------------------------------- merge
+
+
+def _slide_reference(img_logits, boxes, hw):
+    """mmseg forward_slide: zero-pad each resized crop to the canvas, add, divide by count."""
+    q = img_logits[0].shape[0]
+    preds = torch.zeros(1, q, *hw)
+    count = torch.zeros(1, 1, *hw)
+    for logits, (y1, x1, y2, x2) in zip(img_logits, boxes.tolist(), strict=True):
+        crop = F.interpolate(logits[None], size=(y2 - y1, x2 - x1), mode="bilinear")
+        preds += F.pad(crop, (x1, hw[1] - x2, y1, hw[0] - y2))
+        count[:, :, y1:y2, x1:x2] += 1
+    return (preds / count)[0]
+
+
+@pytest.mark.parametrize("hw", [(336, 448), (200, 150), (225, 230)])
+def test_merge_window_logits_is_bitwise_mmseg_slide(hw: tuple[int, int]) -> None:
+    boxes = Protocol(resize="none", crop=224, stride=112).windows(*hw)
+    if hw == (336, 448):
+        assert len(boxes) == 6  # EVAL.md §4.1: 448x336 with c=224, s=112 -> 3x2 windows
+    gen = _gen(1)
+    logits = [
+        torch.randn(5, (y2 - y1) // 16, (x2 - x1) // 16, generator=gen) for y1, x1, y2, x2 in boxes
+    ]
+    merged = merge_window_logits(logits, boxes, hw)
+    assert merged.shape == (5, *hw)
+    assert torch.equal(merged, _slide_reference(logits, boxes, hw))
+
+
+def test_merge_window_logits_rejects_bad_input() -> None:
+    logits = [torch.zeros(3, 4, 4)]
+    with pytest.raises(OvssError, match="cover"):
+        merge_window_logits(logits, [[0, 0, 8, 8]], (8, 9))
+    with pytest.raises(OvssError, match="inside"):
+        merge_window_logits(logits, [[0, 0, 8, 10]], (8, 9))
+    with pytest.raises(OvssError, match="box per window"):
+        merge_window_logits(logits + logits, [[0, 0, 8, 9]], (8, 9))
+    with pytest.raises(OvssError, match="Q=3"):
+        merge_window_logits(
+            [torch.zeros(3, 4, 4), torch.zeros(2, 4, 4)], [[0, 0, 8, 9]] * 2, (8, 9)
+        )
+
+
+# -------------------------------------------------------------------------------------- scoring
+
+
+@pytest.mark.parametrize(
+    ("q", "hw", "out_hw"),
+    [
+        (13, (17, 23), (41, 37)),
+        (9, (40, 31), (19, 27)),
+        (150, (24, 31), (53, 71)),
+        (1, (5, 6), (9, 7)),
+    ],
+)
+def test_fast_equals_reference_random_one_query_per_class(q, hw, out_hw) -> None:
+    cos = torch.rand(q, *hw, generator=_gen(q)) * 2 - 1
+    _assert_same_as_reference(cos, out_hw, torch.arange(q), q)
+
+
+def test_fast_equals_reference_with_synonyms_and_empty_class() -> None:
+    # 12 classes, 30 queries in no particular order; class 7 has no query (probability 0).
+    gen = _gen(3)
+    q2c = torch.randint(0, 12, (30,), generator=gen)
+    q2c[q2c == 7] = 8
+    cos = torch.rand(30, 19, 26, generator=gen) * 0.6 - 0.1
+    labels, _ = _assert_same_as_reference(cos, (45, 61), q2c, 12)
+    assert not bool((labels == 7).any())
+    # The class of the single best query: synonyms are merged after the softmax.
+    up = upsample_bilinear(cos, (45, 61))
+    assert torch.equal(labels, q2c[up.argmax(0)])
+
+
+@pytest.mark.parametrize("prob_thd", [0.3, 0.5, 0.8])
+def test_fast_equals_reference_with_prob_thd(prob_thd: float) -> None:
+    gen = _gen(4)
+    q2c = torch.tensor([0, 0, 0, 1, 2, 3, 4, 4, 5, 6])
+    cos = torch.rand(10, 21, 18, generator=gen) * 0.3
+    labels, prob = _assert_same_as_reference(cos, (50, 47), q2c, 7, prob_thd=prob_thd)
+    below = prob < prob_thd
+    assert bool(below.any()) and bool((~below).any())  # the threshold really splits the image
+    assert bool((labels[below] == 0).all())
+
+
+def test_prob_thd_sees_the_softmax_over_all_synonyms() -> None:
+    # Two equal synonyms of class 1 halve its probability: 0.5 < 0.6 -> background.
+    cos = torch.zeros(3, 2, 2)
+    cos[1:] = 1.0
+    labels, prob = score_logits(cos, (2, 2), [0, 1, 1], 2, logit_scale=40.0, prob_thd=0.6)
+    torch.testing.assert_close(prob, torch.full((2, 2), 0.5), rtol=1e-6, atol=0)
+    assert bool((labels == 0).all())
+    _assert_same_as_reference(cos, (2, 2), [0, 1, 1], 2, prob_thd=0.6)
+
+
+def test_fast_equals_reference_with_area_thd() -> None:
+    # Classes 1-2 own large regions, 3-4 small ones: area_thd=0.1 removes 3 and 4.
+    cos = torch.zeros(6, 30, 40)
+    cos[0] = 0.2
+    cos[1, :, :20] = 0.6
+    cos[2, :, 20:] = 0.6
+    cos[3, 2:5, 2:5] = 0.9
+    cos[4, 20:23, 30:34] = 0.9
+    cos[5] = 0.55  # a synonym of class 4, best wherever 3/4 are not
+    cos += torch.rand(6, 30, 40, generator=_gen(5)) * 0.05
+    q2c = [0, 1, 2, 3, 4, 4]
+    plain, _ = score_logits_reference(cos, (61, 83), q2c, 5, logit_scale=65.0)
+    assert set(plain.unique().tolist()) == {1, 2, 3, 4}
+    labels, _ = _assert_same_as_reference(
+        cos, (61, 83), q2c, 5, logit_scale=65.0, prob_thd=0.1, area_thd=0.1
+    )
+    assert set(labels.unique().tolist()) <= {0, 1, 2}
+    assert {1, 2} <= set(labels.unique().tolist())
+
+
+def test_area_thd_on_random_logits() -> None:
+    gen = _gen(6)
+    cos = torch.rand(8, 11, 13, generator=gen)
+    cos[1] += 0.3  # one dominant foreground class survives, the others are cut
+    _assert_same_as_reference(cos, (33, 29), torch.arange(8), 8, area_thd=0.1, prob_thd=0.05)
+
+
+def test_exact_ties_and_one_ulp_gaps_follow_the_reference() -> None:
+    gen = _gen(7)
+    cos = torch.rand(6, 9, 10, generator=gen) * 0.05
+    cos[4] = 0.5  # class 2 (query 4) ...
+    cos[1] = 0.5  # ... and class 1 (query 1) tie exactly everywhere: argmax takes class 1
+    cos[5, :, :5] = torch.nextafter(torch.tensor(0.5), torch.tensor(1.0))  # 1 ulp above
+    q2c = [0, 1, 1, 3, 2, 3]
+    labels, _ = _assert_same_as_reference(cos, (20, 23), q2c, 4)
+    assert set(labels.unique().tolist()) <= {1, 3}
+
+
+@pytest.mark.parametrize("block_elems", [1, 97, 1 << 30])
+def test_block_size_does_not_change_results(block_elems: int) -> None:
+    cos = torch.rand(7, 12, 15, generator=_gen(8))
+    q2c = [0, 1, 2, 2, 3, 4, 5]
+    ref_labels, ref_prob = score_logits_reference(cos, (29, 31), q2c, 6, prob_thd=0.2)
+    labels, prob = score_logits(cos, (29, 31), q2c, 6, prob_thd=0.2, block_elems=block_elems)
+    assert torch.equal(labels, ref_labels)
+    torch.testing.assert_close(prob, ref_prob, rtol=1e-5, atol=0)
+
+
+def test_scoring_rejects_bad_arguments() -> None:
+    cos = torch.zeros(3, 4, 4)
+    with pytest.raises(OvssError, match="entries"):
+        score_logits(cos, (4, 4), [0, 1], 2)
+    with pytest.raises(OvssError, match=r"\[0, 1\]"):
+        score_logits(cos, (4, 4), [0, 1, 2], 2)
+    with pytest.raises(OvssError, match="Q, h, w"):
+        score_logits(cos[0], (4, 4), [0], 1)
+    with pytest.raises(OvssError, match="size"):
+        score_labels(cos, (4,), [0, 1, 2], 3)

@@ -1,0 +1,386 @@
+"""Text embeddings: template sets, vocabularies, METHODS.md §0.1, the store cache, ``--vocab``.
+
+The text encoder is the real open_clip ``CLIP`` class of ``clip-b16`` shrunk with
+``arch_overrides`` and random-initialised (``featurestore.backbones.clip.load_open_clip``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from pathlib import Path
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import featurestore.backbones.clip as clip_module
+from featurestore.backbones.clip import load_open_clip
+from featurestore.errors import OvssError, ProvenanceMismatchError, StoreError, WeightsNotFoundError
+from featurestore.images import list_folder_images
+from featurestore.store import FeatureStore
+from featurestore.text import (
+    TextSetReport,
+    Vocabulary,
+    embed_vocabulary,
+    get_templates,
+    get_text_embeddings,
+    list_template_sets,
+    list_text_sets,
+    load_text_embeddings,
+    parse_vocab,
+    store_text_embeddings,
+    text_set_key,
+)
+from ovss_cli.main import cli
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"layers": 1, "width": 32, "heads": 2},
+    "text_cfg": {"layers": 1, "width": 32, "heads": 2},
+}
+TINY_CLIP_ARGS = [
+    "--random-init",
+    "--arch-override",
+    "embed_dim=32",
+    "--arch-override",
+    "vision_cfg.layers=1",
+    "--arch-override",
+    "vision_cfg.width=32",
+    "--arch-override",
+    "vision_cfg.heads=2",
+    "--arch-override",
+    "text_cfg.layers=1",
+    "--arch-override",
+    "text_cfg.width=32",
+    "--arch-override",
+    "text_cfg.heads=2",
+]
+CLIP7 = [
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+]
+
+
+@pytest.fixture(autouse=True)
+def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No network, an empty $OVSS_WEIGHTS and empty library caches."""
+    weights_dir = tmp_path / "weights"
+    weights_dir.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OVSS_WEIGHTS", str(weights_dir))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(clip_module, "OPENAI_CACHE_DIR", tmp_path / "clip_cache")
+    return weights_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    model, tokenizer, info = load_open_clip("clip-b16", random_init=True, arch_overrides=TINY_CLIP)
+    return model, tokenizer, info
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> Path:
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (40 + 8 * i, 48, 3), dtype=np.uint8)).save(
+            root / f"a{i}.png"
+        )
+    return root
+
+
+@pytest.fixture()
+def store(tmp_path: Path, images: Path) -> FeatureStore:
+    return FeatureStore.open_or_create(tmp_path / "s.zarr", list_folder_images(images))
+
+
+# -- templates --------------------------------------------------------------------------------
+
+
+def test_openai80_is_open_clips_list_as_format_strings() -> None:
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    t = get_templates("openai80")
+    assert len(t) == 80
+    assert t[0] == "a bad photo of a {}." and t[-1] == "a tattoo of the {}."
+    assert [s.format("cat") for s in t] == [f("cat") for f in OPENAI_IMAGENET_TEMPLATES]
+
+
+def test_short_template_sets_exact() -> None:
+    assert get_templates("clip7") == CLIP7
+    assert get_templates("pixelclip8") == [*CLIP7, "A photo of a {} in the scene"]
+    sub = get_templates("sub_imagenet7")
+    assert sub[1] == "a bad photo of a {}." and sub[:1] + sub[2:] == CLIP7[:1] + CLIP7[2:]
+    assert get_templates("tcl9") == [*sub, "a photo of many {}.", "a photo of {}s."]
+    m5 = get_templates("maskclip5")
+    assert len(m5) == 5
+    assert m5[0] == "there is a {} in the scene." and m5[-1] == "this is one {} in the scene."
+    assert get_templates("single") == ["a photo of a {}."]
+    for name in list_template_sets():
+        assert all(s.count("{}") == 1 for s in get_templates(name)), name
+
+
+def test_unknown_template_set_lists_names() -> None:
+    with pytest.raises(OvssError, match="openai80.*clip7.*pixelclip8.*single"):
+        get_templates("imagenet81")
+
+
+# -- vocabularies -----------------------------------------------------------------------------
+
+
+def test_dataset_vocab_both_families() -> None:
+    ade = parse_vocab("ade20k")
+    assert ade.n_classes == ade.n_queries == 150
+    assert ade.source == "dataset:ade20k/sclip" and ade.queries[:3] == ["wall", "building", "sky"]
+
+    sclip = parse_vocab("coco_object")
+    prox = parse_vocab("coco_object", family="proxyclip")
+    assert prox.source == "dataset:coco_object/proxyclip"
+    assert len(sclip.classes[0]) == 26 and len(prox.classes[0]) == 17  # background words
+    assert sclip.classes[1][:2] == ("person", "person in shirt") and prox.classes[1] == ("person",)
+    assert sclip.n_classes == prox.n_classes == 81
+    q2c = sclip.query_to_class
+    assert q2c.shape == (sclip.n_queries,) and q2c.dtype == np.int64
+    assert (q2c[:26] == 0).all() and (q2c[26:34] == 1).all() and q2c[-1] == 80
+    assert np.array_equal(np.bincount(q2c), [len(c) for c in sclip.classes])
+    # the family inside the spec, and the explicit prefix
+    assert parse_vocab("coco_object/proxyclip").key() == prox.key()
+    assert parse_vocab("dataset:coco-object/trident").key() == prox.key()
+    assert parse_vocab("voc21/proxyclip").classes[0] == parse_vocab("voc21").classes[0]
+
+
+def test_file_and_list_vocab(tmp_path: Path) -> None:
+    f = tmp_path / "cls.txt"
+    f.write_text("sky; clouds\ntree\nhorse; pony\n")
+    from_file = parse_vocab(str(f))
+    assert from_file.class_names == [["sky", "clouds"], ["tree"], ["horse", "pony"]]
+    assert from_file.source == f"file:{hashlib.sha256(f.read_bytes()).hexdigest()}"
+    from_list = parse_vocab("sky;clouds, tree ,horse;pony")
+    assert from_list.queries == ["sky", "clouds", "tree", "horse", "pony"]
+    assert from_list.query_to_class.tolist() == [0, 0, 1, 2, 2]
+    assert from_list.source == "list"
+    # same names and grouping -> same key, whatever the source; other grouping -> other key
+    assert from_list.key() == from_file.key() == parse_vocab(f"file:{f}").key()
+    assert parse_vocab("sky,clouds,tree,horse;pony").key() != from_list.key()
+    assert len(from_list.key()) == 16
+    assert parse_vocab("sky,").class_names == [["sky"]]
+    assert parse_vocab("list:ade20k").class_names == [["ade20k"]]
+    # spec() reproduces every kind
+    for v in (from_file, from_list, parse_vocab("voc21/proxyclip")):
+        assert parse_vocab(v.spec()).key() == v.key()
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("ade21", "not a dataset.*comma list"),
+        ("a,,b", "item 2 is empty"),
+        ("", "empty vocabulary"),
+        ("dataset:nope", "not a known dataset"),
+        ("file:/no/such/file.txt", "class file not found"),
+    ],
+)
+def test_bad_vocab_specs(spec: str, match: str) -> None:
+    with pytest.raises(OvssError, match=match):
+        parse_vocab(spec)
+
+
+# -- embedding --------------------------------------------------------------------------------
+
+
+def test_embedding_equals_loop_reference(tiny_clip) -> None:
+    model, tokenizer, _ = tiny_clip
+    vocab = parse_vocab("sky;clouds,tree,a horse")
+    templates = get_templates("clip7")
+    got = embed_vocabulary(model, tokenizer, vocab, templates, batch_size=5)
+    rows = []
+    with torch.no_grad():
+        for q in vocab.queries:
+            per_t = []
+            for t in templates:
+                e = model.encode_text(tokenizer([t.format(q)]))[0].double()
+                per_t.append(e / e.norm())
+            m = torch.stack(per_t).mean(0)
+            rows.append((m / m.norm()).numpy())
+    ref = np.stack(rows)
+    assert got.dtype == np.float32 and got.shape == (4, 32)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+    same = embed_vocabulary(model, tokenizer, vocab, templates, batch_size=256)
+    np.testing.assert_allclose(same, got, atol=1e-6)
+
+
+# -- the store cache --------------------------------------------------------------------------
+
+
+def test_cache_round_trip(store: FeatureStore, tiny_clip) -> None:
+    model, tokenizer, info = tiny_clip
+    vocab = parse_vocab("voc20")
+    emb = embed_vocabulary(model, tokenizer, vocab, get_templates("single"))
+    prov = {"weights": info.weights, "arch": info.arch, "library": info.library}
+    key = store_text_embeddings(store, "clip-b16", vocab, "single", emb, prov)
+    assert key == f"text/clip-b16/{vocab.key()}-single"
+    assert Path(store.path, key, "embeddings").is_dir()
+    got = load_text_embeddings(FeatureStore.open(store.path), "clip-b16", vocab, "single")
+    np.testing.assert_array_equal(got.embeddings, emb)
+    assert got.query_to_class.tolist() == vocab.query_to_class.tolist()
+    assert got.queries == vocab.queries and got.class_names == vocab.class_names
+    assert got.templates == ["a photo of a {}."] and got.weights == "random-init:0"
+    assert got.provenance["vocabulary"]["source"] == "dataset:voc20/sclip"
+    assert got.provenance["ovss_version"] and got.provenance["encoder"]["arch"] == info.arch
+    assert got.vocabulary.key() == vocab.key()
+    [row] = list_text_sets(store.path)
+    assert row["key"] == key and row["classes"] == 20 and row["dim"] == 32
+    assert row["queries"] == vocab.n_queries == 30  # SCLIP's voc20 has person/tv synonyms
+    with pytest.raises(StoreError, match="already holds"):
+        store_text_embeddings(store, "clip-b16", vocab, "single", emb, prov)
+    with pytest.raises(StoreError, match="shape"):
+        store_text_embeddings(store, "clip-b16", vocab, "clip7", emb[:3], prov)
+    with pytest.raises(ProvenanceMismatchError, match="weights random-init:0, not sha256:x"):
+        load_text_embeddings(store, "clip-b16", vocab, "single", weights="sha256:x")
+
+
+def test_incomplete_set_counts_as_missing(store: FeatureStore) -> None:
+    vocab = parse_vocab("a,b")
+    FeatureStore.open(store.path, mode="a").root.require_group(
+        text_set_key("clip-b16", vocab, "single")
+    )
+    assert list_text_sets(store) == []
+    with pytest.raises(ProvenanceMismatchError, match="no clip-b16 text embeddings"):
+        load_text_embeddings(store, "clip-b16", vocab, "single")
+
+
+def test_missing_set_names_the_command_that_makes_it(store: FeatureStore) -> None:
+    vocab = parse_vocab("sky;clouds,tree")
+    with pytest.raises(ProvenanceMismatchError) as e:
+        load_text_embeddings(store.path, "clip-b16", vocab, "clip7")
+    msg = str(e.value)
+    assert "get_text_embeddings" in msg
+    cmd = msg.split("run: ", 1)[1].split(" (or ", 1)[0]
+    assert cmd.startswith(f"ovss extract --store {store.path} --text-model clip-b16")
+    # the named command really makes it
+    res = CliRunner().invoke(cli, [*shlex.split(cmd)[1:], *TINY_CLIP_ARGS, "-q"])
+    assert res.exit_code == 0, res.output
+    got = load_text_embeddings(store.path, "clip-b16", vocab, "clip7")
+    assert got.queries == ["sky", "clouds", "tree"] and got.embeddings.shape == (3, 32)
+
+
+def test_on_demand_embedding_and_cache_hit(
+    store: FeatureStore, tiny_clip, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, tokenizer, _ = tiny_clip
+    report: list[TextSetReport] = []
+    got = get_text_embeddings(
+        store, "clip-b16", "sky,tree", "single", random_init=True,
+        arch_overrides=TINY_CLIP, report=report,
+    )  # fmt: skip
+    ref = embed_vocabulary(model, tokenizer, parse_vocab("sky,tree"), ["a photo of a {}."])
+    np.testing.assert_allclose(got.embeddings, ref, atol=1e-6)
+    assert report[-1].status == "computed" and got.weights == "random-init:0"
+    assert got.provenance["encoder"]["arch_overrides"] == TINY_CLIP
+
+    def no_encoder(*a, **k):
+        raise AssertionError("a cached set must not load the encoder")
+
+    monkeypatch.setattr("featurestore.text.load_text_encoder", no_encoder)
+    again = get_text_embeddings(
+        store.path, "clip-b16", parse_vocab("sky,tree"), "single", random_init=True,
+        arch_overrides=TINY_CLIP, report=report,
+    )  # fmt: skip
+    assert report[-1].status == "cached"
+    np.testing.assert_array_equal(again.embeddings, got.embeddings)
+
+
+def test_cached_set_of_another_encoder_is_refused(store: FeatureStore) -> None:
+    kw = {"random_init": True, "arch_overrides": TINY_CLIP}
+    get_text_embeddings(store, "clip-b16", "sky,tree", "single", **kw)
+    with pytest.raises(ProvenanceMismatchError, match="--random-init --seed 1 --overwrite"):
+        get_text_embeddings(store, "clip-b16", "sky,tree", "single", seed=1, **kw)
+    with pytest.raises(ProvenanceMismatchError, match="real \\(non-random\\) weights"):
+        get_text_embeddings(store, "clip-b16", "sky,tree", "single")
+    other = dict(TINY_CLIP, embed_dim=16)
+    with pytest.raises(ProvenanceMismatchError, match="arch overrides"):
+        get_text_embeddings(store, "clip-b16", "sky,tree", "single", random_init=True,
+                            arch_overrides=other)  # fmt: skip
+    redone = get_text_embeddings(store, "clip-b16", "sky,tree", "single", seed=1, overwrite=True,
+                                 **kw)  # fmt: skip
+    assert redone.weights == "random-init:1"
+
+
+def test_missing_encoder_error(store: FeatureStore) -> None:
+    with pytest.raises(WeightsNotFoundError) as e:
+        get_text_embeddings(store, "clip-b16", "sky,tree", "single")
+    msg = str(e.value)
+    assert "text encoder cannot be loaded" in msg and "ViT-B-16.pt" in msg
+    assert "--random-init" in msg and "OVSS_WEIGHTS" in msg
+    assert list_text_sets(store) == []  # nothing half-written
+    with pytest.raises(ProvenanceMismatchError, match="run: ovss extract"):
+        get_text_embeddings(store, "clip-b16", "sky,tree", "single", compute_if_missing=False)
+    with pytest.raises(WeightsNotFoundError, match="does not exist"):
+        get_text_embeddings(store, "clip-b16", "sky,tree", "single", weights="/no/file.pt")
+
+
+# -- ovss extract --vocab ---------------------------------------------------------------------
+
+
+def test_cli_vocab_with_clip_model(tmp_path: Path, images: Path, tiny_clip) -> None:
+    r = CliRunner()
+    s = str(tmp_path / "cli.zarr")
+    args = ["extract", "-m", "clip-b16", "--images", str(images), "--store", s, "--size", "32",
+            "--vocab", "voc20", "--vocab", "sky;clouds,tree", "--templates", "clip7",
+            "--json", "-q", *TINY_CLIP_ARGS]  # fmt: skip
+    res = r.invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert rep["models"][0]["feature_set"] == "clip-b16@short32"
+    assert [t["status"] for t in rep["text_sets"]] == ["computed", "computed"]
+    assert [(t["classes"], t["queries"]) for t in rep["text_sets"]] == [(20, 30), (2, 3)]
+    model, tokenizer, _ = tiny_clip
+    voc = parse_vocab("sky;clouds,tree")
+    got = load_text_embeddings(s, "clip-b16", voc, "clip7", weights="random-init:0")
+    ref = embed_vocabulary(model, tokenizer, voc, CLIP7)
+    np.testing.assert_allclose(got.embeddings, ref, atol=1e-6)
+    # resume: images and text sets are both already there
+    res = r.invoke(cli, args)
+    rep = json.loads(res.output)
+    assert [t["status"] for t in rep["text_sets"]] == ["cached", "cached"]
+    assert rep["models"][0]["images_done_before"] == 2
+    # a text-only call on the existing store, human-readable output
+    res = r.invoke(cli, ["extract", "--store", s, "--vocab", "ade20k", "--templates", "single",
+                         *TINY_CLIP_ARGS])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "computed" in res.output and len(list_text_sets(s)) == 3
+
+
+def test_cli_vocab_errors(tmp_path: Path) -> None:
+    r = CliRunner()
+    res = r.invoke(cli, ["extract", "--store", str(tmp_path / "none.zarr"), "--vocab", "a,b",
+                         *TINY_CLIP_ARGS])  # fmt: skip
+    assert res.exit_code == 1 and "no ovss store" in res.output
+    assert "Traceback" not in res.output
+    res = r.invoke(cli, ["extract", "--store", str(tmp_path / "x.zarr")])
+    assert res.exit_code == 2 and "--model" in res.output
+    res = r.invoke(cli, ["extract", "--store", "x", "--vocab", "ade21", "--dry-run"])
+    assert res.exit_code == 1 and "not a dataset" in res.output
+    res = r.invoke(cli, ["extract", "--store", "x", "--vocab", "a,b", "--templates", "nope"])
+    assert res.exit_code == 1 and "not a known template set" in res.output
+
+
+def test_vocabulary_validation() -> None:
+    with pytest.raises(OvssError, match="at least one class"):
+        Vocabulary(())
+    with pytest.raises(OvssError, match="empty name"):
+        Vocabulary((("a", ""),))
