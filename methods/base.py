@@ -75,9 +75,12 @@ class Segmenter:
         self.store = store
         self.config = config
         self.device = torch.device(device)
+        try:
+            reqs = self.requirements(config)
+        except ValueError as e:  # e.g. an invalid protocol from --set
+            raise OvssError(f"method {self.name}: {e}") from None
         self.sets: dict[str, FeatureSet] = {
-            r.role: store.require(r.model, r.protocol, tensors=r.tensors)
-            for r in self.requirements(config)
+            r.role: store.require(r.model, r.protocol, tensors=r.tensors) for r in reqs
         }
 
     @classmethod
@@ -88,6 +91,16 @@ class Segmenter:
     def presets(cls, dataset: str) -> dict[str, Any]:
         """Per-dataset config overrides (EVAL.md §4.2/§4.4). Default: none."""
         return {}
+
+    @classmethod
+    def scoring_presets(cls, dataset: str) -> dict[str, Any]:
+        """Per-dataset ``ScoringConfig`` overrides (``prob_thd``, ``logit_scale``...)."""
+        return {}
+
+    @property
+    def text_model(self) -> str:
+        """The CLIP model whose text tower embeds the vocabulary."""
+        return getattr(self.config, "text_model", "clip-b16")
 
     def cosine_logits(self, index: int, vocab: Vocab) -> tuple[torch.Tensor, tuple[int, int]]:
         """Cosine logits ``(Q, H, W)`` of image ``index`` and the size ``(H, W)`` they live on
@@ -155,13 +168,13 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def parse_option_value(text: str) -> Any:
-    """``--set key=value`` values: int, float, bool (true/false/on/off), none, or string."""
+    """``--set key=value`` values: int, float, bool (true/false/on/off), null, or string."""
     low = text.lower()
     if low in ("true", "on", "yes"):
         return True
     if low in ("false", "off", "no"):
         return False
-    if low in ("none", "null"):
+    if low == "null":
         return None
     for conv in (int, float):
         try:

@@ -29,15 +29,32 @@ class PrototypeConfig:
 
     Attributes:
         model: backbone whose feature set is read.
-        protocol: that feature set's protocol.
+        resize, size, crop, stride, pad_multiple: that feature set's protocol (as for
+            ``ovss extract``).
         tensor: token tensor to read (must be in the text embedding space).
         backend: ``PrototypeIndex`` backend: auto, torch or faiss.
+        text_model: CLIP model whose text embeddings are the prototypes.
     """
 
     model: str = "clip-b16"
-    protocol: Protocol = Protocol(resize="short", size=448)
+    resize: str = "short"
+    size: int = 448
+    crop: int = 0
+    stride: int = 0
+    pad_multiple: int = 0
     tensor: str = "patch"
     backend: str = "auto"
+    text_model: str = "clip-b16"
+
+    @property
+    def protocol(self) -> Protocol:
+        return Protocol(
+            resize=self.resize,
+            size=self.size,
+            crop=self.crop,
+            stride=self.stride,
+            pad_multiple=self.pad_multiple,
+        )
 
 
 @register_method

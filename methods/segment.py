@@ -169,14 +169,30 @@ def segment_store(
     indices: Sequence[int] | None = None,
     device: str = "cpu",
     progress: Progress | None = None,
+    write_labels: str | None = None,
+    overwrite_labels: bool = False,
 ) -> SegmentSummary:
-    """Segment every finished image of a store and write the output files under ``out_dir``."""
+    """Segment every finished image of a store, write the output files under ``out_dir`` and,
+    with ``write_labels``, the label maps into the store as a label set of that name."""
     from featurestore.datasets import palette as dataset_palette
     from featurestore.images import load_image_rgb
 
-    store = FeatureStore.open(store_path)
+    store = FeatureStore.open(store_path, mode="a" if write_labels else "r")
     seg = build_segmenter(store, method, dataset, overrides, device)
     scoring = scoring or ScoringConfig()
+    label_set = None
+    if write_labels:
+        from featurestore.labelsets import create_label_set
+
+        label_set = create_label_set(
+            store,
+            write_labels,
+            {
+                "class_names": vocab.class_names,
+                "protocol": protocol_record(seg, scoring, vocab),
+            },
+            overwrite=overwrite_labels,
+        )
     names = [syn[0] for syn in vocab.class_names]
     pal = dataset_palette(dataset or "custom", max(len(names), 1))
     out = Path(out_dir) if out_dir else None
@@ -190,6 +206,8 @@ def segment_store(
     files: list[str] = []
     for i, labels, _max_prob, cos in iter_segmentations(seg, vocab, scoring, indices):
         n += 1
+        if label_set is not None:
+            label_set.write(i, labels)
         if out:
             stem = ids[i].replace("/", "__")
             save_label_png(labels, pal, out / f"{stem}.png")
@@ -215,10 +233,22 @@ def segment_store(
         out_dir=str(out) if out else None,
         seconds=round(time.perf_counter() - t0, 3),
         files=files,
+        label_set=write_labels,
     )
     if out:
         (out / "segment.json").write_text(json.dumps(summary.to_dict(), indent=2))
     return summary
+
+
+def vocab_from_text(te, source: str = "") -> Vocab:
+    """A ``Vocab`` from a cached text set (``featurestore.text.TextEmbeddings``)."""
+    return Vocab(
+        class_names=[list(c) for c in te.class_names],
+        embeddings=torch.from_numpy(np.asarray(te.embeddings, dtype=np.float32)),
+        query_to_class=torch.from_numpy(np.asarray(te.query_to_class, dtype=np.int64)),
+        source=source or f"{te.key} ({te.weights})",
+        templates=te.template_set,
+    )
 
 
 def protocol_record(seg: Segmenter, scoring: ScoringConfig, vocab: Vocab) -> dict:

@@ -237,3 +237,54 @@ def doctor(rep: dict, as_json: bool) -> None:
     for k, v in rep.items():
         t.add_row(k, v if isinstance(v, str) else json.dumps(v))
     out.print(t)
+
+
+def eval_result(result, as_json: bool) -> None:
+    d = result.to_dict()
+    if as_json:
+        _json(d)
+        return
+    m = result.metrics
+    t = Table(title=f"{result.dataset} ({result.split}): {result.images} images")
+    for c in ("class", "IoU", "Acc"):
+        t.add_column(c, justify="left" if c == "class" else "right")
+    pc = m.get("per_class", {})
+    names = pc.get("name", [str(i) for i in range(len(pc.get("iou", [])))])
+    for name, iou, acc in zip(names, pc.get("iou", []), pc.get("acc", []), strict=True):
+        t.add_row(str(name), "-" if iou is None else f"{100 * iou:.2f}",
+                  "-" if acc is None else f"{100 * acc:.2f}")
+    out.print(t)
+    out.print(f"[bold]mIoU {m.get('mIoU')}[/]  mAcc {m.get('mAcc')}  aAcc {m.get('aAcc')}")
+    proto = result.protocol
+    out.print(f"protocol: {json.dumps(proto)}")
+    if result.skipped:
+        err.print(f"[yellow]{len(result.skipped)} image(s) skipped[/]: "
+                  + "; ".join(f"{k}: {v}" for k, v in list(result.skipped.items())[:5]))
+    if result.reference is not None:
+        out.print(f"reference: {json.dumps(result.reference)}")
+
+
+def eval_csv(result, path: str) -> None:
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["class", "iou", "acc"])
+        pc = result.metrics.get("per_class", {})
+        names = pc.get("name", [str(i) for i in range(len(pc.get("iou", [])))])
+        for name, iou, acc in zip(names, pc.get("iou", []), pc.get("acc", []), strict=True):
+            w.writerow([name, iou, acc])
+        w.writerow(["mIoU", result.metrics.get("mIoU"), ""])
+
+
+def methods(rows, as_json: bool) -> None:
+    if as_json:
+        _json(rows)
+        return
+    t = Table(title="methods")
+    t.add_column("name")
+    t.add_column("description")
+    t.add_column("options (defaults)")
+    for r in rows:
+        t.add_row(r["name"], r["doc"], json.dumps(r["options"]))
+    out.print(t)
