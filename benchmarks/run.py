@@ -71,8 +71,13 @@ def bench_extraction(tmp: Path) -> dict:
     for r in records:
         img = load_image_rgb(r.path)
         inputs.extend(bb.preprocess(img, bb.geometry(protocol, *img.shape[:2])))
-    cfg = ExtractConfig(models=[model], protocol=protocol, store=str(tmp / "ext.zarr"),
-                        random_init=True, batch_size=1)
+    cfg = ExtractConfig(
+        models=[model],
+        protocol=protocol,
+        store=str(tmp / "ext.zarr"),
+        random_init=True,
+        batch_size=1,
+    )
 
     def bare_loop() -> float:
         t = time.perf_counter()

@@ -24,6 +24,10 @@ custom         (none)                             ``<root>`` holding ``images/``
 The candidates are tried in the order: data_root itself, then the sub-folders listed above; the
 first one holding the dataset's marker folder (e.g. ``images/validation`` for ADE20K,
 ``ImageSets/Segmentation`` for VOC) is used.
+
+Each entry also records the standard image counts of its splits and how its labels are prepared
+(a built-in conversion or the steps to follow); reading, converting and checking the labels
+themselves is :mod:`featurestore.labels` (``ovss data prepare | verify``).
 """
 
 from __future__ import annotations

@@ -575,7 +575,7 @@ def verify_dataset(
         progress(label_text, 0, len(checked))
 
     def check(record: ImageRecord) -> tuple[list[LabelProblem], np.ndarray | None]:
-        label, problems, hist = _inspect(spec, num_classes, record, None)
+        _label, problems, hist = _inspect(spec, num_classes, record, None)
         return problems, hist
 
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
@@ -864,8 +864,9 @@ def _convert_coco(
     progress: ProgressFn | None,
 ) -> PrepareReport:
     """The COCO-Stuff / COCO-Object conversion of :func:`prepare_dataset`."""
-    target = spec.converter
-    assert target in _COCO_OUTPUT_SUFFIX
+    target = str(spec.converter)
+    if target not in _COCO_OUTPUT_SUFFIX:
+        raise OvssError(f"{spec.name}: unknown label conversion '{target}'")
     suffix = _COCO_OUTPUT_SUFFIX[target]
     layout = spec.layout
     splits = list(spec.splits) if split == "all" else [resolve_split(spec.name, split)]

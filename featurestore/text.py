@@ -18,7 +18,8 @@ Embeddings are cached in the feature store per (text model, vocabulary, template
 The ``text_set`` attribute is written last, so a group without it (an interrupted write) counts
 as missing and is rewritten.
 
-Vocabulary specs (``parse_vocab``, ``ovss extract --vocab``), tried in this order:
+Vocabulary specs (``parse_vocab``, ``ovss extract --vocab``), tried in this order (an existing
+file of the same name wins over a dataset name; the prefixes force one reading):
 
 * ``dataset:NAME[/FAMILY]`` or ``NAME[/FAMILY]`` with NAME a benchmark (or alias): its bundled
   class file; FAMILY ``sclip`` (default; also ``naclip``) or ``proxyclip`` (also ``trident``);
@@ -37,6 +38,7 @@ import functools
 import hashlib
 import json
 import os
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -468,8 +470,8 @@ def text_command(
 ) -> str:
     """The ``ovss extract`` line that computes a text set into an existing store."""
     cmd = (
-        f"ovss extract --store {store_path} --text-model {text_model} "
-        f"--vocab '{vocab.spec()}' --templates {template_name}"
+        f"ovss extract --store {shlex.quote(store_path)} --text-model {text_model} "
+        f"--vocab {shlex.quote(vocab.spec())} --templates {template_name}"
     )
     if weights and weights.startswith("random-init:"):
         cmd += f" --random-init --seed {weights.split(':', 1)[1]}"

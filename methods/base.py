@@ -119,7 +119,7 @@ def register_method(cls: type[Segmenter]) -> type[Segmenter]:
 
 
 def _import_methods() -> None:
-    from methods import prototype_method  # noqa: F401
+    from methods import maskclip, prototype_method, proxyclip  # noqa: F401
 
 
 def list_methods() -> list[str]:

@@ -12,13 +12,16 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.markup import escape
 from rich.table import Table
 
 from ovss_cli import render
+
+if TYPE_CHECKING:  # the library is imported inside each command, for a fast `--help`
+    from featurestore.labels import PrepareReport, VerifyReport
 
 MAX_TABLE_ROWS = 50
 """Problems shown in the verify table; ``--json`` always lists all of them."""
@@ -171,7 +174,7 @@ def data_prepare(
         sys.exit(1)
 
 
-def _print_prepare(report: Any) -> None:
+def _print_prepare(report: PrepareReport) -> None:
     """Rich rendering of a :class:`~featurestore.labels.PrepareReport`."""
     out = render.out
     if report.action == "converted":
@@ -246,7 +249,7 @@ def data_verify(
         sys.exit(1)
 
 
-def _print_verify(report: Any) -> None:
+def _print_verify(report: VerifyReport) -> None:
     """Rich rendering of a :class:`~featurestore.labels.VerifyReport`."""
     out = render.out
     if report.problems:

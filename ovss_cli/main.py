@@ -405,8 +405,16 @@ def extract(
 
 
 def extract_records(
-    models, for_method, vocabs, images_dir, dataset, data_root, split, limit, dry_run
-):
+    models: tuple[str, ...],
+    for_method: str | None,
+    vocabs: tuple[str, ...],
+    images_dir: str | None,
+    dataset: str | None,
+    data_root: str | None,
+    split: str | None,
+    limit: int | None,
+    dry_run: bool,
+) -> list:
     """The images of an `extract` call (see its help for which options name them)."""
     from featurestore.datasets import list_dataset_images
     from featurestore.images import list_folder_images
@@ -465,6 +473,7 @@ def render_job_plan(job_plan, as_json: bool) -> None:
 
 
 def render_recipe(recipe: dict) -> None:
+    """The recipe of a `--for` call: steps, vocabulary, method settings, notes."""
     t = Table(title=f"recipe: --for {recipe['method']} --dataset {recipe['dataset']}")
     for c in ("role", "model", "feature set", "protocol"):
         t.add_column(c)
@@ -489,6 +498,7 @@ def render_recipe(recipe: dict) -> None:
 
 
 def render_job_report(rep, as_json: bool) -> None:
+    """Report of a recipe / --vocab call: feature sets as usual, then the text sets."""
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2, default=str))
         return
@@ -648,6 +658,11 @@ def doctor(store_path, as_json):
 # -- command registry (keep one import + add_command per line pair) --
 from ovss_cli.data_cmd import data  # noqa: E402
 cli.add_command(data)
+from ovss_cli.segment_cmd import eval_cmd, methods, segment  # noqa: E402
+
+cli.add_command(segment)
+cli.add_command(eval_cmd)
+cli.add_command(methods)
 
 
 def main() -> None:  # pragma: no cover

@@ -8,8 +8,6 @@ exactly ``out_proj(v)``), so nothing of ``methods.clip_dense`` is reused in the 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -163,20 +161,16 @@ def test_full_block_from_the_stored_arrays_equals_encode_image(clip, block) -> N
     torch.testing.assert_close(block.project(o[:1]), model.encode_image(x), rtol=0, atol=2e-6)
 
 
-def test_inputs_are_validated(block) -> None:
+def test_inputs_are_validated(clip, block) -> None:
     with pytest.raises(ValueError, match="last size 64"):
         maskclip_dense(torch.zeros(5, 32), None, block)
     with pytest.raises(ValueError, match="2 or 3 dims"):
         bare_value_dense(torch.zeros(64), None, block)
+    backbone, _ = clip
     with pytest.raises(ValueError, match="activation"):
-        LastBlock.from_static(dict(_static(block)), HEADS, "relu")
-
-
-def _static(block: LastBlock):
-    from featurestore.backbones.clip import STATIC_NAMES
-    from methods.clip_dense import _field_name
-
-    return {n: getattr(block, _field_name(n)).numpy() for n in STATIC_NAMES}
+        LastBlock.from_static(backbone.static_tensors(), HEADS, "relu")
+    with pytest.raises(KeyError, match="proj"):
+        LastBlock.from_static({"ln_post.weight": np.zeros(64)}, HEADS, "gelu")
 
 
 # --- from a real extracted store ----------------------------------------------------------------

@@ -1,0 +1,173 @@
+"""``proxyclip``: the last-block proxy attention of ProxyCLIP (METHODS.md §3), from the store.
+
+Per window, with CLIP tokens entering the last block ``x`` and VFM patch features ``ex`` of the
+same (padded) crop::
+
+    v = W_v ln_1(x) + b_v  (CLS dropped), per head, bilinear to the VFM grid (H', W')
+    f = l2n(ex) ; S = f f^T ; S = (S - beta * mean(S)) * gamma   (mean: ONE scalar)
+    S[S < 0] = -inf ; A = softmax(S, -1)          (one A shared by every head)
+    feat = ln_post(out_proj(A v)) @ proj          (no residual, no MLP)
+
+then cosine with the queries on the VFM grid, per-window logits to the window box, windows
+averaged (§0.3), and §0.2 scoring. Both feature sets use the same protocol (windows padded
+symmetrically to a multiple of 56 px, ProxyCLIP's rule; with CLIP-B/16 the multiple becomes
+lcm(56, 16) = 112, identical for full 336 px crops).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from featurestore.protocol import Protocol
+from methods.base import FeatureRequirement, Segmenter, Vocab, register_method, window_logits_to_box
+
+# EVAL.md §4.4, ProxyCLIP column: S / crop / stride / prob_thd
+PRESETS = {
+    "voc21": (336, 336, 112, 0.2),
+    "voc20": (336, 336, 112, 0.0),
+    "context60": (336, 336, 112, 0.15),
+    "context59": (336, 336, 112, 0.0),
+    "coco_object": (336, 336, 112, 0.25),
+    "coco_stuff171": (336, 336, 112, 0.0),
+    "ade20k": (448, 336, 112, 0.0),
+    "cityscapes": (448, 224, 112, 0.0),
+}
+
+
+@dataclass
+class ProxyCLIPConfig:
+    """Options of ``proxyclip`` (defaults: the paper's CLIP ViT-B/16 OpenAI + DINO ViT-B/8).
+
+    Attributes:
+        clip_model: CLIP backbone (also the text model).
+        vfm_model: the proxy vision foundation model (dino-b8; DINOv2 / DINO v1 names work).
+        size, crop, stride, pad_multiple: the protocol shared by both feature sets.
+        beta: threshold factor on the mean similarity (1.2).
+        gamma: sharpness after thresholding (3.0).
+        class_family: class-file family for dataset vocabularies (``proxyclip``).
+    """
+
+    clip_model: str = "clip-b16"
+    vfm_model: str = "dino-b8"
+    size: int = 336
+    crop: int = 336
+    stride: int = 112
+    pad_multiple: int = 56
+    beta: float = 1.2
+    gamma: float = 3.0
+    class_family: str = "proxyclip"
+
+    @property
+    def protocol(self) -> Protocol:
+        return Protocol(
+            resize="short",
+            size=self.size,
+            crop=self.crop,
+            stride=self.stride,
+            pad_multiple=self.pad_multiple,
+        )
+
+    @property
+    def text_model(self) -> str:
+        return self.clip_model
+
+
+def proxy_attention(vfm_tokens: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """ProxyCLIP's attention from VFM patch features ``(N', C)`` -> ``(N', N')`` (rows sum to 1;
+    exactly 0 where ``(S - beta * mean S) * gamma < 0``)."""
+    f = F.normalize(vfm_tokens.float(), dim=-1)
+    s = f @ f.T
+    s = (s - beta * s.mean()) * gamma
+    s = s.masked_fill(s < 0, float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
+def proxy_window_features(
+    clip_tokens: torch.Tensor,
+    clip_grid: tuple[int, int],
+    vfm_tokens: torch.Tensor,
+    vfm_grid: tuple[int, int],
+    block,
+    beta: float = 1.2,
+    gamma: float = 3.0,
+) -> torch.Tensor:
+    """One window's ProxyCLIP features ``(H'*W', E)`` on the VFM grid."""
+    from methods.clip_dense import attention_output, value_tokens
+
+    v = value_tokens(clip_tokens, block)  # (heads, h*w, hd)
+    heads, _, hd = v.shape
+    gh, gw = clip_grid
+    vh, vw = vfm_grid
+    v = v.transpose(1, 2).reshape(heads, hd, gh, gw)
+    v = F.interpolate(v, size=(vh, vw), mode="bilinear", align_corners=False)
+    v = v.reshape(heads, hd, vh * vw).transpose(1, 2)  # (heads, N', hd)
+    attn = proxy_attention(vfm_tokens, beta, gamma)
+    o = attention_output(attn.unsqueeze(0), v, block)  # (N', D)
+    return block.project(o)
+
+
+@register_method
+class ProxyCLIPSegmenter(Segmenter):
+    name = "proxyclip"
+    Config = ProxyCLIPConfig
+    doc = "ProxyCLIP: CLIP last-block values with VFM (DINO) proxy attention per window"
+
+    @classmethod
+    def requirements(cls, config: ProxyCLIPConfig) -> list[FeatureRequirement]:
+        p = config.protocol
+        return [
+            FeatureRequirement("clip", config.clip_model, p, ("pre_last",)),
+            FeatureRequirement("vfm", config.vfm_model, p, ("patch",)),
+        ]
+
+    @classmethod
+    def presets(cls, dataset: str) -> dict:
+        if dataset not in PRESETS:
+            return {}
+        s, c, st, _ = PRESETS[dataset]
+        return {"size": s, "crop": c, "stride": st}
+
+    @classmethod
+    def scoring_presets(cls, dataset: str) -> dict:
+        return {"prob_thd": PRESETS[dataset][3]} if dataset in PRESETS else {}
+
+    def __init__(self, store, config, device="cpu"):
+        super().__init__(store, config, device)
+        from methods.clip_dense import LastBlock
+
+        self.block = LastBlock.from_feature_set(self.sets["clip"]).to(self.device)
+
+    def cosine_logits(self, index: int, vocab: Vocab) -> tuple[torch.Tensor, tuple[int, int]]:
+        from methods.scoring import merge_window_logits
+
+        c = self.sets["clip"].read(index, names=["pre_last"])
+        d = self.sets["vfm"].read(index, names=["patch"])
+        if not np.array_equal(c.win_box, d.win_box):
+            raise ValueError("CLIP and VFM feature sets disagree on the windows")
+        text = F.normalize(vocab.embeddings.float(), dim=-1).to(self.device)
+        windows = []
+        for w, (cg, vg) in enumerate(
+            zip(c.window_tokens("pre_last"), d.window_tokens("patch"), strict=True)
+        ):
+            ch, cw = cg.shape[:2]
+            vh, vw = vg.shape[:2]
+            ct = torch.from_numpy(np.asarray(cg, np.float32).reshape(ch * cw, -1))
+            vt = torch.from_numpy(np.asarray(vg, np.float32).reshape(vh * vw, -1))
+            with torch.inference_mode():
+                feat = proxy_window_features(
+                    ct.to(self.device),
+                    (ch, cw),
+                    vt.to(self.device),
+                    (vh, vw),
+                    self.block,
+                    self.config.beta,
+                    self.config.gamma,
+                )
+                cos = F.normalize(feat.float(), dim=-1) @ text.T
+            logits = cos.T.reshape(-1, vh, vw).cpu()
+            windows.append(window_logits_to_box(logits, d.win_box[w], d.win_pad[w]))
+        return merge_window_logits(windows, d.win_box, d.resized_size), d.resized_size
