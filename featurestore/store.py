@@ -212,6 +212,7 @@ class FeatureStore:
     def __init__(self, root: zarr.Group, path: str):
         self.root = root
         self.path = path
+        self._image_ids: list[str] | None = None
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
@@ -303,8 +304,11 @@ class FeatureStore:
 
     @property
     def image_ids(self) -> list[str]:
-        a = self.root["images/id"]
-        return [str(x) for x in a[:]] if a.shape[0] else []
+        """Image ids in store order (read once: the image table never changes)."""
+        if self._image_ids is None:
+            a = self.root["images/id"]
+            self._image_ids = [str(x) for x in a[:]] if a.shape[0] else []
+        return self._image_ids
 
     def image_table(self) -> dict[str, np.ndarray]:
         g = self.root["images"]
@@ -540,7 +544,6 @@ class FeatureSet:
         self.key = key
         self.group: zarr.Group = store.root["features"][key]
         self._geometry: dict[str, np.ndarray] | None = None
-        self._ids: list[str] | None = None  # cached image ids while streaming
         self._sizes: np.ndarray | None = None
         self._prov: dict | None = None
         self._specs: list[TensorSpec] | None = None
@@ -740,7 +743,7 @@ class FeatureSet:
         size = self.image_sizes[index]
         return ImageFeatures(
             index=index,
-            image_id=self.store.image_ids[index] if self._ids is None else self._ids[index],
+            image_id=self.store.image_ids[index],
             original_size=(int(size[0]), int(size[1])),
             resized_size=tuple(int(x) for x in geo["resized"][index]),
             win_box=geo["win_box"][w0:w1],
@@ -776,7 +779,6 @@ class FeatureSet:
         temporary buffers); other backends read one whole chunk per block and tensor.
         Pending or failed images are skipped. Memory holds at most one block.
         """
-        self._ids = self.store.image_ids
         status = self.status()
         wanted = None if indices is None else set(int(i) for i in indices)
         specs = [s for s in self.specs if names is None or s.name in names]
@@ -831,7 +833,7 @@ class FeatureSet:
                         if src is not None and not isinstance(src, np.ndarray):
                             src.close()
         finally:
-            self._ids = None
+            pass
 
     def _read_chunk(self, spec: TensorSpec, b: int) -> np.ndarray:
         rows = self.block_rows(spec.unit)

@@ -220,6 +220,13 @@ def demo(result: dict, as_json: bool) -> None:
     )
     out.print(f"backbone {result['model']} ({result['weights']})")
     store_info(result["store_info"], False)
+    ev = result.get("eval")
+    if ev:
+        out.print(
+            f"maskclip on {ev['images']} val collages: [bold]mIoU {ev['mIoU']}[/] "
+            f"(mAcc {ev['mAcc']}, aAcc {ev['aAcc']}); overlays in "
+            f"{result['segment']['out_dir']}"
+        )
     for stage, secs in result["timings"].items():
         out.print(f"  {stage}: {secs:.1f} s")
     if result.get("note"):
@@ -251,15 +258,20 @@ def eval_result(result, as_json: bool) -> None:
     pc = m.get("per_class", {})
     names = pc.get("name", [str(i) for i in range(len(pc.get("iou", [])))])
     for name, iou, acc in zip(names, pc.get("iou", []), pc.get("acc", []), strict=True):
-        t.add_row(str(name), "-" if iou is None else f"{100 * iou:.2f}",
-                  "-" if acc is None else f"{100 * acc:.2f}")
+        t.add_row(
+            str(name),
+            "-" if iou is None else f"{100 * iou:.2f}",
+            "-" if acc is None else f"{100 * acc:.2f}",
+        )
     out.print(t)
     out.print(f"[bold]mIoU {m.get('mIoU')}[/]  mAcc {m.get('mAcc')}  aAcc {m.get('aAcc')}")
     proto = result.protocol
     out.print(f"protocol: {json.dumps(proto)}")
     if result.skipped:
-        err.print(f"[yellow]{len(result.skipped)} image(s) skipped[/]: "
-                  + "; ".join(f"{k}: {v}" for k, v in list(result.skipped.items())[:5]))
+        err.print(
+            f"[yellow]{len(result.skipped)} image(s) skipped[/]: "
+            + "; ".join(f"{k}: {v}" for k, v in list(result.skipped.items())[:5])
+        )
     if result.reference is not None:
         out.print(f"reference: {json.dumps(result.reference)}")
 

@@ -430,7 +430,9 @@ def test_checkpoint_in_ovss_weights_loads_through_open_clip(
 def test_openai_file_found_in_open_clips_url_cache(tmp_path: Path) -> None:
     source = fp16_exact(tiny_model("clip-l14", seed=1))
     path = save_checkpoint(source, "openai", tmp_path / "dot_cache_clip" / "ViT-L-14.pt")
+    state = torch.get_rng_state()
     backbone = create_backbone("clip-l14", arch_overrides=TINY)
+    assert torch.equal(torch.get_rng_state(), state)  # open_clip's throw-away init is fenced
     assert backbone.info.weights_path == str(path)
     x = windows(14, 16, 16, n=1)  # the native 224 px
     with torch.no_grad():

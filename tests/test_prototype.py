@@ -18,6 +18,14 @@ needs_faiss = pytest.mark.skipif(not HAS_FAISS, reason="faiss is not installed (
 BACKENDS = ["torch", pytest.param("faiss", marks=needs_faiss)]
 
 
+def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-6):
+    """allclose with a readable failure (torch.testing.assert_close costs ~1 s to import)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    expected = expected.to(actual.dtype)
+    ok = torch.allclose(actual, expected, rtol=rtol, atol=atol)
+    assert ok, f"max abs diff {(actual - expected).abs().max().item():.3g}"
+
+
 def _data(k: int, d: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     protos = torch.randn(k, d, generator=gen) * (1 + torch.rand(k, 1, generator=gen) * 3)
@@ -49,7 +57,7 @@ def test_top1_matches_brute_force(backend: str) -> None:
     clear = _clear(ref_s, 1)
     assert clear.float().mean() > 0.99
     assert torch.equal(i[clear, 0].cpu(), ref_i[clear, 0])
-    torch.testing.assert_close(s[:, 0].double().cpu(), ref_s[:, 0], atol=1e-5, rtol=0)
+    _close(s[:, 0].double().cpu(), ref_s[:, 0], atol=1e-5, rtol=0)
     assert torch.equal(index.argmax(x)[clear].cpu(), ref_i[clear, 0])
 
 
@@ -75,7 +83,7 @@ def test_k_neighbours_sorted_and_exact(backend: str) -> None:
     got = torch.sort(i[clear], dim=1).values
     want = torch.sort(ref_i[clear, :k], dim=1).values
     assert torch.equal(got, want)
-    torch.testing.assert_close(s.double(), ref_s[:, :k], atol=1e-5, rtol=0)
+    _close(s.double(), ref_s[:, :k], atol=1e-5, rtol=0)
 
 
 def test_normalisation() -> None:
@@ -85,16 +93,14 @@ def test_normalisation() -> None:
     s1, i1 = index.search(x, 3)
     s2, i2 = index.search(x * 7.5, 3)
     assert torch.equal(i1, i2)
-    torch.testing.assert_close(s1, s2)
+    _close(s1, s2)
     assert bool((s1.abs() <= 1 + 1e-6).all())
-    torch.testing.assert_close(index.prototypes.norm(dim=1), torch.ones(20))
+    _close(index.prototypes.norm(dim=1), torch.ones(20))
     # Dense scores are the full cosine matrix.
-    torch.testing.assert_close(
-        index.scores(x), F.normalize(x, dim=1) @ F.normalize(protos, dim=1).T
-    )
+    _close(index.scores(x), F.normalize(x, dim=1) @ F.normalize(protos, dim=1).T)
     # normalize=False: raw inner products, so long prototypes win.
     raw = PrototypeIndex(protos, backend="torch", normalize=False)
-    torch.testing.assert_close(raw.scores(x), x @ protos.T)
+    _close(raw.scores(x), x @ protos.T)
     assert torch.equal(raw.argmax(x), (x @ protos.T).argmax(1))
 
 
@@ -103,7 +109,7 @@ def test_faiss_without_normalisation_is_raw_inner_product() -> None:
     protos, x = _data(20, 8, 100, seed=3)
     raw_faiss = PrototypeIndex(protos, backend="faiss", normalize=False)
     s, i = raw_faiss.search(x, 1)
-    torch.testing.assert_close(s[:, 0], (x @ protos.T).max(1).values, rtol=1e-5, atol=1e-5)
+    _close(s[:, 0], (x @ protos.T).max(1).values, rtol=1e-5, atol=1e-5)
     assert torch.equal(i[:, 0], (x @ protos.T).argmax(1))
 
 
@@ -121,7 +127,7 @@ def test_torch_chunk_boundaries(monkeypatch: pytest.MonkeyPatch, chunk: int) -> 
     monkeypatch.setattr(prototype_mod, "_CHUNK_SCORES", chunk)
     s, i = PrototypeIndex(protos, backend="torch").search(x, 3)
     assert torch.equal(i, full_i)
-    torch.testing.assert_close(s, full_s, rtol=0, atol=1e-6)
+    _close(s, full_s, rtol=0, atol=1e-6)
     s1, i1 = PrototypeIndex(protos, backend="torch").search(x, 1)
     assert torch.equal(i1[:, 0], full_i[:, 0])
 
@@ -135,7 +141,7 @@ def test_bf16_rescoring_is_exact_on_separated_data(monkeypatch: pytest.MonkeyPat
     s, i = index.search(x, 2)
     clear = _clear(ref_s, 2, tol=1e-3)
     assert torch.equal(torch.sort(i[clear], 1).values, torch.sort(ref_i[clear, :2], 1).values)
-    torch.testing.assert_close(s.double(), ref_s[:, :2], atol=1e-5, rtol=0)
+    _close(s.double(), ref_s[:, :2], atol=1e-5, rtol=0)
 
 
 @needs_faiss

@@ -17,6 +17,14 @@ from methods.scoring import (
 )
 
 
+def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-6):
+    """allclose with a readable failure (torch.testing.assert_close costs ~1 s to import)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    expected = expected.to(actual.dtype)
+    ok = torch.allclose(actual, expected, rtol=rtol, atol=atol)
+    assert ok, f"max abs diff {(actual - expected).abs().max().item():.3g}"
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -26,7 +34,7 @@ def _assert_same_as_reference(cos: torch.Tensor, out_hw: tuple[int, int], q2c, c
     labels, prob = score_logits(cos, out_hw, q2c, c, **kw)
     assert labels.shape == out_hw and labels.dtype == torch.long
     assert torch.equal(labels, ref_labels)
-    torch.testing.assert_close(prob, ref_prob, rtol=1e-5, atol=0)
+    _close(prob, ref_prob, rtol=1e-5, atol=0)
     assert torch.equal(score_labels(cos, out_hw, q2c, c, **kw), ref_labels)
     return ref_labels, ref_prob
 
@@ -134,7 +142,7 @@ def test_prob_thd_sees_the_softmax_over_all_synonyms() -> None:
     cos = torch.zeros(3, 2, 2)
     cos[1:] = 1.0
     labels, prob = score_logits(cos, (2, 2), [0, 1, 1], 2, logit_scale=40.0, prob_thd=0.6)
-    torch.testing.assert_close(prob, torch.full((2, 2), 0.5), rtol=1e-6, atol=0)
+    _close(prob, torch.full((2, 2), 0.5), rtol=1e-6, atol=0)
     assert bool((labels == 0).all())
     _assert_same_as_reference(cos, (2, 2), [0, 1, 1], 2, prob_thd=0.6)
 
@@ -184,7 +192,7 @@ def test_block_size_does_not_change_results(block_elems: int) -> None:
     ref_labels, ref_prob = score_logits_reference(cos, (29, 31), q2c, 6, prob_thd=0.2)
     labels, prob = score_logits(cos, (29, 31), q2c, 6, prob_thd=0.2, block_elems=block_elems)
     assert torch.equal(labels, ref_labels)
-    torch.testing.assert_close(prob, ref_prob, rtol=1e-5, atol=0)
+    _close(prob, ref_prob, rtol=1e-5, atol=0)
 
 
 def test_scoring_rejects_bad_arguments() -> None:

@@ -480,7 +480,8 @@ def _build(
         identity = f"random-init:{seed}"
     else:
         weights_path = resolve_clip_weights(variant, weights)
-        model = _load(variant, weights_path, overrides)
+        with torch.random.fork_rng(devices=[]):  # the throw-away init must not move the RNG
+            model = _load(variant, weights_path, overrides)
         identity = sha256_file(weights_path)
     model.eval()
     _check_supported_visual(variant, model.visual)
