@@ -4,7 +4,9 @@ Figures (PRODUCT.md "Performance"):
   1. extraction overhead: ``ovss extract`` images/s ÷ a bare forward loop over the same decoded
      images (target ≥ 0.95);
   2. store read: streaming one feature set ÷ ``numpy.memmap`` of the same bytes (target ≥ 0.5);
-  3. peak RSS of streaming a feature set at two store sizes (must not grow with the images).
+  3. peak RSS of streaming a feature set at two store sizes (must not grow with the images);
+  4. cache payoff of the CLIP path: MaskCLIP dense features from the store ÷ from pixels;
+  5. store bytes per image of each backbone at its default protocol.
 
 Environment knobs: BENCH_IMAGES (extraction images, default 8), BENCH_MODEL (default
 dinov2-s14), BENCH_SIZE (short side, default 448), BENCH_READ_IMAGES (default 400).
@@ -218,10 +220,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ovss-bench-"))
     results = {"machine": machine()}
     try:
+        from benchmarks.clip_bench import bench_clip_cache, bench_store_sizes
+
         for name, fn in (
             ("store_read", bench_read),
             ("streaming_rss", bench_rss),
             ("extraction_overhead", bench_extraction),
+            ("clip_cache_payoff", bench_clip_cache),
+            ("store_size_per_image", bench_store_sizes),
         ):
             t = time.perf_counter()
             results[name] = fn(tmp)
@@ -260,6 +266,17 @@ def main() -> None:
         str(m["growth_ratio_4x_images"]),
         "~1.0",
     )
+    c = results["clip_cache_payoff"]
+    t.add_row(
+        "cache payoff (MaskCLIP dense)",
+        f"{c['store_s']} s from the store",
+        f"{c['pixel_s']} s from pixels",
+        str(c["ratio"]),
+        ">= 20 (paper-size backbones)",
+    )
+    for model, row in results["store_size_per_image"]["models"].items():
+        t.add_row(f"store size {model}", f"{row['mb_per_image']} MiB/image", row["protocol"],
+                  "", "")
     Console().print(t)
     Console().print(f"machine: {results['machine']}")
     path = OUT / "bench.json"

@@ -11,11 +11,11 @@ One interface, ``PrototypeIndex``, over three backends:
   so it is opt-in only; ``recall_report`` measures it against exact search.
 
 ``backend="auto"`` picks ``faiss`` when faiss is installed, the prototypes are on the CPU and
-``K * D >= 2**19`` (e.g. K >= 1024 prototypes of width 512), else ``torch``: for small
-vocabularies one BLAS call plus a max is fastest (150 x 512: torch ~2x faster than FAISS on a
-2-core CPU), for large prototype sets FAISS's blocked GEMM with a fused top-k wins (20k x 384:
-FAISS ~1.5x faster). GPU-resident prototypes always use torch. ``.backend`` says what was chosen
-and ``.reason`` why.
+``K * D >= 2**18`` (e.g. K >= 512 prototypes of width 512), else ``torch``. Measured on a 2-core
+CPU (top-1, float32): at 150 x 512 one matmul + max is ~1.1x faster than FAISS; from 500 x 512
+up to 20k x 384 FAISS's blocked GEMM with a fused top-k is ~1.3-1.4x faster. (``bf16`` is ~2x
+faster again at 20k prototypes but slower than float32 below a few thousand.) GPU-resident
+prototypes always use torch. ``.backend`` says what was chosen and ``.reason`` why.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ __all__ = ["BACKENDS", "PrototypeIndex"]
 BACKENDS = ("auto", "torch", "faiss", "faiss-ivf")
 
 # auto: FAISS from this many prototype coordinates (K * D) on.
-_AUTO_FAISS_MIN_KD = 1 << 19
+_AUTO_FAISS_MIN_KD = 1 << 18
 # torch backend: one chunk of scores holds about this many floats (16 MB).
 _CHUNK_SCORES = 1 << 22
 # bf16 scoring re-scores this many extra candidates in float32.
@@ -188,22 +188,29 @@ class PrototypeIndex:
 
     # ----------------------------------------------------------------------------------- search
 
-    def _queries(self, x: torch.Tensor) -> torch.Tensor:
-        """Validate ``(N, D)`` queries; float32, normalised if ``normalize``."""
+    def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Validate ``(N, D)`` queries: float32 copy/view and, if ``normalize``, ``1 / |x|``.
+
+        Queries are never divided by their norms: the ranking of ``<x, p_k>`` over k is the
+        ranking of the cosines, so only the returned scores are rescaled (saves a pass over x).
+        """
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise OvssError(
                 f"queries must be (N, {self.dim}) to match the prototypes, got {tuple(x.shape)}"
             )
         x = x.detach().float()
-        return _l2n(x) if self.normalize else x
+        if not self.normalize:
+            return x, None
+        return x, x.norm(dim=1).clamp_min_(1e-12).reciprocal_()
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Dense scores ``(N, K)`` float32: cosines (inner products if ``normalize=False``).
 
         Always computed with torch (float32), on the prototypes' device; returned there.
         """
-        q = self._queries(x).to(self.prototypes.device)
-        return q @ self.prototypes.T
+        q, inv_norm = self._queries(x.to(self.prototypes.device))
+        sims = q @ self.prototypes.T
+        return sims if inv_norm is None else sims.mul_(inv_norm[:, None])
 
     def search(self, x: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` best prototypes of each query.
@@ -220,12 +227,18 @@ class PrototypeIndex:
         k = int(k)
         if not 1 <= k <= self.num_prototypes:
             raise OvssError(f"k must lie in [1, K={self.num_prototypes}], got {k}")
-        q = self._queries(x)
         if self.backend == "torch":
-            return self._search_torch(q.to(self.prototypes.device), k)
-        return self._search_faiss(q, k)
+            q, inv_norm = self._queries(x.to(self.prototypes.device))
+            s, idx = self._search_torch(q, k)
+        else:
+            q, inv_norm = self._queries(x.cpu())
+            s, idx = self._search_faiss(q, k)
+        if inv_norm is not None:
+            s.mul_(inv_norm[:, None])
+        return s, idx
 
     def _search_torch(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunked exact (or bf16 + float32 re-scored) top-k of raw inner products."""
         n = q.shape[0]
         out_s = torch.empty(n, k, dtype=torch.float32, device=q.device)
         out_i = torch.empty(n, k, dtype=torch.long, device=q.device)
@@ -255,7 +268,7 @@ class PrototypeIndex:
         return out_s, out_i
 
     def _search_faiss(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        q_np = np.ascontiguousarray(q.cpu().numpy(), dtype=np.float32)
+        q_np = np.ascontiguousarray(q.numpy(), dtype=np.float32)
         s, idx = self._faiss_index.search(q_np, k)
         return torch.from_numpy(s), torch.from_numpy(idx.astype(np.int64, copy=False))
 
@@ -298,7 +311,7 @@ class PrototypeIndex:
 
     def _exact_top1(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact float32 best score and id per query (torch, on the CPU), for recall reports."""
-        q = self._queries(x).cpu()
+        q, inv_norm = self._queries(x.cpu())
         protos = self.prototypes.cpu()
         best_s = torch.empty(q.shape[0])
         best_i = torch.empty(q.shape[0], dtype=torch.long)
@@ -307,4 +320,6 @@ class PrototypeIndex:
             s, i = (q[start : start + rows] @ protos.T).max(dim=1)
             best_s[start : start + rows] = s
             best_i[start : start + rows] = i
+        if inv_norm is not None:
+            best_s.mul_(inv_norm)
         return best_s, best_i

@@ -2,7 +2,7 @@
 
 Everything here reads what ``featurestore.backbones.sam`` caches (see its module docstring):
 per image the neck ``embedding`` ``(1, C, S, S)``, the last global-attention block's ``q``/``k``/
-``v`` ``(n, H, hd)`` and ``attn_lse`` ``(n, H)`` for the ``n = gh*gw`` valid tokens (row-major
+``v`` ``(n, H, hd)`` and ``attn_log_mass`` ``(n, H)`` for the ``n = gh*gw`` valid tokens (row-major
 over the ``ceil`` grid ``win_grid[0]``), and per feature set the static arrays ``rel_pos_h``,
 ``rel_pos_w``, ``scale``, ``patch_size`` (``sam_static``).
 
@@ -15,12 +15,19 @@ over the ``ceil`` grid ``win_grid[0]``), and per feature set the static arrays `
 - ``generate_masks_cached``: ``SamAutomaticMaskGenerator`` on a cached embedding.
 - ``load_sam_decoder`` / ``load_sam_decoder_for``: the prompt encoder + mask decoder alone.
 
-Float16 stores: the decoders here run in float32 on the float16-rounded embedding. On the tiny
-test model the low-resolution mask logits move by ~1e-3 and IoU predictions by ~1e-4
-(``tests/test_sam.py`` measures it); the rounding is relative (2**-11), so it is of the same order
-for the real models, whose neck ends in a LayerNorm (embedding values of order 1). Masks flip only
-for pixels whose logit is within that distance of 0. Extract with ``dtype="float32"`` when masks
-must equal ``SamPredictor``'s bit for bit.
+Float16 stores (the default) round every cached value to 11 significant bits (relative error
+<= 2**-11 = 4.9e-4); the decoders here run in float32 on the rounded values. Measured on
+random-init models (no real checkpoint is available offline):
+
+- prompt decoding: max |change| of the low-resolution mask logits 5e-5 on the tiny test model
+  (logit spread 0.02) and 6.6e-5 on a full-size sam-b at 1024 px (spread 0.04), i.e. ~0.2% of
+  the spread; IoU predictions move by < 2e-6; 0.006% of mask pixels flip (only pixels whose logit
+  is that close to 0 can). The change scales with the logits, so trained models, whose logits are
+  much larger, move by about the same fraction of them. ``tests/test_sam.py`` bounds it.
+- attention: up to 6.6e-4 relative error per entry (full-size sam-b, both normalisations), from
+  rounding ``q``/``k``; the relative error of an entry grows with the size of its logits.
+
+Extract with ``dtype="float32"`` when masks must equal ``SamPredictor``'s bit for bit.
 """
 
 from __future__ import annotations
@@ -83,7 +90,7 @@ def sam_attention(
     static: Mapping[str, np.ndarray | torch.Tensor],
     heads: Sequence[int] | None = None,
     normalise: str = "valid",
-    attn_lse: np.ndarray | torch.Tensor | None = None,
+    attn_log_mass: np.ndarray | torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Per-head softmax attention of SAM's cached global-attention block among valid tokens.
@@ -96,21 +103,23 @@ def sam_attention(
 
     - ``"valid"``: softmax over the ``n`` valid keys only, i.e. the full ``S*S x S*S`` attention
       cropped to valid rows and columns, then each row renormalised to sum to 1.
-    - ``"full"``: softmax over all ``S*S`` keys as inside the encoder, then cropped (rows sum to
-      the attention mass on valid keys, <= 1). This is what Trident uses (it crops the encoder's
-      ``[1, H, 4096, 4096]`` attention with ``[:vh, :vw, :vh, :vw]`` and does not renormalise);
-      it needs the cached ``attn_lse``: ``A = exp(logit - attn_lse)``.
+    - ``"full"``: softmax over all ``S*S`` keys as inside the encoder, then cropped: rows sum to
+      the attention mass on valid keys (<= 1). This is what Trident uses (it crops the encoder's
+      ``[1, H, 4096, 4096]`` attention with ``[:vh, :vw, :vh, :vw]`` and does not renormalise).
+      Computed as ``"valid" * exp(attn_log_mass)`` from the cached log-mass, which refers to the
+      cached grid: pass that grid here and crop afterwards (``trident_sam_inputs`` does).
 
     Args:
         q: ``(n, H, hd)`` cached unscaled queries of one image.
         k: ``(n, H, hd)`` cached keys.
-        grid: ``(gh, gw)`` with ``gh * gw == n``: the valid grid (``win_grid[0]`` of the cache,
-            or a top-left sub-grid of it after ``crop_token_rows``).
+        grid: ``(gh, gw)`` with ``gh * gw == n``: the cached valid grid (``win_grid[0]``), or for
+            ``"valid"`` any top-left sub-grid of it (after ``crop_token_rows``).
         static: ``rel_pos_h``, ``rel_pos_w`` and ``scale`` (``sam_static``).
         heads: which heads to compute (default all); memory is ``len(heads) * n * n`` floats
             (805 MB for 12 heads over 4096 tokens in float32).
         normalise: ``"valid"`` or ``"full"`` (see above).
-        attn_lse: ``(n, H)`` cached log-sum-exp; required for ``"full"``.
+        attn_log_mass: ``(n, H)`` cached log attention mass on valid keys; required for
+            ``"full"``.
         dtype: computation and output dtype (``torch.float64`` for exact comparisons).
 
     Returns:
@@ -118,6 +127,8 @@ def sam_attention(
     """
     if normalise not in NORMALISATIONS:
         raise ValueError(f"normalise must be one of {NORMALISATIONS}, not {normalise!r}")
+    if normalise == "full" and attn_log_mass is None:
+        raise ValueError("normalise='full' needs the cached attn_log_mass")
     qt, kt = _tensor(q, dtype), _tensor(k, dtype)
     if qt.ndim != 3 or qt.shape != kt.shape:
         raise ValueError(
@@ -133,12 +144,11 @@ def sam_attention(
         _tensor(static["rel_pos_w"], dtype),
         float(np.asarray(static["scale"]).reshape(-1)[0]),
     )
-    if normalise == "valid":
-        return logits.softmax(dim=-1)
-    if attn_lse is None:
-        raise ValueError("normalise='full' needs the cached attn_lse")
-    lse = _tensor(attn_lse, dtype)[:, selected]  # (n, len(heads))
-    return torch.exp(logits - lse.T[:, :, None])
+    attn = logits.softmax(dim=-1)
+    if normalise == "full":
+        mass = torch.exp(_tensor(attn_log_mass, dtype)[:, selected])  # (n, len(heads))
+        attn = attn * mass.T[:, :, None]
+    return attn
 
 
 def trident_grid(input_size: tuple[int, int], patch_size: int = 16) -> tuple[int, int]:
@@ -201,12 +211,21 @@ def trident_sam_inputs(
             f"(input size // {patch}) is empty"
         )
     t = features.tensors
-    q, k, v, lse = (
-        crop_token_rows(t[name], grid, (vh, vw)) for name in ("q", "k", "v", "attn_lse")
+    # "full" attention on the cached grid (its log-mass refers to it), then Trident's crop.
+    attn = sam_attention(
+        t["q"],
+        t["k"],
+        grid,
+        static,
+        normalise="full",
+        attn_log_mass=t["attn_log_mass"],
+        dtype=dtype,
     )
-    attn = sam_attention(q, k, (vh, vw), static, normalise="full", attn_lse=lse, dtype=dtype)
+    rows = torch.from_numpy(crop_token_rows(np.arange(grid[0] * grid[1]), grid, (vh, vw)))
+    attn = attn[:, rows][:, :, rows]
+    v = crop_token_rows(t["v"], grid, (vh, vw))
     return TridentSamInputs(
-        attn=attn,
+        attn=attn.contiguous(),
         v=_tensor(v, dtype).permute(1, 0, 2).contiguous(),
         grid=(vh, vw),
         embedding=_tensor(t["embedding"][0, :, :vh, :vw], dtype).contiguous(),

@@ -11,9 +11,10 @@ Registered names (open_clip model name / pretrained tag):
   ``openclip:ViT-B-16:laion2b_s34b_b88k``.
 
 OpenAI weights were trained with QuickGELU, so their names use open_clip's ``-quickgelu`` configs
-(plain ``ViT-B-16`` + ``openai`` builds GELU and open_clip only warns; ovss refuses that pair).
-Mean/std come from open_clip's pretrained config of the tag (``spec/METHODS.md`` §0.4). Both, the
-activation and the model name/tag are recorded in ``info.extra``.
+(plain ``ViT-B-16`` + ``openai`` builds GELU and open_clip only warns; ovss refuses such a pair).
+Mean/std come from open_clip's pretrained config of the tag (``spec/METHODS.md`` §0.4) and are
+recorded in ``info.mean``/``info.std``; the activation, heads, model name and tag in
+``info.extra``.
 
 **What a feature set caches** (``spec/METHODS.md`` §0.5), per window of the protocol:
 
@@ -30,17 +31,19 @@ MaskCLIP / ClearCLIP / PixelCLIP / ProxyCLIP / Trident last-block variants all r
 
 Windows of any size that is a multiple of the patch size work: the patch part of the absolute
 position embedding is resampled to the window's grid (``interpolate_pos_embed``: bicubic,
-``align_corners=False``, no antialiasing; the class position is kept). [ours] This is the
-interpolation ProxyCLIP/SCLIP use, with the output size given exactly instead of DINO's
-``scale_factor = (g + 0.1) / g0`` trick, whose sampling positions are a fraction of a patch off.
-At the native grid the embedding is used as is.
+``align_corners=False``, no antialiasing; the class position is kept). [ours] This is
+ProxyCLIP's interpolation, with the output size given exactly instead of DINO's
+``scale_factor = (g + 0.1) / g0`` trick, whose sampling positions are a fraction of a patch off;
+open_clip's own checkpoint resizing (antialiased) is not used. At the native grid the embedding
+is used as is.
 
 Checkpoints load through open_clip's own loader (``open_clip.create_model(name,
 pretrained=<file>)``): open_clip's ``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin``
 and OpenAI's TorchScript release files (``ViT-B-16.pt``, ...), which ``torch.load`` hands to
-``torch.jit.load``.
+``torch.jit.load`` (only files that are TorchScript archives are read that way; everything else
+with ``weights_only=True``).
 
-**Tiny models** (tests, ``--arch-overrides``): ``arch_overrides`` holds open_clip model-config
+**Tiny models** (tests): ``arch_overrides`` holds open_clip model-config
 keys. ``vision_cfg`` and ``text_cfg`` are dicts merged key by key into the named model's config
 (fields of ``open_clip.model.CLIPVisionCfg`` / ``CLIPTextCfg``); every other key (e.g.
 ``embed_dim``) replaces the config value. ``vision_cfg`` also accepts ``heads``, translated to
@@ -55,6 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import logging
 import os
@@ -342,7 +346,8 @@ def load_open_clip(
     Returns:
         ``(model, tokenizer, info)``: the model in eval mode on the CPU (on the meta device when
         built under ``torch.device("meta")`` with ``random_init``), open_clip's tokenizer for it
-        (``tokenizer(list_of_str) -> (n, context_length)`` int64 ids) and a ``BackboneInfo``
+        (``tokenizer(list_of_str) -> (n, context_length)`` int64 ids; built once per process and
+        shared) and a ``BackboneInfo``
         (family ``clip``; ``info.extra`` records open_clip model/tag, activation, heads, sizes).
 
     Raises:
@@ -352,10 +357,7 @@ def load_open_clip(
     """
     variant = resolve_variant(name)
     model, info = _build(variant, weights, random_init, seed, arch_overrides)
-    open_clip = _import_open_clip()
-    context_length = int(model.context_length)
-    tokenizer = open_clip.get_tokenizer(variant.model, context_length=context_length)
-    return model, tokenizer, info
+    return model, _tokenizer(variant.model, int(model.context_length)), info
 
 
 def build_clip(
@@ -522,6 +524,13 @@ def _build(
         },
     )
     return model, info
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(model_name: str, context_length: int) -> Any:
+    """open_clip's tokenizer of ``model_name``, built once per process (its BPE tables take about
+    0.4 s to build; the tokenizer is a pure function of its input)."""
+    return _import_open_clip().get_tokenizer(model_name, context_length=context_length)
 
 
 def _construct(cfg: dict) -> CLIP:

@@ -18,10 +18,12 @@ What is cached per image (``S = img_size / 16`` = 64, ``H`` heads, ``hd`` head d
 - ``q``, ``k``, ``v`` (unit *token*, row ``(H, hd)``): the last global-attention block's
   ``qkv`` projection split per head, for the valid tokens only; ``q`` is *unscaled* (as the real
   ``Attention`` keeps it: the logits use ``q * scale``, the relative-position terms use ``q``);
-- ``attn_lse`` (unit *token*, row ``(H,)``): per valid query and head, the log-sum-exp of its
-  attention logits over *all* ``S*S`` keys, padding included. ``exp(logit - attn_lse)`` is the
-  attention the real block computes (softmax over the padded grid), restricted to valid keys:
-  what Trident uses. Without it that normalisation needs the padded keys (``S*S`` rows).
+- ``attn_log_mass`` (unit *token*, row ``(H,)``): per valid query and head, the log of the
+  attention mass the real block (softmax over *all* ``S*S`` keys, padding included) puts on the
+  valid keys: ``logsumexp(valid logits) - logsumexp(all logits)``, <= 0, exactly 0 without
+  padding. The attention among valid tokens as the encoder normalises it (what Trident crops) is
+  ``softmax over valid keys * exp(attn_log_mass)``; without it that needs the padded keys
+  (``S*S`` rows). A log-mass near 0 keeps float16 precision, a raw log-sum-exp (~10) would not.
 - ``layer{i}`` (unit *token*, row ``(D,)``, only when asked for): the output of encoder block
   ``i`` (before the neck) for the valid tokens.
 
@@ -408,7 +410,7 @@ class SamBackbone(Backbone):
 
     - ``embedding``: ``(B, C, S, S)``;
     - ``q``, ``k``, ``v``: ``(B, N, H, hd)``;
-    - ``attn_lse``: ``(B, N, H)`` (float32 arithmetic, whatever the autocast);
+    - ``attn_log_mass``: ``(B, N, H)`` (float32 arithmetic, whatever the autocast);
     - ``layer{i}``: ``(B, N, D)`` for each requested block.
 
     ``self.model`` is the whole real ``Sam`` (the prompt encoder and mask decoder ride along,
@@ -436,7 +438,10 @@ class SamBackbone(Backbone):
             TensorSpec("k", "token", (h, hd), f"block {b} keys per head"),
             TensorSpec("v", "token", (h, hd), f"block {b} values per head"),
             TensorSpec(
-                "attn_lse", "token", (h,), f"block {b} log-sum-exp of logits over all {s}x{s} keys"
+                "attn_log_mass",
+                "token",
+                (h,),
+                f"block {b} log attention mass on valid keys (softmax over all {s}x{s})",
             ),
         ]
         for i in self.layers:
@@ -505,10 +510,11 @@ class SamBackbone(Backbone):
     ) -> dict[str, torch.Tensor]:
         """Run the encoder on ``(B, 3, img, img)`` inputs from ``preprocess``.
 
-        The encoder runs one image at a time, as ``SamPredictor.set_image`` does, so the cached
-        tensors are bit-identical to what the library computes for that image (a batched
-        forward changes float rounding, ~2e-6 on the tiny test model on the CPU; at 4096 tokens
-        per image one image already fills the hardware).
+        The encoder runs one image at a time, as ``SamPredictor.set_image`` does, so in float32
+        (no autocast: ``--precision fp32``) the cached tensors are bit-identical to what the
+        library computes for that image (a batched forward changes float rounding, ~2e-6 on the
+        tiny test model on the CPU; at 4096 tokens per image one image already fills the
+        hardware).
 
         Args:
             x: the batch.
@@ -538,7 +544,7 @@ class SamBackbone(Backbone):
 
     def _encode_one(self, x: torch.Tensor, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
         """One ``(1, 3, img, img)`` input -> ``embedding (1, C, S, S)`` and the valid-token rows
-        ``(gh*gw, ...)`` of ``q``/``k``/``v``/``attn_lse``/``layer{i}``."""
+        ``(gh*gw, ...)`` of ``q``/``k``/``v``/``attn_log_mass``/``layer{i}``."""
         encoder = self.model.image_encoder
         attn = encoder.blocks[self.attn_block].attn
         captured: dict[str, torch.Tensor] = {}
@@ -565,7 +571,7 @@ class SamBackbone(Backbone):
         for i in self.layers:
             out[f"layer{i}"] = captured[f"layer{i}"].reshape(s * s, -1)[rows]
         rel_h, rel_w = attn.rel_pos_h.detach().float(), attn.rel_pos_w.detach().float()
-        lse = torch.empty((rows.numel(), heads), dtype=torch.float32, device=x.device)
+        log_mass = torch.empty((rows.numel(), heads), dtype=torch.float32, device=x.device)
         with torch.autocast(x.device.type, enabled=False):
             q_valid, k_all = out["q"].float(), k.float()
             for h in range(heads):  # one (n, S*S) logit matrix at a time
@@ -577,9 +583,10 @@ class SamBackbone(Backbone):
                     rel_h,
                     rel_w,
                     attn.scale,
-                )
-                lse[:, h] = torch.logsumexp(logits[0], dim=-1)
-        out["attn_lse"] = lse
+                )[0]
+                mass = torch.logsumexp(logits[:, rows], -1) - torch.logsumexp(logits, -1)
+                log_mass[:, h] = mass.clamp(max=0.0)
+        out["attn_log_mass"] = log_mass
         return {key: t.contiguous() for key, t in out.items()}
 
     def _check_input(self, x: torch.Tensor) -> int:
@@ -702,8 +709,8 @@ def build_sam(
         name=variant.name,
         family="sam",
         patch_size=config.patch_size,
-        mean=tuple(round(m / 255.0, 6) for m in SAM_PIXEL_MEAN),  # type: ignore[arg-type]
-        std=tuple(round(s / 255.0, 6) for s in SAM_PIXEL_STD),  # type: ignore[arg-type]
+        mean=_unit_range(SAM_PIXEL_MEAN),
+        std=_unit_range(SAM_PIXEL_STD),
         weights=identity,
         weights_path=path,
         library=_library_versions(),
@@ -767,6 +774,12 @@ def _normalise_layers(layers: Sequence[int], depth: int, name: str) -> tuple[int
             raise OvssError(f"layer {i} does not exist in {name}; it has blocks 0..{depth - 1}")
         out.add(i % depth)
     return tuple(sorted(out))
+
+
+def _unit_range(values: tuple[float, float, float]) -> tuple[float, float, float]:
+    """SAM's 0..255 statistics in the 0..1 units of ``BackboneInfo`` (ImageNet's numbers)."""
+    a, b, c = (round(v / 255.0, 6) for v in values)
+    return a, b, c
 
 
 def _library_versions() -> dict[str, str]:
