@@ -4,8 +4,8 @@ One interface, ``PrototypeIndex``, over three backends:
 
 - ``torch``: chunked ``x @ P.T`` + ``max``/``topk`` in float32 (exact; CPU or the prototypes'
   device). ``bf16=True`` scores in bfloat16 first and re-scores the best ``k + 8`` candidates in
-  float32 (much faster on CPUs with bf16 units, near-exact: a true neighbour can be missed only if
-  bf16 rounding pushes it below 8 others).
+  float32 (faster for thousands of prototypes on CPUs with bf16 units; near-exact: a true
+  neighbour can be missed only if bf16 rounding pushes it below 8 others).
 - ``faiss``: ``IndexFlatIP`` (exact inner product; on a GPU when faiss was built with GPUs).
 - ``faiss-ivf``: ``IndexIVFFlat`` with ``nlist`` lists probed ``nprobe`` at a time. Approximate,
   so it is opt-in only; ``recall_report`` measures it against exact search.

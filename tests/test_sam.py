@@ -90,7 +90,7 @@ def write_images(root: Path) -> Path:
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
     for i, (h, w) in enumerate(IMAGE_SIZES):
-        # Smooth blobs plus noise: structure the tiny decoder can turn into varied masks.
+        # Smooth stripes and blobs plus noise, deterministic.
         yy, xx = np.mgrid[0:h, 0:w]
         base = 127 + 100 * np.sin(xx / (7 + 3 * i))[..., None] * np.cos(yy / 9)[..., None]
         pixels = base + rng.normal(0, 20, (h, w, 3))
