@@ -33,6 +33,7 @@ from featurestore.protocol import Protocol
 from featurestore.store import FeatureStore, _storage_dtype
 from methods.clip_dense import LastBlock, maskclip_dense
 
+SAM_PROTOCOL = Protocol(resize="long", size=1024)
 CLIP_PROTOCOL = Protocol(resize="short", size=448, crop=224, stride=112)
 DINO_PROTOCOL = Protocol(resize="short", size=448)
 # Typical benchmark image sizes (H, W): ADE20K, Pascal VOC, COCO.
@@ -130,6 +131,7 @@ def bench_store_sizes(tmp: Path) -> dict:
         ("dinov2-s14", DINO_PROTOCOL),
         ("dinov2-b14", DINO_PROTOCOL),
         ("clip-b16", CLIP_PROTOCOL),
+        ("sam-b", SAM_PROTOCOL),
     ):
         cfg = ExtractConfig(models=[model], protocol=protocol, store=str(tmp / "unused.zarr"))
         (row,) = plan(records, cfg)
