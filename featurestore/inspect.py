@@ -64,11 +64,16 @@ def store_info(path: str) -> dict:
                 "ovss_version": prov.get("ovss_version"),
             }
         )
+    from featurestore.labelsets import list_label_sets
+    from featurestore.text import list_text_sets
+
     return {
         "store": path,
         "images": store.n_images,
         "sources": sources,
         "feature_sets": sets,
+        "text_sets": list_text_sets(store),
+        "label_sets": list_label_sets(store),
         "disk_bytes": _disk_bytes(path),
     }
 

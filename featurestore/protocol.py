@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-RESIZE_MODES = ("short", "square", "long", "none")
+RESIZE_MODES = ("short", "square", "long", "none", "trident")
 
 
 @dataclass(frozen=True)
@@ -25,14 +25,22 @@ class Protocol:
     Attributes:
         resize: ``short`` (shorter side to ``size``, longer side capped at ``max_long``, the mmseg
             keep-ratio rule), ``square`` (``size``x``size``, aspect not kept), ``long`` (longer side
-            to ``size``, SAM's rule) or ``none`` (original size).
-        size: target side in pixels for ``short``/``square``/``long``; ignored for ``none``.
+            to ``size``, SAM's rule), ``none`` (original size) or ``trident`` (Trident's CLIP
+            canvas, METHODS.md §4 step 2: the ``short`` size, then each side rounded *up* to a
+            multiple of ``align`` and raised to at least ``crop``, so every sliding window is a
+            full ``crop`` x ``crop`` crop whose corners lie on the ``align`` patch grid).
+        size: target side in pixels for ``short``/``square``/``long``/``trident``; ignored for
+            ``none``.
         max_long: cap on the longer side for ``short`` (2048 in every benchmark config).
         crop: sliding-window size in pixels; 0 means one window covering the whole resized image.
         stride: sliding-window stride in pixels (required when ``crop > 0``).
         pad_multiple: each window is zero-padded (in normalised space, i.e. with the mean colour)
             symmetrically up to a multiple of this many pixels; 0 means "the backbone's patch
             size". [ours] symmetric padding as ProxyCLIP does for its 56-pixel rule.
+        align: ``trident`` only (0 otherwise): the patch grid of the canvas, i.e. the CLIP patch
+            size (16 for CLIP-B/16, 14 for CLIP-L/14 and H/14); ``crop`` and ``stride`` must be
+            multiples of it. Left out of ``to_dict`` when 0, so the records of the other modes
+            are unchanged.
     """
 
     resize: str = "short"
@@ -41,6 +49,7 @@ class Protocol:
     crop: int = 0
     stride: int = 0
     pad_multiple: int = 0
+    align: int = 0
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
@@ -53,11 +62,23 @@ class Protocol:
             raise ValueError("crop and stride must be >= 0")
         if self.crop > 0 and self.stride <= 0:
             raise ValueError("a sliding-window crop needs a stride > 0")
+        if self.resize == "trident":
+            if self.align <= 0:
+                raise ValueError("resize 'trident' needs align > 0 (the CLIP patch size)")
+            if self.crop % self.align or self.stride % self.align:
+                raise ValueError(
+                    f"resize 'trident' puts windows on the {self.align}-pixel patch grid: crop "
+                    f"{self.crop} and stride {self.stride} must be multiples of {self.align}"
+                )
+        elif self.align:
+            raise ValueError(f"align is only used with resize 'trident', not {self.resize!r}")
 
     def key(self) -> str:
         """A short, filesystem-safe identifier, e.g. ``short448`` or ``short336-c224s112``."""
         base = "orig" if self.resize == "none" else f"{self.resize}{self.size}"
-        if self.resize == "short" and self.max_long != 2048:
+        if self.resize == "trident":
+            base += f"a{self.align}"
+        if self.resize in ("short", "trident") and self.max_long != 2048:
             base += f"max{self.max_long}"
         if self.crop:
             base += f"-c{self.crop}s{self.stride}"
@@ -66,7 +87,10 @@ class Protocol:
         return base
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["align"]:
+            del d["align"]  # the records of protocols made before ``align`` existed
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Protocol:
@@ -82,7 +106,11 @@ class Protocol:
             f = self.size / max(height, width)
         else:
             f = min(self.max_long / max(height, width), self.size / min(height, width))
-        return max(1, int(height * f + 0.5)), max(1, int(width * f + 0.5))
+        rh, rw = max(1, int(height * f + 0.5)), max(1, int(width * f + 0.5))
+        if self.resize == "trident":
+            a = self.align
+            rh, rw = max(-(-rh // a) * a, self.crop), max(-(-rw // a) * a, self.crop)
+        return rh, rw
 
     def windows(self, height: int, width: int) -> np.ndarray:
         """Window boxes ``(n, 4)`` as ``(y1, x1, y2, x2)`` in resized-image pixels.

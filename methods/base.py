@@ -120,6 +120,7 @@ def register_method(cls: type[Segmenter]) -> type[Segmenter]:
 
 def _import_methods() -> None:
     from methods import maskclip, prototype_method, proxyclip  # noqa: F401
+    from methods import aligned  # noqa: F401
 
 
 def list_methods() -> list[str]:

@@ -340,6 +340,8 @@ def extract(
     from featurestore.extract import extract as run_extract
     from featurestore.recipes import make_job, plan_job, run_job
 
+    if (templates or text_model) and not (for_method or vocabs):
+        raise click.UsageError("--templates and --text-model go with --vocab or --for")
     ctx = click.get_current_context()
     protocol_changes = {
         name: value
@@ -657,6 +659,7 @@ def doctor(store_path, as_json):
 # Commands defined in their own modules (one line each).
 # -- command registry (keep one import + add_command per line pair) --
 from ovss_cli.data_cmd import data  # noqa: E402
+
 cli.add_command(data)
 from ovss_cli.segment_cmd import eval_cmd, methods, segment  # noqa: E402
 

@@ -180,6 +180,23 @@ def store_info(info: dict, as_json: bool) -> None:
             human_bytes(s["bytes"]),
         )
     out.print(t)
+    if info.get("text_sets"):
+        tt = Table(title="text sets (class embeddings)")
+        for c in ("key", "source", "templates", "classes", "queries", "dim", "weights"):
+            tt.add_column(c)
+        for x in info["text_sets"]:
+            tt.add_row(
+                x["key"],
+                x["source"],
+                x["template_set"],
+                str(x["classes"]),
+                str(x["queries"]),
+                str(x["dim"]),
+                str(x["weights"]),
+            )
+        out.print(tt)
+    if info.get("label_sets"):
+        out.print(f"label sets: {', '.join(info['label_sets'])}")
 
 
 def verify(rep, as_json: bool) -> None:

@@ -377,6 +377,9 @@ def test_cli_vocab_errors(tmp_path: Path) -> None:
     assert res.exit_code == 1 and "not a dataset" in res.output
     res = r.invoke(cli, ["extract", "--store", "x", "--vocab", "a,b", "--templates", "nope"])
     assert res.exit_code == 1 and "not a known template set" in res.output
+    res = r.invoke(cli, ["extract", "-m", "clip-b16", "--images", str(tmp_path), "--store", "x",
+                         "--templates", "clip7"])  # fmt: skip
+    assert res.exit_code == 2 and "go with --vocab" in res.output
 
 
 def test_vocabulary_validation() -> None:

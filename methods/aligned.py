@@ -1,0 +1,117 @@
+"""``aligned``: FMbSeg Stage 2 inference (METHODS.md §1.2) from an ``ovss align`` checkpoint.
+
+Per image: the cached VFM tokens of the checkpoint's feature set ``(n_tokens, D_v)`` go through
+the alignment module, ``z = l2n(M(x))`` ``(n_tokens, D_t)`` (the ``block`` variant attends
+within each window); ``PrototypeIndex`` scores them against the query embeddings of *any*
+vocabulary (open-vocabulary at test time); per-window logits are upsampled bilinearly onto the
+resized canvas and averaged over window overlaps (§0.3); the shared driver then applies §0.2
+scoring. Use: ``ovss segment --method aligned --set checkpoint=CKPT ...``. The text model
+defaults to the one recorded in the checkpoint (the vocabulary must be embedded by the same
+CLIP text tower: the module was trained into that space).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from featurestore.errors import OvssError
+from featurestore.protocol import Protocol
+from methods.base import (
+    FeatureRequirement,
+    Segmenter,
+    Vocab,
+    register_method,
+    window_logits_to_box,
+)
+
+
+@lru_cache(maxsize=8)
+def _checkpoint_meta(path: str) -> dict[str, Any]:
+    """The checkpoint's provenance (cached per path)."""
+    from methods.fmbseg import load_checkpoint
+
+    _, meta = load_checkpoint(path)
+    return meta["provenance"]
+
+
+@dataclass
+class AlignedConfig:
+    """Options of the ``aligned`` method.
+
+    Attributes:
+        checkpoint: ``ovss align`` checkpoint (``last.pt``); required to segment.
+        backend: ``PrototypeIndex`` backend: auto, torch or faiss.
+        text_model: CLIP model that embeds the vocabulary (default: the checkpoint's).
+    """
+
+    checkpoint: str = ""
+    backend: str = "auto"
+    text_model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.checkpoint and self.text_model is None:
+            self.text_model = _checkpoint_meta(str(self.checkpoint))["vocabulary"].get(
+                "text_model"
+            )
+        if self.text_model is None:
+            self.text_model = "clip-b16"
+
+
+@register_method
+class AlignedSegmenter(Segmenter):
+    name = "aligned"
+    Config = AlignedConfig
+    doc = "FMbSeg Stage 2: alignment module (ovss align) + prototype lookup; --set checkpoint=CKPT"
+
+    @classmethod
+    def requirements(cls, config: AlignedConfig) -> list[FeatureRequirement]:
+        if not config.checkpoint:
+            raise ValueError("needs a trained module: --set checkpoint=PATH (from 'ovss align')")
+        feats = _checkpoint_meta(str(config.checkpoint))["features"]
+        proto = Protocol.from_dict(feats["protocol"])
+        return [FeatureRequirement("vfm", feats["model"], proto, (feats["tensor"],))]
+
+    def __init__(self, store, config: AlignedConfig, device: str | torch.device = "cpu"):
+        from methods.fmbseg import load_checkpoint
+
+        super().__init__(store, config, device)
+        self.module, meta = load_checkpoint(config.checkpoint, self.device)
+        self.provenance = meta["provenance"]
+        self.tensor = self.provenance["features"]["tensor"]
+        fs = self.sets["vfm"]
+        want = self.provenance["features"].get("weights")
+        have = fs.provenance["backbone"].get("weights")
+        if want != have:
+            raise OvssError(
+                f"checkpoint {config.checkpoint} was trained on {want} features; the store's "
+                f"'{fs.key}' were made with {have}"
+            )
+
+    def cosine_logits(self, index: int, vocab: Vocab) -> tuple[torch.Tensor, tuple[int, int]]:
+        from methods.fmbseg import align_features
+        from methods.prototype import PrototypeIndex
+        from methods.scoring import merge_window_logits
+
+        d_out = self.provenance["dims"]["out"]
+        if vocab.embeddings.shape[1] != d_out:
+            raise OvssError(
+                f"the vocabulary's embeddings are {vocab.embeddings.shape[1]}-d, the module "
+                f"outputs {d_out}-d: embed with text model {self.provenance['vocabulary']}"
+            )
+        feats = self.sets["vfm"].read(index, names=[self.tensor])
+        x = torch.from_numpy(np.asarray(feats.tensors[self.tensor], np.float32)).to(self.device)
+        with torch.no_grad():
+            z = align_features(self.module, x, feats.win_grid)
+        cos = PrototypeIndex(vocab.embeddings.float(), backend=self.config.backend).scores(z)
+        windows, start = [], 0
+        for (gh, gw), box, pad in zip(feats.win_grid, feats.win_box, feats.win_pad, strict=True):
+            w = cos[start : start + gh * gw].T.reshape(-1, gh, gw).cpu()
+            start += gh * gw
+            windows.append(window_logits_to_box(w, box, pad))
+        canvas = feats.resized_size
+        return merge_window_logits(windows, feats.win_box, canvas), canvas
