@@ -275,8 +275,9 @@ def main() -> None:
         ">= 20 (paper-size backbones)",
     )
     for model, row in results["store_size_per_image"]["models"].items():
-        t.add_row(f"store size {model}", f"{row['mb_per_image']} MiB/image", row["protocol"],
-                  "", "")
+        t.add_row(
+            f"store size {model}", f"{row['mb_per_image']} MiB/image", row["protocol"], "", ""
+        )
     Console().print(t)
     Console().print(f"machine: {results['machine']}")
     path = OUT / "bench.json"

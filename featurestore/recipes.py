@@ -273,6 +273,16 @@ def _check_benchmark(method: str, dataset: str) -> str:
     return name
 
 
+def _patch_size(model: str) -> int:
+    """Patch size of a registered backbone (built on the meta device: no weights, no memory)."""
+    import torch
+
+    from featurestore.backbones import create_backbone
+
+    with torch.device("meta"):
+        return create_backbone(model, random_init=True).info.patch_size
+
+
 def recipe_for(
     method: str,
     dataset: str,
@@ -355,11 +365,19 @@ def recipe_for(
         if role in explicit and explicit[role] != m:
             raise OvssError(f"two models for the {role} role: {explicit[role]} and {m}")
         explicit[role] = m
-    if method == "trident" and "sam" not in explicit:
+    if method == "trident":
         clip = explicit.get("clip", roles["clip"][0])
-        if clip == "clip-h14":
+        if "sam" not in explicit and clip == "clip-h14":
             explicit["sam"] = "sam-h"
             notes.append("SAM ViT-H paired with CLIP ViT-H/14 (as in the paper)")
+        # Trident's canvas (METHODS.md §4 step 2): sides rounded up to the CLIP patch grid and
+        # at least the crop; CLIP and the window VFM share it.
+        align = _patch_size(clip)
+        canvas = Protocol(
+            "trident", t.size, crop=t.crop, stride=t.stride, pad_multiple=PROXYCLIP_PAD, align=align
+        )
+        roles["clip"] = (roles["clip"][0], canvas)
+        roles["vfm"] = (roles["vfm"][0], canvas)
 
     changes = {
         k: v

@@ -55,9 +55,7 @@ class AlignedConfig:
 
     def __post_init__(self) -> None:
         if self.checkpoint and self.text_model is None:
-            self.text_model = _checkpoint_meta(str(self.checkpoint))["vocabulary"].get(
-                "text_model"
-            )
+            self.text_model = _checkpoint_meta(str(self.checkpoint))["vocabulary"].get("text_model")
         if self.text_model is None:
             self.text_model = "clip-b16"
 

@@ -119,8 +119,13 @@ def register_method(cls: type[Segmenter]) -> type[Segmenter]:
 
 
 def _import_methods() -> None:
-    from methods import maskclip, prototype_method, proxyclip  # noqa: F401
-    from methods import aligned  # noqa: F401
+    from methods import (  # noqa: F401
+        aligned,  # noqa: F401
+        maskclip,
+        prototype_method,
+        proxyclip,
+        trident,
+    )
 
 
 def list_methods() -> list[str]:

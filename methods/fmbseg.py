@@ -45,7 +45,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol as TypingProtocol
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 import numpy as np
 import torch
@@ -176,8 +177,12 @@ class StoreLabelSource:
 
     def describe(self) -> dict[str, Any]:
         info = self.set.info
-        return {"kind": "label_set", "name": self.name, "created": info.get("created"),
-                "protocol": info.get("protocol")}
+        return {
+            "kind": "label_set",
+            "name": self.name,
+            "created": info.get("created"),
+            "protocol": info.get("protocol"),
+        }
 
 
 class DatasetLabelSource:
@@ -190,9 +195,7 @@ class DatasetLabelSource:
         split: only this split's images get labels (None: the dataset's default split).
     """
 
-    def __init__(
-        self, store: FeatureStore, dataset: str, data_root: str, split: str | None = None
-    ):
+    def __init__(self, store: FeatureStore, dataset: str, data_root: str, split: str | None = None):
         from featurestore.datasets import class_names, get_dataset, list_dataset_images
 
         self.spec = get_dataset(dataset, data_root) if dataset == "custom" else get_dataset(dataset)
@@ -211,8 +214,13 @@ class DatasetLabelSource:
         return None if path is None else load_label(self.spec, path)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "dataset", "dataset": self.dataset, "data_root": self.data_root,
-                "split": self.split, "images": len(self.paths)}
+        return {
+            "kind": "dataset",
+            "dataset": self.dataset,
+            "data_root": self.data_root,
+            "split": self.split,
+            "images": len(self.paths),
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,6 +273,9 @@ class AlignmentModule(nn.Module):
         if arch not in ARCHS:
             raise OvssError(f"'{arch}' is not an alignment architecture; choose from {ARCHS}")
         self.arch = arch
+        # Frozen per-dimension input standardisation (identity until set_input_stats).
+        self.register_buffer("in_mean", torch.zeros(in_dim))
+        self.register_buffer("in_std", torch.ones(in_dim))
         if arch == "block":
             if hidden_dim % heads:
                 raise OvssError(f"hidden_dim {hidden_dim} must be a multiple of heads {heads}")
@@ -278,7 +289,13 @@ class AlignmentModule(nn.Module):
         else:
             self.linear = nn.Linear(in_dim, out_dim)
 
+    def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Freeze the input standardisation ``(x - mean) / std`` (``(D_v,)`` each)."""
+        self.in_mean.copy_(mean)
+        self.in_std.copy_(std.clamp_min(1e-6))
+
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        x = (x - self.in_mean) / self.in_std
         if self.arch == "block":
             pad = None if valid is None else ~valid
             y = self.proj_out(self.block(self.proj_in(x), pad))
@@ -384,7 +401,9 @@ def proto_loss(z: torch.Tensor, y: torch.Tensor, t: torch.Tensor, tau: float = 0
     return (lt / counts[y]).sum() / (counts > 0).sum()
 
 
-def supcon_loss(z: torch.Tensor, y: torch.Tensor, t: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+def supcon_loss(
+    z: torch.Tensor, y: torch.Tensor, t: torch.Tensor, tau: float = 0.1
+) -> torch.Tensor:
     """SupCon (Khosla et al., L_out) over the patches and all K text vectors as samples
     (``--loss supcon``): for every anchor a with positives P(a) (same label, a excluded),
     ``-1/|P(a)| Σ_{p∈P(a)} log(exp(s_ap/τ) / Σ_{j≠a} exp(s_aj/τ))``, averaged over such anchors."""
@@ -431,6 +450,9 @@ class AlignConfig:
             (bounds the O(n²) loss memory) **[ours: 0 = all]**.
         seed: init, shuffling and sampling seed **[ours: 0]**.
         tensor: feature tensor read from the store (``patch``).
+        input_norm: standardise each input dimension with the mean/std of the training
+            patches (frozen, saved with the module) **[ours: on]**; without it SGD at lr 0.01
+            barely moves on features dominated by a shared mean direction.
     """
 
     arch: str = "block"
@@ -448,6 +470,7 @@ class AlignConfig:
     max_patches_per_image: int = 0
     seed: int = 0
     tensor: str = "patch"
+    input_norm: bool = True
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -468,6 +491,8 @@ class TrainingData:
     labels: dict[int, torch.Tensor]  # index -> (n_tokens,) int64, -1 ignore
     grids: dict[int, np.ndarray]
     feats: dict[int, torch.Tensor] = field(default_factory=dict)  # in-memory cache
+    mean: torch.Tensor | None = None  # (D_v,) over all tokens of the training images
+    std: torch.Tensor | None = None
 
 
 def _resolve_features(store: FeatureStore, features: str | tuple[str, Protocol]) -> FeatureSet:
@@ -510,22 +535,30 @@ def prepare_training_data(
     width = int(np.prod(next(s.row_shape for s in fs.specs if s.name == cfg.tensor)))
     n_tok = fs.geometry[f"row_count_{'token'}"]
     cache = sum(int(n_tok[i]) for i in cand) * width * 4 <= CACHE_BYTES
+    s1, s2, cnt = np.zeros(width), np.zeros(width), 0
     for n, i in enumerate(cand):
         lab = source.labels(i)
+        if progress:
+            progress({"stage": "patch labels", "done": n + 1, "total": len(cand)})
         if lab is None:
             continue
         f = fs.read(i, names=[cfg.tensor])
         pl = patch_labels(lab, f, k, cfg.min_frac)
         if (pl >= 0).any():
+            x = np.asarray(f.tensors[cfg.tensor], np.float64).reshape(len(pl), -1)
+            s1 += x.sum(0)
+            s2 += (x * x).sum(0)
+            cnt += len(x)
             data.indices.append(i)
             data.labels[i] = torch.from_numpy(pl)
             data.grids[i] = np.asarray(f.win_grid)
             if cache:
                 data.feats[i] = torch.from_numpy(np.asarray(f.tensors[cfg.tensor], np.float32))
-        if progress:
-            progress({"stage": "patch labels", "done": n + 1, "total": len(cand)})
     if not data.indices:
         raise OvssError("no training image has a labelled patch (check the labels / min_frac)")
+    mean = s1 / cnt
+    data.mean = torch.from_numpy(mean).float()
+    data.std = torch.from_numpy(np.sqrt(np.maximum(s2 / cnt - mean * mean, 0))).float()
     return data
 
 
@@ -543,8 +576,9 @@ def _batch_forward(
     for i in batch:
         x = data.feats.get(i)
         if x is None:
-            x = torch.from_numpy(np.asarray(fs.read(i, names=[cfg.tensor]).tensors[cfg.tensor],
-                                            np.float32))
+            x = torch.from_numpy(
+                np.asarray(fs.read(i, names=[cfg.tensor]).tensors[cfg.tensor], np.float32)
+            )
         sizes = [int(gh) * int(gw) for gh, gw in data.grids[i].tolist()]
         seqs.extend(torch.split(x.to(device), sizes))
         labels.extend(torch.split(data.labels[i], sizes))
@@ -595,14 +629,11 @@ def _provenance(
 
 
 def _same_run(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between two provenances (``epochs`` may grow on resume)."""
-    diff = []
-    for k in ("features", "vocabulary", "labels", "dims"):
-        if a.get(k) != b.get(k):
-            diff.append(k)
-    ca = {k: v for k, v in a["config"].items() if k != "epochs"}
-    cb = {k: v for k, v in b["config"].items() if k != "epochs"}
-    diff += [f"config.{k}" for k in ca if ca.get(k) != cb.get(k)]
+    """Keys whose values differ between two provenances (a resume must match exactly: the
+    cosine schedule depends on ``epochs``, so a longer run is a new run)."""
+    diff = [k for k in ("features", "vocabulary", "labels", "dims") if a.get(k) != b.get(k)]
+    ca, cb = a["config"], b["config"]
+    diff += [f"config.{k}" for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
     return diff
 
 
@@ -639,7 +670,7 @@ def train_alignment(
         out_dir: where ``last.pt`` lives (default ``<store>/../align/<feature set>-<arch>-<loss>``).
         device: torch device for the module (features are moved there per batch).
         resume: continue from ``out_dir/last.pt`` when it was made by the same run (same
-            features, vocabulary, labels and hyperparameters except a larger ``epochs``);
+            features, vocabulary, labels and hyperparameters); a finished run returns at once;
             False starts over. A mismatching checkpoint is an error unless ``resume=False``.
         text_model: recorded in the checkpoint (the CLIP text model of ``vocab``).
 
@@ -653,7 +684,9 @@ def train_alignment(
     fs = _resolve_features(store, features)
     if cfg.tensor not in fs.tensor_names:
         raise OvssError(f"feature set '{fs.key}' has no tensor '{cfg.tensor}'")
-    source = StoreLabelSource(store, label_source) if isinstance(label_source, str) else label_source
+    source = (
+        StoreLabelSource(store, label_source) if isinstance(label_source, str) else label_source
+    )
     if len(source.class_names) != vocab.num_classes:
         raise OvssError(
             f"the labels have {len(source.class_names)} classes but the vocabulary has "
@@ -665,8 +698,12 @@ def train_alignment(
     d_out = int(protos.shape[1])
     prov = _provenance(fs, vocab, source, cfg, d_in, d_out)
     prov["vocabulary"]["text_model"] = text_model
-    out = Path(out_dir) if out_dir else Path(store_path).parent / "align" / (
-        f"{fs.key.replace('@', '_')}-{cfg.arch}-{cfg.loss}"
+    out = (
+        Path(out_dir)
+        if out_dir
+        else Path(store_path).parent
+        / "align"
+        / (f"{fs.key.replace('@', '_')}-{cfg.arch}-{cfg.loss}")
     )
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "last.pt"
@@ -678,6 +715,8 @@ def train_alignment(
         module.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
     data = prepare_training_data(fs, source, cfg, progress)
+    if cfg.input_norm:
+        module.set_input_stats(data.mean.to(dev), data.std.to(dev))
     steps_per_epoch = math.ceil(len(data.indices) / cfg.batch_images)
     total = steps_per_epoch * cfg.epochs
     start_epoch, step, history = 0, 0, []
@@ -721,11 +760,25 @@ def train_alignment(
                 correct += int(((z @ protos.T).argmax(1) == y).sum())
                 seen += len(y)
             if progress:
-                progress({"stage": "train", "epoch": epoch + 1, "epochs": cfg.epochs,
-                          "step": step, "steps": total, "loss": losses[-1], "lr": lr_at(step)})
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None,
-                        "patch_acc": correct / max(seen, 1),
-                        "seconds": round(time.perf_counter() - t0, 3)})
+                progress(
+                    {
+                        "stage": "train",
+                        "epoch": epoch + 1,
+                        "epochs": cfg.epochs,
+                        "step": step,
+                        "steps": total,
+                        "loss": losses[-1],
+                        "lr": lr_at(step),
+                    }
+                )
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": float(np.mean(losses)) if losses else None,
+                "patch_acc": correct / max(seen, 1),
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
         _save_atomic(
             {
                 "format": CHECKPOINT_FORMAT,
@@ -757,7 +810,11 @@ def load_checkpoint(
     prov = ck["provenance"]
     c = prov["config"]
     module = AlignmentModule(
-        prov["dims"]["in"], prov["dims"]["out"], c["arch"], c["hidden_dim"], c["heads"],
+        prov["dims"]["in"],
+        prov["dims"]["out"],
+        c["arch"],
+        c["hidden_dim"],
+        c["heads"],
         c["mlp_ratio"],
     )
     module.load_state_dict(ck["module"])

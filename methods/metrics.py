@@ -62,7 +62,7 @@ def _summary(x: np.ndarray) -> float:
         return float(np.round(np.nanmean(x) * 100, 2))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class MetricResult:
     """Metrics of one accumulation (a whole dataset, or whatever was fed to the accumulator).
 

@@ -69,7 +69,11 @@ def segment_image(seg: Segmenter, index: int, vocab: Vocab, scoring: ScoringConf
         prob_thd=scoring.prob_thd,
         area_thd=scoring.area_thd,
     )
-    return labels.numpy(), max_prob.numpy(), cos
+    labels, max_prob = labels.numpy(), max_prob.numpy()
+    refine = getattr(seg, "refine", None)  # optional second stage (Trident's SAM refinement)
+    if refine is not None:
+        labels, max_prob = refine(index, cos, labels, max_prob, vocab, scoring)
+    return labels, max_prob, cos
 
 
 def class_probabilities(cos: torch.Tensor, out_hw, vocab: Vocab, scoring: ScoringConfig):

@@ -666,6 +666,10 @@ from ovss_cli.segment_cmd import eval_cmd, methods, segment  # noqa: E402
 cli.add_command(segment)
 cli.add_command(eval_cmd)
 cli.add_command(methods)
+from ovss_cli.align_cmd import align, cluster  # noqa: E402
+
+cli.add_command(align)
+cli.add_command(cluster)
 
 
 def main() -> None:  # pragma: no cover

@@ -29,6 +29,11 @@ def method_options(fn):
             help="Override a method option (repeatable), e.g. --set beta=1.2.",
         ),
         click.option(
+            "--sam-refine",
+            is_flag=True,
+            help="Trident: refine labels with SAM prompts decoded from the cached embedding.",
+        ),
+        click.option(
             "--logit-scale",
             type=float,
             default=None,
@@ -90,7 +95,7 @@ def method_options(fn):
     return fn
 
 
-def _method_setup(method, settings, logit_scale, prob_thd, area_thd, dataset):
+def _method_setup(method, settings, logit_scale, prob_thd, area_thd, dataset, sam_refine=False):
     from methods.base import ScoringConfig, get_method, parse_option_value
 
     cls = get_method(method)
@@ -100,6 +105,8 @@ def _method_setup(method, settings, logit_scale, prob_thd, area_thd, dataset):
         if not sep:
             raise click.BadParameter(f"{item!r}: use KEY=VALUE")
         overrides[key.strip().replace("-", "_")] = parse_option_value(value.strip())
+    if sam_refine:
+        overrides["sam_refine"] = True
     scoring = dict(cls.scoring_presets(dataset) if dataset else {})
     for k, v in (("logit_scale", logit_scale), ("prob_thd", prob_thd), ("area_thd", area_thd)):
         if v is not None:
@@ -190,6 +197,7 @@ def segment(
     overwrite,
     method,
     settings,
+    sam_refine,
     logit_scale,
     prob_thd,
     area_thd,
@@ -218,7 +226,7 @@ def segment(
     if not out_dir and not write_labels:
         raise click.UsageError("nothing to write: give --out DIR and/or --write-labels NAME")
     cls, overrides, scoring = _method_setup(
-        method, settings, logit_scale, prob_thd, area_thd, dataset
+        method, settings, logit_scale, prob_thd, area_thd, dataset, sam_refine
     )
     spec = classes if classes else (f"file:{vocab_file}" if vocab_file else dataset)
     vocab = _vocab(
@@ -304,6 +312,7 @@ def eval_cmd(
     check_reference,
     method,
     settings,
+    sam_refine,
     logit_scale,
     prob_thd,
     area_thd,
@@ -333,7 +342,7 @@ def eval_cmd(
             result = evaluate_predictions(dataset, data_root, predictions, split, limit, cb)
         else:
             cls, overrides, scoring = _method_setup(
-                method, settings, logit_scale, prob_thd, area_thd, dataset
+                method, settings, logit_scale, prob_thd, area_thd, dataset, sam_refine
             )
             vocab = _vocab(
                 store_path,

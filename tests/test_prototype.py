@@ -18,7 +18,9 @@ needs_faiss = pytest.mark.skipif(not HAS_FAISS, reason="faiss is not installed (
 BACKENDS = ["torch", pytest.param("faiss", marks=needs_faiss)]
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-6):
+def _close(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-6
+) -> None:
     """allclose with a readable failure (torch.testing.assert_close costs ~1 s to import)."""
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     expected = expected.to(actual.dtype)

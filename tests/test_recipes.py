@@ -114,7 +114,8 @@ def test_proxyclip_presets(dataset: str) -> None:
 def test_trident_presets(dataset: str) -> None:
     size, crop, stride, thd, coarse, cos_fac, neg = TRIDENT_TABLE[dataset]
     r = recipe_for("trident", dataset)
-    win = Protocol("short", size, crop=crop, stride=stride, pad_multiple=56)
+    # Trident's canvas: short side S rounded up to the CLIP-B/16 patch grid (METHODS.md §4.2)
+    win = Protocol("trident", size, crop=crop, stride=stride, pad_multiple=56, align=16)
     sam = Protocol(resize="long", size=1024)
     assert r.steps == [
         RecipeStep("clip", "clip-b16", win),
@@ -239,13 +240,13 @@ def test_cli_trident_ade20k_dry_run(tmp_path: Path, ade_root: Path) -> None:
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
     assert [(s["role"], s["model"], s["feature_set"]) for s in out["recipe"]["steps"]] == [
-        ("clip", "clip-b16", "clip-b16@short576-c336s224-pad56"),
-        ("vfm", "dino-b16", "dino-b16@short576-c336s224-pad56"),
+        ("clip", "clip-b16", "clip-b16@trident576a16-c336s224-pad56"),
+        ("vfm", "dino-b16", "dino-b16@trident576a16-c336s224-pad56"),
         ("sam", "sam-b", "sam-b@long1024"),
     ]
     rows = {r["feature_set"]: r for r in out["feature_sets"]}
     # both images resize to 576x768 -> 3x3 windows of 336 px = 21x21 tokens (patch 16)
-    for key in ("clip-b16@short576-c336s224-pad56", "dino-b16@short576-c336s224-pad56"):
+    for key in ("clip-b16@trident576a16-c336s224-pad56", "dino-b16@trident576a16-c336s224-pad56"):
         assert rows[key]["images"] == 2 and rows[key]["windows"] == 18
         assert rows[key]["tokens"] == 18 * 21 * 21
     # SAM: longer side 1024 -> 1024x768 -> 64x48 valid tokens per image

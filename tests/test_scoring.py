@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,9 @@ from methods.scoring import (
 )
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-6):
+def _close(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-6
+) -> None:
     """allclose with a readable failure (torch.testing.assert_close costs ~1 s to import)."""
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     expected = expected.to(actual.dtype)
@@ -29,7 +32,10 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _assert_same_as_reference(cos: torch.Tensor, out_hw: tuple[int, int], q2c, c: int, **kw):
+def _assert_same_as_reference(
+    cos: torch.Tensor, out_hw: tuple[int, int], q2c: torch.Tensor | list[int], c: int, **kw: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fast labels == reference labels (also labels-only), probabilities to float32 rounding."""
     ref_labels, ref_prob = score_logits_reference(cos, out_hw, q2c, c, **kw)
     labels, prob = score_logits(cos, out_hw, q2c, c, **kw)
     assert labels.shape == out_hw and labels.dtype == torch.long
@@ -56,7 +62,9 @@ def test_upsample_bilinear_is_f_interpolate_for_any_leading_dims() -> None:
 # ---------------------------------------------------------------------------------------- merge
 
 
-def _slide_reference(img_logits, boxes, hw):
+def _slide_reference(
+    img_logits: list[torch.Tensor], boxes: np.ndarray, hw: tuple[int, int]
+) -> torch.Tensor:
     """mmseg forward_slide: zero-pad each resized crop to the canvas, add, divide by count."""
     q = img_logits[0].shape[0]
     preds = torch.zeros(1, q, *hw)
@@ -108,7 +116,9 @@ def test_merge_window_logits_rejects_bad_input() -> None:
         (1, (5, 6), (9, 7)),
     ],
 )
-def test_fast_equals_reference_random_one_query_per_class(q, hw, out_hw) -> None:
+def test_fast_equals_reference_random_one_query_per_class(
+    q: int, hw: tuple[int, int], out_hw: tuple[int, int]
+) -> None:
     cos = torch.rand(q, *hw, generator=_gen(q)) * 2 - 1
     _assert_same_as_reference(cos, out_hw, torch.arange(q), q)
 

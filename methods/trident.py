@@ -1,0 +1,1086 @@
+"""``trident``: splice-then-segment with a SAM affinity (Trident, paper 004; METHODS.md §4).
+
+Everything runs from three feature sets of one store (``ovss extract --for trident --dataset
+NAME``): CLIP's last-block inputs per window (``pre_last``), DINO patch features of the same
+windows (``patch``), and per image SAM's last global-attention block (``q``/``k``/``v``/
+``attn_log_mass``, plus the neck ``embedding`` for ``--sam-refine``).
+
+Per image (``N'`` VFM tokens per window, ``D`` CLIP width, ``E`` embedding width, ``n = vh*vw``
+tokens of SAM's valid grid, ``H`` heads)::
+
+    canvas   : the short-side image rounded up to the CLIP patch grid, each side >= crop (§4.2);
+               windows crop/stride on that grid
+    per window w: v_w = W_v ln_1(x_w) + b_v, per head, bilinear to the VFM grid
+               S_w = l2n(dino_w) l2n(dino_w)^T ; m = mean of ALL S_w of the image (one scalar)
+               A_w = softmax(mask_{<0}((S_w - beta*m) * gamma)) ; o_w = A_w v_w  (before out_proj)
+    splice   : o_w onto the canvas token grid, averaged where windows overlap     (Th, Tw, D)
+    resize   : bilinear to SAM's valid grid (vh, vw) = input_size // 16          (n, D)
+    affinity : sv = l2n(SAM v per head) ; cos_h = sv_h sv_h^T
+               thr_i = min(cos_fac * mean_h mean_k cos_h[i, k], 0.9)   (refine_neg_cos off:
+               thr_i < 0 -> 0.6) ; Am = mean_h where(cos_h > thr, attn_h, 0) ; W = Am / rowsum
+    aggregate: feat = ln_post(out_proj(W @ x)) @ proj ; cos = l2n(feat) . text   (Q, vh, vw)
+
+The driver (``methods.segment``) resizes ``(Q, vh, vw)`` bilinearly to the original image and
+applies §0.2 scoring. ``TridentSegmenter.refine`` is the optional SAM refinement of §4 step 7
+(prompts decoded from the cached embedding, no encoder pass). Ablations: ``paradigm``,
+``correlation``, ``window_attention``, ``threshold_mean`` and ``refine_prompts`` (see
+``TridentConfig``). Every tensor-level step is a public function of this module with its shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from featurestore.errors import OvssError, ProvenanceMismatchError
+from featurestore.protocol import Protocol
+from featurestore.store import set_key
+from methods.base import FeatureRequirement, Segmenter, Vocab, register_method
+
+__all__ = [
+    "ClassPrompts",
+    "RefinementPrompts",
+    "SamTokens",
+    "TridentConfig",
+    "TridentSegmenter",
+    "cosine_thresholds",
+    "image_proxy_attention",
+    "mask_prompt",
+    "refine_with_sam",
+    "refinement_prompts",
+    "resample_matrix",
+    "sam_affinity",
+    "sam_tokens",
+    "splice_windows",
+    "window_outputs",
+]
+
+PARADIGMS = ("splice-then-segment", "segment-then-splice")
+CORRELATIONS = ("aff", "attn", "cos", "none")
+WINDOW_ATTENTIONS = ("proxy", "none")
+THRESHOLD_MEANS = ("image", "window")
+CANVASES = ("trident", "short")
+PROMPT_KINDS = ("point", "box", "mask")
+# Patch size of each CLIP backbone: the canvas grid (METHODS.md §4 step 2).
+CLIP_PATCH = {"clip-b16": 16, "clip-l14": 14, "clip-l14-336": 14, "clip-h14": 14}
+DEFAULT_SAM = {"clip-h14": "sam-h"}  # the paper pairs CLIP-H/14 with SAM-H, else SAM-B
+
+
+@dataclass
+class TridentConfig:
+    """Options of ``trident`` (defaults: the paper's CLIP-B/16 OpenAI + DINO-B/16 + SAM-B).
+
+    Per-dataset presets (EVAL.md §4.4, ``featurestore.recipes.TRIDENT_PRESETS``) set ``size``,
+    ``crop``, ``stride``, ``coarse_thresh``, ``cos_fac``, ``refine_neg_cos`` and ``sam_halves``;
+    ``prob_thd`` is a scoring preset. Every value can be overridden (``--set key=value``) and is
+    recorded in results.
+
+    Attributes:
+        clip_model: CLIP backbone (also the text model): ``clip-b16``, ``clip-l14``, ``clip-h14``.
+        vfm_model: window VFM: ``dino-b16`` (DINO v1 ViT-B/16, the reference's); DINOv2 names
+            (``dinov2-b14``...) work too.
+        sam_model: ``auto`` (``sam-h`` with ``clip-h14``, else ``sam-b``), or a SAM name.
+        size: shorter side S before the canvas rounding (EVAL.md §4.4).
+        crop, stride: sliding windows on the canvas (336 / 224; VOC20 stride 112).
+        pad_multiple: windows padded symmetrically to a multiple of this (56, the reference's
+            rule; a no-op for full 336 px windows).
+        canvas: ``trident`` (§4 step 2: ``Protocol(resize="trident")``, the short-side size
+            rounded *up* to multiples of the CLIP patch and each side >= crop [ours: round up,
+            one bilinear resize from the original image]) or ``short`` (the plain mmseg
+            short-side canvas; windows then need not lie on the patch grid and are resampled
+            onto it, see ``splice_windows``).
+        sam_size: SAM's input side (1024; the SAM set's ``Protocol(resize="long")``).
+        beta, gamma: ProxyCLIP's threshold factor and sharpness (1.2, 3.0).
+        threshold_mean: ``image`` (Trident: the mean of the DINO similarities over all windows
+            of the image at once) or ``window`` (ProxyCLIP's per-window mean; ablation).
+        window_attention: ``proxy`` (DINO proxy attention per window) or ``none`` (identity:
+            each token keeps its own value, the MaskCLIP-style baseline of the paper's Tab. 3
+            without residual/MLP [ours]; no VFM set needed).
+        paradigm: ``splice-then-segment`` (Trident) or ``segment-then-splice`` (ablation: with
+            ``correlation="none"`` per-window logits are averaged on the canvas exactly as
+            ProxyCLIP does; with a SAM correlation each window is resampled to the SAM tokens
+            whose centres fall inside it, aggregated with an affinity computed among those
+            tokens only, scored, and the logits averaged per SAM token [ours]).
+        correlation: ``aff`` (Trident's affinity), ``attn`` (SAM attention averaged over heads),
+            ``cos`` (per head softmax over the keys with ``cos > thr`` of the SAM value cosines,
+            averaged over heads [ours: same adaptive threshold as ``aff``]) or ``none``
+            (identity). Every correlation is row-normalised [ours for ``attn``/``cos``], so
+            ``out_proj`` (affine) commutes with it and is applied once, after the aggregation
+            [ours: placement; the spec's "no out_proj here" read as "not a second time"].
+        apply_out_proj: apply the last block's ``out_proj`` (on, see ``correlation``); off is
+            the literal reading of METHODS.md §4 step 6 (``ln_post`` straight after ``W @ x``),
+            kept as a switch because the spec is ambiguous there.
+        cos_fac: factor on the mean cosine of the per-query threshold (1.2; Cityscapes 3.0,
+            VOC20 0.0).
+        cos_cap: upper bound of the threshold (0.9).
+        refine_neg_cos: when off, a negative threshold becomes ``neg_cos_thr``.
+        neg_cos_thr: that replacement (0.6).
+        sam_halves: Cityscapes: the reference runs SAM on the left and right image halves. The
+            SAM set holds the whole image, so this computes the affinity block-diagonally: each
+            half's tokens (columns ``< vw // 2`` / ``>= vw // 2``) only see their own half, with
+            their own thresholds [ours: an approximation; the reference's halves also have
+            twice the SAM resolution].
+        sam_refine: run the SAM refinement of §4 step 7 (``--sam-refine``; off, as the
+            reference's ``base_config``; its README evaluates with it on).
+        coarse_thresh: refinement: pixels whose best class probability is below it become a
+            void label; classes whose best probability is below it get no prompt.
+        minimal_area: refinement: smallest 8-connected region (pixels at the reduced
+            resolution) that becomes a prompt (225).
+        refine_down: refinement works at ``1 / refine_down`` of the original size (2).
+        sam_mask_alpha: scale of the dense mask prompt (0.005).
+        sam_iou_thresh: keep SAM masks whose predicted IoU is strictly above it (0.8).
+        refine_prompts: comma-separated subset of ``point,box,mask`` (ablation; default all).
+            Without point and box prompts, one mask prompt per class is decoded.
+        sam_weights: SAM checkpoint for the refinement's mask decoder (default: resolved like
+            extraction; must be the file the SAM set was made with).
+        class_family: class-file family for dataset vocabularies (``proxyclip``).
+
+    Other [ours] choices: SAM sees the original image through ``SamPredictor``'s own resize
+    (the reference first resizes it up to multiples of 16; see the ``trident`` recipe); the
+    diagonal of every attention/affinity is always kept (it is
+    anyway for non-degenerate inputs: a self-cosine of 1 exceeds every threshold <= 0.9), and
+    a row with no mass left becomes an identity row, so degenerate inputs give no NaN; window
+    outputs are resampled onto the canvas grid by bilinear weights at the canvas token centres
+    (exactly a copy when windows lie on the grid, as in the ``trident`` canvas).
+    """
+
+    clip_model: str = "clip-b16"
+    vfm_model: str = "dino-b16"
+    sam_model: str = "auto"
+    size: int = 448
+    crop: int = 336
+    stride: int = 224
+    pad_multiple: int = 56
+    canvas: str = "trident"
+    sam_size: int = 1024
+    beta: float = 1.2
+    gamma: float = 3.0
+    threshold_mean: str = "image"
+    window_attention: str = "proxy"
+    paradigm: str = "splice-then-segment"
+    correlation: str = "aff"
+    apply_out_proj: bool = True
+    cos_fac: float = 1.2
+    cos_cap: float = 0.9
+    refine_neg_cos: bool = True
+    neg_cos_thr: float = 0.6
+    sam_halves: bool = False
+    sam_refine: bool = False
+    coarse_thresh: float = 0.2
+    minimal_area: int = 225
+    refine_down: int = 2
+    sam_mask_alpha: float = 0.005
+    sam_iou_thresh: float = 0.8
+    refine_prompts: str = "point,box,mask"
+    sam_weights: str | None = None
+    class_family: str = "proxyclip"
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("canvas", CANVASES),
+            ("threshold_mean", THRESHOLD_MEANS),
+            ("window_attention", WINDOW_ATTENTIONS),
+            ("paradigm", PARADIGMS),
+            ("correlation", CORRELATIONS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise OvssError(
+                    f"trident: {name} must be one of {', '.join(allowed)}, "
+                    f"not {getattr(self, name)!r}"
+                )
+        if self.clip_model not in CLIP_PATCH:
+            raise OvssError(
+                f"trident: clip_model must be one of {', '.join(CLIP_PATCH)}, not {self.clip_model!r}"
+            )
+        if self.sam_model == "auto":
+            self.sam_model = DEFAULT_SAM.get(self.clip_model, "sam-b")
+        if not self.sam_model.startswith("sam-"):
+            raise OvssError(
+                f"trident: sam_model must be a SAM model (sam-b, sam-l, sam-h), not {self.sam_model!r}"
+            )
+        bad = [p for p in self.prompts if p not in PROMPT_KINDS]
+        if bad or not self.prompts:
+            raise OvssError(
+                f"trident: refine_prompts must be a comma-separated subset of {','.join(PROMPT_KINDS)}, "
+                f"not {self.refine_prompts!r}"
+            )
+        if self.refine_down < 1 or self.minimal_area < 0:
+            raise OvssError("trident: refine_down must be >= 1 and minimal_area >= 0")
+
+    @property
+    def clip_patch(self) -> int:
+        """Patch size of ``clip_model``: the canvas grid."""
+        return CLIP_PATCH[self.clip_model]
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        """``refine_prompts`` as a tuple, e.g. ``("point", "box", "mask")``."""
+        return tuple(p.strip() for p in str(self.refine_prompts).split(",") if p.strip())
+
+    @property
+    def window_protocol(self) -> Protocol:
+        """The protocol of the CLIP and VFM feature sets (the same windows)."""
+        if self.canvas == "trident":
+            return Protocol(
+                resize="trident",
+                size=self.size,
+                crop=self.crop,
+                stride=self.stride,
+                pad_multiple=self.pad_multiple,
+                align=self.clip_patch,
+            )
+        return Protocol(
+            resize="short",
+            size=self.size,
+            crop=self.crop,
+            stride=self.stride,
+            pad_multiple=self.pad_multiple,
+        )
+
+    @property
+    def sam_protocol(self) -> Protocol:
+        """The protocol of the SAM feature set (``SamPredictor``'s input)."""
+        return Protocol(resize="long", size=self.sam_size)
+
+    @property
+    def needs_sam(self) -> bool:
+        """Splice-then-segment (SAM's grid is the output grid), a SAM correlation, refinement."""
+        return (
+            self.paradigm == "splice-then-segment" or self.correlation != "none" or self.sam_refine
+        )
+
+    @property
+    def text_model(self) -> str:
+        return self.clip_model
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry: resampling window grids onto canvas / SAM token centres
+# --------------------------------------------------------------------------------------------
+
+
+def resample_matrix(
+    centres: Sequence[Fraction], start: int, length: int, n_in: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Bilinear weights ``(len(centres), n_in)`` that sample a grid of ``n_in`` cells spanning
+    pixels ``[start, start + length)`` at the pixel coordinates ``centres``.
+
+    The convention is ``F.interpolate(..., align_corners=False)``'s (source coordinate
+    ``(c - start) * n_in / length - 0.5``, clamped at 0 and at the last cell), computed in exact
+    rational arithmetic: a centre that falls on a cell centre gets the weight 1.0 on that cell
+    and 0.0 elsewhere, so aligned windows are copied bit for bit.
+    """
+    m = torch.zeros(len(centres), n_in, dtype=dtype)
+    for r, c in enumerate(centres):
+        u = (Fraction(c) - start) * n_in / length - Fraction(1, 2)
+        u = max(u, Fraction(0))
+        i0 = min(math.floor(u), n_in - 1)
+        frac = u - i0 if i0 < n_in - 1 else Fraction(0)
+        i1 = min(i0 + 1, n_in - 1)
+        m[r, i0] += float(1 - frac)
+        m[r, i1] += float(frac)
+    return m
+
+
+def _token_centres(n_tokens: int, patch: int, limit: int) -> list[Fraction]:
+    """Pixel centres of ``n_tokens`` patch tokens, the last ones clamped inside ``[0, limit)``."""
+    return [
+        min(Fraction(patch * (2 * t + 1), 2), Fraction(2 * limit - 1, 2)) for t in range(n_tokens)
+    ]
+
+
+def _covered(centres: Sequence[Fraction], lo: int, hi: int) -> list[int]:
+    return [t for t, c in enumerate(centres) if lo <= c < hi]
+
+
+def splice_windows(
+    window_feats: Sequence[torch.Tensor],
+    boxes: np.ndarray,
+    pads: np.ndarray,
+    canvas_hw: tuple[int, int],
+    patch: int,
+) -> torch.Tensor:
+    """Splice per-window feature grids into one canvas token grid, averaging overlaps (§4 step 4).
+
+    Args:
+        window_feats: per window ``(gh, gw, D)`` features on a grid that spans the *padded*
+            window (the VFM grid for ProxyCLIP outputs).
+        boxes: ``(n, 4)`` window boxes ``(y1, x1, y2, x2)`` in canvas pixels.
+        pads: ``(n, 4)`` symmetric padding ``(top, left, bottom, right)`` of each window.
+        canvas_hw: ``(Hc, Wc)`` canvas size in pixels.
+        patch: canvas patch size (the CLIP patch).
+
+    Returns:
+        ``(ceil(Hc / patch), ceil(Wc / patch), D)``: each canvas token takes, from every window
+        whose box contains its centre, the window grid sampled bilinearly at that centre, and the
+        mean over those windows. On the ``trident`` canvas (windows on the patch grid, window
+        grid = its CLIP grid) this is an exact copy of each window's tokens into place, so
+        identical windows splice to themselves.
+
+    Raises:
+        OvssError: a canvas token no window covers.
+    """
+    hc, wc = canvas_hw
+    th, tw = -(-hc // patch), -(-wc // patch)
+    cy, cx = _token_centres(th, patch, hc), _token_centres(tw, patch, wc)
+    d = window_feats[0].shape[-1]
+    dtype, device = window_feats[0].dtype, window_feats[0].device
+    acc = torch.zeros(th, tw, d, dtype=dtype, device=device)
+    count = torch.zeros(th, tw, dtype=dtype, device=device)
+    for f, (y1, x1, y2, x2), (top, left, bottom, right) in zip(
+        window_feats, np.asarray(boxes).tolist(), np.asarray(pads).tolist(), strict=True
+    ):
+        rows, cols = _covered(cy, y1, y2), _covered(cx, x1, x2)
+        if not rows or not cols:
+            continue
+        my = resample_matrix(
+            [cy[t] for t in rows], y1 - top, y2 - y1 + top + bottom, f.shape[0], dtype
+        )
+        mx = resample_matrix(
+            [cx[t] for t in cols], x1 - left, x2 - x1 + left + right, f.shape[1], dtype
+        )
+        part = torch.einsum("ty,yxd,sx->tsd", my.to(device), f, mx.to(device))
+        acc[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] += part
+        count[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] += 1
+    if bool((count == 0).any()):
+        raise OvssError(f"the windows do not cover the canvas token grid {th}x{tw}")
+    return acc / count[..., None]
+
+
+def resize_grid(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """``(h, w, D)`` -> ``(H, W, D)`` bilinear, ``align_corners=False`` (the spliced canvas to
+    SAM's valid grid, §4 step 4). Returned unchanged when the sizes already agree."""
+    if tuple(x.shape[:2]) == tuple(out_hw):
+        return x
+    y = F.interpolate(x.permute(2, 0, 1)[None], size=out_hw, mode="bilinear", align_corners=False)
+    return y[0].permute(1, 2, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-window ProxyCLIP attention with the image-level threshold (§4 step 3)
+# --------------------------------------------------------------------------------------------
+
+
+def image_proxy_attention(
+    vfm_windows: Sequence[torch.Tensor], beta: float, gamma: float, threshold_mean: str = "image"
+) -> list[torch.Tensor]:
+    """ProxyCLIP attention of every window, thresholded with one mean for the whole image.
+
+    Args:
+        vfm_windows: per window ``(N'_w, C)`` VFM patch features.
+        beta, gamma: ProxyCLIP's factor and sharpness.
+        threshold_mean: ``image`` (Trident: ``m`` = the mean of all entries of all windows'
+            cosine matrices, one scalar) or ``window`` (ProxyCLIP: each window's own mean).
+
+    Returns:
+        Per window ``(N'_w, N'_w)``: ``softmax`` over keys of ``(S - beta * m) * gamma`` with
+        entries ``< 0`` set to ``-inf`` (the diagonal always kept, see ``TridentConfig``);
+        rows sum to 1.
+    """
+    sims = []
+    for t in vfm_windows:
+        f = F.normalize(t, dim=-1)
+        sims.append(f @ f.T)
+    if threshold_mean == "image":
+        total = sum(s.sum() for s in sims)
+        mean = total / sum(s.numel() for s in sims)
+        means = [mean] * len(sims)
+    else:
+        means = [s.mean() for s in sims]
+    out = []
+    for s, m in zip(sims, means, strict=True):
+        z = (s - beta * m) * gamma
+        drop = z < 0
+        drop.fill_diagonal_(False)
+        out.append(torch.softmax(z.masked_fill(drop, float("-inf")), dim=-1))
+    return out
+
+
+def window_outputs(
+    clip_windows: Sequence[torch.Tensor],
+    vfm_windows: Sequence[torch.Tensor] | None,
+    block: Any,
+    beta: float = 1.2,
+    gamma: float = 3.0,
+    threshold_mean: str = "image",
+) -> list[torch.Tensor]:
+    """Each window's last-block attention output *before* ``out_proj`` (heads merged).
+
+    Args:
+        clip_windows: per window ``(gh, gw, D)`` CLIP tokens entering the last block.
+        vfm_windows: per window ``(vh, vw, C)`` VFM features of the same padded crop, or
+            ``None`` for the identity attention (``window_attention="none"``).
+        block: ``methods.clip_dense.LastBlock``.
+
+    Returns:
+        Per window ``(vh, vw, D)`` = ``A v`` on the VFM grid (ProxyCLIP: values bilinearly
+        resized to the VFM grid, one attention shared by every head), or ``(gh, gw, D)`` = ``v``
+        without a VFM.
+    """
+    from methods.clip_dense import value_tokens
+
+    if vfm_windows is None:
+        return [
+            block.values(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:2], -1) for x in clip_windows
+        ]
+    attns = image_proxy_attention(
+        [t.reshape(-1, t.shape[-1]) for t in vfm_windows], beta, gamma, threshold_mean
+    )
+    out = []
+    for x, t, a in zip(clip_windows, vfm_windows, attns, strict=True):
+        gh, gw = x.shape[:2]
+        vh, vw = t.shape[:2]
+        v = value_tokens(x.reshape(gh * gw, -1), block)  # (heads, gh*gw, hd)
+        heads, _, hd = v.shape
+        v = v.transpose(1, 2).reshape(heads, hd, gh, gw)
+        if (vh, vw) != (gh, gw):
+            v = F.interpolate(v, size=(vh, vw), mode="bilinear", align_corners=False)
+        v = v.reshape(heads, hd, vh * vw).transpose(1, 2)  # (heads, N', hd)
+        o = (a.to(v.dtype) @ v).transpose(0, 1).reshape(vh, vw, heads * hd)
+        out.append(o)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# SAM affinity (§4 step 5)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamTokens:
+    """SAM's last global-attention block on Trident's valid grid, for one image.
+
+    Attributes:
+        grid: ``(vh, vw)`` = ``input_size // patch`` (floor), ``n = vh * vw``.
+        values: ``(H, n, hd)`` per-head values.
+        attn_head: ``h -> (n, n)`` softmax attention of head ``h`` among the valid tokens,
+            normalised over the whole padded grid as inside the encoder (Trident's crop of the
+            encoder's attention, not renormalised); computed one head at a time.
+    """
+
+    grid: tuple[int, int]
+    values: torch.Tensor
+    attn_head: Callable[[int], torch.Tensor]
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.values.shape[0])
+
+
+def sam_tokens(
+    features: Any,
+    static: dict,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> SamTokens:
+    """``SamTokens`` of one image of a SAM feature set (``FeatureSet.read(i)`` with ``q``, ``k``,
+    ``v``, ``attn_log_mass``) and its static arrays (``methods.sam_cache.sam_static``).
+
+    Raises:
+        OvssError: the valid grid is empty (a resized side shorter than one patch).
+    """
+    from methods.sam_cache import crop_token_rows, sam_attention, trident_grid
+
+    patch = int(np.asarray(static["patch_size"]).reshape(-1)[0])
+    cached = tuple(int(g) for g in features.win_grid[0])
+    vh, vw = trident_grid(features.resized_size, patch)
+    if vh == 0 or vw == 0:
+        raise OvssError(
+            f"image {features.image_id} resizes to {features.resized_size} for SAM: Trident's "
+            f"valid grid (input size // {patch}) is empty"
+        )
+    t = features.tensors
+    q, k, lm = (
+        torch.from_numpy(np.asarray(t[n])).to(device, dtype) for n in ("q", "k", "attn_log_mass")
+    )
+    rows = torch.from_numpy(crop_token_rows(np.arange(cached[0] * cached[1]), cached, (vh, vw)))
+    rows = rows.to(device)
+    v = torch.from_numpy(np.asarray(crop_token_rows(np.asarray(t["v"]), cached, (vh, vw))))
+    values = v.to(device, dtype).permute(1, 0, 2).contiguous()
+
+    def attn_head(h: int) -> torch.Tensor:
+        a = sam_attention(
+            q, k, cached, static, heads=[h], normalise="full", attn_log_mass=lm, dtype=dtype
+        )[0]
+        return a.index_select(0, rows).index_select(1, rows)
+
+    return SamTokens(grid=(vh, vw), values=values, attn_head=attn_head)
+
+
+def cosine_thresholds(
+    unit_values: torch.Tensor,
+    cos_fac: float,
+    cos_cap: float = 0.9,
+    refine_neg_cos: bool = True,
+    neg_cos_thr: float = 0.6,
+) -> torch.Tensor:
+    """Trident's adaptive per-query threshold ``(m,)`` from unit-norm values ``(H, m, hd)``.
+
+    ``thr_i = cos_fac * mean_h mean_k cos_h[i, k]`` (computed as ``sv_h[i] . mean_k sv_h[k]``,
+    no ``m x m`` matrix), then ``min(thr, cos_cap)``; with ``refine_neg_cos`` off a negative
+    threshold becomes ``neg_cos_thr``.
+    """
+    mean_keys = torch.einsum("hid,hd->hi", unit_values, unit_values.mean(dim=1))
+    thr = cos_fac * mean_keys.mean(dim=0)
+    thr = thr.clamp(max=cos_cap)
+    if not refine_neg_cos:
+        thr = torch.where(thr < 0, torch.full_like(thr, neg_cos_thr), thr)
+    return thr
+
+
+def sam_affinity(
+    sam: SamTokens,
+    groups: Sequence[torch.Tensor | None],
+    correlation: str = "aff",
+    cos_fac: float = 1.2,
+    cos_cap: float = 0.9,
+    refine_neg_cos: bool = True,
+    neg_cos_thr: float = 0.6,
+) -> list[torch.Tensor]:
+    """Row-normalised correlation matrices among groups of SAM tokens (§4 step 5).
+
+    Args:
+        sam: the image's SAM values and attention.
+        groups: token index tensors ``(m_g,)`` (``None`` = all ``n`` tokens); each group gets
+            its own matrix, thresholds and normalisation (Cityscapes halves, per-window
+            ablation). Attention is computed once per head for all groups.
+        correlation: ``aff``: ``mean_h where(cos_h > thr, attn_h, 0)``; ``attn``:
+            ``mean_h attn_h``; ``cos``: ``mean_h softmax_keys(cos_h masked to cos_h > thr)``.
+            ``cos_h = sv_h sv_h^T`` with ``sv = l2n(values)``; ``thr`` from
+            ``cosine_thresholds`` over the group's own keys; ``>`` is strict.
+        cos_fac, cos_cap, refine_neg_cos, neg_cos_thr: see ``cosine_thresholds``.
+
+    Returns:
+        Per group ``(m_g, m_g)`` in ``sam.values``' dtype; rows sum to 1 and the diagonal is
+        kept (a row whose mass vanished becomes an identity row).
+    """
+    if correlation not in ("aff", "attn", "cos"):
+        raise ValueError(f"correlation must be aff, attn or cos here, not {correlation!r}")
+    sv = F.normalize(sam.values, dim=-1)
+    n = sv.shape[1]
+    idx = [torch.arange(n, device=sv.device) if g is None else g.to(sv.device) for g in groups]
+    thr = [cosine_thresholds(sv[:, i], cos_fac, cos_cap, refine_neg_cos, neg_cos_thr) for i in idx]
+    acc = [sv.new_zeros(len(i), len(i)) for i in idx]
+    full = [g is None for g in groups]
+    for h in range(sam.num_heads):
+        attn = sam.attn_head(h).to(sv.dtype) if correlation != "cos" else None
+        for g, i in enumerate(idx):
+            a = None
+            if attn is not None:
+                a = attn if full[g] else attn.index_select(0, i).index_select(1, i)
+            if correlation == "attn":
+                acc[g] += a
+                continue
+            s = sv[h].index_select(0, i)
+            cos = s @ s.T
+            keep = cos > thr[g][:, None]
+            keep.fill_diagonal_(True)
+            if correlation == "aff":
+                acc[g] += torch.where(keep, a, torch.zeros_like(a))
+            else:
+                acc[g] += torch.softmax(cos.masked_fill(~keep, float("-inf")), dim=-1)
+    out = []
+    for a in acc:
+        a = a / sam.num_heads
+        mass = a.sum(dim=-1, keepdim=True)
+        dead = mass[:, 0] <= 0
+        if bool(dead.any()):
+            a[dead] = 0
+            a[dead, dead.nonzero()[:, 0]] = 1
+            mass = a.sum(dim=-1, keepdim=True)
+        out.append(a / mass)
+    return out
+
+
+def half_groups(grid: tuple[int, int], device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Token indices of the left (columns ``< vw // 2``) and right halves of a ``(vh, vw)`` grid
+    (row-major); a grid one column wide is one group."""
+    vh, vw = grid
+    cols = torch.arange(vw, device=device).repeat(vh)
+    split = vw // 2
+    if split == 0:
+        return [torch.arange(vh * vw, device=device)]
+    return [(cols < split).nonzero()[:, 0], (cols >= split).nonzero()[:, 0]]
+
+
+# --------------------------------------------------------------------------------------------
+# SAM refinement (§4 step 7)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClassPrompts:
+    """One class's prompts at the reduced resolution.
+
+    Attributes:
+        cls: class index.
+        regions: ``(R, h, w)`` bool 8-connected regions of the class (area >= minimal_area).
+        points: ``(R, 2)`` float ``(x, y)``: per region, the pixel of highest class probability
+            (first in row-major order on ties).
+        boxes: ``(R, 4)`` float ``(x1, y1, x2, y2)``: each region's bounding box, max
+            coordinates inclusive (``torchvision.ops.masks_to_boxes``).
+    """
+
+    cls: int
+    regions: np.ndarray
+    points: np.ndarray
+    boxes: np.ndarray
+
+
+@dataclass
+class RefinementPrompts:
+    """Everything the refinement decodes for one image.
+
+    Attributes:
+        reduced_size: ``(h, w)`` = original size // ``refine_down``.
+        probs: ``(C, h, w)`` class probabilities bilinearly reduced.
+        labels: ``(h, w)`` coarse labels (nearest), void (= C) where the best probability is
+            below ``coarse_thresh`` (when ``coarse_thresh > 0``).
+        classes: the classes with at least one region.
+    """
+
+    reduced_size: tuple[int, int]
+    probs: torch.Tensor
+    labels: torch.Tensor
+    classes: list[ClassPrompts] = field(default_factory=list)
+
+
+def refinement_prompts(
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    coarse_thresh: float = 0.2,
+    minimal_area: int = 225,
+    down: int = 2,
+) -> RefinementPrompts:
+    """Point and box prompts from a coarse segmentation (§4 step 7, the reference's
+    ``split_connected_regions``).
+
+    Args:
+        probs: ``(C, H, W)`` class probabilities at the original size.
+        labels: ``(H, W)`` coarse labels (after ``prob_thd``).
+        coarse_thresh: void threshold on the reduced best probability, and the minimum of a
+            class's reduced best probability for it to get prompts.
+        minimal_area: regions smaller than this (reduced pixels) get no prompt.
+        down: reduction factor (2): ``(H // down, W // down)``, probabilities bilinear
+            (``align_corners=False``), labels nearest.
+    """
+    from scipy import ndimage
+
+    c, h, w = probs.shape
+    dh, dw = max(1, h // down), max(1, w // down)
+    p = probs.float()
+    lab = labels.to(torch.float32)
+    if (dh, dw) != (h, w):
+        p = F.interpolate(p[None], size=(dh, dw), mode="bilinear", align_corners=False)[0]
+        lab = F.interpolate(lab[None, None], size=(dh, dw), mode="nearest")[0, 0]
+    lab = lab.long()
+    if coarse_thresh > 0:
+        lab[p.max(dim=0).values < coarse_thresh] = c
+    out = RefinementPrompts(reduced_size=(dh, dw), probs=p, labels=lab)
+    lab_np = lab.cpu().numpy()
+    eight = np.ones((3, 3), dtype=bool)
+    for k in range(c):
+        pk = p[k]
+        if float(pk.max()) < coarse_thresh:
+            continue
+        components, count = ndimage.label(lab_np == k, structure=eight)
+        regions, points, boxes = [], [], []
+        pk_np = pk.cpu().numpy()
+        for r in range(1, count + 1):
+            region = components == r
+            if int(region.sum()) < minimal_area:
+                continue
+            ys, xs = np.nonzero(region)  # row-major order
+            best = int(np.argmax(pk_np[ys, xs]))
+            regions.append(region)
+            points.append((float(xs[best]), float(ys[best])))
+            boxes.append((float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())))
+        if regions:
+            out.classes.append(
+                ClassPrompts(
+                    cls=k,
+                    regions=np.stack(regions),
+                    points=np.asarray(points, dtype=np.float32),
+                    boxes=np.asarray(boxes, dtype=np.float32),
+                )
+            )
+    return out
+
+
+def mask_prompt(
+    prob: torch.Tensor,
+    original_size: tuple[int, int],
+    side: int,
+    coarse_thresh: float,
+    alpha: float,
+) -> torch.Tensor:
+    """The dense mask prompt of one class: ``(side, side)`` (SAM's low-res mask frame, 256).
+
+    The reduced class probability ``(h, w)`` is resized bilinearly to the letterboxed size of
+    the original image (longer side ``side``, ``ResizeLongestSide`` rounding), zero-padded at
+    the bottom/right, and becomes ``alpha * p`` where ``p > coarse_thresh``, else 0.
+    """
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    nh, nw = ResizeLongestSide.get_preprocess_shape(original_size[0], original_size[1], side)
+    m = F.interpolate(
+        prob[None, None].float(), size=(nh, nw), mode="bilinear", align_corners=False
+    )[0, 0]
+    m = F.pad(m, (0, side - nw, 0, side - nh), value=0.0)
+    return torch.where(m > coarse_thresh, alpha * m, torch.zeros_like(m))
+
+
+def refine_with_sam(
+    predictor: Any,
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    prompts: RefinementPrompts,
+    kinds: Sequence[str] = PROMPT_KINDS,
+    coarse_thresh: float = 0.2,
+    alpha: float = 0.005,
+    iou_thresh: float = 0.8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode the prompts with SAM and re-label (§4 step 7, the reference's ``sam_refinement``).
+
+    Args:
+        predictor: a ``methods.sam_cache.CachedSamPredictor`` set to the image.
+        probs: ``(C, H, W)`` class probabilities at the original size.
+        labels: ``(H, W)`` coarse labels.
+        prompts: from ``refinement_prompts``.
+        kinds: prompt types used (``point``, ``box``, ``mask``); without point and box one mask
+            prompt per class is decoded.
+        iou_thresh: keep masks whose predicted IoU is strictly above it.
+
+    Returns:
+        ``(labels, scores)``: ``(H, W)`` int64 and ``(C, H, W)`` refined scores: per class the
+        max over its kept masks of ``sigmoid(mask logit) * class probability``, zero outside the
+        union of the kept masks; labels = argmax of the scores, and the coarse label wherever no
+        class has a refined score.
+    """
+    c, h, w = probs.shape
+    device = predictor.device
+    side = int(predictor.model.prompt_encoder.mask_input_size[0])
+    scores = torch.zeros((c, h, w), dtype=torch.float32, device=device)
+    probs_d = probs.to(device, torch.float32)
+    reduced = prompts.reduced_size
+    for cp in prompts.classes:
+        n = len(cp.regions) if ("point" in kinds or "box" in kinds) else 1
+        coords = point_labels = boxes = mask = None
+        if "point" in kinds:
+            pts = torch.from_numpy(cp.points).to(device)
+            coords = predictor.transform.apply_coords_torch(pts, reduced)[:, None, :]
+            point_labels = torch.ones((n, 1), device=device)
+        if "box" in kinds:
+            b = torch.from_numpy(cp.boxes).to(device)
+            boxes = predictor.transform.apply_boxes_torch(b, reduced)
+        if "mask" in kinds:
+            m = mask_prompt(prompts.probs[cp.cls], (h, w), side, coarse_thresh, alpha)
+            mask = m.to(device)[None, None].expand(n, 1, side, side)
+        with torch.inference_mode():
+            logits, iou, _ = predictor.predict_torch(
+                coords, point_labels, boxes, mask, multimask_output=False, return_logits=True
+            )
+        keep = iou[:, 0] > iou_thresh
+        if not bool(keep.any()):
+            continue
+        kept = logits[keep, 0].float()  # (K, H, W)
+        union = (kept > predictor.model.mask_threshold).any(dim=0)
+        best = (torch.sigmoid(kept) * probs_d[cp.cls]).max(dim=0).values
+        scores[cp.cls] = best * union
+    refined = scores.argmax(dim=0)
+    none = scores.sum(dim=0) == 0
+    out = torch.where(none, labels.to(device), refined)
+    return out, scores
+
+
+# --------------------------------------------------------------------------------------------
+# The segmenter
+# --------------------------------------------------------------------------------------------
+
+
+def _presets() -> dict:
+    from featurestore.recipes import TRIDENT_COMMON, TRIDENT_PRESETS
+
+    return {"rows": TRIDENT_PRESETS, "common": TRIDENT_COMMON}
+
+
+@register_method
+class TridentSegmenter(Segmenter):
+    name = "trident"
+    Config = TridentConfig
+    doc = (
+        "Trident: CLIP+DINO windows spliced, then aggregated with SAM's affinity "
+        "(--set sam_refine=on: SAM prompt refinement)"
+    )
+
+    @classmethod
+    def requirements(cls, config: TridentConfig) -> list[FeatureRequirement]:
+        win = config.window_protocol
+        reqs = [FeatureRequirement("clip", config.clip_model, win, ("pre_last",))]
+        if config.window_attention == "proxy":
+            reqs.append(FeatureRequirement("vfm", config.vfm_model, win, ("patch",)))
+        if config.needs_sam:
+            tensors = ("q", "k", "v", "attn_log_mass")
+            if config.sam_refine:
+                tensors += ("embedding",)
+            reqs.append(FeatureRequirement("sam", config.sam_model, config.sam_protocol, tensors))
+        return reqs
+
+    @classmethod
+    def presets(cls, dataset: str) -> dict:
+        p = _presets()
+        row = p["rows"].get(dataset)
+        if row is None:
+            return {}
+        common = p["common"]
+        return {
+            "size": row.size,
+            "crop": row.crop,
+            "stride": row.stride,
+            "coarse_thresh": row.coarse_thresh,
+            "cos_fac": row.cos_fac,
+            "refine_neg_cos": row.refine_neg_cos,
+            "sam_halves": row.sam_halves,
+            "beta": common["beta"],
+            "gamma": common["gamma"],
+            "sam_iou_thresh": common["sam_iou_thresh"],
+            "minimal_area": common["minimal_area"],
+            "sam_mask_alpha": common["sam_mask_alpha"],
+        }
+
+    @classmethod
+    def scoring_presets(cls, dataset: str) -> dict:
+        p = _presets()
+        row = p["rows"].get(dataset)
+        if row is None:
+            return {}
+        return {"prob_thd": row.prob_thd, "logit_scale": p["common"]["logit_scale"]}
+
+    def __init__(self, store: Any, config: TridentConfig, device: str | torch.device = "cpu"):
+        try:
+            super().__init__(store, config, device)
+        except ProvenanceMismatchError as e:
+            models = [
+                f"--model {m}"
+                for m in (config.clip_model, config.vfm_model, config.sam_model)
+                if m not in ("clip-b16", "dino-b16", "sam-b")
+            ]
+            extra = (" " + " ".join(models)) if models else ""
+            hint = ""
+            if config.canvas == "trident":
+                short = dataclasses.replace(config, canvas="short").window_protocol
+                if set_key(config.clip_model, short) in store.feature_sets():
+                    hint = (
+                        f"\n(the store has {set_key(config.clip_model, short)}, the short-side "
+                        "canvas: --set canvas=short reads it)"
+                    )
+            raise ProvenanceMismatchError(
+                f"{e}\nTrident reads CLIP and {config.vfm_model} windows and {config.sam_model} "
+                f"per image; extract them together with: ovss extract --store {store.path} "
+                f"--for trident --dataset NAME{extra}{hint}"
+            ) from None
+        from methods.clip_dense import LastBlock
+
+        self.block = LastBlock.from_feature_set(self.sets["clip"]).to(self.device)
+        self._sam_static: dict | None = None
+        self._predictor: Any = None
+
+    # -- reading ---------------------------------------------------------------------------------
+    def _windows(self, index: int) -> tuple[Any, list[torch.Tensor], list[torch.Tensor] | None]:
+        c = self.sets["clip"].read(index, names=["pre_last"])
+        clip = [
+            torch.from_numpy(np.asarray(g, np.float32)).to(self.device)
+            for g in c.window_tokens("pre_last")
+        ]
+        vfm = None
+        if "vfm" in self.sets:
+            d = self.sets["vfm"].read(index, names=["patch"])
+            if not np.array_equal(c.win_box, d.win_box) or not np.array_equal(c.win_pad, d.win_pad):
+                raise OvssError("CLIP and VFM feature sets disagree on the windows")
+            vfm = [
+                torch.from_numpy(np.asarray(g, np.float32)).to(self.device)
+                for g in d.window_tokens("patch")
+            ]
+        return c, clip, vfm
+
+    def _sam(self, index: int) -> SamTokens:
+        from methods.sam_cache import sam_static
+
+        fs = self.sets["sam"]
+        if self._sam_static is None:
+            self._sam_static = sam_static(fs)
+        f = fs.read(index, names=["q", "k", "v", "attn_log_mass"])
+        return sam_tokens(f, self._sam_static, dtype=torch.float32, device=self.device)
+
+    def _affinities(self, sam: SamTokens, groups: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        cfg = self.config
+        return sam_affinity(
+            sam,
+            groups,
+            cfg.correlation,
+            cfg.cos_fac,
+            cfg.cos_cap,
+            cfg.refine_neg_cos,
+            cfg.neg_cos_thr,
+        )
+
+    def _features_to_cos(self, o: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``(m, D)`` attention outputs -> ``(m, Q)`` cosines: ``ln_post(out_proj(o)) @ proj``
+        (without ``out_proj`` when ``apply_out_proj`` is off)."""
+        if self.config.apply_out_proj:
+            o = self.block.out_proj(o)
+        feat = self.block.project(o)
+        return F.normalize(feat.float(), dim=-1) @ text.T
+
+    # -- the method ------------------------------------------------------------------------------
+    def cosine_logits(self, index: int, vocab: Vocab) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Cosine logits ``(Q, vh, vw)`` on SAM's valid grid (splice-then-segment; segment-then-
+        splice with a SAM correlation), or ``(Q, Hc, Wc)`` on the canvas (segment-then-splice
+        without one), and that size."""
+        cfg = self.config
+        text = F.normalize(vocab.embeddings.float(), dim=-1).to(self.device)
+        with torch.inference_mode():
+            c, clip, vfm = self._windows(index)
+            outs = window_outputs(clip, vfm, self.block, cfg.beta, cfg.gamma, cfg.threshold_mean)
+            if cfg.paradigm == "segment-then-splice":
+                return self._segment_then_splice(c, outs, text)
+            sam = self._sam(index)
+            vh, vw = sam.grid
+            spliced = splice_windows(outs, c.win_box, c.win_pad, c.resized_size, cfg.clip_patch)
+            x = resize_grid(spliced, (vh, vw)).reshape(vh * vw, -1)
+            if cfg.correlation != "none":
+                groups = half_groups(sam.grid, self.device) if cfg.sam_halves else [None]
+                y = torch.empty_like(x)
+                for g, wmat in zip(groups, self._affinities(sam, groups), strict=True):
+                    if g is None:
+                        y = wmat @ x
+                    else:
+                        y[g] = wmat @ x[g]
+                x = y
+            cos = self._features_to_cos(x, text)
+        return cos.T.reshape(-1, vh, vw).cpu(), (vh, vw)
+
+    def _segment_then_splice(
+        self, c: Any, outs: list[torch.Tensor], text: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        from methods.base import window_logits_to_box
+        from methods.scoring import merge_window_logits
+
+        cfg = self.config
+        if cfg.correlation == "none":
+            logits = []
+            for w, o in enumerate(outs):
+                gh, gw = o.shape[:2]
+                cos = self._features_to_cos(o.reshape(gh * gw, -1), text)
+                grid = cos.T.reshape(-1, gh, gw).cpu()
+                logits.append(window_logits_to_box(grid, c.win_box[w], c.win_pad[w]))
+            return merge_window_logits(logits, c.win_box, c.resized_size), c.resized_size
+        sam = self._sam(c.index)
+        vh, vw = sam.grid
+        hc, wc = c.resized_size
+        cy = [Fraction((2 * r + 1) * hc, 2 * vh) for r in range(vh)]
+        cx = [Fraction((2 * s + 1) * wc, 2 * vw) for s in range(vw)]
+        groups, parts = [], []
+        for o, (y1, x1, y2, x2), (top, left, bottom, right) in zip(
+            outs, c.win_box.tolist(), c.win_pad.tolist(), strict=True
+        ):
+            rows, cols = _covered(cy, y1, y2), _covered(cx, x1, x2)
+            if not rows or not cols:
+                continue
+            my = resample_matrix(
+                [cy[r] for r in rows], y1 - top, y2 - y1 + top + bottom, o.shape[0], o.dtype
+            )
+            mx = resample_matrix(
+                [cx[s] for s in cols], x1 - left, x2 - x1 + left + right, o.shape[1], o.dtype
+            )
+            x = torch.einsum("ty,yxd,sx->tsd", my.to(o.device), o, mx.to(o.device))
+            rr = torch.tensor(rows, device=self.device)[:, None]
+            ss = torch.tensor(cols, device=self.device)[None, :]
+            tokens = (rr * vw + ss).reshape(-1)
+            if cfg.sam_halves:
+                left_half = (ss.expand(len(rows), -1).reshape(-1)) < vw // 2
+                for sel in (left_half, ~left_half):
+                    if bool(sel.any()):
+                        groups.append(tokens[sel])
+                        parts.append(x.reshape(-1, x.shape[-1])[sel])
+            else:
+                groups.append(tokens)
+                parts.append(x.reshape(-1, x.shape[-1]))
+        q = text.shape[0]
+        acc = torch.zeros(q, vh * vw, device=self.device)
+        count = torch.zeros(vh * vw, device=self.device)
+        for g, x, wmat in zip(groups, parts, self._affinities(sam, groups), strict=True):
+            acc[:, g] += self._features_to_cos(wmat @ x, text).T
+            count[g] += 1
+        if bool((count == 0).any()):
+            raise OvssError("the windows do not cover SAM's valid grid")
+        return (acc / count).reshape(q, vh, vw).cpu(), (vh, vw)
+
+    # -- refinement -------------------------------------------------------------------------------
+    def refine(
+        self,
+        index: int,
+        cos: torch.Tensor,
+        labels: np.ndarray,
+        max_prob: np.ndarray,
+        vocab: Vocab,
+        scoring: Any,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """SAM refinement of one image's labels (§4 step 7); a no-op unless ``sam_refine``.
+
+        Args:
+            index: image index.
+            cos: ``(Q, h, w)`` cosine logits from ``cosine_logits``.
+            labels: ``(H, W)`` coarse labels at the original size (after ``prob_thd``).
+            max_prob: ``(H, W)`` their probability.
+            vocab: the vocabulary (synonyms are merged on probabilities as in §0.2).
+            scoring: the ``ScoringConfig`` (``logit_scale``).
+
+        Returns:
+            ``(labels, max_prob)``: refined labels, and the refined score of the chosen class
+            where a class was refined (the coarse probability elsewhere).
+        """
+        if not self.config.sam_refine:
+            return labels, max_prob
+        from methods.segment import class_probabilities
+
+        cfg = self.config
+        h, w = labels.shape
+        probs = class_probabilities(cos, (h, w), vocab, scoring)
+        coarse = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        prompts = refinement_prompts(
+            probs, coarse, cfg.coarse_thresh, cfg.minimal_area, cfg.refine_down
+        )
+        if not prompts.classes:
+            return labels, max_prob
+        predictor = self._sam_predictor()
+        predictor.set_features(self.sets["sam"].read(index, names=["embedding"]))
+        new_labels, scores = refine_with_sam(
+            predictor,
+            probs,
+            coarse,
+            prompts,
+            cfg.prompts,
+            cfg.coarse_thresh,
+            cfg.sam_mask_alpha,
+            cfg.sam_iou_thresh,
+        )
+        best = scores.max(dim=0).values.cpu()
+        prob = torch.where(best > 0, best, torch.from_numpy(np.asarray(max_prob, np.float32)))
+        return new_labels.cpu().numpy(), prob.numpy()
+
+    def _sam_predictor(self) -> Any:
+        if self._predictor is None:
+            from methods.sam_cache import CachedSamPredictor, load_sam_decoder_for
+
+            model = load_sam_decoder_for(self.sets["sam"], self.config.sam_weights)
+            self._predictor = CachedSamPredictor(model.to(self.device))
+        return self._predictor

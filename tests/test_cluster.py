@@ -1,0 +1,155 @@
+"""Clustering: k-means backends on synthetic clusters, Hungarian matching, Sinkhorn invariants,
+per-image masks and the codebook through the store and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from featurestore.labelsets import LabelSet
+from methods.cluster import (
+    cluster_store,
+    hungarian_match,
+    kmeans,
+    name_clusters,
+    sinkhorn_knopp,
+)
+from methods.metrics import IoUAccumulator
+from ovss_cli.main import cli
+from tests.test_fmbseg import CLASSES, _toy
+
+torch.set_num_threads(1)
+
+
+def _blobs(n_per=200, k=5, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, d)) * 10
+    y = np.repeat(np.arange(k), n_per)
+    return (centres[y] + rng.normal(size=(len(y), d))).astype(np.float32), y
+
+
+def _purity(assign: np.ndarray, y: np.ndarray) -> float:
+    conf = np.zeros((assign.max() + 1, y.max() + 1), np.int64)
+    np.add.at(conf, (assign, y), 1)
+    return conf.max(1).sum() / len(y)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("spherical", [False, True])
+def test_kmeans_recovers_synthetic_clusters(backend, spherical):
+    x, y = _blobs()
+    res = kmeans(x, 5, niter=20, spherical=spherical, seed=0, backend=backend, nredo=5)
+    assert res.backend == backend and res.points_used == len(x)  # all points (no k*256 cap)
+    assert res.centroids.shape == (5, 8) and res.assign.shape == (len(x),)
+    assert _purity(res.assign.numpy(), y) == 1.0
+    if spherical:
+        assert torch.allclose(res.centroids.norm(dim=1), torch.ones(5), atol=1e-4)
+
+
+def test_kmeans_uses_all_points_beyond_faiss_default_and_max_points():
+    x, _ = _blobs(n_per=600, k=2, d=4)  # 1200 > 2 * 256 points
+    assert kmeans(x, 2, backend="faiss").points_used == 1200
+    assert kmeans(x, 2, backend="torch", max_points=100).points_used == 100
+
+
+def test_hungarian_match_and_metric():
+    conf = np.array([[0, 50, 1], [40, 0, 2], [3, 2, 30], [1, 1, 5]])
+    m = hungarian_match(conf)
+    assert m.tolist() == [1, 0, 2, 3]  # unmatched 4th cluster -> "no class" (C = 3)
+    acc = IoUAccumulator(3)
+    gt = np.array([1, 0, 2, 2])
+    acc.update(m[np.array([0, 1, 2, 3])], gt)
+    assert acc.compute().to_dict()["aAcc"] == pytest.approx(75.0)
+
+
+def test_sinkhorn_invariants_and_definition():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 6, generator=g, dtype=torch.float64) * 3
+    q = sinkhorn_knopp(logits, iters=3)
+    assert torch.allclose(q.sum(1), torch.ones(40, dtype=torch.float64))
+    assert torch.allclose(q.sum(0), torch.full((6,), 40 / 6, dtype=torch.float64), rtol=0.05)
+    # the METHODS.md §5 definition written out (softmax init, not SwAV's exp init)
+    r = torch.softmax(logits, dim=1).T
+    r = r / r.sum()
+    for _ in range(3):
+        r = r / r.sum(1, keepdim=True) / 6
+        r = r / r.sum(0, keepdim=True) / 40
+    assert torch.allclose(q, (r * 40).T)
+    exp_init = torch.exp(logits).T / torch.exp(logits).sum()
+    for _ in range(3):
+        exp_init = exp_init / exp_init.sum(1, keepdim=True) / 6
+        exp_init = exp_init / exp_init.sum(0, keepdim=True) / 40
+    assert not torch.allclose(q, (exp_init * 40).T)  # differs from SwAV exp-init after 3 it.
+    assert torch.allclose(
+        sinkhorn_knopp(logits, iters=50).sum(0),
+        torch.full((6,), 40 / 6, dtype=torch.float64),
+        rtol=1e-6,
+    )
+
+
+def test_name_clusters():
+    from methods.base import Vocab
+
+    emb = torch.eye(3, 4)
+    vocab = Vocab(
+        [["a"], ["b", "bee"], ["c"]],
+        torch.cat([emb[:2], emb[1:2], emb[2:]]),
+        torch.tensor([0, 1, 1, 2]),
+    )
+    names = name_clusters(torch.tensor([[0.0, 1, 0, 0], [0.1, 0, 1, 0]]), vocab, topk=1)
+    assert names[0][0][0] in ("b", "bee") and names[1][0][0] == "c"
+
+
+def test_codebook_eval_and_per_image_masks(tmp_path):
+    store, root, _ = _toy(tmp_path, n=4)
+    key = store.feature_sets()[0]
+    s = cluster_store(
+        str(store.path), key, 3, write_labels="cb3", eval_dataset=("custom", str(root), "train")
+    )
+    assert s.points == 4 * 12 and s.extra["points_used"] == 48
+    assert s.eval["mIoU"] == pytest.approx(100.0)  # toy features are separable per class
+    ls = LabelSet(store, "cb3")
+    assert ls.done.all() and ls.group["centroids"].shape == (3, 6)
+
+    r = CliRunner().invoke(
+        cli,
+        [
+            "cluster",
+            "--store",
+            str(store.path),
+            "--features",
+            key,
+            "--per-image",
+            "--k",
+            "2",
+            "--json",
+            "-q",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["label_set"] == f"kmeans2-{key}" and out["images"] == 4
+    lab = LabelSet(store, out["label_set"]).read(0)
+    assert lab.shape == (24, 32) and set(np.unique(lab)) <= {0, 1}
+    # resumable: a rerun has nothing left to do
+    r = CliRunner().invoke(
+        cli,
+        [
+            "cluster",
+            "--store",
+            str(store.path),
+            "--features",
+            key,
+            "--per-image",
+            "--k",
+            "2",
+            "--json",
+            "-q",
+        ],
+    )
+    assert json.loads(r.output)["images"] == 0
+    assert len(CLASSES) == 3
