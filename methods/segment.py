@@ -82,7 +82,11 @@ def class_probabilities(cos: torch.Tensor, out_hw, vocab: Vocab, scoring: Scorin
 
     probs = torch.softmax(scoring.logit_scale * upsample_bilinear(cos.float(), out_hw), dim=0)
     out = torch.zeros((vocab.num_classes, *probs.shape[1:]))
-    out.index_reduce_(0, vocab.query_to_class.long(), probs, "amax", include_self=True)
+    q2c = vocab.query_to_class.long()
+    for c in range(vocab.num_classes):
+        members = probs[q2c == c]
+        if len(members):
+            out[c] = members.amax(dim=0)
     return out
 
 
@@ -275,3 +279,64 @@ def protocol_record(seg: Segmenter, scoring: ScoringConfig, vocab: Vocab) -> dic
         "templates": vocab.templates,
         "ovss_version": __version__,
     }
+
+
+def records_from_paths(paths: Sequence[str]):
+    """Image records for ``segment --images``: folders (recursive) and single files."""
+    from featurestore.images import ImageRecord, list_folder_images
+
+    records = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            records.extend(list_folder_images(path))
+        elif path.is_file():
+            records.append(ImageRecord(path.stem, str(path.resolve()), "file", ""))
+        else:
+            raise OvssError(f"no image or folder at {p}")
+    ids = [r.image_id for r in records]
+    if len(set(ids)) != len(ids):
+        raise OvssError("two input images share a name; segment them in separate calls")
+    if not records:
+        raise OvssError("no images given")
+    return records
+
+
+def extract_for_method(
+    records,
+    store_path: str,
+    method: str,
+    dataset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    arch_overrides: dict | None = None,
+    device: str = "auto",
+    progress: Progress | None = None,
+) -> None:
+    """Extract exactly the feature sets a configured method requires (its ``requirements``),
+    one ``extract`` pass per protocol, into ``store_path`` (resuming)."""
+    from featurestore.extract import ExtractConfig, extract
+
+    cls = get_method(method)
+    config = build_config(cls, dataset, overrides)
+    try:
+        reqs = cls.requirements(config)
+    except ValueError as e:
+        raise OvssError(f"method {method}: {e}") from None
+    groups: dict = {}
+    for r in reqs:
+        groups.setdefault(r.protocol, [])
+        if r.model not in groups[r.protocol]:
+            groups[r.protocol].append(r.model)
+    for protocol, models in groups.items():
+        cfg = ExtractConfig(
+            models=models,
+            protocol=protocol,
+            store=store_path,
+            random_init=random_init,
+            seed=seed,
+            arch_overrides=arch_overrides,
+            device=device,
+        )
+        extract(records, cfg, progress=progress)

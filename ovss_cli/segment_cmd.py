@@ -152,7 +152,31 @@ def _vocab(
 
 
 @click.command()
-@click.option("--store", "-s", "store_path", required=True, help="Feature store to segment.")
+@click.option("--store", "-s", "store_path", help="Feature store to segment.")
+@click.option(
+    "--images",
+    "image_paths",
+    multiple=True,
+    type=click.Path(exists=True),
+    help="Images or folders to segment instead of a store: the method's features are "
+    "extracted on the fly into a temporary store (or --keep-store PATH).",
+)
+@click.option(
+    "--keep-store",
+    type=click.Path(file_okay=False),
+    help="With --images: extract into this store (kept, resumable) instead of a temporary one.",
+)
+@click.option(
+    "--random-init",
+    is_flag=True,
+    help="With --images: image backbones with seeded random weights (tests, demos).",
+)
+@click.option(
+    "--arch-override",
+    multiple=True,
+    metavar="KEY=INT",
+    help="With --images: reduced image-backbone configuration (dotted keys nest).",
+)
 @click.option("--classes", help="Comma-separated class names, e.g. 'sky,tree,horse'.")
 @click.option(
     "--vocab",
@@ -186,6 +210,10 @@ def _vocab(
 @user_errors
 def segment(
     store_path,
+    image_paths,
+    keep_store,
+    random_init,
+    arch_override,
     classes,
     vocab_file,
     dataset,
@@ -218,8 +246,12 @@ def segment(
     Writes per image a label PNG (class indices), a colour overlay with a legend and, with
     --score-maps, per-class probability maps; --write-labels stores the result in the store.
     """
-    from methods.segment import segment_store
+    import tempfile
 
+    from methods.segment import extract_for_method, records_from_paths, segment_store
+
+    if bool(store_path) == bool(image_paths):
+        raise click.UsageError("give exactly one of --store or --images")
     given = [x for x in (classes, vocab_file, dataset) if x]
     if len(given) != 1:
         raise click.UsageError("give exactly one of --classes, --vocab or --dataset")
@@ -228,6 +260,29 @@ def segment(
     cls, overrides, scoring = _method_setup(
         method, settings, logit_scale, prob_thd, area_thd, dataset, sam_refine
     )
+    tmp = None
+    if image_paths and write_labels and not keep_store:
+        raise click.UsageError("--write-labels with --images needs --keep-store PATH")
+    if image_paths:
+        records = records_from_paths(image_paths)
+        if keep_store:
+            store_path = keep_store
+        else:
+            tmp = tempfile.TemporaryDirectory(prefix="ovss-segment-")
+            store_path = f"{tmp.name}/store.zarr"
+        with render.progress(quiet) as cb:
+            extract_for_method(
+                records,
+                store_path,
+                method,
+                dataset,
+                overrides,
+                random_init=random_init,
+                seed=seed,
+                arch_overrides=parse_overrides(arch_override),
+                device="cpu" if device == "cpu" else "auto",
+                progress=cb,
+            )
     spec = classes if classes else (f"file:{vocab_file}" if vocab_file else dataset)
     vocab = _vocab(
         store_path,
@@ -269,6 +324,8 @@ def segment(
         d = summary.to_dict()
         d.pop("files")
         render.kv("segment", d, False)
+    if tmp is not None:
+        tmp.cleanup()
 
 
 @click.command("eval")

@@ -150,3 +150,57 @@ def test_proxyclip_segments_and_reports_missing_vfm(stores):
         )
     assert cls.presets("ade20k") == {"size": 448, "crop": 336, "stride": 112}
     assert cls.scoring_presets("voc21") == {"prob_thd": 0.2}
+
+
+def test_cli_segment_images_on_the_fly(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from ovss_cli.main import cli
+
+    rng = np.random.default_rng(3)
+    img = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(img)
+    tiny = [
+        "embed_dim=32",
+        "vision_cfg.layers=2",
+        "vision_cfg.width=64",
+        "vision_cfg.heads=2",
+        "text_cfg.layers=2",
+        "text_cfg.width=64",
+        "text_cfg.heads=2",
+    ]
+    args = [
+        "segment",
+        "--images",
+        str(img),
+        "--classes",
+        "sky,tree",
+        "--method",
+        "maskclip",
+        "--set",
+        "size=64",
+        "--set",
+        "crop=48",
+        "--set",
+        "stride=32",
+        "--templates",
+        "single",
+        "--random-init",
+        "--text-random-init",
+        "--out",
+        str(tmp_path / "o"),
+        "-q",
+        "--json",
+        "--keep-store",
+        str(tmp_path / "kept.zarr"),
+    ]
+    for t in tiny:
+        args += ["--arch-override", t, "--text-arch-override", t]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["images"] == 1
+    labels = np.asarray(Image.open(tmp_path / "o" / "photo.png"))
+    assert labels.shape == (50, 70) and labels.max() <= 1
+    assert FeatureStore.open(tmp_path / "kept.zarr").feature_sets() == ["clip-b16@short64-c48s32"]
