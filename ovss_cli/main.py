@@ -628,10 +628,15 @@ def store_export(store_path, out, fmt, as_json):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data and weights.")
 @click.option("--n-train", type=int, default=24, show_default=True, help="Training collages.")
 @click.option("--n-val", type=int, default=8, show_default=True, help="Validation collages.")
+@click.option(
+    "--with-maskclip",
+    is_flag=True,
+    help="Also extract CLIP ViT-B/16 (random init) and run maskclip on the val split.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
-def demo(out, model, weights, seed, n_train, n_val, as_json, quiet):
+def demo(out, model, weights, seed, n_train, n_val, with_maskclip, as_json, quiet):
     """The embedded default: Voronoi collages of scikit-image photographs -> feature store.
 
     Builds the benchmark deterministically, extracts features with the real DINOv2 ViT-S/14

@@ -237,13 +237,29 @@ def demo(result: dict, as_json: bool) -> None:
     )
     out.print(f"backbone {result['model']} ({result['weights']})")
     store_info(result["store_info"], False)
-    ev = result.get("eval")
+    st = result.get("stages", {})
+    cl = st.get("cluster")
+    if cl and cl.get("hungarian"):
+        h = cl["hungarian"]
+        out.print(
+            f"cluster: per-image k=16 masks -> label set {cl['per_image_masks']}; "
+            f"codebook k={cl['codebook_k']} on val, Hungarian-matched mIoU "
+            f"{h.get('mIoU')}"
+        )
+    if "align" in st:
+        out.print(
+            "align: linear module, prototype loss, on the train collages' known labels "
+            "(standing in for FMbSeg Stage-1 pseudo-labels)"
+        )
+    ev = st.get("eval")
     if ev:
         out.print(
-            f"maskclip on {ev['images']} val collages: [bold]mIoU {ev['mIoU']}[/] "
-            f"(mAcc {ev['mAcc']}, aAcc {ev['aAcc']}); overlays in "
-            f"{result['segment']['out_dir']}"
+            f"aligned segmentation of {ev['images']} val collages: [bold]mIoU {ev['mIoU']}"
+            f"[/] (chance {ev['chance_mIoU']}; mAcc {ev['mAcc']}, aAcc {ev['aAcc']}); "
+            f"label PNGs and overlays in {st['segment']['out_dir']}"
         )
+    if st.get("maskclip_eval"):
+        out.print(f"maskclip on the same val collages: mIoU {st['maskclip_eval']['mIoU']}")
     for stage, secs in result["timings"].items():
         out.print(f"  {stage}: {secs:.1f} s")
     if result.get("note"):
