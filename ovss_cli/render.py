@@ -258,6 +258,11 @@ def demo(result: dict, as_json: bool) -> None:
             f"[/] (chance {ev['chance_mIoU']}; mAcc {ev['mAcc']}, aAcc {ev['aAcc']}); "
             f"label PNGs and overlays in {st['segment']['out_dir']}"
         )
+    if st.get("trident_eval"):
+        out.print(
+            f"trident (tiny random CLIP/DINO/SAM, SAM refinement on; numbers meaningless, "
+            f"pipeline real): mIoU {st['trident_eval']['mIoU']}"
+        )
     if st.get("maskclip_eval"):
         out.print(f"maskclip on the same val collages: mIoU {st['maskclip_eval']['mIoU']}")
     for stage, secs in result["timings"].items():

@@ -17,5 +17,6 @@ def test_default_demo_learns(tmp_path):
     assert ev["aAcc"] > 40.0, ev
     hung = result["stages"]["cluster"]["hungarian"]
     assert hung["mIoU"] > ev["chance_mIoU"], hung
+    assert result["stages"]["trident_eval"]["images"] == 8  # tiny models: pipeline only
     seg_dir = tmp_path / "demo" / "segment"
     assert len(list(seg_dir.glob("val_*_overlay.png"))) == 8
