@@ -119,25 +119,6 @@ class Layout:
     row_start: dict[str, np.ndarray]  # unit -> (n_images,) absolute row in the tensor array
     row_count: dict[str, np.ndarray]  # unit -> (n_images,)
 
-    def static_names(self) -> list[str]:
-        """Names of the per-set arrays (model parameters needed to run methods from the store)."""
-        if "static" not in self.group:
-            return []
-        return sorted(k for k, _ in self.group["static"].arrays())
-
-    def static(self, name: str) -> np.ndarray:
-        """A per-set array stored at creation (e.g. ``ln_post.weight`` of CLIP)."""
-        if name not in self.static_names():
-            raise StoreError(f"feature set '{self.key}' has no static array '{name}'")
-        return np.asarray(self.group["static"][name][...])
-
-    @property
-    def image_sizes(self) -> np.ndarray:
-        """(n_images, 2) original sizes (cached)."""
-        if self._sizes is None:
-            self._sizes = np.asarray(self.store.root["images/size"][...])
-        return self._sizes
-
     @property
     def n_blocks(self) -> int:
         return len(self.block_start) - 1
