@@ -121,6 +121,7 @@ def register_method(cls: type[Segmenter]) -> type[Segmenter]:
 def _import_methods() -> None:
     from methods import (  # noqa: F401
         aligned,  # noqa: F401
+        fmbseg_stage1,
         maskclip,
         prototype_method,
         proxyclip,

@@ -5,8 +5,8 @@ bare value path; ``pixelclip`` = PixelCLIP's dense block) -> cosine with the que
 window's patch grid -> bilinear to the window -> windows averaged on the canvas (§0.3).
 
 Presets [ours]: no reference repo evaluates plain MaskCLIP with the mmseg protocol, so the
-per-dataset short side S and ``prob_thd`` follow SCLIP's configs (EVAL.md §4.2; same CLIP-B/16,
-crop 224, stride 112), with ``logit_scale`` 40.
+per-dataset short side S, ``logit_scale``, ``prob_thd`` and ``area_thd`` follow SCLIP's configs
+(EVAL.md §4.2; same CLIP-B/16, crop 224, stride 112; one table in ``featurestore.recipes``).
 """
 
 from __future__ import annotations
@@ -19,17 +19,6 @@ import torch
 from featurestore.protocol import Protocol
 from methods.base import FeatureRequirement, Segmenter, Vocab, register_method, window_logits_to_box
 
-SCLIP_SHORT_SIDE = {
-    "voc21": 336,
-    "context60": 336,
-    "coco_object": 336,
-    "voc20": 336,
-    "context59": 336,
-    "coco_stuff171": 448,
-    "cityscapes": 560,
-    "ade20k": 336,
-}
-SCLIP_PROB_THD = {"voc21": 0.1, "context60": 0.1, "coco_object": 0.1}
 VARIANTS = ("maskclip", "bare", "pixelclip")
 
 
@@ -79,11 +68,19 @@ class MaskCLIPSegmenter(Segmenter):
 
     @classmethod
     def presets(cls, dataset: str) -> dict:
-        return {"size": SCLIP_SHORT_SIDE[dataset]} if dataset in SCLIP_SHORT_SIDE else {}
+        from featurestore.recipes import SCLIP_PRESETS
+
+        p = SCLIP_PRESETS.get(dataset)
+        return {"size": p.size} if p else {}
 
     @classmethod
     def scoring_presets(cls, dataset: str) -> dict:
-        return {"prob_thd": SCLIP_PROB_THD.get(dataset, 0.0)}
+        from featurestore.recipes import SCLIP_PRESETS
+
+        p = SCLIP_PRESETS.get(dataset)
+        if p is None:
+            return {}
+        return {"logit_scale": p.logit_scale, "prob_thd": p.prob_thd, "area_thd": p.area_thd}
 
     def __init__(self, store, config, device="cpu"):
         super().__init__(store, config, device)

@@ -25,18 +25,6 @@ import torch.nn.functional as F
 from featurestore.protocol import Protocol
 from methods.base import FeatureRequirement, Segmenter, Vocab, register_method, window_logits_to_box
 
-# EVAL.md §4.4, ProxyCLIP column: S / crop / stride / prob_thd
-PRESETS = {
-    "voc21": (336, 336, 112, 0.2),
-    "voc20": (336, 336, 112, 0.0),
-    "context60": (336, 336, 112, 0.15),
-    "context59": (336, 336, 112, 0.0),
-    "coco_object": (336, 336, 112, 0.25),
-    "coco_stuff171": (336, 336, 112, 0.0),
-    "ade20k": (448, 336, 112, 0.0),
-    "cityscapes": (448, 224, 112, 0.0),
-}
-
 
 @dataclass
 class ProxyCLIPConfig:
@@ -126,14 +114,18 @@ class ProxyCLIPSegmenter(Segmenter):
 
     @classmethod
     def presets(cls, dataset: str) -> dict:
-        if dataset not in PRESETS:
-            return {}
-        s, c, st, _ = PRESETS[dataset]
-        return {"size": s, "crop": c, "stride": st}
+        """EVAL.md §4.4 (one table, in ``featurestore.recipes``): S, crop, stride."""
+        from featurestore.recipes import PROXYCLIP_PRESETS
+
+        p = PROXYCLIP_PRESETS.get(dataset)
+        return {"size": p.size, "crop": p.crop, "stride": p.stride} if p else {}
 
     @classmethod
     def scoring_presets(cls, dataset: str) -> dict:
-        return {"prob_thd": PRESETS[dataset][3]} if dataset in PRESETS else {}
+        from featurestore.recipes import PROXYCLIP_PRESETS
+
+        p = PROXYCLIP_PRESETS.get(dataset)
+        return {"prob_thd": p.prob_thd} if p else {}
 
     def __init__(self, store, config, device="cpu"):
         super().__init__(store, config, device)
