@@ -44,7 +44,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol as TypingProtocol
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 import numpy as np
 import torch
@@ -163,9 +164,7 @@ def patch_centres(
     return out[0], out[1]
 
 
-def top_k_points(
-    sim: torch.Tensor, k: int, ys: np.ndarray, xs: np.ndarray
-) -> np.ndarray:
+def top_k_points(sim: torch.Tensor, k: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """``(k, 2)`` ``(x, y)`` original-image points of the ``k`` most similar patches of a
     ``(gh, gw)`` similarity map (fewer when the grid is smaller)."""
     gh, gw = sim.shape
@@ -327,8 +326,8 @@ class FMbSegStage1Segmenter(Segmenter):
     name = "fmbseg-stage1"
     Config = FMbSegStage1Config
     doc = (
-        "FMbSeg Stage 1 pseudo-labels: CLIP crop detection (min_crops [ours: 2]), SAM masks from "
-        "top-5 patch points (1.1) and labelled automatic masks (1.2), merged [ours]; "
+        "FMbSeg Stage 1 pseudo-labels: CLIP crop detection (min_crops, ours: 2), SAM masks from "
+        "top-5 patch points (1.1) and labelled automatic masks (1.2), merged (ours: 1.1 first); "
         "255 = unlabelled; --set stage=1.1|1.2"
     )
 
