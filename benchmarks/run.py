@@ -6,7 +6,9 @@ Figures (PRODUCT.md "Performance"):
   2. store read: streaming one feature set ÷ ``numpy.memmap`` of the same bytes (target ≥ 0.5);
   3. peak RSS of streaming a feature set at two store sizes (must not grow with the images);
   4. cache payoff of the CLIP path: MaskCLIP dense features from the store ÷ from pixels;
-  5. store bytes per image of each backbone at its default protocol.
+  5. store bytes per image of each backbone at its default protocol;
+  6. PrototypeIndex FAISS vs torch (150 and 20,000 prototypes), k-means FAISS vs torch on
+     1M x 384 points, alignment training throughput.
 
 Environment knobs: BENCH_IMAGES (extraction images, default 8), BENCH_MODEL (default
 dinov2-s14), BENCH_SIZE (short side, default 448), BENCH_READ_IMAGES (default 400).
@@ -220,6 +222,11 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ovss-bench-"))
     results = {"machine": machine()}
     try:
+        from benchmarks.align_bench import (
+            bench_align_throughput,
+            bench_kmeans,
+            bench_prototype_index,
+        )
         from benchmarks.clip_bench import bench_clip_cache, bench_store_sizes
 
         for name, fn in (
@@ -228,6 +235,9 @@ def main() -> None:
             ("extraction_overhead", bench_extraction),
             ("clip_cache_payoff", bench_clip_cache),
             ("store_size_per_image", bench_store_sizes),
+            ("align_throughput", lambda _tmp: bench_align_throughput()),
+            ("prototype_index", lambda _tmp: bench_prototype_index()),
+            ("kmeans", lambda _tmp: bench_kmeans()),
         ):
             t = time.perf_counter()
             results[name] = fn(tmp)
@@ -278,6 +288,24 @@ def main() -> None:
         t.add_row(
             f"store size {model}", f"{row['mb_per_image']} MiB/image", row["protocol"], "", ""
         )
+    for row in results["prototype_index"]["results"]:
+        t.add_row(
+            f"PrototypeIndex {row['prototypes']} protos",
+            f"{row['faiss']['seconds']} s (FAISS)",
+            f"{row['torch']['seconds']} s (torch)",
+            str(row["faiss_speedup"]),
+            "auto picks the faster",
+        )
+    km = results["kmeans"]
+    t.add_row(
+        f"k-means {km['points']}x{km['dim']} k={km['k']}",
+        f"{km['faiss']['seconds']} s (FAISS)",
+        f"{km['torch']['seconds']} s (torch)",
+        str(km["faiss_speedup"]),
+        "",
+    )
+    for arch, row in results["align_throughput"]["archs"].items():
+        t.add_row(f"align training ({arch})", f"{row['train_patches_per_s']} patches/s", "", "", "")
     Console().print(t)
     Console().print(f"machine: {results['machine']}")
     path = OUT / "bench.json"
