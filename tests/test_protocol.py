@@ -1,0 +1,65 @@
+"""Resize and sliding-window rules (EVAL.md §4.1) and window padding/geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from featurestore.protocol import Protocol, image_geometry, padding_for
+
+
+@pytest.mark.parametrize(
+    "hw,size,expected",
+    [
+        ((375, 500), 336, (336, 448)),  # VOC 500x375 at S=336 -> 448x336 (EVAL §4.1)
+        ((1024, 2048), 560, (560, 1120)),  # Cityscapes at S=560 -> 1120x560
+        ((100, 5000), 448, (41, 2048)),  # the 2048 cap on the longer side wins
+        ((7, 9), 448, (448, 576)),  # tiny images are upsampled
+    ],
+)
+def test_short_side_rule(hw, size, expected):
+    assert Protocol(resize="short", size=size).resized_size(*hw) == expected
+
+
+def test_other_resize_modes():
+    assert Protocol(resize="square", size=224).resized_size(300, 500) == (224, 224)
+    assert Protocol(resize="long", size=1024).resized_size(480, 640) == (768, 1024)
+    assert Protocol(resize="none", size=0).resized_size(31, 17) == (31, 17)
+
+
+def test_windows_example_and_flush_border():
+    # 448x336 image (H=336, W=448), c=224, s=112 -> 2 x 3 = 6 windows (EVAL §4.1 example)
+    boxes = Protocol(crop=224, stride=112).windows(336, 448)
+    assert len(boxes) == 6
+    # odd size: the last window is flush with the border and keeps the full crop
+    boxes = Protocol(crop=224, stride=112).windows(337, 450)
+    assert boxes[:, 2].max() == 337 and boxes[:, 3].max() == 450
+    assert ((boxes[:, 2] - boxes[:, 0]) == 224).all() and ((boxes[:, 3] - boxes[:, 1]) == 224).all()
+    covered = np.zeros((337, 450), int)
+    for y1, x1, y2, x2 in boxes:
+        covered[y1:y2, x1:x2] += 1
+    assert covered.min() >= 1
+
+
+def test_image_smaller_than_crop_is_one_window():
+    boxes = Protocol(crop=336, stride=112).windows(200, 300)
+    assert boxes.tolist() == [[0, 0, 200, 300]]
+
+
+def test_geometry_padding_and_grids():
+    geo = image_geometry(Protocol(resize="none", size=0, crop=0), 30, 45, 14)
+    (w,) = geo.windows
+    assert w.pad == (6, 5, 6, 6)  # symmetric padding to 42 x 56
+    assert w.grid == (3, 4) and geo.n_tokens == 12
+    assert padding_for(28, 14) == (0, 0)
+    # pad multiple combined with the patch size (56 and 16 -> 112)
+    geo = image_geometry(Protocol(resize="none", size=0, pad_multiple=56), 100, 100, 16)
+    assert geo.windows[0].grid == (7, 7)
+
+
+def test_invalid_protocols():
+    with pytest.raises(ValueError):
+        Protocol(resize="fancy")
+    with pytest.raises(ValueError):
+        Protocol(crop=224, stride=0)
+    assert Protocol(resize="short", size=336, crop=224, stride=112).key() == "short336-c224s112"
