@@ -10,8 +10,7 @@ subclass and ``@register_method``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -219,7 +218,6 @@ def window_logits_to_box(logits: torch.Tensor, box: np.ndarray, pad: np.ndarray)
     return up[..., top : top + h, left : left + w]
 
 
-Factory = Callable[..., Segmenter]
 __all__ = [
     "FeatureRequirement",
     "ScoringConfig",
@@ -230,5 +228,4 @@ __all__ = [
     "get_method",
     "list_methods",
     "register_method",
-    "field",
 ]
