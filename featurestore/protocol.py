@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-RESIZE_MODES = ("short", "square", "long", "none", "trident")
+RESIZE_MODES = ("short", "square", "long", "none", "trident", "halves")
 
 
 @dataclass(frozen=True)
@@ -28,9 +28,13 @@ class Protocol:
             to ``size``, SAM's rule), ``none`` (original size) or ``trident`` (Trident's CLIP
             canvas, METHODS.md §4 step 2: the ``short`` size, then each side rounded *up* to a
             multiple of ``align`` and raised to at least ``crop``, so every sliding window is a
-            full ``crop`` x ``crop`` crop whose corners lie on the ``align`` patch grid).
-        size: target side in pixels for ``short``/``square``/``long``/``trident``; ignored for
-            ``none``.
+            full ``crop`` x ``crop`` crop whose corners lie on the ``align`` patch grid) or
+            ``halves`` (Trident's Cityscapes SAM input, EVAL.md §4.4: the left half (columns
+            ``[0, W // 2)``) and the right half (``[W // 2, W)``) of the original image, each
+            resized on its own with the ``long`` rule; see ``halves_layout``; no crop, stride
+            or padding options).
+        size: target side in pixels for ``short``/``square``/``long``/``trident``/``halves``;
+            ignored for ``none``.
         max_long: cap on the longer side for ``short`` (2048 in every benchmark config).
         crop: sliding-window size in pixels; 0 means one window covering the whole resized image.
         stride: sliding-window stride in pixels (required when ``crop > 0``).
@@ -72,6 +76,10 @@ class Protocol:
                 )
         elif self.align:
             raise ValueError(f"align is only used with resize 'trident', not {self.resize!r}")
+        if self.resize == "halves" and (self.crop or self.stride or self.pad_multiple):
+            raise ValueError(
+                "resize 'halves' is two whole half-images: no crop, stride or pad_multiple"
+            )
 
     def key(self) -> str:
         """A short, filesystem-safe identifier, e.g. ``short448`` or ``short336-c224s112``."""
@@ -96,8 +104,39 @@ class Protocol:
     def from_dict(cls, d: dict) -> Protocol:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
+    def halves_layout(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
+        """``halves`` only: per half ``(src_x1, src_x2, rh, rw)``, its columns ``[src_x1,
+        src_x2)`` in the original image and its own ``long``-rule size ``(rh, rw)`` (longer side
+        = ``size``, ``int(x * f + 0.5)``, at least 1 px, as SAM's ``ResizeLongestSide``).
+
+        The two resized halves are laid side by side, top-aligned, on the "resized image" of
+        ``resized_size``: ``(max(rh), rw_left + rw_right)``; the left half is the box
+        ``(0, 0, rh_l, rw_l)``, the right one ``(0, rw_l, rh_r, rw_l + rw_r)``. For Cityscapes
+        (2048 x 1024, halves 1024 x 1024) at ``size=1024`` the scale is 1 and the layout is the
+        original image. With an odd width the right half is one column wider, so the two halves
+        may get slightly different scales (and heights) when they are wider than tall.
+
+        Raises:
+            ValueError: not ``halves``, or an image narrower than 2 px (no left half).
+        """
+        if self.resize != "halves":
+            raise ValueError(f"halves_layout needs resize 'halves', not {self.resize!r}")
+        if width < 2 or height < 1:
+            raise ValueError(f"a {height}x{width} image has no left and right halves")
+        out = []
+        for x1, x2 in ((0, width // 2), (width // 2, width)):
+            f = self.size / max(height, x2 - x1)
+            rh = max(1, int(height * f + 0.5))
+            rw = max(1, int((x2 - x1) * f + 0.5))
+            out.append((x1, x2, rh, rw))
+        return out
+
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
-        """Size ``(H, W)`` of the resized image (EVAL.md §4.1: ``int(x * f + 0.5)``)."""
+        """Size ``(H, W)`` of the resized image (EVAL.md §4.1: ``int(x * f + 0.5)``; for
+        ``halves`` the side-by-side layout of ``halves_layout``)."""
+        if self.resize == "halves":
+            layout = self.halves_layout(height, width)
+            return max(r[2] for r in layout), sum(r[3] for r in layout)
         if self.resize == "none":
             return height, width
         if self.resize == "square":
@@ -167,6 +206,11 @@ def padding_for(length: int, multiple: int) -> tuple[int, int]:
 
 def image_geometry(protocol: Protocol, height: int, width: int, patch_size: int) -> ImageGeometry:
     """Geometry of one image of original size ``(height, width)`` for a backbone's patch size."""
+    if protocol.resize == "halves":
+        raise ValueError(
+            "resize 'halves' is SAM's two-window input; only SAM backbones take it "
+            "(featurestore.backbones.sam)"
+        )
     multiple = protocol.pad_multiple or patch_size
     if multiple % patch_size:
         multiple = math.lcm(multiple, patch_size)

@@ -22,9 +22,10 @@ Presets (EVAL.md §4.2 / §4.4; the full table is in the README, ``ovss extract`
     as in the paper). Class files: ProxyCLIP family.
     [ours] Trident rounds its canvas to the CLIP patch grid and feeds SAM the original image
     rounded up to multiples of 16; here the windows follow the mmseg slide rule on the short-side
-    resized image and SAM gets the original image (SamPredictor's own resize). Cityscapes: the
-    reference runs SAM on the left and right halves; the SAM backbone accepts only the
-    whole-image input, so the recipe extracts that (noted in the recipe).
+    resized image and SAM gets the original image (SamPredictor's own resize). Cityscapes: SAM
+    runs on the left and right image halves as in the reference,
+    ``Protocol(resize="halves", size=1024)`` (key ``halves1024``: two SamPredictor inputs per
+    image; noted in the recipe).
 ``maskclip``
     SCLIP-style: ``clip-b16`` windows ``Protocol(short S, crop 224, stride 112)`` with SCLIP's
     per-dataset S (EVAL.md §4.2); SCLIP family class files.
@@ -161,6 +162,8 @@ SCLIP_WINDOW = (224, 112)  # crop, stride
 PROXYCLIP_PAD = 56  # ProxyCLIP/Trident pad every crop to a multiple of 56
 
 SAM_PROTOCOL = Protocol(resize="long", size=1024)
+# Trident on Cityscapes: SAM on the left and right image halves (EVAL.md §4.4).
+SAM_HALVES_PROTOCOL = Protocol(resize="halves", size=1024)
 FMBSEG_CLIP_PROTOCOL = Protocol(resize="short", size=448, crop=224, stride=112)
 FMBSEG_VFM_PROTOCOL = Protocol(resize="short", size=448)
 PROTOTYPE_PROTOCOL = Protocol(resize="short", size=448)
@@ -330,12 +333,12 @@ def recipe_for(
         roles = {
             "clip": ("clip-b16", win),
             "vfm": ("dino-b16", win),
-            "sam": ("sam-b", SAM_PROTOCOL),
+            "sam": ("sam-b", SAM_HALVES_PROTOCOL if t.sam_halves else SAM_PROTOCOL),
         }
         if t.sam_halves:
             notes.append(
-                "the reference runs SAM on the left and right image halves here; the SAM "
-                "backbone takes the whole-image SamPredictor input, so that is extracted"
+                "SAM runs on the left and right image halves (as the reference): "
+                f"{SAM_HALVES_PROTOCOL.key()}, two SamPredictor inputs per image"
             )
     elif method == "maskclip":
         s = SCLIP_PRESETS[ds]

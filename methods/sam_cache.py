@@ -10,6 +10,8 @@ over the ``ceil`` grid ``win_grid[0]``), and per feature set the static arrays `
   renormalised over the valid keys or normalised over the whole padded grid as inside the encoder.
 - ``trident_sam_inputs``: exactly the SAM attention / values / embedding Trident crops
   (``METHODS.md`` §4 step 1).
+- ``sam_window``: one window of a two-window (``Protocol(resize="halves")``) image as an image
+  of its own (Trident's Cityscapes rule: SAM on the left and right halves).
 - ``CachedSamPredictor``: ``SamPredictor`` on a cached embedding (point/box/mask prompts, Trident's
   step 7).
 - ``generate_masks_cached``: ``SamAutomaticMaskGenerator`` on a cached embedding.
@@ -32,6 +34,7 @@ Extract with ``dtype="float32"`` when masks must equal ``SamPredictor``'s bit fo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -60,6 +63,7 @@ __all__ = [
     "load_sam_decoder_for",
     "sam_attention",
     "sam_static",
+    "sam_window",
     "trident_grid",
     "trident_sam_inputs",
 ]
@@ -171,6 +175,57 @@ def crop_token_rows(
     return x[torch.from_numpy(rows)] if isinstance(x, torch.Tensor) else x[rows]
 
 
+WINDOW_TENSORS = ("embedding",)  # the SAM set's window-unit tensors; the others are per token
+
+
+def sam_window(features: ImageFeatures, window: int) -> ImageFeatures:
+    """Window ``window`` of one image of a SAM feature set, as a one-window ``ImageFeatures``.
+
+    A ``Protocol(resize="halves")`` set holds two SamPredictor inputs per image (left and right
+    half, ``SamBackbone.geometry``); this gives one of them with its own tensors (``embedding``
+    row ``window``; the token rows of that window's grid), its own ``win_*`` row (box moved to
+    the origin) and ``resized_size`` = its box extent, i.e. that half's SamPredictor
+    ``input_size``. ``original_size`` is the half's original size ``(H, x2 - x1)`` when the set
+    is a two-window one (left half ``W // 2`` columns), else unchanged. The result works with
+    ``trident_sam_inputs``, ``CachedSamPredictor.set_features`` and ``methods.trident``'s
+    ``sam_tokens``. Window 0 of a one-window set is the image itself.
+
+    Raises:
+        ValueError: ``window`` out of range.
+    """
+    n = len(features.win_grid)
+    if not 0 <= window < n:
+        raise ValueError(f"image {features.image_id} has {n} SAM window(s), not {window + 1}")
+    grids = [int(gh) * int(gw) for gh, gw in features.win_grid.tolist()]
+    start, count = sum(grids[:window]), grids[window]
+    tensors = {}
+    for name, t in features.tensors.items():
+        if name in WINDOW_TENSORS:
+            tensors[name] = t[window : window + 1]
+        else:
+            tensors[name] = t[start : start + count]
+    y1, x1, y2, x2 = (int(v) for v in features.win_box[window])
+    h, w = features.original_size
+    original = (h, w // 2 if window == 0 else w - w // 2) if n == 2 else (h, w)
+    return dataclasses.replace(
+        features,
+        original_size=original,
+        resized_size=(y2 - y1, x2 - x1),
+        win_box=np.array([[0, 0, y2 - y1, x2 - x1]], dtype=features.win_box.dtype),
+        win_pad=features.win_pad[window : window + 1],
+        win_grid=features.win_grid[window : window + 1],
+        tensors=tensors,
+    )
+
+
+def _one_window(features: ImageFeatures) -> None:
+    if len(features.win_grid) != 1:
+        raise ValueError(
+            f"image {features.image_id} has {len(features.win_grid)} SAM windows (a 'halves' "
+            "set): take one with sam_window(features, w)"
+        )
+
+
 @dataclass
 class TridentSamInputs:
     """What Trident's ``get_sam_feat`` returns, for one image, from the cache.
@@ -198,10 +253,13 @@ def trident_sam_inputs(
     Equals Trident's crop of the encoder's own last-block attention
     (``attn[:, :, :vh, :vw, :vh, :vw]`` of the ``S x S`` grid, no renormalisation) and values,
     computed from the cached factors. Trident runs SAM in float16; this uses ``dtype``.
+    ``features`` is one SamPredictor input: an image of a ``long`` set, or one half of a
+    ``halves`` set (``sam_window``).
 
     Raises:
         OvssError: the floor grid is empty (a resized side shorter than one patch).
     """
+    _one_window(features)
     patch = int(np.asarray(static["patch_size"]).reshape(-1)[0])
     grid = tuple(int(g) for g in features.win_grid[0])
     vh, vw = trident_grid(features.resized_size, patch)

@@ -48,6 +48,7 @@ from methods.base import FeatureRequirement, Segmenter, Vocab, register_method
 __all__ = [
     "ClassPrompts",
     "RefinementPrompts",
+    "SamPart",
     "SamTokens",
     "TridentConfig",
     "TridentSegmenter",
@@ -97,7 +98,8 @@ class TridentConfig:
             one bilinear resize from the original image]) or ``short`` (the plain mmseg
             short-side canvas; windows then need not lie on the patch grid and are resampled
             onto it, see ``splice_windows``).
-        sam_size: SAM's input side (1024; the SAM set's ``Protocol(resize="long")``).
+        sam_size: SAM's input side (1024; the SAM set's ``Protocol(resize="long")``, or
+            ``Protocol(resize="halves")`` with ``sam_halves``).
         beta, gamma: ProxyCLIP's threshold factor and sharpness (1.2, 3.0).
         threshold_mean: ``image`` (Trident: the mean of the DINO similarities over all windows
             of the image at once) or ``window`` (ProxyCLIP's per-window mean; ablation).
@@ -123,11 +125,21 @@ class TridentConfig:
         cos_cap: upper bound of the threshold (0.9).
         refine_neg_cos: when off, a negative threshold becomes ``neg_cos_thr``.
         neg_cos_thr: that replacement (0.6).
-        sam_halves: Cityscapes: the reference runs SAM on the left and right image halves. The
-            SAM set holds the whole image, so this computes the affinity block-diagonally: each
-            half's tokens (columns ``< vw // 2`` / ``>= vw // 2``) only see their own half, with
-            their own thresholds [ours: an approximation; the reference's halves also have
-            twice the SAM resolution].
+        sam_halves: Cityscapes (EVAL.md §4.4): SAM runs on the left (original columns
+            ``[0, W // 2)``) and right (``[W // 2, W)``) image halves separately: the SAM set
+            is ``Protocol(resize="halves", size=sam_size)`` (two SamPredictor inputs per
+            image, ``featurestore.backbones.sam``). Each half gets its own SAM floor grid
+            ``(vh_k, vw_k)``, affinity (its own q/k/v, thresholds and normalisation) and
+            aggregation: the spliced CLIP canvas is sampled bilinearly (``align_corners=False``
+            convention, ``resample_matrix``) at the centres of ``vh_k x vw_k`` cells tiling that
+            half's canvas region (``[x1 * Wc / W, x2 * Wc / W)`` x ``[0, Hc)``; the whole-image
+            case of this is exactly ``resize_grid``), aggregated with the half's ``W``, scored,
+            and the two halves' logits are placed side by side: ``(Q, vh, vw_l + vw_r)`` with
+            ``vh = max(vh_l, vh_r)`` (a half with fewer rows, possible only for odd widths of
+            images wider than twice their height, is first resized bilinearly to ``vh`` rows).
+            That grid is then resized to the original size as usual [ours: the combination
+            rule]. Segment-then-splice does the same per half (windows resampled onto each
+            half's SAM token centres in canvas pixels). Not combined with ``sam_refine``.
         sam_refine: run the SAM refinement of §4 step 7 (``--sam-refine``; off, as the
             reference's ``base_config``; its README evaluates with it on).
         coarse_thresh: refinement: pixels whose best class probability is below it become a
@@ -214,6 +226,11 @@ class TridentConfig:
             )
         if self.refine_down < 1 or self.minimal_area < 0:
             raise OvssError("trident: refine_down must be >= 1 and minimal_area >= 0")
+        if self.sam_halves and self.sam_refine:
+            raise OvssError(
+                "trident: sam_refine is not available with sam_halves (the SAM set holds the "
+                "two halves, the refinement prompts the whole image): --set sam_halves=off"
+            )
 
     @property
     def clip_patch(self) -> int:
@@ -247,8 +264,9 @@ class TridentConfig:
 
     @property
     def sam_protocol(self) -> Protocol:
-        """The protocol of the SAM feature set (``SamPredictor``'s input)."""
-        return Protocol(resize="long", size=self.sam_size)
+        """The protocol of the SAM feature set (``SamPredictor``'s input; with ``sam_halves``
+        one input per image half, ``Protocol(resize="halves")``)."""
+        return Protocol(resize="halves" if self.sam_halves else "long", size=self.sam_size)
 
     @property
     def needs_sam(self) -> bool:
@@ -475,6 +493,20 @@ class SamTokens:
         return int(self.values.shape[0])
 
 
+@dataclass
+class SamPart:
+    """One SAM input of an image and the original columns it covers: the whole image
+    (``Protocol(resize="long")``), or one half (``sam_halves``).
+
+    Attributes:
+        tokens: its values and attention on its own floor grid.
+        cols: ``(x1, x2)`` original-image columns of the part.
+    """
+
+    tokens: SamTokens
+    cols: tuple[int, int]
+
+
 def sam_tokens(
     features: Any,
     static: dict,
@@ -489,6 +521,8 @@ def sam_tokens(
     """
     from methods.sam_cache import crop_token_rows, sam_attention, trident_grid
 
+    if len(features.win_grid) != 1:
+        raise ValueError("sam_tokens takes one SAM window: see methods.sam_cache.sam_window")
     patch = int(np.asarray(static["patch_size"]).reshape(-1)[0])
     cached = tuple(int(g) for g in features.win_grid[0])
     vh, vw = trident_grid(features.resized_size, patch)
@@ -550,8 +584,7 @@ def sam_affinity(
     Args:
         sam: the image's SAM values and attention.
         groups: token index tensors ``(m_g,)`` (``None`` = all ``n`` tokens); each group gets
-            its own matrix, thresholds and normalisation (Cityscapes halves, per-window
-            ablation). Attention is computed once per head for all groups.
+            its own matrix, thresholds and normalisation (the per-window ablation). Attention is computed once per head for all groups.
         correlation: ``aff``: ``mean_h where(cos_h > thr, attn_h, 0)``; ``attn``:
             ``mean_h attn_h``; ``cos``: ``mean_h softmax_keys(cos_h masked to cos_h > thr)``.
             ``cos_h = sv_h sv_h^T`` with ``sv = l2n(values)``; ``thr`` from
@@ -598,17 +631,6 @@ def sam_affinity(
             mass = a.sum(dim=-1, keepdim=True)
         out.append(a / mass)
     return out
-
-
-def half_groups(grid: tuple[int, int], device: torch.device | str = "cpu") -> list[torch.Tensor]:
-    """Token indices of the left (columns ``< vw // 2``) and right halves of a ``(vh, vw)`` grid
-    (row-major); a grid one column wide is one group."""
-    vh, vw = grid
-    cols = torch.arange(vw, device=device).repeat(vh)
-    split = vw // 2
-    if split == 0:
-        return [torch.arange(vh * vw, device=device)]
-    return [(cols < split).nonzero()[:, 0], (cols >= split).nonzero()[:, 0]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -912,13 +934,60 @@ class TridentSegmenter(Segmenter):
         return c, clip, vfm
 
     def _sam(self, index: int) -> SamTokens:
-        from methods.sam_cache import sam_static
+        """The image's SAM tokens (a one-window ``long`` set)."""
+        (part,) = self._sam_parts(index)
+        return part.tokens
+
+    def _sam_parts(self, index: int) -> list[SamPart]:
+        """Per SAM window of the image its tokens and original columns: one part for a
+        ``long`` set, the left and right halves for a ``halves`` set (``sam_halves``)."""
+        from methods.sam_cache import sam_static, sam_window
 
         fs = self.sets["sam"]
         if self._sam_static is None:
             self._sam_static = sam_static(fs)
         f = fs.read(index, names=["q", "k", "v", "attn_log_mass"])
-        return sam_tokens(f, self._sam_static, dtype=torch.float32, device=self.device)
+        n = len(f.win_grid)
+        if n != (2 if self.config.sam_halves else 1):
+            raise OvssError(
+                f"image {f.image_id} has {n} SAM window(s) in {fs.key}; expected "
+                f"{2 if self.config.sam_halves else 1}"
+            )
+        w = f.original_size[1]
+        cols = [(0, w // 2), (w // 2, w)] if n == 2 else [(0, w)]
+        return [
+            SamPart(
+                sam_tokens(sam_window(f, k), self._sam_static, torch.float32, self.device),
+                cols[k],
+            )
+            for k in range(n)
+        ]
+
+    def _part_centres(
+        self, part: SamPart, canvas_hw: tuple[int, int], width: int
+    ) -> tuple[list[Fraction], list[Fraction]]:
+        """Canvas-pixel centres of the part's ``vh x vw`` SAM cells, which tile the part's
+        region of the canvas (rows ``[0, Hc)``, columns ``[x1 * Wc / W, x2 * Wc / W)``)."""
+        hc, wc = canvas_hw
+        vh, vw = part.tokens.grid
+        a, b = Fraction(part.cols[0] * wc, width), Fraction(part.cols[1] * wc, width)
+        cy = [Fraction((2 * r + 1) * hc, 2 * vh) for r in range(vh)]
+        cx = [a + (2 * s + 1) * (b - a) / (2 * vw) for s in range(vw)]
+        return cy, cx
+
+    @staticmethod
+    def _side_by_side(logits: list[torch.Tensor]) -> torch.Tensor:
+        """Per-half logits ``(Q, vh_k, vw_k)`` -> ``(Q, max vh_k, sum vw_k)``, left then right;
+        a half with fewer rows is resized bilinearly to the common height first."""
+        vh = max(x.shape[1] for x in logits)
+        out = []
+        for x in logits:
+            if x.shape[1] != vh:
+                x = F.interpolate(
+                    x[None], size=(vh, x.shape[2]), mode="bilinear", align_corners=False
+                )[0]
+            out.append(x)
+        return torch.cat(out, dim=2)
 
     def _affinities(self, sam: SamTokens, groups: list[torch.Tensor | None]) -> list[torch.Tensor]:
         cfg = self.config
@@ -952,21 +1021,39 @@ class TridentSegmenter(Segmenter):
             outs = window_outputs(clip, vfm, self.block, cfg.beta, cfg.gamma, cfg.threshold_mean)
             if cfg.paradigm == "segment-then-splice":
                 return self._segment_then_splice(c, outs, text)
+            spliced = splice_windows(outs, c.win_box, c.win_pad, c.resized_size, cfg.clip_patch)
+            if cfg.sam_halves:
+                return self._halves_splice_then_segment(c, spliced, text)
             sam = self._sam(index)
             vh, vw = sam.grid
-            spliced = splice_windows(outs, c.win_box, c.win_pad, c.resized_size, cfg.clip_patch)
             x = resize_grid(spliced, (vh, vw)).reshape(vh * vw, -1)
             if cfg.correlation != "none":
-                groups = half_groups(sam.grid, self.device) if cfg.sam_halves else [None]
-                y = torch.empty_like(x)
-                for g, wmat in zip(groups, self._affinities(sam, groups), strict=True):
-                    if g is None:
-                        y = wmat @ x
-                    else:
-                        y[g] = wmat @ x[g]
-                x = y
+                (wmat,) = self._affinities(sam, [None])
+                x = wmat @ x
             cos = self._features_to_cos(x, text)
         return cos.T.reshape(-1, vh, vw).cpu(), (vh, vw)
+
+    def _halves_splice_then_segment(
+        self, c: Any, spliced: torch.Tensor, text: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``sam_halves``: each half's canvas region sampled onto its own SAM grid, aggregated
+        with its own affinity, scored; the halves' logits side by side (``TridentConfig``)."""
+        cfg = self.config
+        hc, wc = c.resized_size
+        th, tw, d = spliced.shape
+        logits = []
+        for part in self._sam_parts(c.index):
+            vh, vw = part.tokens.grid
+            cy, cx = self._part_centres(part, (hc, wc), c.original_size[1])
+            my = resample_matrix(cy, 0, hc, th, spliced.dtype).to(spliced.device)
+            mx = resample_matrix(cx, 0, wc, tw, spliced.dtype).to(spliced.device)
+            x = torch.einsum("ty,yxd,sx->tsd", my, spliced, mx).reshape(vh * vw, d)
+            if cfg.correlation != "none":
+                (wmat,) = self._affinities(part.tokens, [None])
+                x = wmat @ x
+            logits.append(self._features_to_cos(x, text).T.reshape(-1, vh, vw))
+        out = self._side_by_side(logits).cpu()
+        return out, tuple(out.shape[1:])
 
     def _segment_then_splice(
         self, c: Any, outs: list[torch.Tensor], text: torch.Tensor
@@ -983,12 +1070,21 @@ class TridentSegmenter(Segmenter):
                 grid = cos.T.reshape(-1, gh, gw).cpu()
                 logits.append(window_logits_to_box(grid, c.win_box[w], c.win_pad[w]))
             return merge_window_logits(logits, c.win_box, c.resized_size), c.resized_size
-        sam = self._sam(c.index)
+        parts = self._sam_parts(c.index)
+        logits = [self._segment_then_splice_part(c, outs, text, part) for part in parts]
+        out = logits[0] if len(logits) == 1 else self._side_by_side(logits)
+        return out, tuple(out.shape[1:])
+
+    def _segment_then_splice_part(
+        self, c: Any, outs: list[torch.Tensor], text: torch.Tensor, part: SamPart
+    ) -> torch.Tensor:
+        """Segment-then-splice with a SAM correlation on one SAM part (the whole image or one
+        half): each window resampled to the part's SAM tokens whose centres it covers,
+        aggregated with the affinity among those tokens, scored, averaged per token."""
+        sam = part.tokens
         vh, vw = sam.grid
-        hc, wc = c.resized_size
-        cy = [Fraction((2 * r + 1) * hc, 2 * vh) for r in range(vh)]
-        cx = [Fraction((2 * s + 1) * wc, 2 * vw) for s in range(vw)]
-        groups, parts = [], []
+        cy, cx = self._part_centres(part, c.resized_size, c.original_size[1])
+        groups, feats = [], []
         for o, (y1, x1, y2, x2), (top, left, bottom, right) in zip(
             outs, c.win_box.tolist(), c.win_pad.tolist(), strict=True
         ):
@@ -1004,25 +1100,17 @@ class TridentSegmenter(Segmenter):
             x = torch.einsum("ty,yxd,sx->tsd", my.to(o.device), o, mx.to(o.device))
             rr = torch.tensor(rows, device=self.device)[:, None]
             ss = torch.tensor(cols, device=self.device)[None, :]
-            tokens = (rr * vw + ss).reshape(-1)
-            if cfg.sam_halves:
-                left_half = (ss.expand(len(rows), -1).reshape(-1)) < vw // 2
-                for sel in (left_half, ~left_half):
-                    if bool(sel.any()):
-                        groups.append(tokens[sel])
-                        parts.append(x.reshape(-1, x.shape[-1])[sel])
-            else:
-                groups.append(tokens)
-                parts.append(x.reshape(-1, x.shape[-1]))
+            groups.append((rr * vw + ss).reshape(-1))
+            feats.append(x.reshape(-1, x.shape[-1]))
         q = text.shape[0]
         acc = torch.zeros(q, vh * vw, device=self.device)
         count = torch.zeros(vh * vw, device=self.device)
-        for g, x, wmat in zip(groups, parts, self._affinities(sam, groups), strict=True):
+        for g, x, wmat in zip(groups, feats, self._affinities(sam, groups), strict=True):
             acc[:, g] += self._features_to_cos(wmat @ x, text).T
             count[g] += 1
         if bool((count == 0).any()):
             raise OvssError("the windows do not cover SAM's valid grid")
-        return (acc / count).reshape(q, vh, vw).cpu(), (vh, vw)
+        return (acc / count).reshape(q, vh, vw).cpu()
 
     # -- refinement -------------------------------------------------------------------------------
     def refine(

@@ -83,11 +83,13 @@ def protocol_options(fn):
     opts = [
         click.option(
             "--resize",
-            type=click.Choice(["short", "square", "long", "none"]),
+            type=click.Choice(["short", "square", "long", "none", "halves"]),
             default="short",
             show_default=True,
             help="Resize rule: shorter side to --size (longer side capped at 2048, the "
-            "benchmark rule), a --size square, longer side to --size, or none.",
+            "benchmark rule), a --size square, longer side to --size, none, or halves (SAM "
+            "only: the left and right image halves, each longer side to --size; Trident's "
+            "Cityscapes input).",
         ),
         click.option(
             "--size",

@@ -116,7 +116,8 @@ def test_trident_presets(dataset: str) -> None:
     r = recipe_for("trident", dataset)
     # Trident's canvas: short side S rounded up to the CLIP-B/16 patch grid (METHODS.md §4.2)
     win = Protocol("trident", size, crop=crop, stride=stride, pad_multiple=56, align=16)
-    sam = Protocol(resize="long", size=1024)
+    # Cityscapes: SAM on the left and right image halves (EVAL.md §4.4)
+    sam = Protocol(resize="halves" if dataset == "cityscapes" else "long", size=1024)
     assert r.steps == [
         RecipeStep("clip", "clip-b16", win),
         RecipeStep("vfm", "dino-b16", win),
@@ -134,6 +135,7 @@ def test_trident_presets(dataset: str) -> None:
     assert r.groups() == [(win, ["clip-b16", "dino-b16"]), (sam, ["sam-b"])]
     assert s["sam_halves"] == (dataset == "cityscapes")
     assert any("halves" in n for n in r.notes) == (dataset == "cityscapes")
+    assert sam.key() == ("halves1024" if dataset == "cityscapes" else "long1024")
 
 
 @pytest.mark.parametrize("dataset", list(SCLIP_SIZES))

@@ -704,3 +704,124 @@ def test_plan_bytes_per_image_for_sam_b_at_1024(tmp_path: Path) -> None:
         assert row.tokens == n and row.windows == 1
         assert row.bytes == 2 * (256 * 64 * 64 + n * (3 * 12 * 64 + 12))
     assert 2 * (256 * 64 * 64 + 4096 * 2316) == 21_069_824
+
+
+# --- two windows per image: SAM on the left and right halves (Trident, Cityscapes) ------------
+
+HALVES = Protocol(resize="halves", size=IMG)
+
+
+def half_images(image: np.ndarray) -> list[np.ndarray]:
+    w = image.shape[1]
+    return [image[:, : w // 2], image[:, w // 2 :]]
+
+
+@pytest.fixture(scope="module")
+def halves_store(images: list, tmp_path_factory: pytest.TempPathFactory) -> FeatureSet:
+    """float32 store of the tiny random-init sam-b (seed 0) on the image halves."""
+    store = tmp_path_factory.mktemp("sam_halves") / "s.zarr"
+    cfg = ExtractConfig(
+        models=["sam-b"],
+        protocol=HALVES,
+        store=str(store),
+        random_init=True,
+        arch_overrides=TINY,
+        dtype="float32",
+        batch_size=3,
+        workers=1,
+        device="cpu",
+    )
+    report = extract(images, cfg)
+    assert report.models[0].images_extracted == len(images)
+    return FeatureStore.open(store).require("sam-b", HALVES)
+
+
+def test_halves_protocol_key_and_validation() -> None:
+    assert (
+        HALVES.key() == "halves256" and Protocol(resize="halves", size=1024).key() == "halves1024"
+    )
+    assert PROTO.key() == "long256"  # existing keys unchanged
+    assert Protocol.from_dict(HALVES.to_dict()) == HALVES and "align" not in HALVES.to_dict()
+    with pytest.raises(ValueError, match="no crop"):
+        Protocol(resize="halves", size=IMG, crop=128, stride=64)
+    with pytest.raises(ValueError, match="only SAM backbones"):
+        create_backbone("clip-b16", random_init=True).geometry(HALVES, 90, 131)
+    with pytest.raises(ValueError, match="no left and right halves"):
+        HALVES.resized_size(50, 1)
+    with pytest.raises(OvssError, match="no left and right halves"):
+        tiny().geometry(HALVES, 50, 1)
+    # Cityscapes: 2048 x 1024 -> two 1024 x 1024 halves, scale 1 at img_size 1024.
+    city = Protocol(resize="halves", size=1024)
+    assert city.halves_layout(1024, 2048) == [(0, 1024, 1024, 1024), (1024, 2048, 1024, 1024)]
+    assert city.resized_size(1024, 2048) == (1024, 2048)
+
+
+@pytest.mark.parametrize("size", [(90, 131), (200, 57), (20, 101), (64, 64), (7, 3)])
+def test_halves_geometry_is_two_sam_predictor_inputs(size: tuple[int, int]) -> None:
+    h, w = size
+    geo = tiny().geometry(HALVES, h, w)
+    assert geo.original == size and geo.n_windows == 2
+    assert geo.resized == HALVES.resized_size(h, w)
+    layout = HALVES.halves_layout(h, w)
+    x0 = 0
+    for window, (x1, x2), (lx1, lx2, rh, rw) in zip(
+        geo.windows, ((0, w // 2), (w // 2, w)), layout, strict=True
+    ):
+        assert (lx1, lx2) == (x1, x2)
+        expected = ResizeLongestSide.get_preprocess_shape(h, x2 - x1, IMG)
+        assert (rh, rw) == tuple(max(1, s) for s in expected)
+        assert window.box == (0, x0, rh, x0 + rw)
+        assert window.pad == (0, 0, IMG - rh, IMG - rw)
+        assert window.grid == (-(-rh // 16), -(-rw // 16))
+        x0 += rw
+    assert geo.resized == (max(r[2] for r in layout), x0)
+    if size == (20, 101):  # halves 50 and 51 wide, wider than tall: different scales
+        assert [r[2] for r in layout] == [102, 100] and [r[3] for r in layout] == [256, 256]
+
+
+@pytest.mark.parametrize("size", [(90, 131), (300, 41)])
+def test_halves_preprocess_equals_sam_predictor_input_per_half(size: tuple[int, int]) -> None:
+    backbone = tiny()
+    image = np.random.default_rng(2).integers(0, 256, (*size, 3), dtype=np.uint8)
+    xs = backbone.preprocess(image, backbone.geometry(HALVES, *size))
+    assert len(xs) == 2
+    for x, half in zip(xs, half_images(image), strict=True):
+        resized = torch.as_tensor(ResizeLongestSide(IMG).apply_image(half)).permute(2, 0, 1)
+        assert torch.equal(x, backbone.model.preprocess(resized[None])[0])
+
+
+def test_halves_store_embedding_and_factors_equal_sam_predictor_on_each_half(
+    halves_store: FeatureSet, images: list
+) -> None:
+    from methods.sam_cache import sam_window
+
+    backbone = tiny()
+    block = backbone.model.image_encoder.blocks[1]
+    predictor = SamPredictor(backbone.model)
+    captured = {}
+    block.attn.qkv.register_forward_hook(lambda m, a, out: captured.update(qkv=out))
+    decoder = load_sam_decoder_for(halves_store)
+    for i, record in enumerate(images):
+        got = halves_store.read(i)
+        assert got.tensors["embedding"].shape[0] == 2 and len(got.win_grid) == 2
+        with pytest.raises(ValueError, match="sam_window"):
+            trident_sam_inputs(got, sam_static(halves_store))
+        for w, half in enumerate(half_images(load_image_rgb(record.path))):
+            predictor.set_image(half)
+            one = sam_window(got, w)
+            assert one.resized_size == predictor.input_size
+            assert one.original_size == predictor.original_size
+            assert torch.equal(torch.from_numpy(one.tensors["embedding"]), predictor.features)
+            grid = tuple(one.win_grid[0])
+            qkv = captured["qkv"].reshape(S * S, 3, 2, 32)[valid_rows(grid)]
+            for j, name in enumerate("qkv"):
+                assert torch.equal(torch.from_numpy(one.tensors[name]), qkv[:, j]), name
+            # the half decodes prompts exactly as SamPredictor on the half image
+            cached = CachedSamPredictor(decoder)
+            cached.set_features(one)
+            point = dict(point_coords=np.array([[5.0, 7.0]]), point_labels=np.array([1]))
+            for a, b in zip(cached.predict(**point), predictor.predict(**point), strict=True):
+                assert np.array_equal(a, b)
+            trident_sam_inputs(one, sam_static(halves_store))  # one window: accepted
+    with pytest.raises(ValueError, match="2 SAM window"):
+        sam_window(halves_store.read(0), 2)

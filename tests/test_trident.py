@@ -79,6 +79,7 @@ def store(tmp_path_factory):
         ("clip-b16", WIN, TINY_CLIP),
         ("dino-b16", WIN, TINY_VIT),
         ("sam-b", Protocol("long", 256), TINY_SAM),
+        ("sam-b", Protocol("halves", 256), TINY_SAM),
     ):
         extract(recs, ExtractConfig(models=[model], protocol=proto, arch_overrides=arch, **common))
     return FeatureStore.open(tmp / "s.zarr")
@@ -507,3 +508,122 @@ def test_sam_tokens_equal_the_cached_trident_inputs(store):
     torch.testing.assert_close(got.values, ref.v)
     for h in range(got.num_heads):
         torch.testing.assert_close(got.attn_head(h), ref.attn[h])
+
+
+# --- SAM on the left and right halves (Cityscapes) ----------------------------------------------
+
+
+def test_halves_requirements_and_refinement_guard(store):
+    cls = get_method("trident")
+    cfg = build_config(cls, None, {**OPTS, "sam_halves": True})
+    (sam,) = [r for r in cls.requirements(cfg) if r.role == "sam"]
+    assert sam.protocol == Protocol("halves", 256) and sam.protocol.key() == "halves256"
+    assert build_config(cls, "cityscapes", {}).sam_protocol.key() == "halves1024"
+    with pytest.raises(OvssError, match="sam_refine is not available with sam_halves"):
+        build_config(cls, None, {**OPTS, "sam_halves": True, "sam_refine": True})
+
+
+def test_halves_need_the_halves_set_and_name_the_extract_command(tmp_path):
+    # a store with the whole-image SAM set only
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.full((40, 70, 3), 90, np.uint8)).save(tmp_path / "imgs" / "a.png")
+    recs = list_folder_images(tmp_path / "imgs")
+    common = dict(store=str(tmp_path / "s.zarr"), random_init=True, dtype="float32")
+    for model, proto, arch in (
+        ("clip-b16", WIN, TINY_CLIP),
+        ("dino-b16", WIN, TINY_VIT),
+        ("sam-b", Protocol("long", 256), TINY_SAM),
+    ):
+        extract(recs, ExtractConfig(models=[model], protocol=proto, arch_overrides=arch, **common))
+    cls = get_method("trident")
+    with pytest.raises(ProvenanceMismatchError) as err:
+        cls(
+            FeatureStore.open(tmp_path / "s.zarr"),
+            build_config(cls, None, {**OPTS, "sam_halves": True}),
+        )
+    msg = str(err.value)
+    assert "sam-b@halves256" in msg and "--resize halves --size 256" in msg
+    assert "--for trident --dataset" in msg
+
+
+def half_reference(seg, index, v, affinity=None):
+    """Per half: the spliced canvas sampled onto the half's SAM grid, aggregated with that
+    half's own affinity (from its own window of the halves set), scored."""
+    from methods.sam_cache import sam_static, sam_window
+    from methods.trident import sam_tokens, window_outputs
+
+    cfg = seg.config
+    c, clip, vfm = seg._windows(index)
+    outs = window_outputs(clip, vfm, seg.block, cfg.beta, cfg.gamma, cfg.threshold_mean)
+    spliced = splice_windows(outs, c.win_box, c.win_pad, c.resized_size, 16)
+    fs = seg.sets["sam"]
+    f = fs.read(index)
+    hc, wc = c.resized_size
+    th, tw, d = spliced.shape
+    w = c.original_size[1]
+    text = F.normalize(v.embeddings.float(), dim=-1)
+    out = []
+    for k, (a, b) in enumerate(((0, w // 2), (w // 2, w))):
+        tokens = sam_tokens(sam_window(f, k), sam_static(fs))
+        vh, vw = tokens.grid
+        y1, x1, y2, x2 = (int(t) for t in f.win_box[k])
+        rh, rw = y2 - y1, x2 - x1
+        assert (vh, vw) == (rh // 16, rw // 16)
+        lo, hi = Fraction(a * wc, w), Fraction(b * wc, w)
+        cy = [Fraction((2 * r + 1) * hc, 2 * vh) for r in range(vh)]
+        cx = [lo + (2 * s + 1) * (hi - lo) / (2 * vw) for s in range(vw)]
+        x = torch.einsum(
+            "ty,yxd,sx->tsd",
+            resample_matrix(cy, 0, hc, th, spliced.dtype),
+            spliced,
+            resample_matrix(cx, 0, wc, tw, spliced.dtype),
+        ).reshape(vh * vw, d)
+        wmat = affinity(k, tokens) if affinity else sam_affinity(tokens, [None], "aff", 1.2)[0]
+        out.append(seg._features_to_cos(wmat @ x, text).T.reshape(-1, vh, vw))
+    return out
+
+
+@pytest.mark.parametrize("index", range(len(SIZES)))
+def test_halves_each_use_their_own_affinity_side_by_side(store, index):
+    v = vocab()
+    seg = segmenter(store, sam_halves=True)
+    assert seg.sets["sam"].key == "sam-b@halves256"
+    cos, size = seg.cosine_logits(index, v)
+    left, right = half_reference(seg, index, v)
+    assert left.shape[1] == right.shape[1]  # the test images' halves are taller than wide
+    assert size == (left.shape[1], left.shape[2] + right.shape[2]) and cos.shape == (5, *size)
+    torch.testing.assert_close(cos, torch.cat([left, right], dim=2), atol=2e-5, rtol=0)
+    labels, _, _ = segment_image(seg, index, v, ScoringConfig())
+    assert labels.shape == SIZES[index]
+
+
+def test_halves_affinities_are_independent_blocks(store, monkeypatch):
+    """Each half's logits depend only on its own SAM window: replacing the right half's
+    affinity by the identity leaves the left half's logits bit for bit unchanged, and the right
+    half's become the identity-aggregated reference of that half."""
+    import methods.trident as trident
+
+    v = vocab()
+    seg = segmenter(store, sam_halves=True)
+    cos, _ = seg.cosine_logits(0, v)
+    calls = []
+    real = trident.sam_affinity
+
+    def spy(sam, groups, *a):
+        calls.append((sam.grid, groups))
+        (wmat,) = real(sam, groups, *a)
+        if len(calls) % 2 == 0:  # the right half
+            wmat = torch.eye(wmat.shape[0])
+        return [wmat]
+
+    monkeypatch.setattr(trident, "sam_affinity", spy)
+    cos_id, _ = seg.cosine_logits(0, v)
+    f = seg.sets["sam"].read(0, names=[])
+    extents = [(int(y2 - y1), int(x2 - x1)) for y1, x1, y2, x2 in f.win_box]
+    assert [g for g, _ in calls] == [(h // 16, w // 16) for h, w in extents]
+    assert all(groups == [None] for _, groups in calls)
+    vw_left = calls[0][0][1]
+    torch.testing.assert_close(cos_id[..., :vw_left], cos[..., :vw_left], atol=0, rtol=0)
+    assert (cos_id[..., vw_left:] - cos[..., vw_left:]).abs().max() > 1e-4
+    left, right = half_reference(seg, 0, v, lambda k, t: torch.eye(t.grid[0] * t.grid[1]))
+    torch.testing.assert_close(cos_id[..., vw_left:], right, atol=2e-5, rtol=0)

@@ -7,9 +7,14 @@ release (``build_sam_vit_b/l/h``) and loads Meta's checkpoint files ``sam_vit_b_
 
 Preprocessing is ``SamPredictor.set_image``'s: the longer side resized to ``img_size`` (1024) with
 ``ResizeLongestSide`` (PIL bilinear through torchvision), SAM's pixel mean/std (ImageNet x 255),
-zero padding at the bottom/right to ``img_size`` x ``img_size``. The only protocol accepted is
+zero padding at the bottom/right to ``img_size`` x ``img_size``. The protocols accepted are
 therefore ``Protocol(resize="long", size=img_size)``: one window per image, box ``(0, 0, h, w)``
-of the resized image, padding ``(0, 0, img_size - h, img_size - w)``.
+of the resized image, padding ``(0, 0, img_size - h, img_size - w)``; and
+``Protocol(resize="halves", size=img_size)`` (key ``halves1024``, Trident's Cityscapes rule):
+two windows per image, the left half ``[0, W // 2)`` and the right half ``[W // 2, W)`` of the
+original image, each preprocessed exactly as ``SamPredictor.set_image`` on that half (see
+``SamBackbone.geometry``). Window-unit tensors then have two rows per image and token-unit
+tensors the left half's valid tokens followed by the right half's.
 
 What is cached per image (``S = img_size / 16`` = 64, ``H`` heads, ``hd`` head dim):
 
@@ -463,15 +468,26 @@ class SamBackbone(Backbone):
 
     # -- geometry and preprocessing ----------------------------------------------------------
     def geometry(self, protocol: Protocol, height: int, width: int) -> ImageGeometry:
-        """One window: the resized image ``(h, w)`` (longer side = ``img_size``, SAM's rounding,
-        at least 1 px) padded at the bottom/right to ``img_size``; grid ``ceil(h/p) x ceil(w/p)``.
+        """SamPredictor's input geometry.
+
+        ``Protocol(resize="long", size=img_size)``: one window, the resized image ``(h, w)``
+        (longer side = ``img_size``, SAM's rounding, at least 1 px) padded at the bottom/right
+        to ``img_size``; grid ``ceil(h/p) x ceil(w/p)``.
+
+        ``Protocol(resize="halves", size=img_size)`` (Trident's Cityscapes rule): two windows,
+        the left half (original columns ``[0, W // 2)``) and the right half (``[W // 2, W)``),
+        each exactly a SamPredictor input of its own (its own ``ResizeLongestSide`` to
+        ``img_size``, bottom/right padding, ``ceil`` grid). The "resized image" is the two
+        resized halves side by side (``Protocol.halves_layout``): the left window's box is
+        ``(0, 0, h_l, w_l)``, the right one's ``(0, w_l, h_r, w_l + w_r)``, so each box's
+        extent is that half's SamPredictor ``input_size``.
 
         Raises:
-            OvssError: the protocol is not ``Protocol(resize="long", size=img_size)``.
+            OvssError: any other protocol, or a ``halves`` image narrower than 2 px.
         """
         img = self.config.img_size
         if (
-            protocol.resize != "long"
+            protocol.resize not in ("long", "halves")
             or protocol.size != img
             or protocol.crop
             or protocol.pad_multiple
@@ -479,30 +495,57 @@ class SamBackbone(Backbone):
             raise OvssError(
                 f"{self.info.name} takes SamPredictor's input only: the protocol must be "
                 f"Protocol(resize='long', size={img}) (--resize long --size {img}, no crop or "
-                f"padding options), not {protocol.key()}"
+                f"padding options) or its two-halves form Protocol(resize='halves', "
+                f"size={img}), not {protocol.key()}"
             )
+        if protocol.resize == "halves":
+            if width < 2:
+                raise OvssError(f"a {height}x{width} image has no left and right halves for SAM")
+            sizes = [self._input_size(height, x2 - x1) for x1, x2 in _half_columns(width)]
+        else:
+            sizes = [self._input_size(height, width)]
+        windows, x0 = [], 0
+        for rh, rw in sizes:
+            windows.append(
+                WindowGeometry(
+                    box=(0, x0, rh, x0 + rw),
+                    pad=(0, 0, img - rh, img - rw),
+                    grid=valid_token_grid((rh, rw), self.config.patch_size),
+                )
+            )
+            x0 += rw
+        resized = (max(rh for rh, _ in sizes), x0)
+        return ImageGeometry(original=(height, width), resized=resized, windows=windows)
+
+    def _input_size(self, height: int, width: int) -> tuple[int, int]:
+        """SamPredictor's ``input_size`` for an image ``(height, width)`` (at least 1 px)."""
         from segment_anything.utils.transforms import ResizeLongestSide
 
-        rh, rw = ResizeLongestSide.get_preprocess_shape(height, width, img)
-        rh, rw = max(1, rh), max(1, rw)  # SAM itself fails on a side that rounds to 0
-        window = WindowGeometry(
-            box=(0, 0, rh, rw),
-            pad=(0, 0, img - rh, img - rw),
-            grid=valid_token_grid((rh, rw), self.config.patch_size),
-        )
-        return ImageGeometry(original=(height, width), resized=(rh, rw), windows=[window])
+        rh, rw = ResizeLongestSide.get_preprocess_shape(height, width, self.config.img_size)
+        return max(1, rh), max(1, rw)  # SAM itself fails on a side that rounds to 0
 
     def preprocess(self, image: np.ndarray, geometry: ImageGeometry) -> list[torch.Tensor]:
-        """``(H, W, 3)`` uint8 RGB -> ``[(3, img, img)]`` float32, as ``SamPredictor.set_image``
-        (PIL bilinear resize via torchvision, ``(x - mean) / std``, zero pad bottom/right)."""
+        """``(H, W, 3)`` uint8 RGB -> per window ``(3, img, img)`` float32, as
+        ``SamPredictor.set_image`` on that window's image (the whole image, or the left/right
+        half): PIL bilinear resize via torchvision, ``(x - mean) / std``, zero pad bottom/right."""
         from torchvision.transforms.functional import resize, to_pil_image
 
-        rh, rw = geometry.resized
-        resized = np.array(resize(to_pil_image(image), [rh, rw]))
-        x = torch.from_numpy(resized).permute(2, 0, 1).float()
-        x = (x - self._mean) / self._std
+        width = image.shape[1]
+        if len(geometry.windows) == 2:
+            sources = _half_columns(width)
+        else:
+            sources = [(0, width)]
         img = self.config.img_size
-        return [F.pad(x, (0, img - rw, 0, img - rh)).contiguous()]
+        out = []
+        for (x1, x2), win in zip(sources, geometry.windows, strict=True):
+            y1b, x1b, y2b, x2b = win.box
+            rh, rw = y2b - y1b, x2b - x1b
+            part = np.ascontiguousarray(image[:, x1:x2])
+            resized = np.array(resize(to_pil_image(part), [rh, rw]))
+            x = torch.from_numpy(resized).permute(2, 0, 1).float()
+            x = (x - self._mean) / self._std
+            out.append(F.pad(x, (0, img - rw, 0, img - rh)).contiguous())
+        return out
 
     # -- forward -----------------------------------------------------------------------------
     def forward_dense(
@@ -594,6 +637,11 @@ class SamBackbone(Backbone):
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, img, img):
             raise ValueError(f"expected a (B, 3, {img}, {img}) batch, got {tuple(x.shape)}")
         return int(x.shape[0])
+
+
+def _half_columns(width: int) -> list[tuple[int, int]]:
+    """Original columns of the left and right halves: ``[0, W // 2)`` and ``[W // 2, W)``."""
+    return [(0, width // 2), (width // 2, width)]
 
 
 def _grid_rows(grid: tuple[int, int], size: int, device: torch.device) -> torch.Tensor:
