@@ -50,8 +50,10 @@ from typing import Protocol as TypingProtocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from featurestore import __version__
 from featurestore.errors import OvssError
@@ -562,16 +564,42 @@ def prepare_training_data(
     return data
 
 
+def _patch_selection(
+    data: TrainingData, batch: Sequence[int], cfg: AlignConfig, gen: torch.Generator
+) -> list[torch.Tensor]:
+    """Per image of a step's batch, the mask of its tokens that enter the loss: the labelled
+    ones, at most ``max_patches_per_image`` of them sampled with ``gen``. Drawn for the whole
+    batch in batch order on every rank, so the sample does not depend on the world size."""
+    masks = []
+    for i in batch:
+        keep = data.labels[i] >= 0
+        if cfg.max_patches_per_image > 0:
+            idx = torch.nonzero(keep)[:, 0]
+            if len(idx) > cfg.max_patches_per_image:
+                perm = torch.randperm(len(idx), generator=gen)[: cfg.max_patches_per_image]
+                keep = torch.zeros_like(keep)
+                keep[idx[perm]] = True
+        masks.append(keep)
+    return masks
+
+
 def _batch_forward(
-    module: AlignmentModule,
+    module: nn.Module,
     fs: FeatureSet,
     data: TrainingData,
     batch: Sequence[int],
+    masks: Sequence[torch.Tensor],
     cfg: AlignConfig,
-    gen: torch.Generator,
     device: torch.device,
+    d_in: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Aligned features ``(n, D_t)`` and labels ``(n,)`` of the labelled patches of a batch."""
+    """Aligned features ``(n, D_t)`` and labels ``(n,)`` of the selected patches of a batch."""
+    if not batch:
+        # a rank with no image in this step: an empty output that still reaches every
+        # parameter, so that DistributedDataParallel sees (zero) gradients for all of them
+        x = torch.zeros(1, 1, d_in, device=device)
+        z = module(x, torch.ones(1, 1, dtype=torch.bool, device=device))[0, :0]
+        return z, torch.zeros(0, dtype=torch.long, device=device)
     seqs, labels = [], []
     for i in batch:
         x = data.feats.get(i)
@@ -585,21 +613,91 @@ def _batch_forward(
     xb, valid = _pad_sequences(seqs)
     z = module(xb, valid)[valid]
     y = torch.cat(labels).to(device)
-    keep = y >= 0
-    if cfg.max_patches_per_image > 0:
-        keep = keep.cpu()
-        sel = torch.zeros_like(keep)
-        start = 0
-        for i in batch:
-            n_i = len(data.labels[i])
-            idx = torch.nonzero(keep[start : start + n_i])[:, 0]
-            if len(idx) > cfg.max_patches_per_image:
-                perm = torch.randperm(len(idx), generator=gen)[: cfg.max_patches_per_image]
-                idx = idx[perm]
-            sel[start + idx] = True
-            start += n_i
-        keep = sel.to(device)
+    keep = torch.cat(list(masks)).to(device)
     return z[keep], y[keep]
+
+
+# --------------------------------------------------------------------------------------------
+# distributed data parallel (torchrun)
+
+
+@dataclass
+class DistContext:
+    """Where this process stands in a torchrun job (``world == 1``: a plain single process)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owned: bool = False  # this context initialised the process group and destroys it
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owned and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owned = False
+
+
+def setup_distributed(device: str = "cpu") -> DistContext:
+    """Join the torchrun job described by the environment when ``WORLD_SIZE`` > 1.
+
+    The process group (``env://``: ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``)
+    uses gloo for a CPU ``device`` and nccl for CUDA, where ``LOCAL_RANK`` picks the GPU. A group
+    that is already initialised is used as is (and left to its owner to destroy).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = torch.device(device)
+    if world <= 1:
+        return DistContext(device=dev)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size(), dev, owned)
+
+
+def _rank_slice(n: int, ctx: DistContext) -> slice:
+    """The contiguous share of rank ``ctx.rank`` of ``n`` items (sizes differ by at most 1;
+    concatenated in rank order the shares give the items back in order)."""
+    base, extra = divmod(n, ctx.world)
+    lo = ctx.rank * base + min(ctx.rank, extra)
+    return slice(lo, lo + base + (ctx.rank < extra))
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows concatenated in rank order (every rank gets the same tensor).
+
+    Every rank then evaluates the identical loss of the global batch, so the gradient arriving
+    here is already the full one on each rank: backward keeps this rank's rows, times the world
+    size, which the gradient averaging of DistributedDataParallel divides out again."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:  # type: ignore[override]
+        pad = x.new_zeros((max(sizes), *x.shape[1:]))
+        pad[: len(x)] = x
+        parts = [torch.empty_like(pad) for _ in sizes]
+        dist.all_gather(parts, pad)
+        ctx.sizes, ctx.rank = sizes, dist.get_rank()
+        return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)])
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        lo = sum(ctx.sizes[: ctx.rank])
+        return g[lo : lo + ctx.sizes[ctx.rank]] * len(ctx.sizes), None
+
+
+def _gather_batch(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = torch.tensor([len(z)], device=z.device)
+    ns = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(ns, n)
+    sizes = [int(v) for v in ns]
+    with torch.no_grad():
+        y_all = _GatherRows.apply(y, sizes)
+    return _GatherRows.apply(z, sizes), y_all
 
 
 def _provenance(
@@ -678,8 +776,46 @@ def train_alignment(
         The checkpoint path. Its dict holds ``module`` (state dict), ``optimizer``, ``epoch``,
         ``step``, ``history`` (per-epoch mean loss, patch accuracy vs the class prototypes,
         seconds) and ``provenance`` (feature set, vocabulary, label set, hyperparameters).
+
+    Under torchrun (``WORLD_SIZE`` > 1, see :func:`setup_distributed`) the module is wrapped in
+    DistributedDataParallel and each step's images are split into contiguous per-rank shares;
+    the ranks' aligned patches are gathered so every rank evaluates the loss of the whole
+    step's batch, the same objective (and, up to floating-point summation order, the same
+    gradient) as one process. Only rank 0 reports progress and writes the checkpoint.
     """
+    ctx = setup_distributed(device)
+    try:
+        return _train_alignment(
+            store_path,
+            features,
+            label_source,
+            vocab,
+            cfg,
+            progress,
+            out_dir,
+            ctx,
+            resume,
+            text_model,
+        )
+    finally:
+        ctx.close()
+
+
+def _train_alignment(
+    store_path: str,
+    features: str | tuple[str, Protocol],
+    label_source: str | LabelSource,
+    vocab: Any,
+    cfg: AlignConfig | None,
+    progress: ProgressFn | None,
+    out_dir: str | os.PathLike | None,
+    ctx: DistContext,
+    resume: bool,
+    text_model: str | None,
+) -> Path:
     cfg = cfg or AlignConfig()
+    if ctx.rank != 0:
+        progress = None
     store = FeatureStore.open(store_path)
     fs = _resolve_features(store, features)
     if cfg.tensor not in fs.tensor_names:
@@ -692,7 +828,7 @@ def train_alignment(
             f"the labels have {len(source.class_names)} classes but the vocabulary has "
             f"{vocab.num_classes}: embed the labels' classes"
         )
-    dev = torch.device(device)
+    dev = ctx.device
     protos = _class_prototypes(vocab).to(dev)
     d_in = int(np.prod(next(s.row_shape for s in fs.specs if s.name == cfg.tensor)))
     d_out = int(protos.shape[1])
@@ -731,6 +867,11 @@ def train_alignment(
         module.load_state_dict(ck["module"])
         opt.load_state_dict(ck["optimizer"])
         start_epoch, step, history = int(ck["epoch"]), int(ck["step"]), list(ck["history"])
+    model: nn.Module = module
+    if ctx.world > 1:
+        model = DistributedDataParallel(
+            module, device_ids=[dev.index] if dev.type == "cuda" else None
+        )
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
     def lr_at(s: int) -> float:
@@ -746,7 +887,11 @@ def train_alignment(
             batch = order[b * cfg.batch_images : (b + 1) * cfg.batch_images]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            z, y = _batch_forward(module, fs, data, batch, cfg, gen, dev)
+            masks = _patch_selection(data, batch, cfg, gen)
+            share = _rank_slice(len(batch), ctx)
+            z, y = _batch_forward(model, fs, data, batch[share], masks[share], cfg, dev, d_in)
+            if ctx.world > 1:
+                z, y = _gather_batch(z, y)
             if len(z) == 0:
                 step += 1
                 continue
@@ -779,19 +924,23 @@ def train_alignment(
                 "seconds": round(time.perf_counter() - t0, 3),
             }
         )
-        _save_atomic(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "module": module.state_dict(),
-                "optimizer": opt.state_dict(),
-                "epoch": epoch + 1,
-                "step": step,
-                "history": history,
-                "provenance": {**prov, "created": created},
-                "train_images": len(data.indices),
-            },
-            ckpt_path,
-        )
+        ctx.barrier()
+        if ctx.rank == 0:
+            _save_atomic(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "module": module.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "history": history,
+                    "provenance": {**prov, "created": created},
+                    "train_images": len(data.indices),
+                    "world_size": ctx.world,
+                },
+                ckpt_path,
+            )
+        ctx.barrier()
         if progress:
             progress({"stage": "epoch", **history[-1], "epochs": cfg.epochs})
     return ckpt_path

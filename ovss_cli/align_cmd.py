@@ -152,7 +152,12 @@ def _embed(store_path, class_names, text_model, templates, random_init, arch, we
     help="Checkpoint folder (default <store dir>/align/<features>-<arch>-<loss>).",
 )
 @click.option("--restart", is_flag=True, help="Ignore an existing last.pt and start over.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N.")
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="cpu, cuda, cuda:N (under torchrun: cuda = the GPU of LOCAL_RANK).",
+)
 @_text_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -197,6 +202,13 @@ def align(
     schedule, batches of images). A checkpoint with full provenance is written after every
     epoch; rerunning the same command resumes from it. Segment with
     `ovss segment --method aligned --set checkpoint=OUT/last.pt`.
+
+    \b
+    Data parallel: `torchrun --nproc-per-node N $(which ovss) align ...` (WORLD_SIZE > 1)
+    trains with DistributedDataParallel (gloo on cpu, nccl on cuda; LOCAL_RANK picks the GPU).
+    Each step's --batch-images images are split among the ranks, whose aligned patches are
+    gathered into one loss: the same global batch and objective as one process. Rank 0 alone
+    prints, reports progress and writes the checkpoint.
     """
     import torch
 
@@ -205,6 +217,7 @@ def align(
         AlignConfig,
         DatasetLabelSource,
         StoreLabelSource,
+        setup_distributed,
         train_alignment,
     )
 
@@ -212,52 +225,62 @@ def align(
         raise click.UsageError("give exactly one of --labels NAME or --gt-dataset DATASET")
     if gt_dataset and not data_root:
         raise click.UsageError("--gt-dataset needs --data-root")
-    store = FeatureStore.open(store_path)
-    source = (
-        StoreLabelSource(store, label_set)
-        if label_set
-        else DatasetLabelSource(store, gt_dataset, data_root, split)
-    )
-    text_model = text_model or "clip-b16"
-    vocab = _embed(
-        store_path,
-        source.class_names,
-        text_model,
-        templates,
-        text_random_init,
-        text_arch_override,
-        text_weights,
-        seed,
-    )
-    cfg = AlignConfig(
-        arch=arch,
-        loss=loss,
-        tau=tau,
-        hidden_dim=hidden_dim,
-        heads=heads,
-        epochs=epochs,
-        batch_images=batch_images,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        min_frac=min_frac,
-        max_patches_per_image=max_patches_per_image,
-        seed=seed,
-        input_norm=not no_input_norm,
-    )
-    with _loss_progress(quiet) as cb:
-        path = train_alignment(
-            store_path,
-            features,
-            source,
-            vocab,
-            cfg,
-            progress=cb,
-            out_dir=out_dir,
-            device=device,
-            resume=not restart,
-            text_model=text_model,
+    ctx = setup_distributed(device)
+    try:
+        store = FeatureStore.open(store_path)
+        source = (
+            StoreLabelSource(store, label_set)
+            if label_set
+            else DatasetLabelSource(store, gt_dataset, data_root, split)
         )
+        text_model = text_model or "clip-b16"
+        if ctx.rank != 0:
+            ctx.barrier()  # rank 0 embeds (and caches) the classes first
+        vocab = _embed(
+            store_path,
+            source.class_names,
+            text_model,
+            templates,
+            text_random_init,
+            text_arch_override,
+            text_weights,
+            seed,
+        )
+        if ctx.rank == 0:
+            ctx.barrier()
+        cfg = AlignConfig(
+            arch=arch,
+            loss=loss,
+            tau=tau,
+            hidden_dim=hidden_dim,
+            heads=heads,
+            epochs=epochs,
+            batch_images=batch_images,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            min_frac=min_frac,
+            max_patches_per_image=max_patches_per_image,
+            seed=seed,
+            input_norm=not no_input_norm,
+        )
+        with _loss_progress(quiet or ctx.rank != 0) as cb:
+            path = train_alignment(
+                store_path,
+                features,
+                source,
+                vocab,
+                cfg,
+                progress=cb,
+                out_dir=out_dir,
+                device=device,
+                resume=not restart,
+                text_model=text_model,
+            )
+    finally:
+        ctx.close()
+    if ctx.rank != 0:
+        return
     ck = torch.load(path, map_location="cpu", weights_only=False)
     result = {
         "checkpoint": str(path),
