@@ -22,9 +22,10 @@ tokens of SAM's valid grid, ``H`` heads)::
 
 The driver (``methods.segment``) resizes ``(Q, vh, vw)`` bilinearly to the original image and
 applies §0.2 scoring. ``TridentSegmenter.refine`` is the optional SAM refinement of §4 step 7
-(prompts decoded from the cached embedding, no encoder pass). Ablations: ``paradigm``,
-``correlation``, ``window_attention``, ``threshold_mean`` and ``refine_prompts`` (see
-``TridentConfig``). Every tensor-level step is a public function of this module with its shapes.
+(prompts decoded from the cached embedding, no encoder pass; per image half with
+``sam_halves``). Ablations: ``paradigm``, ``correlation``, ``window_attention``,
+``threshold_mean`` and ``refine_prompts`` (see ``TridentConfig``). Every tensor-level step
+is a public function of this module with its shapes.
 """
 
 from __future__ import annotations
@@ -139,9 +140,14 @@ class TridentConfig:
             images wider than twice their height, is first resized bilinearly to ``vh`` rows).
             That grid is then resized to the original size as usual [ours: the combination
             rule]. Segment-then-splice does the same per half (windows resampled onto each
-            half's SAM token centres in canvas pixels). Not combined with ``sam_refine``.
+            half's SAM token centres in canvas pixels). With ``sam_refine`` the refinement
+            runs per half (``TridentSegmenter.refine``).
         sam_refine: run the SAM refinement of §4 step 7 (``--sam-refine``; off, as the
-            reference's ``base_config``; its README evaluates with it on).
+            reference's ``base_config``; its README evaluates with it on). With ``sam_halves``
+            the probabilities at original size are split at column ``W // 2``, each half is
+            refined on its own (prompts from that half's probabilities, decoded with that
+            half's cached embedding, original size and SamPredictor input size) and the two
+            refined label maps are placed side by side [ours: the combination rule].
         coarse_thresh: refinement: pixels whose best class probability is below it become a
             void label; classes whose best probability is below it get no prompt.
         minimal_area: refinement: smallest 8-connected region (pixels at the reduced
@@ -226,11 +232,6 @@ class TridentConfig:
             )
         if self.refine_down < 1 or self.minimal_area < 0:
             raise OvssError("trident: refine_down must be >= 1 and minimal_area >= 0")
-        if self.sam_halves and self.sam_refine:
-            raise OvssError(
-                "trident: sam_refine is not available with sam_halves (the SAM set holds the "
-                "two halves, the refinement prompts the whole image): --set sam_halves=off"
-            )
 
     @property
     def clip_patch(self) -> int:
@@ -1124,6 +1125,13 @@ class TridentSegmenter(Segmenter):
     ) -> tuple[np.ndarray, np.ndarray]:
         """SAM refinement of one image's labels (§4 step 7); a no-op unless ``sam_refine``.
 
+        With ``sam_halves`` the refinement runs on the left (original columns ``[0, W // 2)``)
+        and right (``[W // 2, W)``) halves separately: each half's slice of the probabilities
+        and coarse labels gets its own prompts (``refinement_prompts``, at ``1 / refine_down``
+        of the half's size) and is decoded (``refine_with_sam``) with a predictor set to that
+        half's cached embedding (``sam_window``: original size = the half's, input size = its
+        ``halves_layout`` size); the refined halves are placed side by side.
+
         Args:
             index: image index.
             cos: ``(Q, h, w)`` cosine logits from ``cosine_logits``.
@@ -1138,29 +1146,54 @@ class TridentSegmenter(Segmenter):
         """
         if not self.config.sam_refine:
             return labels, max_prob
+        from methods.sam_cache import sam_window
         from methods.segment import class_probabilities
 
         cfg = self.config
         h, w = labels.shape
         probs = class_probabilities(cos, (h, w), vocab, scoring)
         coarse = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        prompts = refinement_prompts(
-            probs, coarse, cfg.coarse_thresh, cfg.minimal_area, cfg.refine_down
-        )
-        if not prompts.classes:
+        if cfg.sam_halves:
+            parts = [
+                (probs[:, :, a:b].contiguous(), coarse[:, a:b].contiguous())
+                for a, b in ((0, w // 2), (w // 2, w))
+            ]
+        else:
+            parts = [(probs, coarse)]
+        prompts = [
+            refinement_prompts(p, c, cfg.coarse_thresh, cfg.minimal_area, cfg.refine_down)
+            for p, c in parts
+        ]
+        if not any(pr.classes for pr in prompts):
             return labels, max_prob
+        f = self.sets["sam"].read(index, names=["embedding"])
+        if len(f.win_grid) != len(parts):
+            raise OvssError(
+                f"image {f.image_id} has {len(f.win_grid)} SAM window(s) in "
+                f"{self.sets['sam'].key}; expected {len(parts)}"
+            )
         predictor = self._sam_predictor()
-        predictor.set_features(self.sets["sam"].read(index, names=["embedding"]))
-        new_labels, scores = refine_with_sam(
-            predictor,
-            probs,
-            coarse,
-            prompts,
-            cfg.prompts,
-            cfg.coarse_thresh,
-            cfg.sam_mask_alpha,
-            cfg.sam_iou_thresh,
-        )
+        new_parts, score_parts = [], []
+        for k, ((p, c), pr) in enumerate(zip(parts, prompts, strict=True)):
+            if not pr.classes:  # nothing to decode: the half keeps its coarse labels
+                new_parts.append(c.to(predictor.device))
+                score_parts.append(torch.zeros(p.shape, device=predictor.device))
+                continue
+            predictor.set_features(sam_window(f, k) if len(parts) == 2 else f)
+            new, scores = refine_with_sam(
+                predictor,
+                p,
+                c,
+                pr,
+                cfg.prompts,
+                cfg.coarse_thresh,
+                cfg.sam_mask_alpha,
+                cfg.sam_iou_thresh,
+            )
+            new_parts.append(new)
+            score_parts.append(scores)
+        new_labels = torch.cat(new_parts, dim=1) if len(parts) == 2 else new_parts[0]
+        scores = torch.cat(score_parts, dim=2) if len(parts) == 2 else score_parts[0]
         best = scores.max(dim=0).values.cpu()
         prob = torch.where(best > 0, best, torch.from_numpy(np.asarray(max_prob, np.float32)))
         return new_labels.cpu().numpy(), prob.numpy()

@@ -513,14 +513,18 @@ def test_sam_tokens_equal_the_cached_trident_inputs(store):
 # --- SAM on the left and right halves (Cityscapes) ----------------------------------------------
 
 
-def test_halves_requirements_and_refinement_guard(store):
+def test_halves_requirements_with_and_without_refinement(store):
     cls = get_method("trident")
     cfg = build_config(cls, None, {**OPTS, "sam_halves": True})
     (sam,) = [r for r in cls.requirements(cfg) if r.role == "sam"]
     assert sam.protocol == Protocol("halves", 256) and sam.protocol.key() == "halves256"
+    assert "embedding" not in sam.tensors
     assert build_config(cls, "cityscapes", {}).sam_protocol.key() == "halves1024"
-    with pytest.raises(OvssError, match="sam_refine is not available with sam_halves"):
-        build_config(cls, None, {**OPTS, "sam_halves": True, "sam_refine": True})
+    # refinement on a halves store: accepted, and it reads the halves' embeddings
+    cfg = build_config(cls, "cityscapes", {"sam_refine": True})
+    assert cfg.sam_halves and cfg.sam_refine
+    (sam,) = [r for r in cls.requirements(cfg) if r.role == "sam"]
+    assert sam.protocol.key() == "halves1024" and "embedding" in sam.tensors
 
 
 def test_halves_need_the_halves_set_and_name_the_extract_command(tmp_path):
@@ -627,3 +631,109 @@ def test_halves_affinities_are_independent_blocks(store, monkeypatch):
     assert (cos_id[..., vw_left:] - cos[..., vw_left:]).abs().max() > 1e-4
     left, right = half_reference(seg, 0, v, lambda k, t: torch.eye(t.grid[0] * t.grid[1]))
     torch.testing.assert_close(cos_id[..., vw_left:], right, atol=2e-5, rtol=0)
+
+
+# --- SAM refinement per half ---------------------------------------------------------------------
+
+REFINE = {"sam_refine": True, "coarse_thresh": 0.0, "minimal_area": 4, "sam_iou_thresh": -1.0}
+
+
+def half_predictor(store, index, k):
+    """A predictor set to half ``k`` of image ``index`` of the halves set (``sam_window``)."""
+    from methods.sam_cache import CachedSamPredictor, load_sam_decoder_for, sam_window
+
+    fs = store.require("sam-b", Protocol("halves", 256))
+    pred = CachedSamPredictor(load_sam_decoder_for(fs))
+    pred.set_features(sam_window(fs.read(index, names=["embedding"]), k))
+    return pred
+
+
+@pytest.mark.parametrize("index", range(len(SIZES)))
+def test_halves_refinement_runs_end_to_end(store, index):
+    v = vocab()
+    seg = segmenter(store, sam_halves=True, **REFINE)
+    assert seg.sets["sam"].key == "sam-b@halves256"
+    labels, max_prob, _ = segment_image(seg, index, v, ScoringConfig())
+    assert labels.shape == SIZES[index] and max_prob.shape == SIZES[index]
+    assert labels.min() >= 0 and labels.max() <= 3 and np.isfinite(max_prob).all()
+    coarse, coarse_prob, _ = segment_image(
+        segmenter(store, sam_halves=True), index, v, ScoringConfig()
+    )
+    assert not np.array_equal(max_prob, coarse_prob)  # the refinement changed scores
+
+
+@pytest.mark.parametrize("index", range(len(SIZES)))
+def test_halves_refinement_is_the_refinement_of_each_half(store, index):
+    """Each half of the result is exactly ``refine_with_sam`` run on that half's probability
+    slice, with prompts from that slice and a predictor set to that half's cached embedding
+    (original size = the half's, input size = its ``halves_layout`` size)."""
+    from methods.segment import class_probabilities
+
+    v = vocab()
+    h, w = SIZES[index]
+    labels, max_prob, cos = segment_image(
+        segmenter(store, sam_halves=True), index, v, ScoringConfig()
+    )
+    seg = segmenter(store, sam_halves=True, **REFINE)
+    new, prob = seg.refine(index, cos, labels, max_prob, v, ScoringConfig())
+    assert new.shape == (h, w) and prob.shape == (h, w)
+    probs = class_probabilities(cos, (h, w), v, ScoringConfig())
+    coarse = torch.from_numpy(labels.astype(np.int64))
+    layout = Protocol("halves", 256).halves_layout(h, w)
+    for k, (a, b, rh, rw) in enumerate(layout):
+        assert (a, b) == ((0, w // 2), (w // 2, w))[k]
+        pred = half_predictor(store, index, k)
+        assert pred.original_size == (h, b - a) and pred.input_size == (rh, rw)
+        p, c = probs[:, :, a:b].contiguous(), coarse[:, a:b].contiguous()
+        prompts = refinement_prompts(p, c, coarse_thresh=0.0, minimal_area=4, down=2)
+        assert prompts.classes and prompts.reduced_size == (h // 2, (b - a) // 2)
+        want, scores = refine_with_sam(
+            pred, p, c, prompts, coarse_thresh=0.0, alpha=0.005, iou_thresh=-1.0
+        )
+        assert want.shape == (h, b - a)
+        np.testing.assert_array_equal(new[:, a:b], want.numpy())
+        best = scores.max(dim=0).values
+        assert (best > 0).any()
+        want_prob = torch.where(best > 0, best, torch.from_numpy(max_prob[:, a:b]))
+        np.testing.assert_array_equal(prob[:, a:b], want_prob.numpy())
+
+
+def test_halves_refinement_keeps_a_half_without_prompts(store):
+    """A half whose probabilities never reach ``coarse_thresh`` gets no prompt and keeps its
+    coarse labels and probabilities; the other half is refined."""
+    v = vocab()
+    h, w = SIZES[0]
+    cos = torch.zeros(5, h, w)
+    cos[1, :, : w // 2] = 1.0  # left: class 1 at probability ~1; right: uniform (0.2 / 0.4)
+    labels = np.zeros((h, w), dtype=np.int64)
+    labels[:, : w // 2] = 1
+    max_prob = np.full((h, w), 0.25, dtype=np.float32)
+    seg = segmenter(store, sam_halves=True, **{**REFINE, "coarse_thresh": 0.5})
+    new, prob = seg.refine(0, cos, labels, max_prob, v, ScoringConfig())
+    right = slice(w // 2, w)
+    np.testing.assert_array_equal(new[:, right], labels[:, right])
+    np.testing.assert_array_equal(prob[:, right], max_prob[:, right])
+    left = slice(0, w // 2)
+    assert (prob[:, left] != 0.25).any() and (new[:, left][prob[:, left] != 0.25] == 1).all()
+    # neither half with a prompt: the inputs come back unchanged
+    same, same_prob = seg.refine(0, torch.zeros(5, h, w), labels, max_prob, v, ScoringConfig())
+    assert same is labels and same_prob is max_prob
+
+
+def test_whole_image_refinement_is_refine_with_sam_on_the_whole_image(store, predictor):
+    """Without ``sam_halves`` the hook is one ``refine_with_sam`` on the whole image."""
+    from methods.segment import class_probabilities
+
+    v = vocab()
+    labels, max_prob, cos = segment_image(segmenter(store), 0, v, ScoringConfig())
+    new, prob = segmenter(store, **REFINE).refine(0, cos, labels, max_prob, v, ScoringConfig())
+    probs = class_probabilities(cos, labels.shape, v, ScoringConfig())
+    coarse = torch.from_numpy(labels.astype(np.int64))
+    prompts = refinement_prompts(probs, coarse, coarse_thresh=0.0, minimal_area=4, down=2)
+    want, scores = refine_with_sam(
+        predictor, probs, coarse, prompts, coarse_thresh=0.0, iou_thresh=-1.0
+    )
+    np.testing.assert_array_equal(new, want.numpy())
+    best = scores.max(dim=0).values
+    want_prob = torch.where(best > 0, best, torch.from_numpy(max_prob))
+    np.testing.assert_array_equal(prob, want_prob.numpy())
