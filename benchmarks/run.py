@@ -9,6 +9,9 @@ Figures (PRODUCT.md "Performance"):
   5. store bytes per image of each backbone at its default protocol;
   6. PrototypeIndex FAISS vs torch (150 and 20,000 prototypes), k-means FAISS vs torch on
      1M x 384 points, alignment training throughput.
+  7. Trident: ``ovss eval --method trident`` images/s from the store, and its cache payoff
+     (from pixels ÷ from the store) with a tiny SAM, extrapolated to SAM ViT-B from the
+     measured SAM-B encoder (and Trident head) seconds per image (``benchmarks.trident_bench``).
 
 Environment knobs: BENCH_IMAGES (extraction images, default 8), BENCH_MODEL (default
 dinov2-s14), BENCH_SIZE (short side, default 448), BENCH_READ_IMAGES (default 400).
@@ -228,6 +231,7 @@ def main() -> None:
             bench_prototype_index,
         )
         from benchmarks.clip_bench import bench_clip_cache, bench_store_sizes
+        from benchmarks.trident_bench import bench_trident
 
         for name, fn in (
             ("store_read", bench_read),
@@ -238,6 +242,7 @@ def main() -> None:
             ("align_throughput", lambda _tmp: bench_align_throughput()),
             ("prototype_index", lambda _tmp: bench_prototype_index()),
             ("kmeans", lambda _tmp: bench_kmeans()),
+            ("trident", bench_trident),
         ):
             t = time.perf_counter()
             results[name] = fn(tmp)
@@ -284,6 +289,38 @@ def main() -> None:
         str(c["ratio"]),
         ">= 20 (paper-size backbones)",
     )
+    tr = results["trident"]
+    t.add_row(
+        "trident eval from the store",
+        f"{tr['images_per_s']} img/s ({tr['store_s_per_image']} s/img)",
+        f"{tr['images']} images {tr['image_size'][0]}x{tr['image_size'][1]}",
+        "",
+        "",
+    )
+    t.add_row(
+        "trident payoff (tiny SAM)",
+        f"{tr['store_s_per_image']} s/img from the store",
+        f"{tr['pixel_s_per_image']} s/img from pixels (CLIP-B+DINO-B+tiny SAM+head)",
+        str(tr["ratio_tiny_sam"]),
+        "",
+    )
+    if "sam_b" in tr:
+        b = tr["sam_b"]
+        t.add_row(
+            "trident payoff (SAM-B, extrapolated from measured encoder s/img)",
+            f"{tr['store_s_per_image']} s/img from the store",
+            f"{b['pixel_s_per_image']} s/img from pixels "
+            f"(SAM-B encoder {b['encoder_s_per_image']} s/img)",
+            str(b["ratio_sam_b_encoder"]),
+            "",
+        )
+        t.add_row(
+            "trident payoff (SAM-B, + measured 64x64-grid head both sides)",
+            f"{b['store_s_per_image_with_sam_b_head']} s/img from the store",
+            f"{b['pixel_s_per_image_with_sam_b_head']} s/img from pixels",
+            str(b["ratio_sam_b_encoder_and_head"]),
+            "",
+        )
     for model, row in results["store_size_per_image"]["models"].items():
         t.add_row(
             f"store size {model}", f"{row['mb_per_image']} MiB/image", row["protocol"], "", ""
