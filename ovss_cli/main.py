@@ -639,16 +639,28 @@ def store_export(store_path, out, fmt, as_json):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
 def demo(out, model, weights, seed, n_train, n_val, with_maskclip, as_json, quiet):
-    """The embedded default: Voronoi collages of scikit-image photographs -> feature store.
+    """The embedded default, end to end on CPU in under a minute.
 
-    Builds the benchmark deterministically, extracts features with the real DINOv2 ViT-S/14
-    architecture (random weights unless --weights), and prints the store summary.
+    \b
+    Builds Voronoi collages of scikit-image photographs (8 texture classes, train/val), then:
+    extract DINOv2 ViT-S/14 features (real architecture, random weights unless --weights) ->
+    cluster (per-image k=16 masks; k=8 codebook scored with Hungarian matching) ->
+    align (FMbSeg Stage 2, TSupCon; the train labels stand in for Stage-1 pseudo-labels) ->
+    segment + eval the val collages (per-class IoU table, label PNGs and overlays) ->
+    Trident with tiny random CLIP/DINO/SAM (pipeline check). Re-running resumes.
     """
     from featurestore.demo import run_demo
 
     with render.progress(quiet) as cb:
         result = run_demo(
-            out, model=model, weights=weights, seed=seed, n_train=n_train, n_val=n_val, progress=cb
+            out,
+            model=model,
+            weights=weights,
+            seed=seed,
+            n_train=n_train,
+            n_val=n_val,
+            progress=cb,
+            with_maskclip=with_maskclip,
         )
     render.demo(result, as_json)
 

@@ -248,8 +248,9 @@ def demo(result: dict, as_json: bool) -> None:
         )
     if "align" in st:
         out.print(
-            "align: linear module, prototype loss, on the train collages' known labels "
-            "(standing in for FMbSeg Stage-1 pseudo-labels)"
+            "align: MLP module, TSupCon loss, on the train collages' known labels "
+            "(standing in for FMbSeg Stage-1 pseudo-labels, which random-init CLIP/SAM "
+            "cannot produce)"
         )
     ev = st.get("eval")
     if ev:
@@ -258,6 +259,13 @@ def demo(result: dict, as_json: bool) -> None:
             f"[/] (chance {ev['chance_mIoU']}; mAcc {ev['mAcc']}, aAcc {ev['aAcc']}); "
             f"label PNGs and overlays in {st['segment']['out_dir']}"
         )
+        t = Table(title="aligned model, val collages: IoU per class")
+        t.add_column("class")
+        t.add_column("IoU", justify="right")
+        for name, iou in ev.get("per_class_iou", {}).items():
+            t.add_row(name, "nan" if iou is None else f"{iou:.2f}")
+        t.add_row("[bold]mIoU[/]", f"[bold]{ev['mIoU']:.2f}[/]")
+        out.print(t)
     if st.get("trident_eval"):
         out.print(
             f"trident (tiny random CLIP/DINO/SAM, SAM refinement on; numbers meaningless, "

@@ -10,11 +10,14 @@ def test_default_demo_learns(tmp_path):
     result = run_demo(tmp_path / "demo")
     ev = result["stages"]["eval"]
     assert ev["images"] == 8
-    # Measured with the default seed: val mIoU 35.2 (aAcc 59.2) against 12.5 for a uniform
-    # guess over 8 classes. The run is deterministic on CPU; 25 (2x chance) leaves room for
-    # BLAS differences between machines while still failing if alignment stops learning.
-    assert ev["mIoU"] > 25.0, ev
-    assert ev["aAcc"] > 40.0, ev
+    # Measured with the default seed (MLP + TSupCon, featurestore.demo.DEMO_ALIGN): val mIoU
+    # 48.7 (aAcc 68.1) against 12.5 for a uniform guess over 8 classes; the `ovss align`
+    # defaults (block module, all patches) stay near chance on these features, and the
+    # prototype-only loss on a linear module reached 35.2. The run is deterministic on CPU; 35
+    # (2.8x chance) leaves room for BLAS differences between machines while still failing if
+    # TSupCon alignment stops learning.
+    assert ev["mIoU"] > 35.0, ev
+    assert ev["aAcc"] > 50.0, ev
     hung = result["stages"]["cluster"]["hungarian"]
     assert hung["mIoU"] > ev["chance_mIoU"], hung
     assert result["stages"]["trident_eval"]["images"] == 8  # tiny models: pipeline only
