@@ -17,15 +17,19 @@ Presets (EVAL.md §4.2 / §4.4; the full table is in the README, ``ovss extract`
     ``dinov2-b14-reg`` (``-m dinov2-b14-reg``). Class files: ProxyCLIP family (``"; "``).
 ``trident``
     ``clip-b16`` and DINO v1 ViT-B/16 (``dino-b16``; DINOv2 selectable with ``-m``) over the same
-    windows ``Protocol(short S, crop 336, stride, pad_multiple=56)``, plus SAM per image
-    ``Protocol(resize="long", size=1024)`` (``sam-b``; ``sam-h`` when the CLIP is ``clip-h14``,
-    as in the paper). Class files: ProxyCLIP family.
-    [ours] Trident rounds its canvas to the CLIP patch grid and feeds SAM the original image
-    rounded up to multiples of 16; here the windows follow the mmseg slide rule on the short-side
-    resized image and SAM gets the original image (SamPredictor's own resize). Cityscapes: SAM
-    runs on the left and right image halves as in the reference,
-    ``Protocol(resize="halves", size=1024)`` (key ``halves1024``: two SamPredictor inputs per
-    image; noted in the recipe).
+    windows on Trident's canvas ``Protocol(resize="trident", S, crop 336, stride,
+    pad_multiple=56, align=<CLIP patch>)`` (METHODS.md §4 step 2: the short-side size S, each
+    side rounded *up* to a multiple of the CLIP patch and raised to at least the crop, so every
+    window is a full crop on the patch grid; key e.g. ``trident448a16-c336s224-pad56``), plus
+    SAM per image ``Protocol(resize="long", size=1024)`` (``sam-b``; ``sam-h`` when the CLIP is
+    ``clip-h14``, as in the paper). Class files: ProxyCLIP family.
+    [ours] The reference feeds SAM the original image rounded up to multiples of 16; here SAM
+    gets the original image (SamPredictor's own resize). Cityscapes: SAM runs on the left and
+    right image halves as in the reference, ``Protocol(resize="halves", size=1024)`` (key
+    ``halves1024``: two SamPredictor inputs per image); the reference's ``--sam-refine``
+    decodes against the whole image, which needs the whole-image set ``sam-b@long1024`` too
+    (a separate ``ovss extract --model sam-b --resize long --size 1024`` call; not a recipe
+    step, since only the refinement reads it; both noted in the recipe).
 ``maskclip``
     SCLIP-style: ``clip-b16`` windows ``Protocol(short S, crop 224, stride 112)`` with SCLIP's
     per-dataset S (EVAL.md §4.2); SCLIP family class files.
@@ -403,6 +407,14 @@ def recipe_for(
     if changes:
         settings.update(changes)
         notes.append(f"preset changed: {', '.join(f'{k}={v}' for k, v in changes.items())}")
+    if method == "trident" and TRIDENT_PRESETS[ds].sam_halves:
+        sam = next(s.model for s in steps if s.role == "sam")
+        whole = dataclasses.replace(SAM_HALVES_PROTOCOL, resize="long")
+        notes.append(
+            f"--sam-refine (refine_sam=whole, the reference) also needs the whole-image SAM set "
+            f"{sam}@{whole.key()}: ovss extract --store STORE --model {sam} --resize long "
+            f"--size {whole.size} --dataset {ds} --data-root PATH"
+        )
 
     clip_models = [s.model for s in steps if s.model.startswith("clip-")]
     tm = text_model or (clip_models[0] if clip_models else "clip-b16")

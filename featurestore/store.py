@@ -91,9 +91,30 @@ class Provenance:
         }
 
 
+# CLIP whose patch grid a Trident canvas (``Protocol(resize="trident", align=...)``) follows.
+_TRIDENT_CLIP = {16: "clip-b16", 14: "clip-l14"}
+
+
 def extract_command(store: str, model: str, protocol: Protocol, extra: str = "") -> str:
-    """The ``ovss extract`` command line that produces a feature set."""
+    """The ``ovss extract`` command line that produces a feature set.
+
+    Trident's canvas (``resize="trident"``) has no ``--resize`` of its own: it is made by
+    ``--for trident``, whose window options are all given so the key does not depend on the
+    ``--dataset`` preset, and whose canvas grid (``align``) is the patch of the recipe's CLIP
+    (``--model clip-l14`` for a 14-pixel grid). That call also extracts the recipe's other sets
+    and text embeddings (resuming what exists).
+    """
     p = protocol
+    if p.resize == "trident":
+        models = [model]
+        clip = _TRIDENT_CLIP.get(p.align)
+        if not model.startswith("clip-") and clip and clip != "clip-b16":
+            models.append(clip)
+        cmd = f"ovss extract --store {store} --for trident --dataset NAME"
+        cmd += "".join(f" --model {m}" for m in models)
+        cmd += f" --size {p.size} --crop {p.crop} --stride {p.stride}"
+        cmd += f" --pad-multiple {p.pad_multiple}"
+        return cmd + (f" {extra}" if extra else "") + " <--data-root PATH or --images DIR>"
     cmd = f"ovss extract --store {store} --model {model} --resize {p.resize}"
     if p.resize != "none":
         cmd += f" --size {p.size}"

@@ -22,8 +22,11 @@ tokens of SAM's valid grid, ``H`` heads)::
 
 The driver (``methods.segment``) resizes ``(Q, vh, vw)`` bilinearly to the original image and
 applies §0.2 scoring. ``TridentSegmenter.refine`` is the optional SAM refinement of §4 step 7
-(prompts decoded from the cached embedding, no encoder pass; per image half with
-``sam_halves``). Ablations: ``paradigm``, ``correlation``, ``window_attention``,
+(prompts decoded from a cached embedding, no encoder pass). With ``sam_halves`` (Cityscapes) the
+affinity comes from the halves set, and the refinement, as in the reference, decodes against the
+whole image: the whole-image SAM set ``<sam>@long<sam_size>`` (only its ``embedding``) is read
+too (``refine_sam="whole"``; ``"halves"`` refines each half with its own embedding [ours]).
+Ablations: ``paradigm``, ``correlation``, ``window_attention``,
 ``threshold_mean`` and ``refine_prompts`` (see ``TridentConfig``). Every tensor-level step
 is a public function of this module with its shapes.
 """
@@ -71,6 +74,7 @@ WINDOW_ATTENTIONS = ("proxy", "none")
 THRESHOLD_MEANS = ("image", "window")
 CANVASES = ("trident", "short")
 PROMPT_KINDS = ("point", "box", "mask")
+REFINE_SAMS = ("whole", "halves")
 # Patch size of each CLIP backbone: the canvas grid (METHODS.md §4 step 2).
 CLIP_PATCH = {"clip-b16": 16, "clip-l14": 14, "clip-l14-336": 14, "clip-h14": 14}
 DEFAULT_SAM = {"clip-h14": "sam-h"}  # the paper pairs CLIP-H/14 with SAM-H, else SAM-B
@@ -141,13 +145,20 @@ class TridentConfig:
             That grid is then resized to the original size as usual [ours: the combination
             rule]. Segment-then-splice does the same per half (windows resampled onto each
             half's SAM token centres in canvas pixels). With ``sam_refine`` the refinement
-            runs per half (``TridentSegmenter.refine``).
+            runs on the whole image or per half, see ``refine_sam``.
         sam_refine: run the SAM refinement of §4 step 7 (``--sam-refine``; off, as the
-            reference's ``base_config``; its README evaluates with it on). With ``sam_halves``
-            the probabilities at original size are split at column ``W // 2``, each half is
-            refined on its own (prompts from that half's probabilities, decoded with that
-            half's cached embedding, original size and SamPredictor input size) and the two
-            refined label maps are placed side by side [ours: the combination rule].
+            reference's ``base_config``; its README evaluates with it on).
+        refine_sam: which SAM embedding the refinement decodes against when ``sam_halves`` is
+            on (without ``sam_halves`` there is one SAM set and this option changes nothing):
+            ``whole`` (default, the reference: its Cityscapes code computes the affinity from
+            the halves but calls ``set_image`` on the whole image for the refinement): prompts
+            from the whole probability map, decoded with the embedding of the whole-image set
+            ``<sam_model>@long<sam_size>`` (``Protocol(resize="long", size=sam_size)``, read
+            besides the halves set; role ``sam_refine`` in results); or ``halves`` [ours]: the
+            probabilities at original size are split at column ``W // 2``, each half is refined
+            on its own (prompts from that half's probabilities, decoded with that half's cached
+            embedding of the halves set, original size and SamPredictor input size) and the two
+            refined label maps are placed side by side.
         coarse_thresh: refinement: pixels whose best class probability is below it become a
             void label; classes whose best probability is below it get no prompt.
         minimal_area: refinement: smallest 8-connected region (pixels at the reduced
@@ -192,6 +203,7 @@ class TridentConfig:
     neg_cos_thr: float = 0.6
     sam_halves: bool = False
     sam_refine: bool = False
+    refine_sam: str = "whole"
     coarse_thresh: float = 0.2
     minimal_area: int = 225
     refine_down: int = 2
@@ -208,6 +220,7 @@ class TridentConfig:
             ("window_attention", WINDOW_ATTENTIONS),
             ("paradigm", PARADIGMS),
             ("correlation", CORRELATIONS),
+            ("refine_sam", REFINE_SAMS),
         ):
             if getattr(self, name) not in allowed:
                 raise OvssError(
@@ -268,6 +281,19 @@ class TridentConfig:
         """The protocol of the SAM feature set (``SamPredictor``'s input; with ``sam_halves``
         one input per image half, ``Protocol(resize="halves")``)."""
         return Protocol(resize="halves" if self.sam_halves else "long", size=self.sam_size)
+
+    @property
+    def refine_whole_image(self) -> bool:
+        """The refinement reads the whole-image SAM set besides the halves set: ``sam_refine``
+        with ``sam_halves`` and ``refine_sam="whole"``."""
+        return self.sam_refine and self.sam_halves and self.refine_sam == "whole"
+
+    @property
+    def refine_protocol(self) -> Protocol:
+        """The protocol of the SAM set whose ``embedding`` the refinement decodes against."""
+        if self.refine_whole_image:
+            return Protocol(resize="long", size=self.sam_size)
+        return self.sam_protocol
 
     @property
     def needs_sam(self) -> bool:
@@ -852,9 +878,15 @@ class TridentSegmenter(Segmenter):
             reqs.append(FeatureRequirement("vfm", config.vfm_model, win, ("patch",)))
         if config.needs_sam:
             tensors = ("q", "k", "v", "attn_log_mass")
-            if config.sam_refine:
+            if config.sam_refine and not config.refine_whole_image:
                 tensors += ("embedding",)
             reqs.append(FeatureRequirement("sam", config.sam_model, config.sam_protocol, tensors))
+        if config.refine_whole_image:
+            reqs.append(
+                FeatureRequirement(
+                    "sam_refine", config.sam_model, config.refine_protocol, ("embedding",)
+                )
+            )
         return reqs
 
     @classmethod
@@ -888,33 +920,57 @@ class TridentSegmenter(Segmenter):
         return {"prob_thd": row.prob_thd, "logit_scale": p["common"]["logit_scale"]}
 
     def __init__(self, store: Any, config: TridentConfig, device: str | torch.device = "cpu"):
+        # Segmenter.__init__, with a message per role: the window/SAM sets come from one
+        # ``--for trident`` call, the whole-image refinement set does not.
+        self.store = store
+        self.config = config
+        self.device = torch.device(device)
         try:
-            super().__init__(store, config, device)
-        except ProvenanceMismatchError as e:
-            models = [
-                f"--model {m}"
-                for m in (config.clip_model, config.vfm_model, config.sam_model)
-                if m not in ("clip-b16", "dino-b16", "sam-b")
-            ]
-            extra = (" " + " ".join(models)) if models else ""
-            hint = ""
-            if config.canvas == "trident":
-                short = dataclasses.replace(config, canvas="short").window_protocol
-                if set_key(config.clip_model, short) in store.feature_sets():
-                    hint = (
-                        f"\n(the store has {set_key(config.clip_model, short)}, the short-side "
-                        "canvas: --set canvas=short reads it)"
-                    )
-            raise ProvenanceMismatchError(
-                f"{e}\nTrident reads CLIP and {config.vfm_model} windows and {config.sam_model} "
-                f"per image; extract them together with: ovss extract --store {store.path} "
-                f"--for trident --dataset NAME{extra}{hint}"
-            ) from None
+            reqs = self.requirements(config)
+        except ValueError as e:  # e.g. an invalid protocol from --set
+            raise OvssError(f"method {self.name}: {e}") from None
+        self.sets = {}
+        for r in reqs:
+            try:
+                self.sets[r.role] = store.require(r.model, r.protocol, tensors=r.tensors)
+            except ProvenanceMismatchError as e:
+                if r.role == "sam_refine":
+                    raise ProvenanceMismatchError(
+                        "trident --sam-refine with SAM halves decodes against the whole image "
+                        "as the reference does (refine_sam=whole; --set refine_sam=halves "
+                        f"refines each half with its own embedding instead): {e}"
+                    ) from None
+                raise self._extract_hint(store, config, e) from None
         from methods.clip_dense import LastBlock
 
         self.block = LastBlock.from_feature_set(self.sets["clip"]).to(self.device)
         self._sam_static: dict | None = None
         self._predictor: Any = None
+
+    @staticmethod
+    def _extract_hint(
+        store: Any, config: TridentConfig, e: ProvenanceMismatchError
+    ) -> ProvenanceMismatchError:
+        """A missing window or SAM set: the store's message plus the ``--for trident`` call."""
+        models = [
+            f"--model {m}"
+            for m in (config.clip_model, config.vfm_model, config.sam_model)
+            if m not in ("clip-b16", "dino-b16", "sam-b")
+        ]
+        extra = (" " + " ".join(models)) if models else ""
+        hint = ""
+        if config.canvas == "trident":
+            short = dataclasses.replace(config, canvas="short").window_protocol
+            if set_key(config.clip_model, short) in store.feature_sets():
+                hint = (
+                    f"\n(the store has {set_key(config.clip_model, short)}, the short-side "
+                    "canvas: --set canvas=short reads it)"
+                )
+        return ProvenanceMismatchError(
+            f"{e}\nTrident reads CLIP and {config.vfm_model} windows and {config.sam_model} "
+            f"per image; extract them together with: ovss extract --store {store.path} "
+            f"--for trident --dataset NAME{extra}{hint}"
+        )
 
     # -- reading ---------------------------------------------------------------------------------
     def _windows(self, index: int) -> tuple[Any, list[torch.Tensor], list[torch.Tensor] | None]:
@@ -1125,12 +1181,16 @@ class TridentSegmenter(Segmenter):
     ) -> tuple[np.ndarray, np.ndarray]:
         """SAM refinement of one image's labels (§4 step 7); a no-op unless ``sam_refine``.
 
-        With ``sam_halves`` the refinement runs on the left (original columns ``[0, W // 2)``)
-        and right (``[W // 2, W)``) halves separately: each half's slice of the probabilities
-        and coarse labels gets its own prompts (``refinement_prompts``, at ``1 / refine_down``
-        of the half's size) and is decoded (``refine_with_sam``) with a predictor set to that
-        half's cached embedding (``sam_window``: original size = the half's, input size = its
-        ``halves_layout`` size); the refined halves are placed side by side.
+        The prompts of the whole probability map (``refinement_prompts``) are decoded
+        (``refine_with_sam``) with a predictor set to the image's cached SAM embedding: of the
+        SAM set, or with ``sam_halves`` (``refine_sam="whole"``, the reference) of the
+        whole-image set ``sets["sam_refine"]``. With ``sam_halves`` and ``refine_sam="halves"``
+        [ours] the refinement runs on the left (original columns ``[0, W // 2)``) and right
+        (``[W // 2, W)``) halves separately: each half's slice of the probabilities and coarse
+        labels gets its own prompts (at ``1 / refine_down`` of the half's size) and is decoded
+        with a predictor set to that half's cached embedding (``sam_window``: original size =
+        the half's, input size = its ``halves_layout`` size); the refined halves are placed
+        side by side.
 
         Args:
             index: image index.
@@ -1153,7 +1213,8 @@ class TridentSegmenter(Segmenter):
         h, w = labels.shape
         probs = class_probabilities(cos, (h, w), vocab, scoring)
         coarse = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        if cfg.sam_halves:
+        fs = self.sets["sam_refine"] if cfg.refine_whole_image else self.sets["sam"]
+        if cfg.sam_halves and cfg.refine_sam == "halves":
             parts = [
                 (probs[:, :, a:b].contiguous(), coarse[:, a:b].contiguous())
                 for a, b in ((0, w // 2), (w // 2, w))
@@ -1166,13 +1227,13 @@ class TridentSegmenter(Segmenter):
         ]
         if not any(pr.classes for pr in prompts):
             return labels, max_prob
-        f = self.sets["sam"].read(index, names=["embedding"])
+        f = fs.read(index, names=["embedding"])
         if len(f.win_grid) != len(parts):
             raise OvssError(
-                f"image {f.image_id} has {len(f.win_grid)} SAM window(s) in "
-                f"{self.sets['sam'].key}; expected {len(parts)}"
+                f"image {f.image_id} has {len(f.win_grid)} SAM window(s) in {fs.key}; "
+                f"expected {len(parts)}"
             )
-        predictor = self._sam_predictor()
+        predictor = self._sam_predictor(fs)
         new_parts, score_parts = [], []
         for k, ((p, c), pr) in enumerate(zip(parts, prompts, strict=True)):
             if not pr.classes:  # nothing to decode: the half keeps its coarse labels
@@ -1198,10 +1259,11 @@ class TridentSegmenter(Segmenter):
         prob = torch.where(best > 0, best, torch.from_numpy(np.asarray(max_prob, np.float32)))
         return new_labels.cpu().numpy(), prob.numpy()
 
-    def _sam_predictor(self) -> Any:
+    def _sam_predictor(self, fs: Any) -> Any:
+        """The cached-embedding predictor with the decoder of the SAM set ``fs`` (loaded once)."""
         if self._predictor is None:
             from methods.sam_cache import CachedSamPredictor, load_sam_decoder_for
 
-            model = load_sam_decoder_for(self.sets["sam"], self.config.sam_weights)
+            model = load_sam_decoder_for(fs, self.config.sam_weights)
             self._predictor = CachedSamPredictor(model.to(self.device))
         return self._predictor

@@ -343,3 +343,66 @@ def test_weights_with_a_text_model_outside_the_call(tmp_path: Path) -> None:
     cfg = ExtractConfig(models=["dinov2-s14"], protocol=proto, store="s", weights=str(ckpt))
     with pytest.raises(OvssError, match="text model clip-b16 needs its own"):
         run_job([], job, cfg)
+
+
+# -- Trident: the whole-image SAM set of --sam-refine on Cityscapes; store commands that run --
+
+
+def test_trident_cityscapes_notes_the_whole_image_sam_set(tmp_path: Path) -> None:
+    r = recipe_for("trident", "cityscapes")
+    assert [(s.role, s.protocol.key()) for s in r.steps][2] == ("sam", "halves1024")
+    [note] = [n for n in r.notes if "--sam-refine" in n]
+    assert "sam-b@long1024" in note
+    cmd = note.split(": ", 1)[1]
+    assert cmd == (
+        "ovss extract --store STORE --model sam-b --resize long --size 1024 "
+        "--dataset cityscapes --data-root PATH"
+    )
+    # the command is one the CLI accepts
+    args = cmd.replace("STORE", str(tmp_path / "s.zarr")).replace("PATH", str(tmp_path)).split()
+    ctx = cli.commands["extract"].make_context("extract", args[2:])
+    assert ctx.params["models"] == ("sam-b",) and ctx.params["resize"] == "long"
+    assert ctx.params["size"] == 1024 and ctx.params["dataset"] == "cityscapes"
+    # the same SAM as the recipe's (SAM-H with CLIP-H), and only on Cityscapes
+    assert any(
+        "sam-h@long1024" in n for n in recipe_for("trident", "cityscapes", ["clip-h14"]).notes
+    )
+    for ds in BENCHMARKS:
+        if ds != "cityscapes":
+            assert not any("--sam-refine" in n for n in recipe_for("trident", ds).notes)
+
+
+@pytest.mark.parametrize(
+    ("model", "protocol"),
+    [
+        ("dino-b16", Protocol("trident", 64, crop=48, stride=32, align=16)),
+        ("clip-b16", Protocol("trident", 64, crop=48, stride=32, pad_multiple=56, align=16)),
+        ("dino-b16", Protocol("trident", 448, crop=336, stride=224, pad_multiple=56, align=14)),
+        ("sam-b", Protocol("halves", 1024)),
+        ("dinov2-s14", Protocol("short", 64, crop=56, stride=28)),
+    ],
+)
+def test_missing_set_command_runs(tmp_path: Path, model: str, protocol: Protocol) -> None:
+    """The command a missing feature set names is one `ovss extract` accepts, and it plans
+    exactly that set (Trident canvases through `--for trident`: there is no --resize trident)."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.fromarray(np.zeros((50, 70, 3), np.uint8)).save(imgs / "a.png")
+    store = FeatureStore.open_or_create(tmp_path / "s.zarr", list_folder_images(imgs))
+    with pytest.raises(OvssError) as err:
+        store.require(model, protocol)
+    cmd = str(err.value).split("; run: ", 1)[1]
+    if protocol.resize == "trident":
+        assert "--for trident --dataset NAME" in cmd and "--resize" not in cmd
+        assert ("--model clip-l14" in cmd) == (protocol.align == 14)
+    for placeholder in ("<--data-root PATH or --images DIR>", "<images or --dataset ...>"):
+        cmd = cmd.replace(placeholder, f"--images {imgs}")
+    args = cmd.replace("--dataset NAME", "--dataset voc21").split()
+    assert args[:2] == ["ovss", "extract"]
+    res = CliRunner().invoke(cli, [*args[1:], "--dry-run", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    rows = out["feature_sets"] if isinstance(out, dict) else out
+    key = f"{model}@{protocol.key()}"
+    assert key in [r["feature_set"] for r in rows]
+    assert next(r for r in rows if r["feature_set"] == key)["images"] == 1

@@ -63,17 +63,27 @@ OPTS = {"size": 64, "crop": 48, "stride": 32, "pad_multiple": 0, "sam_size": 256
 WIN = Protocol("trident", 64, crop=48, stride=32, align=16)
 
 
+CLASSES = ("sky", "tree", "road")  # the `custom` dataset of the store's images (CLI eval)
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
+    """The images are also a `custom` dataset (``<tmp>/data``: images, labels, classes.txt)."""
     tmp = tmp_path_factory.mktemp("trident")
-    (tmp / "imgs").mkdir()
+    data = tmp / "data"
+    for sub in ("images/val", "annotations/val"):
+        (data / sub).mkdir(parents=True)
+    (data / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     for i, (h, w) in enumerate(SIZES):
         yy, xx = np.mgrid[0:h, 0:w]
         base = 127 + 100 * np.sin(xx / (5 + 2 * i))[..., None] * np.cos(yy / 7)[..., None]
         noise = np.random.default_rng(i).normal(0, 25, (h, w, 3))
         pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(tmp / "imgs" / f"im{i}.png")
-    recs = list_folder_images(tmp / "imgs")
+        Image.fromarray(pixels).save(data / "images" / "val" / f"im{i}.png")
+        gt = (xx * 3 // w).astype(np.uint8)  # three vertical bands
+        gt[0, :] = 255  # ignored
+        Image.fromarray(gt).save(data / "annotations" / "val" / f"im{i}.png")
+    recs = list_folder_images(data / "images" / "val")
     common = dict(store=str(tmp / "s.zarr"), random_init=True, dtype="float32", block_mb=1)
     for model, proto, arch in (
         ("clip-b16", WIN, TINY_CLIP),
@@ -520,15 +530,29 @@ def test_halves_requirements_with_and_without_refinement(store):
     assert sam.protocol == Protocol("halves", 256) and sam.protocol.key() == "halves256"
     assert "embedding" not in sam.tensors
     assert build_config(cls, "cityscapes", {}).sam_protocol.key() == "halves1024"
-    # refinement on a halves store: accepted, and it reads the halves' embeddings
+    # refinement as the reference (refine_sam=whole): the halves for the affinity, the
+    # whole-image set for the refinement's embedding
     cfg = build_config(cls, "cityscapes", {"sam_refine": True})
-    assert cfg.sam_halves and cfg.sam_refine
-    (sam,) = [r for r in cls.requirements(cfg) if r.role == "sam"]
-    assert sam.protocol.key() == "halves1024" and "embedding" in sam.tensors
+    assert cfg.sam_halves and cfg.sam_refine and cfg.refine_sam == "whole"
+    reqs = {r.role: r for r in cls.requirements(cfg)}
+    assert reqs["sam"].protocol.key() == "halves1024" and "embedding" not in reqs["sam"].tensors
+    assert reqs["sam_refine"].model == "sam-b" and reqs["sam_refine"].tensors == ("embedding",)
+    assert reqs["sam_refine"].protocol == Protocol("long", 1024)
+    # refine_sam=halves [ours]: the halves' own embeddings, no whole-image set
+    cfg = build_config(cls, "cityscapes", {"sam_refine": True, "refine_sam": "halves"})
+    reqs = {r.role: r for r in cls.requirements(cfg)}
+    assert "sam_refine" not in reqs and "embedding" in reqs["sam"].tensors
+    assert reqs["sam"].protocol.key() == "halves1024"
+    # SAM-H with CLIP-H: the whole-image set is SAM-H's too
+    cfg = build_config(cls, "cityscapes", {"sam_refine": True, "clip_model": "clip-h14"})
+    (whole,) = [r for r in cls.requirements(cfg) if r.role == "sam_refine"]
+    assert (whole.model, whole.protocol.key()) == ("sam-h", "long1024")
+    with pytest.raises(OvssError, match="refine_sam must be one of whole, halves"):
+        build_config(cls, None, {"refine_sam": "left"})
 
 
-def test_halves_need_the_halves_set_and_name_the_extract_command(tmp_path):
-    # a store with the whole-image SAM set only
+def one_image_store(tmp_path, sam_protocol):
+    """A one-image store with the CLIP and DINO windows and one SAM set."""
     (tmp_path / "imgs").mkdir()
     Image.fromarray(np.full((40, 70, 3), 90, np.uint8)).save(tmp_path / "imgs" / "a.png")
     recs = list_folder_images(tmp_path / "imgs")
@@ -536,15 +560,17 @@ def test_halves_need_the_halves_set_and_name_the_extract_command(tmp_path):
     for model, proto, arch in (
         ("clip-b16", WIN, TINY_CLIP),
         ("dino-b16", WIN, TINY_VIT),
-        ("sam-b", Protocol("long", 256), TINY_SAM),
+        ("sam-b", sam_protocol, TINY_SAM),
     ):
         extract(recs, ExtractConfig(models=[model], protocol=proto, arch_overrides=arch, **common))
+    return FeatureStore.open(tmp_path / "s.zarr")
+
+
+def test_halves_need_the_halves_set_and_name_the_extract_command(tmp_path):
+    only_whole = one_image_store(tmp_path, Protocol("long", 256))
     cls = get_method("trident")
     with pytest.raises(ProvenanceMismatchError) as err:
-        cls(
-            FeatureStore.open(tmp_path / "s.zarr"),
-            build_config(cls, None, {**OPTS, "sam_halves": True}),
-        )
+        cls(only_whole, build_config(cls, None, {**OPTS, "sam_halves": True}))
     msg = str(err.value)
     assert "sam-b@halves256" in msg and "--resize halves --size 256" in msg
     assert "--for trident --dataset" in msg
@@ -636,6 +662,7 @@ def test_halves_affinities_are_independent_blocks(store, monkeypatch):
 # --- SAM refinement per half ---------------------------------------------------------------------
 
 REFINE = {"sam_refine": True, "coarse_thresh": 0.0, "minimal_area": 4, "sam_iou_thresh": -1.0}
+HALVES_REFINE = {**REFINE, "sam_halves": True, "refine_sam": "halves"}
 
 
 def half_predictor(store, index, k):
@@ -648,11 +675,13 @@ def half_predictor(store, index, k):
     return pred
 
 
+@pytest.mark.parametrize("refine_sam", ["whole", "halves"])
 @pytest.mark.parametrize("index", range(len(SIZES)))
-def test_halves_refinement_runs_end_to_end(store, index):
+def test_halves_refinement_runs_end_to_end(store, index, refine_sam):
     v = vocab()
-    seg = segmenter(store, sam_halves=True, **REFINE)
+    seg = segmenter(store, sam_halves=True, **{**REFINE, "refine_sam": refine_sam})
     assert seg.sets["sam"].key == "sam-b@halves256"
+    assert ("sam_refine" in seg.sets) == (refine_sam == "whole")
     labels, max_prob, _ = segment_image(seg, index, v, ScoringConfig())
     assert labels.shape == SIZES[index] and max_prob.shape == SIZES[index]
     assert labels.min() >= 0 and labels.max() <= 3 and np.isfinite(max_prob).all()
@@ -664,9 +693,10 @@ def test_halves_refinement_runs_end_to_end(store, index):
 
 @pytest.mark.parametrize("index", range(len(SIZES)))
 def test_halves_refinement_is_the_refinement_of_each_half(store, index):
-    """Each half of the result is exactly ``refine_with_sam`` run on that half's probability
-    slice, with prompts from that slice and a predictor set to that half's cached embedding
-    (original size = the half's, input size = its ``halves_layout`` size)."""
+    """``refine_sam=halves``: each half of the result is exactly ``refine_with_sam`` run on
+    that half's probability slice, with prompts from that slice and a predictor set to that
+    half's cached embedding (original size = the half's, input size = its ``halves_layout``
+    size)."""
     from methods.segment import class_probabilities
 
     v = vocab()
@@ -674,7 +704,7 @@ def test_halves_refinement_is_the_refinement_of_each_half(store, index):
     labels, max_prob, cos = segment_image(
         segmenter(store, sam_halves=True), index, v, ScoringConfig()
     )
-    seg = segmenter(store, sam_halves=True, **REFINE)
+    seg = segmenter(store, **HALVES_REFINE)
     new, prob = seg.refine(index, cos, labels, max_prob, v, ScoringConfig())
     assert new.shape == (h, w) and prob.shape == (h, w)
     probs = class_probabilities(cos, (h, w), v, ScoringConfig())
@@ -708,7 +738,7 @@ def test_halves_refinement_keeps_a_half_without_prompts(store):
     labels = np.zeros((h, w), dtype=np.int64)
     labels[:, : w // 2] = 1
     max_prob = np.full((h, w), 0.25, dtype=np.float32)
-    seg = segmenter(store, sam_halves=True, **{**REFINE, "coarse_thresh": 0.5})
+    seg = segmenter(store, **{**HALVES_REFINE, "coarse_thresh": 0.5})
     new, prob = seg.refine(0, cos, labels, max_prob, v, ScoringConfig())
     right = slice(w // 2, w)
     np.testing.assert_array_equal(new[:, right], labels[:, right])
@@ -737,3 +767,187 @@ def test_whole_image_refinement_is_refine_with_sam_on_the_whole_image(store, pre
     best = scores.max(dim=0).values
     want_prob = torch.where(best > 0, best, torch.from_numpy(max_prob))
     np.testing.assert_array_equal(prob, want_prob.numpy())
+
+
+# --- SAM refinement on the whole image with the halves' affinity (the reference's Cityscapes) ----
+
+
+def whole_predictor(store, index):
+    """A predictor set to image ``index`` of the whole-image SAM set."""
+    from methods.sam_cache import CachedSamPredictor, load_sam_decoder_for
+
+    fs = store.require("sam-b", Protocol("long", 256))
+    pred = CachedSamPredictor(load_sam_decoder_for(fs))
+    pred.set_features(fs.read(index, names=["embedding"]))
+    return pred
+
+
+@pytest.mark.parametrize("index", range(len(SIZES)))
+def test_halves_refinement_on_the_whole_image_is_refine_with_sam(store, index):
+    """``refine_sam=whole`` (default, the reference): the logits come from the halves' affinity,
+    and the refinement is one ``refine_with_sam`` on the whole probability map with a predictor
+    set to the whole-image set's embedding (original size = the image's)."""
+    from methods.segment import class_probabilities
+
+    v = vocab()
+    h, w = SIZES[index]
+    labels, max_prob, cos = segment_image(
+        segmenter(store, sam_halves=True), index, v, ScoringConfig()
+    )
+    seg = segmenter(store, sam_halves=True, **REFINE)
+    assert seg.config.refine_sam == "whole"
+    assert seg.sets["sam"].key == "sam-b@halves256"
+    assert seg.sets["sam_refine"].key == "sam-b@long256"
+    cos_refine, _ = seg.cosine_logits(index, v)
+    assert torch.equal(cos_refine, cos)  # the whole-image set is read by the refinement only
+    new, prob = seg.refine(index, cos, labels, max_prob, v, ScoringConfig())
+    probs = class_probabilities(cos, (h, w), v, ScoringConfig())
+    coarse = torch.from_numpy(labels.astype(np.int64))
+    prompts = refinement_prompts(probs, coarse, coarse_thresh=0.0, minimal_area=4, down=2)
+    assert prompts.classes and prompts.reduced_size == (h // 2, w // 2)
+    pred = whole_predictor(store, index)
+    assert pred.original_size == (h, w)
+    want, scores = refine_with_sam(
+        pred, probs, coarse, prompts, coarse_thresh=0.0, alpha=0.005, iou_thresh=-1.0
+    )
+    np.testing.assert_array_equal(new, want.numpy())
+    best = scores.max(dim=0).values
+    assert (best > 0).any()
+    want_prob = torch.where(best > 0, best, torch.from_numpy(max_prob))
+    np.testing.assert_array_equal(prob, want_prob.numpy())
+    # the per-half refinement [ours] decodes other embeddings: other scores
+    _, halves_prob = segmenter(store, **HALVES_REFINE).refine(
+        index, cos, labels, max_prob, v, ScoringConfig()
+    )
+    assert not np.array_equal(halves_prob, prob)
+
+
+def test_refine_sam_changes_nothing_without_halves(store):
+    v = vocab()
+    cls = get_method("trident")
+    whole, halves = (build_config(cls, None, {**OPTS, **REFINE, "refine_sam": r}) for r in
+                     ("whole", "halves"))  # fmt: skip
+    assert cls.requirements(whole) == cls.requirements(halves)
+    assert whole.refine_protocol == halves.refine_protocol == Protocol("long", 256)
+    labels, max_prob, cos = segment_image(segmenter(store), 1, v, ScoringConfig())
+    a = segmenter(store, **REFINE).refine(1, cos, labels, max_prob, v, ScoringConfig())
+    b = segmenter(store, **REFINE, refine_sam="halves").refine(
+        1, cos, labels, max_prob, v, ScoringConfig()
+    )
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_whole_image_refinement_needs_the_whole_image_set(tmp_path):
+    """A store with the halves set only: the affinity and the per-half refinement work; the
+    reference's whole-image refinement names the one command that adds its set."""
+    only_halves = one_image_store(tmp_path, Protocol("halves", 256))
+    cls = get_method("trident")
+    halves = {**OPTS, "sam_halves": True}
+    cls(only_halves, build_config(cls, None, halves))
+    cls(
+        only_halves, build_config(cls, None, {**halves, "sam_refine": True, "refine_sam": "halves"})
+    )
+    with pytest.raises(ProvenanceMismatchError) as err:
+        cls(only_halves, build_config(cls, None, {**halves, "sam_refine": True}))
+    msg = str(err.value)
+    assert "\n" not in msg and "'sam-b@long256'" in msg and "refine_sam=halves" in msg
+    assert msg.endswith(
+        f"run: ovss extract --store {only_halves.path} --model sam-b --resize long --size 256 "
+        "<images or --dataset ...>"
+    )
+
+
+def test_requirements_of_other_backbone_pairs_match_the_recipe():
+    """The README's backbone pairs: ``-m`` at extraction = ``--set`` at segmentation."""
+    from featurestore.recipes import recipe_for
+
+    cls = get_method("trident")
+    for models, sets in (
+        (("clip-l14",), {"clip_model": "clip-l14"}),
+        (("clip-h14",), {"clip_model": "clip-h14"}),
+        (("dinov2-b14",), {"vfm_model": "dinov2-b14"}),
+        (("sam-l",), {"sam_model": "sam-l"}),
+        (("clip-h14", "dinov2-l14"), {"clip_model": "clip-h14", "vfm_model": "dinov2-l14"}),
+    ):
+        steps = {
+            s.role: (s.model, s.protocol) for s in recipe_for("trident", "voc21", models).steps
+        }
+        reqs = {
+            r.role: (r.model, r.protocol)
+            for r in cls.requirements(build_config(cls, "voc21", sets))
+        }
+        assert reqs == steps, models
+
+
+# --- through the CLI ------------------------------------------------------------------------------
+
+
+def tiny_text_args():
+    """A seeded random-init text tower of the tiny CLIP's width (32)."""
+    flat = {"embed_dim": TINY_CLIP["embed_dim"]}
+    for tower in ("vision_cfg", "text_cfg"):
+        flat.update({f"{tower}.{k}": v for k, v in TINY_CLIP[tower].items()})
+    args = ["--text-random-init", "--templates", "single"]
+    for k, v in flat.items():
+        args += ["--text-arch-override", f"{k}={v}"]
+    return args
+
+
+CLI_SETS = [
+    f"--set={k}={v}"
+    for k, v in {**OPTS, "coarse_thresh": 0.0, "minimal_area": 4, "sam_iou_thresh": -1.0}.items()
+]
+
+
+def test_cli_segment_and_eval_with_sam_refine(store, tmp_path):
+    import json
+    import shutil
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from featurestore.text import load_text_embeddings, parse_vocab
+    from methods.segment import vocab_from_text
+    from ovss_cli.main import cli
+
+    path = tmp_path / "s.zarr"
+    shutil.copytree(store.path, path)  # the CLI caches text sets in it
+    data = Path(store.path).parent / "data"
+    out = tmp_path / "seg"
+    r = CliRunner()
+    res = r.invoke(
+        cli,
+        ["segment", "--store", str(path), "--classes", ",".join(CLASSES), "--method", "trident",
+         "--sam-refine", "--out", str(out), "-q", "--json", *CLI_SETS, *tiny_text_args()],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    assert summary["images"] == 2 and summary["method"] == "trident"
+    assert summary["config"]["sam_refine"] is True and summary["config"]["refine_sam"] == "whole"
+    assert json.loads((out / "segment.json").read_text())["config"] == summary["config"]
+    # the PNGs are the Python driver's refined labels
+    fs = FeatureStore.open(path)
+    te = load_text_embeddings(fs, "clip-b16", parse_vocab(",".join(CLASSES)), "single")
+    seg = segmenter(fs, **REFINE)
+    for i, (h, w) in enumerate(SIZES):
+        png = np.asarray(Image.open(out / f"im{i}.png"))
+        assert png.shape == (h, w) and (out / f"im{i}_overlay.png").exists()
+        labels, _, _ = segment_image(seg, i, vocab_from_text(te), ScoringConfig())
+        np.testing.assert_array_equal(png, labels)
+    # eval: SAM halves for the affinity, the whole-image set for the refinement (recorded)
+    res = r.invoke(
+        cli,
+        ["eval", "--dataset", "custom", "--data-root", str(data), "--split", "val", "--store",
+         str(path), "--method", "trident", "--sam-refine", "--set", "sam_halves=on", "-q",
+         "--json", "--out-json", str(tmp_path / "eval.json"), *CLI_SETS, *tiny_text_args()],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert d["images"] == 2 and not d["skipped"] and 0.0 <= d["metrics"]["mIoU"] <= 100.0
+    prot = d["protocol"]
+    assert prot["method"] == "trident"
+    assert prot["config"]["sam_halves"] is True and prot["config"]["refine_sam"] == "whole"
+    assert prot["backbones"]["sam"]["feature_set"] == "sam-b@halves256"
+    assert prot["backbones"]["sam_refine"]["feature_set"] == "sam-b@long256"
+    assert json.loads((tmp_path / "eval.json").read_text())["metrics"] == d["metrics"]
