@@ -5,7 +5,7 @@ the alignment module, ``z = l2n(M(x))`` ``(n_tokens, D_t)`` (the ``block`` varia
 within each window); ``PrototypeIndex`` scores them against the query embeddings of *any*
 vocabulary (open-vocabulary at test time); per-window logits are upsampled bilinearly onto the
 resized canvas and averaged over window overlaps (§0.3); the shared driver then applies §0.2
-scoring. Use: ``ovss segment --method aligned --set checkpoint=CKPT ...``. The text model
+scoring. Use: ``ovss segment --method aligned --checkpoint CKPT ...`` (or ``--set checkpoint=CKPT``). The text model
 defaults to the one recorded in the checkpoint (the vocabulary must be embedded by the same
 CLIP text tower: the module was trained into that space).
 """
@@ -64,12 +64,12 @@ class AlignedConfig:
 class AlignedSegmenter(Segmenter):
     name = "aligned"
     Config = AlignedConfig
-    doc = "FMbSeg Stage 2: alignment module (ovss align) + prototype lookup; --set checkpoint=CKPT"
+    doc = "FMbSeg Stage 2: alignment module (ovss align) + prototype lookup; --checkpoint CKPT"
 
     @classmethod
     def requirements(cls, config: AlignedConfig) -> list[FeatureRequirement]:
         if not config.checkpoint:
-            raise ValueError("needs a trained module: --set checkpoint=PATH (from 'ovss align')")
+            raise ValueError("needs a trained module: --checkpoint PATH (from 'ovss align')")
         feats = _checkpoint_meta(str(config.checkpoint))["features"]
         proto = Protocol.from_dict(feats["protocol"])
         return [FeatureRequirement("vfm", feats["model"], proto, (feats["tensor"],))]

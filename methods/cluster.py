@@ -4,7 +4,9 @@
   **All points are used** unless ``max_points`` says otherwise: FAISS's default
   ``max_points_per_centroid = 256`` silently subsamples to ``k·256`` points, so it is set to
   ``ceil(N / k)`` here. ``spherical=True`` L2-normalises the points and the centroids (cosine
-  k-means); the assignment is then the best inner product.
+  k-means); the assignment is then the best inner product. ``device`` puts the torch backend
+  on a GPU (``ovss cluster --device auto``, the default, picks one when CUDA exists); the FAISS
+  backend uses a GPU only with faiss-gpu.
 - :func:`cluster_per_image` — k-means of each image's tokens into ``k`` segments (PixelCLIP's
   "DINO masks", k = 16), written into the store as a label set (a *mask set*: label = cluster
   id, no class meaning), default name ``kmeans<k>-<feature set>``.
@@ -85,6 +87,14 @@ def _faiss():
     return faiss
 
 
+def _faiss_gpus(faiss: Any) -> int:
+    """GPUs FAISS can use (0 for faiss-cpu)."""
+    try:
+        return int(faiss.get_num_gpus())
+    except AttributeError:
+        return 0
+
+
 def _assign_torch(
     x: torch.Tensor, c: torch.Tensor, spherical: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,10 +135,14 @@ def kmeans(
         niter: Lloyd iterations.
         spherical: cosine k-means on L2-normalised points, unit centroids.
         seed: initialisation / subsampling seed.
-        backend: ``faiss``, ``torch`` or ``auto`` (FAISS when installed and ``device`` is cpu).
+        backend: ``faiss``, ``torch`` or ``auto`` **[ours]**: FAISS when installed and
+            ``device`` is cpu, or ``device`` is a GPU and FAISS has GPU support (faiss-gpu);
+            torch otherwise.
         max_points: train on a seeded random subset of this many points (None: all points;
             every point is assigned either way).
-        device: torch backend device.
+        device: where the torch backend runs (``cpu``, ``cuda``, ``cuda:N``); with a GPU
+            ``device`` the FAISS backend trains on the GPU only when faiss-gpu is installed
+            (faiss-cpu ignores it).
         nredo: independent restarts; the best objective is kept (FAISS ``nredo``).
 
     Returns:
@@ -143,10 +157,11 @@ def kmeans(
         raise OvssError(f"k must lie in [1, N={n}], got {k}")
     if spherical:
         xt = F.normalize(xt, dim=1)
+    on_gpu = torch.device(device).type == "cuda"
     if backend == "auto":
         try:
-            _faiss()
-            backend = "faiss" if torch.device(device).type == "cpu" else "torch"
+            faiss = _faiss()
+            backend = "faiss" if not on_gpu or _faiss_gpus(faiss) > 0 else "torch"
         except OvssError:
             backend = "torch"
     if backend not in ("faiss", "torch"):
@@ -168,6 +183,7 @@ def kmeans(
             max_points_per_centroid=math.ceil(len(xn) / k) + 1,
             min_points_per_centroid=1,
             nredo=nredo,
+            gpu=on_gpu and _faiss_gpus(faiss) > 0,
         )
         km.train(xn)
         cent = torch.from_numpy(km.centroids.copy())
@@ -359,11 +375,13 @@ def cluster_per_image(
     overwrite: bool = False,
     indices: Sequence[int] | None = None,
     progress: Progress | None = None,
+    device: str = "cpu",
 ) -> ClusterSummary:
     """k-means of every image's tokens into ``k`` masks, written as label set ``name``.
 
     Images with fewer than ``k`` tokens get ``n_tokens`` clusters. Resumable: an existing set
     made with the same settings keeps its finished images (``overwrite`` restarts it).
+    ``device``: where the torch k-means runs (see :func:`kmeans`).
     """
     from featurestore.labelsets import LabelSet, create_label_set, list_label_sets
 
@@ -402,7 +420,7 @@ def cluster_per_image(
     used = backend
     for f in fs.iter_images(names=[tensor], indices=todo):
         x = _tokens(f, tensor)
-        res = kmeans(x, min(k, len(x)), niter, spherical, seed, backend)
+        res = kmeans(x, min(k, len(x)), niter, spherical, seed, backend, device=device)
         used = res.backend
         ls.write(f.index, token_map_to_pixels(res.assign.numpy(), f))
         n += 1
@@ -426,8 +444,9 @@ def cluster_per_image(
 def _aligned_tokens(module: Any, f: ImageFeatures, tensor: str) -> torch.Tensor:
     from methods.fmbseg import align_features
 
+    dev = next(module.parameters()).device
     with torch.no_grad():
-        return align_features(module, _tokens(f, tensor), f.win_grid)
+        return align_features(module, _tokens(f, tensor).to(dev), f.win_grid).cpu()
 
 
 def cluster_store(
@@ -447,6 +466,7 @@ def cluster_store(
     name_vocab: Any = None,
     checkpoint: str | None = None,
     progress: Progress | None = None,
+    device: str = "cpu",
 ) -> ClusterSummary:
     """One k-means codebook over the tokens of the store's images (all of them by default).
 
@@ -462,6 +482,7 @@ def cluster_store(
         name_vocab: a ``methods.base.Vocab``: name each cluster by its nearest queries.
         checkpoint: an ``ovss align`` checkpoint: cluster the *aligned* features instead (they
             live in text space, so clusters can be named).
+        device: where the torch k-means (and the aligned module) run (see :func:`kmeans`).
 
     Memory: every token of the selected images is held as float32 (N × D × 4 bytes).
     """
@@ -471,7 +492,7 @@ def cluster_store(
     if checkpoint:
         from methods.fmbseg import load_checkpoint
 
-        module, _ = load_checkpoint(checkpoint)
+        module, _ = load_checkpoint(checkpoint, device)
     t0 = time.perf_counter()
     chunks, owners = [], []
     wanted = list(indices) if indices is not None else None
@@ -487,7 +508,7 @@ def cluster_store(
     x = torch.cat(chunks)
     sizes = [len(c) for c in chunks]
     del chunks
-    res = kmeans(x, k, niter, spherical, seed, backend, max_points)
+    res = kmeans(x, k, niter, spherical, seed, backend, max_points, device=device)
     assigns = dict(zip(owners, torch.split(res.assign, sizes), strict=True))
     summary = ClusterSummary(
         store_path,

@@ -14,12 +14,17 @@ Pieces:
 - :func:`train_alignment` — SGD + cosine schedule over batches of images from the store, a
   checkpoint with full provenance after every epoch, resume from the last checkpoint.
 - :func:`load_checkpoint` — the module and its provenance back.
+- :func:`text_identity` — the text encoder behind the class embeddings (weights identity,
+  templates, vocabulary key), recorded in the checkpoint with the feature set and labels.
+- :func:`resolve_device` — ``--device auto`` (the ``LOCAL_RANK`` GPU when CUDA exists, else cpu).
 
 Choices marked **[ours]** are not fixed by the paper (no public code exists):
 
 - τ = 0.1 divides every dot product (τ = 1 reproduces Eq. 1-4 literally).
-- ``min_frac`` = 0.5: a patch whose majority label covers less than half of its in-image
-  pixels (ignore pixels count in the denominator, window padding does not) is ignored.
+- Patch labels: the majority over the classes and ignore (a patch whose most frequent pixel
+  label is ignore is ignored; a class wins a tie with ignore); ``min_frac`` = 0.5: a patch whose
+  majority class covers less than half of its in-image pixels (ignore pixels count in the
+  denominator, window padding does not) is ignored.
 - ``block``: Linear D_v→D_m, one pre-norm transformer block (8-head self-attention over the
   tokens of one *window* — for whole-image protocols, the image — + MLP ×4, GELU), Linear
   D_m→D_t; D_m = 512; no positional embedding (DINOv2 tokens already carry position).
@@ -72,7 +77,9 @@ __all__ = [
     "load_checkpoint",
     "patch_labels",
     "proto_loss",
+    "resolve_device",
     "supcon_loss",
+    "text_identity",
     "train_alignment",
     "tsupcon_loss",
 ]
@@ -116,6 +123,11 @@ def patch_labels(
             of the token's in-image pixels **[ours: 0.5]** (window padding is not counted;
             ignore pixels are).
 
+    The majority is taken over the classes and ignore together (METHODS.md §1.2: "ignore if it
+    is ignore"): a token whose most frequent pixel label is ignore is ignored, whatever
+    ``min_frac``; otherwise the winning class must cover ``min_frac`` of the pixels. Ties go
+    to the lower label, so a class beats ignore on a tie **[ours]**.
+
     Returns:
         ``(n_tokens,)`` int64, the class of each token in store order, ``-1`` = ignore.
     """
@@ -139,9 +151,11 @@ def patch_labels(
             minlength=n_tok * (num_classes + 2),
         ).reshape(n_tok, num_classes + 2)
         inside = counts[:, : num_classes + 1].sum(1)  # padding (K + 1) excluded
-        best = counts[:, :num_classes].argmax(1)
+        # the majority over the classes *and* ignore (column K): a token whose most frequent
+        # pixel label is ignore is ignored; on a tie the lower index (a class) wins [ours]
+        best = counts[:, : num_classes + 1].argmax(1)
         best_n = counts[np.arange(n_tok), best]
-        ok = (best_n > 0) & (best_n >= min_frac * np.maximum(inside, 1))
+        ok = (best < num_classes) & (best_n > 0) & (best_n >= min_frac * np.maximum(inside, 1))
         out.append(np.where(ok, best, IGNORE))
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
@@ -610,10 +624,15 @@ def _batch_forward(
         sizes = [int(gh) * int(gw) for gh, gw in data.grids[i].tolist()]
         seqs.extend(torch.split(x.to(device), sizes))
         labels.extend(torch.split(data.labels[i], sizes))
-    xb, valid = _pad_sequences(seqs)
-    z = module(xb, valid)[valid]
     y = torch.cat(labels).to(device)
     keep = torch.cat(list(masks)).to(device)
+    if getattr(module, "module", module).arch != "block":
+        # token-wise modules (mlp, linear): only the selected patches need a forward pass
+        # (with --max-patches-per-image 8 that is ~1/40 of the work); same values as below
+        z = module(torch.cat(seqs)[keep][None])[0]
+        return z, y[keep]
+    xb, valid = _pad_sequences(seqs)
+    z = module(xb, valid)[valid]
     return z[keep], y[keep]
 
 
@@ -640,15 +659,39 @@ class DistContext:
             self.owned = False
 
 
-def setup_distributed(device: str = "cpu") -> DistContext:
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The torch device of a ``--device`` value.
+
+    ``auto`` **[ours: the default of ovss align / segment / eval / cluster]** is the GPU of
+    ``LOCAL_RANK`` (0 outside torchrun) when CUDA is available, else the CPU; ``cpu``, ``cuda``
+    and ``cuda:N`` are taken as given (a CUDA device where CUDA is missing is an error).
+    """
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise OvssError(f"'{device}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OvssError(f"--device {device} was asked for but CUDA is not available here")
+    return dev
+
+
+def setup_distributed(device: str | torch.device = "cpu") -> DistContext:
     """Join the torchrun job described by the environment when ``WORLD_SIZE`` > 1.
 
     The process group (``env://``: ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``)
-    uses gloo for a CPU ``device`` and nccl for CUDA, where ``LOCAL_RANK`` picks the GPU. A group
-    that is already initialised is used as is (and left to its owner to destroy).
+    uses gloo for a CPU ``device`` and nccl for CUDA, where ``LOCAL_RANK`` picks the GPU
+    (``auto``: see :func:`resolve_device`). A group that is already initialised is used as is
+    (and left to its owner to destroy).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if world <= 1:
         return DistContext(device=dev)
     if dev.type == "cuda":
@@ -700,8 +743,68 @@ def _gather_batch(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch
     return _GatherRows.apply(z, sizes), y_all
 
 
+def text_identity(
+    vocab: Any, text_model: str | None = None, store: Any = None, text: Any = None
+) -> dict[str, Any]:
+    """Identity of the text encoder and text set behind ``vocab``'s embeddings (JSON-safe).
+
+    Args:
+        vocab: the ``methods.base.Vocab`` trained against.
+        text_model: the CLIP registry name of its text tower.
+        store: a store (or path) where the text set is looked up when ``text`` is not given
+            (found only when ``vocab.templates`` names the template set and the cached
+            embeddings equal ``vocab``'s).
+        text: the ``featurestore.text.TextEmbeddings`` the vocabulary was made from.
+
+    Returns:
+        ``text_model``, ``templates`` (template-set name), ``text_weights`` (``sha256:...`` of
+        the checkpoint, ``random-init:SEED``, or None when unknown), ``text_arch_overrides``,
+        ``text_set`` (its key in the store) and ``vocabulary_key`` (the vocabulary's
+        16-hex-digit key: sha256 of its synonym lists).
+    """
+    from featurestore.text import Vocabulary, load_text_embeddings
+
+    names = [list(c) for c in vocab.class_names]
+    out: dict[str, Any] = {
+        "text_model": text_model,
+        "templates": getattr(vocab, "templates", "") or None,
+        "text_weights": None,
+        "text_arch_overrides": None,
+        "text_set": None,
+        "vocabulary_key": Vocabulary.from_names(names).key(),
+    }
+    if text is None and store is not None and text_model and out["templates"]:
+        try:
+            te = load_text_embeddings(
+                store, text_model, Vocabulary.from_names(names), out["templates"]
+            )
+            same = tuple(te.embeddings.shape) == tuple(vocab.embeddings.shape) and np.allclose(
+                te.embeddings, vocab.embeddings.float().cpu().numpy(), atol=1e-6
+            )
+            text = te if same else None
+        except OvssError:
+            text = None
+    if text is not None:
+        out.update(
+            text_model=text_model or text.text_model,
+            templates=text.template_set,
+            text_weights=text.weights or None,
+            text_arch_overrides=text.provenance.get("encoder", {}).get("arch_overrides"),
+            text_set=text.key,
+            vocabulary_key=text.provenance.get("vocabulary", {}).get("key")
+            or out["vocabulary_key"],
+        )
+    return out
+
+
 def _provenance(
-    fs: FeatureSet, vocab: Any, source: LabelSource, cfg: AlignConfig, d_in: int, d_out: int
+    fs: FeatureSet,
+    vocab: Any,
+    source: LabelSource,
+    cfg: AlignConfig,
+    d_in: int,
+    d_out: int,
+    text: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     prov = fs.provenance
     return {
@@ -718,6 +821,7 @@ def _provenance(
             "source": getattr(vocab, "source", ""),
             "templates": getattr(vocab, "templates", ""),
             "text_model": getattr(vocab, "text_model", None),
+            **(text or {}),
         },
         "labels": source.describe(),
         "config": dataclasses.asdict(cfg),
@@ -752,6 +856,7 @@ def train_alignment(
     device: str = "cpu",
     resume: bool = True,
     text_model: str | None = None,
+    text: Any = None,
 ) -> Path:
     """Train an alignment module from the store; returns the checkpoint path (``last.pt``).
 
@@ -771,6 +876,11 @@ def train_alignment(
             features, vocabulary, labels and hyperparameters); a finished run returns at once;
             False starts over. A mismatching checkpoint is an error unless ``resume=False``.
         text_model: recorded in the checkpoint (the CLIP text model of ``vocab``).
+        text: the ``featurestore.text.TextEmbeddings`` behind ``vocab``: the text encoder's
+            identity (weights ``sha256:...`` / ``random-init:SEED``, templates, vocabulary key,
+            text set) is recorded from it; without it the store's text set of ``text_model``
+            and ``vocab.templates`` is used when its embeddings equal ``vocab``'s (see
+            :func:`text_identity`).
 
     Returns:
         The checkpoint path. Its dict holds ``module`` (state dict), ``optimizer``, ``epoch``,
@@ -796,6 +906,7 @@ def train_alignment(
             ctx,
             resume,
             text_model,
+            text,
         )
     finally:
         ctx.close()
@@ -812,6 +923,7 @@ def _train_alignment(
     ctx: DistContext,
     resume: bool,
     text_model: str | None,
+    text: Any = None,
 ) -> Path:
     cfg = cfg or AlignConfig()
     if ctx.rank != 0:
@@ -832,8 +944,8 @@ def _train_alignment(
     protos = _class_prototypes(vocab).to(dev)
     d_in = int(np.prod(next(s.row_shape for s in fs.specs if s.name == cfg.tensor)))
     d_out = int(protos.shape[1])
-    prov = _provenance(fs, vocab, source, cfg, d_in, d_out)
-    prov["vocabulary"]["text_model"] = text_model
+    ident = text_identity(vocab, text_model, store, text)
+    prov = _provenance(fs, vocab, source, cfg, d_in, d_out, ident)
     out = (
         Path(out_dir)
         if out_dir

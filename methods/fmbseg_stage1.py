@@ -95,6 +95,11 @@ class FMbSegStage1Config:
     sam_weights: str | None = None
     class_family: str = "sclip"
 
+    def __post_init__(self) -> None:
+        # `--set stage=1.2` parses as the number 1.2: take it back as the stage name
+        if isinstance(self.stage, (int, float)) and not isinstance(self.stage, bool):
+            self.stage = f"{self.stage:g}"
+
     @property
     def clip_protocol(self) -> Protocol:
         """The CLIP window protocol (``fmbseg`` recipe: short 448, crop 224, stride 112)."""
@@ -326,9 +331,11 @@ class FMbSegStage1Segmenter(Segmenter):
     name = "fmbseg-stage1"
     Config = FMbSegStage1Config
     doc = (
-        "FMbSeg Stage 1 pseudo-labels: CLIP crop detection (min_crops, ours: 2), SAM masks from "
-        "top-5 patch points (1.1) and labelled automatic masks (1.2), merged (ours: 1.1 first); "
-        "255 = unlabelled; --set stage=1.1|1.2"
+        "FMbSeg Stage 1 pseudo-labels: CLIP crop detection (min_crops [ours: 2]; synonyms "
+        "merged by max [ours]), SAM masks from top-5 patch points (1.1) and automatic masks "
+        "(1.2, min_area [ours: 0 px]) labelled by the mean l2n dense feature under the mask "
+        "[ours], merged [ours: 1.1 first]; 255 = unlabelled; --set stage=1.1|1.2; templates: "
+        "the fmbseg recipe's (single)"
     )
 
     @classmethod

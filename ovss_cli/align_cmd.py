@@ -47,7 +47,14 @@ def _text_options(fn):
     return fn
 
 
+DEVICE_HELP = (
+    "auto [ours: default] = the GPU of LOCAL_RANK (0 outside torchrun) when CUDA is "
+    "available, else cpu; or cpu, cuda, cuda:N."
+)
+
+
 def _embed(store_path, class_names, text_model, templates, random_init, arch, weights, seed):
+    """The class embeddings as a ``Vocab`` and the cached text set they come from."""
     from featurestore.text import get_text_embeddings, parse_vocab
     from methods.segment import vocab_from_text
 
@@ -62,7 +69,7 @@ def _embed(store_path, class_names, text_model, templates, random_init, arch, we
         seed=seed,
         arch_overrides=parse_overrides(arch),
     )
-    return vocab_from_text(te, source=vocab.describe())
+    return vocab_from_text(te, source=vocab.describe()), te
 
 
 @click.command()
@@ -79,7 +86,12 @@ def _embed(store_path, class_names, text_model, templates, random_init, arch, we
     required=True,
     help="VFM feature set: a key (dinov2-l14@short448) or a model with one set in the store.",
 )
-@click.option("--labels", "label_set", help="Label set of the store with the pixel labels.")
+@click.option(
+    "--labels",
+    "label_set",
+    help="Label set of the store with the pixel labels, e.g. Stage-1 pseudo-labels from "
+    "`ovss segment --method fmbseg-stage1 --write-labels NAME`; its class names are embedded.",
+)
 @click.option(
     "--gt-dataset",
     help="Train on a dataset's ground truth instead of a label set (e.g. 'custom' for the demo).",
@@ -91,15 +103,18 @@ def _embed(store_path, class_names, text_model, templates, random_init, arch, we
     type=click.Choice(["tsupcon", "supcon", "proto"]),
     default="tsupcon",
     show_default=True,
-    help="TSupCon (Eq. 1-4), SupCon over patches+texts, or the prototype term ℓt only "
-    "(normalised by the classes in the batch [ours]).",
+    help="TSupCon (Eq. 1-4), SupCon (L_out) over patches + the K text vectors as samples "
+    "(averaged over the anchors that have a positive [ours]), or the prototype term ℓt only "
+    "(normalised by the classes in the batch [ours]). Each class is one prototype, "
+    "l2n(mean of its synonyms' embeddings) [ours].",
 )
 @click.option(
     "--arch",
     type=click.Choice(["block", "mlp", "linear"]),
     default="block",
     show_default=True,
-    help="Module: Linear + one pre-norm transformer block (attention within a window) + "
+    help="Module: Linear + one pre-norm transformer block (self-attention within one window "
+    "[ours]: the whole image for whole-image features; no positional embedding [ours]) + "
     "Linear, a 2-layer GELU MLP, or one Linear.",
 )
 @click.option(
@@ -127,7 +142,9 @@ def _embed(store_path, class_names, text_model, templates, random_init, arch, we
     type=float,
     default=0.5,
     show_default=True,
-    help="A patch keeps its majority label only if it covers this fraction of its pixels [ours].",
+    help="Patch label = the majority pixel label, ignore counted as a candidate (a mostly "
+    "ignore patch is ignored; a class wins a tie [ours]); the class must cover this fraction "
+    "of the patch's pixels [ours].",
 )
 @click.option(
     "--max-patches-per-image",
@@ -139,6 +156,13 @@ def _embed(store_path, class_names, text_model, templates, random_init, arch, we
 )
 @click.option("--hidden-dim", type=int, default=512, show_default=True, help="D_m [ours].")
 @click.option("--heads", type=int, default=8, show_default=True, help="Block heads [ours].")
+@click.option(
+    "--mlp-ratio",
+    type=float,
+    default=4.0,
+    show_default=True,
+    help="Hidden width of the block's MLP, × --hidden-dim [ours].",
+)
 @click.option(
     "--no-input-norm",
     is_flag=True,
@@ -154,9 +178,9 @@ def _embed(store_path, class_names, text_model, templates, random_init, arch, we
 @click.option("--restart", is_flag=True, help="Ignore an existing last.pt and start over.")
 @click.option(
     "--device",
-    default="cpu",
+    default="auto",
     show_default=True,
-    help="cpu, cuda, cuda:N (under torchrun: cuda = the GPU of LOCAL_RANK).",
+    help=DEVICE_HELP + " Under torchrun cuda = the GPU of LOCAL_RANK.",
 )
 @_text_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -182,6 +206,7 @@ def align(
     max_patches_per_image,
     hidden_dim,
     heads,
+    mlp_ratio,
     no_input_norm,
     seed,
     out_dir,
@@ -199,9 +224,16 @@ def align(
 
     Patch labels = majority pixel label (--min-frac); the module maps patches into CLIP text
     space and is trained with TSupCon against the frozen class text embeddings (SGD, cosine
-    schedule, batches of images). A checkpoint with full provenance is written after every
+    schedule, batches of images). A checkpoint with full provenance (feature set, label set,
+    vocabulary, text encoder weights / templates, hyperparameters) is written after every
     epoch; rerunning the same command resumes from it. Segment with
-    `ovss segment --method aligned --set checkpoint=OUT/last.pt`.
+    `ovss segment --method aligned --checkpoint OUT/last.pt`.
+
+    \b
+    [ours] choices (no public code): τ 0.1, lr 0.01, weight decay 1e-4, D_m 512, 8 heads,
+    MLP ratio 4, block attention within a window, one prototype per class = l2n(mean of its
+    synonyms' embeddings), SupCon averaged over anchors with a positive, input
+    standardisation, patch-label majority with ignore as a candidate and --min-frac 0.5.
 
     \b
     Data parallel: `torchrun --nproc-per-node N $(which ovss) align ...` (WORLD_SIZE > 1)
@@ -217,6 +249,7 @@ def align(
         AlignConfig,
         DatasetLabelSource,
         StoreLabelSource,
+        resolve_device,
         setup_distributed,
         train_alignment,
     )
@@ -225,6 +258,7 @@ def align(
         raise click.UsageError("give exactly one of --labels NAME or --gt-dataset DATASET")
     if gt_dataset and not data_root:
         raise click.UsageError("--gt-dataset needs --data-root")
+    device = str(resolve_device(device))
     ctx = setup_distributed(device)
     try:
         store = FeatureStore.open(store_path)
@@ -236,7 +270,7 @@ def align(
         text_model = text_model or "clip-b16"
         if ctx.rank != 0:
             ctx.barrier()  # rank 0 embeds (and caches) the classes first
-        vocab = _embed(
+        vocab, te = _embed(
             store_path,
             source.class_names,
             text_model,
@@ -254,6 +288,7 @@ def align(
             tau=tau,
             hidden_dim=hidden_dim,
             heads=heads,
+            mlp_ratio=mlp_ratio,
             epochs=epochs,
             batch_images=batch_images,
             lr=lr,
@@ -276,6 +311,7 @@ def align(
                 device=device,
                 resume=not restart,
                 text_model=text_model,
+                text=te,
             )
     finally:
         ctx.close()
@@ -289,8 +325,12 @@ def align(
         "history": ck["history"],
         "features": ck["provenance"]["features"]["key"],
         "labels": ck["provenance"]["labels"],
+        "text": {
+            k: ck["provenance"]["vocabulary"].get(k)
+            for k in ("text_model", "templates", "text_weights", "vocabulary_key")
+        },
         "segment_with": f"ovss segment --store {store_path} --method aligned "
-        f"--set checkpoint={path} ...",
+        f"--checkpoint {path} ...",
     }
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -363,11 +403,27 @@ class _loss_progress:
 @click.option(
     "--per-image",
     is_flag=True,
-    help="k-means of each image's tokens into --k masks, written as a label set (mask set).",
+    help="k-means of each image's tokens into --k masks, written as a label set (mask set); "
+    "token maps become pixel maps by nearest upsampling per window, later windows winning "
+    "overlaps [ours].",
 )
-@click.option("--k", type=int, default=16, show_default=True, help="Clusters (masks per image).")
-@click.option("--spherical", is_flag=True, help="Cosine k-means on L2-normalised tokens.")
-@click.option("--niter", type=int, default=20, show_default=True, help="Lloyd iterations [ours].")
+@click.option(
+    "--k",
+    type=int,
+    default=16,
+    show_default=True,
+    help="Clusters: masks per image (PixelCLIP's DINO masks: 16) or codebook size.",
+)
+@click.option(
+    "--spherical", is_flag=True, help="Cosine k-means on L2-normalised tokens (default: L2)."
+)
+@click.option(
+    "--niter",
+    type=int,
+    default=20,
+    show_default=True,
+    help="Lloyd iterations [ours: 20; FAISS's own default is 25].",
+)
 @click.option(
     "--max-points",
     type=int,
@@ -380,9 +436,12 @@ class _loss_progress:
     type=click.Choice(["auto", "faiss", "torch"]),
     default="auto",
     show_default=True,
-    help="k-means backend (auto: FAISS when installed, torch on a GPU).",
+    help="k-means backend [ours: auto = FAISS on cpu when installed, torch on a GPU (FAISS "
+    "there only with faiss-gpu)]. torch: k distinct random points as initial centroids, an "
+    "empty cluster re-seeded with the worst-fitting point [ours].",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="k-means seed.")
+@click.option("--seed", type=int, default=0, show_default=True, help="k-means seed [ours: 0].")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option(
     "--name",
     "set_name",
@@ -390,14 +449,19 @@ class _loss_progress:
     "one only when named, e.g. codebook<k>-<features>).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing label set of that name.")
-@click.option("--eval-dataset", help="Codebook: Hungarian-matched mIoU against this dataset's GT.")
+@click.option(
+    "--eval-dataset",
+    help="Codebook: mIoU/mAcc/aAcc against this dataset's GT after Hungarian matching of "
+    "clusters to classes (scipy); clusters left unmatched (k > classes) predict no class [ours].",
+)
 @click.option("--data-root", type=click.Path(file_okay=False), help="Root of --eval-dataset.")
 @click.option("--split", default=None, help="Split of --eval-dataset (clusters only its images).")
 @click.option(
     "--name-with",
     "name_with",
-    help="Codebook: name clusters by their nearest classes of this vocabulary (dataset, class "
-    "file or comma list); needs text-space features (--checkpoint for aligned DINO features).",
+    help="Codebook: name each centroid by its 3 nearest queries (cosine) of this vocabulary "
+    "[ours: top 3] (dataset, class file or comma list); needs text-space features "
+    "(--checkpoint for aligned DINO features).",
 )
 @click.option(
     "--checkpoint",
@@ -419,6 +483,7 @@ def cluster(
     max_points,
     backend,
     seed,
+    device,
     set_name,
     overwrite,
     eval_dataset,
@@ -440,9 +505,14 @@ def cluster(
     Otherwise one codebook is fitted on all tokens (FAISS, all points used); its assignments
     are an unsupervised segmentation, scored with Hungarian matching (--eval-dataset) and
     optionally written as a label set (--name) and named with a vocabulary (--name-with).
+    The torch k-means runs on --device (a GPU by default when there is one). Sinkhorn-Knopp
+    balanced assignment is the library function methods.cluster.sinkhorn_knopp.
     """
     from featurestore.store import FeatureStore
     from methods.cluster import cluster_per_image, cluster_store
+    from methods.fmbseg import resolve_device
+
+    device = str(resolve_device(device))
 
     indices = None
     if eval_dataset:
@@ -474,6 +544,7 @@ def cluster(
                 backend,
                 overwrite,
                 progress=cb,
+                device=device,
             )
         else:
             vocab = None
@@ -483,7 +554,7 @@ def cluster(
                     from methods.fmbseg import load_checkpoint
 
                     tm = load_checkpoint(checkpoint)[1]["provenance"]["vocabulary"]["text_model"]
-                vocab = _embed(
+                vocab, _ = _embed(
                     store_path,
                     name_with,
                     tm or "clip-b16",
@@ -510,6 +581,7 @@ def cluster(
                 vocab,
                 checkpoint,
                 progress=cb,
+                device=device,
             )
     d = summary.to_dict()
     if as_json:

@@ -10,6 +10,18 @@ import click
 from ovss_cli import render
 from ovss_cli.main import parse_overrides, user_errors
 
+#: The [ours] choices of the FMbSeg methods, shown under `segment --help` / `eval --help`.
+FMBSEG_EPILOG = """\b
+FMbSeg choices marked [ours] (no public code; `ovss methods` lists every option):
+  fmbseg-stage1: a class is present when >= min_crops [ours: 2] crops are assigned
+    to it; synonyms are merged by max over their queries [ours]; an automatic mask
+    (Stage 1.2) gets the present class most similar to the mean of the l2-normalised
+    dense features under its pixels [ours]; min_area [ours: 0 px]; merge [ours]: 1.1
+    first (higher SAM score wins overlaps), 1.2 only on unlabelled pixels, 255 else.
+  aligned: --checkpoint from `ovss align`; text model and templates default to the
+    checkpoint's (else clip-b16 / single).
+"""
+
 
 def method_options(fn):
     opts = [
@@ -27,6 +39,13 @@ def method_options(fn):
             multiple=True,
             metavar="KEY=VALUE",
             help="Override a method option (repeatable), e.g. --set beta=1.2.",
+        ),
+        click.option(
+            "--checkpoint",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="Trained module of a method that takes one (aligned: the last.pt of "
+            "`ovss align`); same as --set checkpoint=PATH. An error for other methods.",
         ),
         click.option(
             "--sam-refine",
@@ -51,9 +70,10 @@ def method_options(fn):
         ),
         click.option(
             "--templates",
-            default="openai80",
-            show_default=True,
-            help="Prompt template set for the class names (see README).",
+            default=None,
+            help="Prompt template set for the class names (see README). Default: openai80; "
+            "aligned: the set recorded in --checkpoint (else single, as FMbSeg); "
+            "fmbseg-stage1: the fmbseg recipe's (single).",
         ),
         click.option(
             "--text-model",
@@ -85,7 +105,13 @@ def method_options(fn):
         click.option(
             "--seed", type=int, default=0, show_default=True, help="Seed for --text-random-init."
         ),
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N."),
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            help="auto [ours: default] = the GPU of LOCAL_RANK (0 outside torchrun) when CUDA "
+            "is available, else cpu; or cpu, cuda, cuda:N.",
+        ),
         click.option("--limit", type=int, default=None, help="Only the first N images."),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
@@ -95,7 +121,18 @@ def method_options(fn):
     return fn
 
 
-def _method_setup(method, settings, logit_scale, prob_thd, area_thd, dataset, sam_refine=False):
+def _method_setup(
+    method,
+    settings,
+    logit_scale,
+    prob_thd,
+    area_thd,
+    dataset,
+    sam_refine=False,
+    checkpoint=None,
+):
+    import dataclasses
+
     from methods.base import ScoringConfig, get_method, parse_option_value
 
     cls = get_method(method)
@@ -107,11 +144,52 @@ def _method_setup(method, settings, logit_scale, prob_thd, area_thd, dataset, sa
         overrides[key.strip().replace("-", "_")] = parse_option_value(value.strip())
     if sam_refine:
         overrides["sam_refine"] = True
+    if checkpoint:
+        fields = {f.name for f in dataclasses.fields(cls.Config)}
+        if "checkpoint" not in fields:
+            raise click.UsageError(
+                f"--checkpoint: method '{method}' takes no checkpoint (the aligned method does)"
+            )
+        given = overrides.get("checkpoint")
+        if given not in (None, "") and str(given) != str(checkpoint):
+            raise click.UsageError(
+                f"--checkpoint {checkpoint} and --set checkpoint={given} disagree; give one"
+            )
+        overrides["checkpoint"] = str(checkpoint)
     scoring = dict(cls.scoring_presets(dataset) if dataset else {})
     for k, v in (("logit_scale", logit_scale), ("prob_thd", prob_thd), ("area_thd", area_thd)):
         if v is not None:
             scoring[k] = v
     return cls, overrides, ScoringConfig(**scoring)
+
+
+def default_templates(method: str, overrides: dict, dataset: str | None = None) -> str:
+    """The template set used when --templates is not given.
+
+    ``aligned``: the set recorded in its checkpoint (the module was trained against those
+    embeddings), else ``single`` (FMbSeg's one template); ``fmbseg-stage1``: the ``fmbseg``
+    extraction recipe's; any other method: ``openai80`` (METHODS.md §0.1).
+    """
+    from featurestore.text import DEFAULT_TEMPLATES
+
+    if method == "aligned":
+        ckpt = overrides.get("checkpoint")
+        if ckpt:
+            from methods.fmbseg import load_checkpoint
+
+            voc = load_checkpoint(str(ckpt))[1]["provenance"].get("vocabulary", {})
+            if voc.get("templates"):
+                return str(voc["templates"])
+        return "single"
+    if method == "fmbseg-stage1":
+        from featurestore.errors import OvssError
+        from featurestore.recipes import BENCHMARKS, recipe_for
+
+        try:
+            return recipe_for("fmbseg", dataset or BENCHMARKS[0]).templates
+        except OvssError:  # not a benchmark: the templates do not depend on the dataset
+            return recipe_for("fmbseg", BENCHMARKS[0]).templates
+    return DEFAULT_TEMPLATES
 
 
 def _vocab(
@@ -135,6 +213,7 @@ def _vocab(
     from methods.segment import vocab_from_text
 
     config = build_config(cls, dataset, overrides)
+    templates = templates or default_templates(cls.name, overrides, dataset)
     text_model = text_model or getattr(config, "text_model", "clip-b16")
     family = family or getattr(config, "class_family", "sclip")
     vocab = parse_vocab(vocab_spec, family=family, data_root=data_root)
@@ -151,7 +230,14 @@ def _vocab(
     return vocab_from_text(te, source=vocab.describe())
 
 
-@click.command()
+def _device(device: str) -> str:
+    """``--device`` as a torch device string (``auto`` resolved, see ``resolve_device``)."""
+    from methods.fmbseg import resolve_device
+
+    return str(resolve_device(device))
+
+
+@click.command(epilog=FMBSEG_EPILOG)
 @click.option("--store", "-s", "store_path", help="Feature store to segment.")
 @click.option(
     "--images",
@@ -225,6 +311,7 @@ def segment(
     overwrite,
     method,
     settings,
+    checkpoint,
     sam_refine,
     logit_scale,
     prob_thd,
@@ -258,8 +345,9 @@ def segment(
     if not out_dir and not write_labels:
         raise click.UsageError("nothing to write: give --out DIR and/or --write-labels NAME")
     cls, overrides, scoring = _method_setup(
-        method, settings, logit_scale, prob_thd, area_thd, dataset, sam_refine
+        method, settings, logit_scale, prob_thd, area_thd, dataset, sam_refine, checkpoint
     )
+    device = _device(device)
     tmp = None
     if image_paths and write_labels and not keep_store:
         raise click.UsageError("--write-labels with --images needs --keep-store PATH")
@@ -280,7 +368,7 @@ def segment(
                 random_init=random_init,
                 seed=seed,
                 arch_overrides=parse_overrides(arch_override),
-                device="cpu" if device == "cpu" else "auto",
+                device=device,
                 progress=cb,
             )
     spec = classes if classes else (f"file:{vocab_file}" if vocab_file else dataset)
@@ -328,7 +416,7 @@ def segment(
         tmp.cleanup()
 
 
-@click.command("eval")
+@click.command("eval", epilog=FMBSEG_EPILOG)
 @click.option("--dataset", required=True, help="Benchmark name (see `ovss data list`).")
 @click.option(
     "--data-root", required=True, type=click.Path(file_okay=False), help="Where the dataset lives."
@@ -369,6 +457,7 @@ def eval_cmd(
     check_reference,
     method,
     settings,
+    checkpoint,
     sam_refine,
     logit_scale,
     prob_thd,
@@ -399,8 +488,9 @@ def eval_cmd(
             result = evaluate_predictions(dataset, data_root, predictions, split, limit, cb)
         else:
             cls, overrides, scoring = _method_setup(
-                method, settings, logit_scale, prob_thd, area_thd, dataset, sam_refine
+                method, settings, logit_scale, prob_thd, area_thd, dataset, sam_refine, checkpoint
             )
+            device = _device(device)
             vocab = _vocab(
                 store_path,
                 cls,

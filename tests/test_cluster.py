@@ -153,3 +153,43 @@ def test_codebook_eval_and_per_image_masks(tmp_path):
     )
     assert json.loads(r.output)["images"] == 0
     assert len(CLASSES) == 3
+
+
+def test_cli_codebook_named_with_a_vocabulary_on_aligned_features(tmp_path):
+    """`ovss cluster` codebook on the aligned (text-space) features of an `ovss align`
+    checkpoint, named with `--name-with VOCAB` and scored with Hungarian matching, on the torch
+    backend with an explicit --device."""
+    from methods.fmbseg import AlignConfig, DatasetLabelSource, train_alignment
+
+    store, root, vocab = _toy(tmp_path, n=4)
+    key = store.feature_sets()[0]
+    src = DatasetLabelSource(store, "custom", str(root), "train")
+    cfg = AlignConfig(arch="mlp", hidden_dim=16, epochs=6, batch_images=2, lr=0.5)
+    ck = train_alignment(
+        str(store.path), key, src, vocab, cfg, out_dir=tmp_path / "ck", text_model="clip-b16"
+    )
+    args = [
+        "cluster", "--store", str(store.path), "--features", key, "--k", "3",
+        "--checkpoint", str(ck), "--name-with", ",".join(CLASSES), "--text-random-init",
+        "--eval-dataset", "custom", "--data-root", str(root), "--split", "train",
+        "--backend", "torch", "--device", "cpu", "--json", "-q",
+    ]  # fmt: skip
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["mode"] == "codebook" and out["backend"] == "torch" and out["extra"]["aligned"]
+    assert out["eval"]["mIoU"] == pytest.approx(100.0)
+    # every cluster named by its nearest queries; the top names are the matched classes
+    assert len(out["names"]) == 3 and all(len(n) == 3 for n in out["names"])
+    top = [n[0][0] for n in out["names"]]
+    assert top == [CLASSES[c] for c in out["eval"]["cluster_to_class"]]
+
+
+def test_kmeans_device_argument_and_cli_default():
+    x, _ = _blobs(n_per=50, k=3, d=4)
+    res = kmeans(x, 3, backend="torch", device="cpu")
+    assert res.backend == "torch" and res.centroids.device.type == "cpu"
+    # auto on cpu keeps FAISS (when installed); the codebook CLI defaults to --device auto
+    assert kmeans(x, 3, device="cpu").backend in ("faiss", "torch")
+    opt = next(p for p in cli.commands["cluster"].params if p.name == "device")
+    assert opt.default == "auto"

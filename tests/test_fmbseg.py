@@ -15,6 +15,7 @@ from PIL import Image
 
 from featurestore.backbones.base import TensorSpec
 from featurestore.datasets import list_dataset_images
+from featurestore.errors import OvssError
 from featurestore.protocol import Protocol, image_geometry
 from featurestore.store import STATUS_OK, FeatureStore
 from featurestore.text import Vocabulary, store_text_embeddings
@@ -197,9 +198,22 @@ def test_patch_labels_majority_and_min_frac(tmp_path):
     lab[:, :P] = 1
     lab[:P, P : P + 3] = 2  # 3/8 of the columns of patch (0, 1): majority 0 (5/8) kept
     lab[P : 2 * P, P : P + 5] = 255  # majority ignore: 3/8 < 0.5 -> ignored
+    # patch (1, 2): ignore is the most frequent label (4/8) without a majority of the classes
+    # (class 0 2/8, class 2 2/8): ignored, even with a min_frac the classes would pass
+    lab[P : 2 * P, 2 * P : 2 * P + 4] = 255
+    lab[P : 2 * P, 2 * P + 4 : 2 * P + 6] = 2
+    # patch (2, 2): ignore and class 2 tie (3/8 each), class 0 has 2/8: the class wins the tie
+    lab[2 * P :, 2 * P : 2 * P + 3] = 255
+    lab[2 * P :, 2 * P + 3 : 2 * P + 6] = 2
     pl = patch_labels(lab, f, 3, 0.5).reshape(3, 4)
     assert pl[0, 0] == 1 and pl[0, 1] == 0 and pl[1, 1] == -1 and pl[2, 3] == 0
+    assert pl[1, 2] == -1 and pl[2, 2] == -1  # 3/8 < 0.5
     assert patch_labels(lab, f, 3, 0.7).reshape(3, 4)[0, 1] == -1
+    low = patch_labels(lab, f, 3, 0.2).reshape(3, 4)
+    # a majority over the classes only would keep class 0 in (1, 2) (2/8 >= 0.2) and in (1, 1)
+    # (3/8 of class 0 under 5/8 ignore); ignore as a candidate of the majority drops both
+    assert low[1, 2] == -1 and low[1, 1] == -1
+    assert low[2, 2] == 2 and low[0, 1] == 0
 
 
 def test_training_separable_toy_resume_and_aligned_segmentation(tmp_path):
@@ -324,6 +338,122 @@ def test_cli_align_then_segment(tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["images"] == 4
+
+
+def _cli(*args):
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def test_cli_align_from_a_store_label_set_records_text_identity_and_checkpoint_option(tmp_path):
+    """The Stage-1 -> Stage-2 path through the store: a label set written into the store (as
+    `ovss segment --write-labels` does) trains `ovss align --labels NAME`; the checkpoint
+    records the text encoder (random-init:0, templates, vocabulary key); `segment/eval
+    --method aligned --checkpoint` then embed the vocabulary with the checkpoint's templates."""
+    from featurestore.labels import load_label
+    from featurestore.labelsets import create_label_set
+    from methods.fmbseg import StoreLabelSource
+
+    store, root, vocab = _toy(tmp_path, n=4)
+    key = store.feature_sets()[0]
+    # the same embeddings cached under a second template set: the checkpoint's choice is seen
+    store_text_embeddings(
+        store,
+        "clip-b16",
+        Vocabulary.from_names(CLASSES),
+        "clip7",
+        vocab.embeddings.numpy(),
+        {"weights": "random-init:0"},
+    )
+    from featurestore.datasets import get_dataset
+
+    spec = get_dataset("custom", root)
+    ls = create_label_set(
+        FeatureStore.open(store.path, mode="a"), "stage1", {"class_names": [[c] for c in CLASSES]}
+    )
+    recs = {r.image_id: r.label_path for r in list_dataset_images("custom", root, "train")}
+    for i, image_id in enumerate(store.image_ids):
+        gt = load_label(spec, recs[image_id]).copy()
+        gt[:, :3] = 255  # pseudo-labels leave pixels unlabelled
+        ls.write(i, gt)
+    assert StoreLabelSource(store, "stage1").class_names == [[c] for c in CLASSES]
+
+    ck_dir = tmp_path / "ck"
+    r = _cli(
+        "align", "--store", store.path, "--features", key, "--labels", "stage1",
+        "--arch", "block", "--hidden-dim", "8", "--heads", "2", "--mlp-ratio", "2",
+        "--epochs", "2", "--lr", "0.5", "--templates", "clip7", "--text-random-init",
+        "--device", "cpu", "--out", ck_dir, "--json", "-q",
+    )  # fmt: skip
+    out = json.loads(r.output)
+    assert out["epochs_done"] == 2 and out["labels"]["kind"] == "label_set"
+    assert out["labels"]["name"] == "stage1" and "--checkpoint" in out["segment_with"]
+    _, meta = load_checkpoint(out["checkpoint"])
+    voc = meta["provenance"]["vocabulary"]
+    assert voc["text_model"] == "clip-b16" and voc["templates"] == "clip7"
+    assert voc["text_weights"] == "random-init:0"
+    assert voc["vocabulary_key"] == Vocabulary.from_names(CLASSES).key()
+    assert voc["text_set"].endswith("-clip7")
+    assert meta["provenance"]["config"]["mlp_ratio"] == 2.0
+    assert out["text"]["text_weights"] == "random-init:0"
+
+    # segment with --checkpoint and no --templates: the checkpoint's templates (clip7)
+    seg = tmp_path / "seg"
+    _cli(
+        "segment", "--store", store.path, "--method", "aligned", "--checkpoint",
+        out["checkpoint"], "--classes", ",".join(CLASSES), "--out", seg, "--no-overlay",
+        "--text-random-init", "--device", "auto", "--json", "-q",
+    )  # fmt: skip
+    summary = json.loads((seg / "segment.json").read_text())
+    assert summary["images"] == 4 and summary["vocabulary"]["templates"] == "clip7"
+    assert summary["config"]["checkpoint"] == out["checkpoint"]
+    # eval takes the same option
+    r = _cli(
+        "eval", "--dataset", "custom", "--data-root", root, "--split", "train", "--store",
+        store.path, "--method", "aligned", "--checkpoint", out["checkpoint"],
+        "--text-random-init", "--json", "-q",
+    )  # fmt: skip
+    res = json.loads(r.output)
+    assert res["images"] == 4 and res["protocol"]["templates"] == "clip7"
+
+    # --checkpoint with a method that has none, or disagreeing with --set: usage errors
+    for extra in (
+        ["--method", "prototype", "--checkpoint", out["checkpoint"]],
+        ["--method", "aligned", "--checkpoint", out["checkpoint"], "--set", "checkpoint=x.pt"],
+    ):
+        r = CliRunner().invoke(
+            cli,
+            ["segment", "--store", str(store.path), "--classes", "a,b", "--out",
+             str(tmp_path / "x"), "--text-random-init", *extra],
+        )  # fmt: skip
+        assert r.exit_code == 2 and "checkpoint" in r.output
+
+
+def test_default_templates_and_device():
+    from methods.fmbseg import resolve_device
+    from ovss_cli.segment_cmd import default_templates
+
+    assert default_templates("prototype", {}) == "openai80"
+    assert default_templates("aligned", {}) == "single"  # FMbSeg's one template
+    assert default_templates("fmbseg-stage1", {}) == "single"  # the fmbseg recipe's
+    assert default_templates("fmbseg-stage1", {}, "custom") == "single"
+    want = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert str(resolve_device("auto")) == want
+    assert str(resolve_device("cpu")) == "cpu"
+    with pytest.raises(OvssError, match="not a device"):
+        resolve_device("gpu7")
+    if not torch.cuda.is_available():
+        with pytest.raises(OvssError, match="CUDA"):
+            resolve_device("cuda:1")
+
+
+def test_device_auto_is_the_default_and_listed():
+    for cmd in (["align"], ["segment"], ["eval"], ["cluster"]):
+        r = CliRunner().invoke(cli, [*cmd, "--help"])
+        assert r.exit_code == 0
+        opt = next(p for p in cli.commands[cmd[0]].params if p.name == "device")
+        assert opt.default == "auto" and "auto" in r.output
 
 
 # ------------------------------------------------------------------------------ DDP (torchrun)

@@ -4,6 +4,7 @@ cached crop embeddings (so detection is known) and the automatic masks are contr
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -325,3 +326,72 @@ def test_write_labels_round_trip_with_ignore(
     written = LabelSet(FeatureStore.open(store.path), "pseudo").read(0)
     want, _, _ = segmenter(store).stage1(0, vocab)
     assert np.array_equal(written, want) and (written == IGNORE).any()
+
+
+def test_cli_stage1_pseudo_labels_train_stage2_and_segment(
+    store: FeatureStore, fake_auto_masks: list, tmp_path: Any
+) -> None:
+    """FMbSeg end to end through the CLI on a tiny store: `ovss segment --method fmbseg-stage1
+    --write-labels stage1` (templates default to the fmbseg recipe's `single`), `ovss align
+    --labels stage1` on tiny random-init DINOv2 patches, `ovss segment --method aligned
+    --checkpoint` (templates and text model from the checkpoint)."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from featurestore.labelsets import LabelSet
+    from methods.fmbseg import load_checkpoint
+    from ovss_cli.main import cli
+
+    path = tmp_path / "s.zarr"
+    shutil.copytree(store.path, path)
+    recs = FeatureStore.open(path).image_table()["path"]
+    extract(
+        list_folder_images(Path(recs[0]).parent),
+        ExtractConfig(
+            models=["dinov2-s14"],
+            protocol=Protocol("short", 64),
+            store=str(path),
+            random_init=True,
+            arch_overrides={"depth": 2, "embed_dim": 64, "num_heads": 2},
+            dtype="float32",
+            block_mb=1,
+        ),
+    )
+    text = ["--text-random-init"]
+    for k in ("embed_dim=32", "text_cfg.layers=2", "text_cfg.width=64", "text_cfg.heads=2"):
+        text += ["--text-arch-override", k]
+    sets = [f"{k}={v}" for k, v in {**OPTS, "sam_size": 256, "stage": "1.2"}.items()]
+
+    def run(*args: Any) -> dict:
+        r = CliRunner().invoke(cli, [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)
+
+    out = run(
+        "segment", "--store", path, "--method", "fmbseg-stage1",
+        *[x for s in sets for x in ("--set", s)], "--classes", "a,b,c", *text,
+        "--write-labels", "stage1", "--device", "cpu", "--json", "-q",
+    )  # fmt: skip
+    assert out["label_set"] == "stage1" and out["vocabulary"]["templates"] == "single"
+    pseudo = LabelSet(FeatureStore.open(path), "stage1").read(0)
+    mask = fake_auto_masks[0]["segmentation"]
+    assert np.all(pseudo[~mask] == IGNORE) and np.all(pseudo[mask] != IGNORE)
+
+    key = next(k for k in FeatureStore.open(path).feature_sets() if k.startswith("dinov2-s14"))
+    out = run(
+        "align", "--store", path, "--features", key, "--labels", "stage1", "--arch", "linear",
+        "--epochs", "1", *text, "--out", tmp_path / "ck", "--json", "-q",
+    )  # fmt: skip
+    assert out["epochs_done"] == 1 and out["labels"]["name"] == "stage1"
+    _, meta = load_checkpoint(out["checkpoint"])
+    voc = meta["provenance"]["vocabulary"]
+    assert voc["class_names"] == [["a"], ["b"], ["c"]] and voc["templates"] == "single"
+    assert voc["text_weights"] == "random-init:0" and voc["text_model"] == "clip-b16"
+
+    out = run(
+        "segment", "--store", path, "--method", "aligned", "--checkpoint", out["checkpoint"],
+        "--classes", "a,b,c", *text, "--out", tmp_path / "seg", "--no-overlay", "--json", "-q",
+    )  # fmt: skip
+    assert out["images"] == 1 and out["vocabulary"]["templates"] == "single"
