@@ -31,7 +31,7 @@ DEMO_CLIP = "clip-b16"
 DEMO_TEMPLATES = "single"
 #: [demo choice, measured] FMbSeg's TSupCon loss (tau 0.1) on an MLP module, one image per step
 #: and 8 labelled patches sampled per image, lr 0.5, 40 epochs: ~49 val mIoU (chance 12.5) on
-#: random-init ViT-S/14 features in ~10 s on 2 cores. The `ovss align` default (block module,
+#: random-init ViT-S/14 features in ~4 s on 2 cores. The `ovss align` default (block module,
 #: all ~1,700 patches of 5 images per step, lr 0.01) stays near chance here: in Eq. 1 every
 #: patch-to-patch term weighs as much as a patch-to-text term, so with n patches >> K text
 #: vectors the text anchors barely move the loss on features without semantics; sampling 8
