@@ -116,20 +116,28 @@ def resolve_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
     return i, n
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The torch device of a ``--device`` value (every command shares this rule).
+
+    ``auto`` **[ours: the default]** is the GPU of ``LOCAL_RANK`` (0 outside torchrun) when CUDA
+    is available, else Apple's MPS when present, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` and
+    ``mps`` are taken as given (a CUDA device where CUDA is missing is an error).
+    """
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).strip().lower()
+    if name == "auto":
         if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            return torch.device(f"cuda:{local}")
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        dev = torch.device(device)
+        dev = torch.device(name)
     except RuntimeError:
         raise OvssError(f"'{device}' is not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OvssError("--device cuda was asked for but CUDA is not available here")
+        raise OvssError(f"--device {device} was asked for but CUDA is not available here")
     return dev
 
 

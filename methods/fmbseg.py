@@ -62,6 +62,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from featurestore import __version__
 from featurestore.errors import OvssError
+from featurestore.extract import resolve_device  # the shared --device rule (re-exported)
 from featurestore.protocol import Protocol
 from featurestore.store import STATUS_OK, FeatureSet, FeatureStore, ImageFeatures, set_key
 
@@ -657,29 +658,6 @@ class DistContext:
         if self.owned and dist.is_initialized():
             dist.destroy_process_group()
             self.owned = False
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """The torch device of a ``--device`` value.
-
-    ``auto`` **[ours: the default of ovss align / segment / eval / cluster]** is the GPU of
-    ``LOCAL_RANK`` (0 outside torchrun) when CUDA is available, else the CPU; ``cpu``, ``cuda``
-    and ``cuda:N`` are taken as given (a CUDA device where CUDA is missing is an error).
-    """
-    if isinstance(device, torch.device):
-        return device
-    name = str(device).strip().lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise OvssError(f"'{device}' is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OvssError(f"--device {device} was asked for but CUDA is not available here")
-    return dev
 
 
 def setup_distributed(device: str | torch.device = "cpu") -> DistContext:
