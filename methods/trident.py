@@ -8,6 +8,8 @@ windows (``patch``), and per image SAM's last global-attention block (``q``/``k`
 Per image (``N'`` VFM tokens per window, ``D`` CLIP width, ``E`` embedding width, ``n = vh*vw``
 tokens of SAM's valid grid, ``H`` heads)::
 
+    SAM      : the image resized (cv2 INTER_LINEAR) so H and W round up to multiples of the CLIP
+               patch, then SamPredictor's input of it (§4 step 1; sets ``long1024-a16``)
     canvas   : the short-side image rounded up to the CLIP patch grid, each side >= crop (§4.2);
                windows crop/stride on that grid
     per window w: v_w = W_v ln_1(x_w) + b_v, per head, bilinear to the VFM grid
@@ -24,8 +26,10 @@ The driver (``methods.segment``) resizes ``(Q, vh, vw)`` bilinearly to the origi
 applies §0.2 scoring. ``TridentSegmenter.refine`` is the optional SAM refinement of §4 step 7
 (prompts decoded from a cached embedding, no encoder pass). With ``sam_halves`` (Cityscapes) the
 affinity comes from the halves set, and the refinement, as in the reference, decodes against the
-whole image: the whole-image SAM set ``<sam>@long<sam_size>`` (only its ``embedding``) is read
-too (``refine_sam="whole"``; ``"halves"`` refines each half with its own embedding [ours]).
+whole image: the whole-image SAM set ``<sam>@long<sam_size>-a<patch>`` (only its ``embedding``)
+is read too (``refine_sam="whole"``; ``"halves"`` refines each half with its own embedding
+[ours]). The refinement's SAM image is the rounded one, as in the reference: masks are decoded
+at its size and resized bilinearly to the original (``refine_with_sam``).
 Ablations: ``paradigm``, ``correlation``, ``window_attention``,
 ``threshold_mean`` and ``refine_prompts`` (see ``TridentConfig``). Every tensor-level step
 is a public function of this module with its shapes.
@@ -105,6 +109,12 @@ class TridentConfig:
             onto it, see ``splice_windows``).
         sam_size: SAM's input side (1024; the SAM set's ``Protocol(resize="long")``, or
             ``Protocol(resize="halves")`` with ``sam_halves``).
+        sam_round_up: SAM's image is the original resized so that H and W round *up* to
+            multiples of the CLIP patch (METHODS.md §4 step 1, the reference's ``cv2.resize``;
+            the SAM sets carry ``align=<CLIP patch>``, keys ``long1024-a16`` /
+            ``halves1024-a16``), then ``SamPredictor``'s own resize; with ``sam_halves`` that
+            rounded image is split at its width // 2. Off [ours]: SAM gets the original image
+            (sets ``long1024`` / ``halves1024``, e.g. stores made before this rule).
         beta, gamma: ProxyCLIP's threshold factor and sharpness (1.2, 3.0).
         threshold_mean: ``image`` (Trident: the mean of the DINO similarities over all windows
             of the image at once) or ``window`` (ProxyCLIP's per-window mean; ablation).
@@ -130,10 +140,11 @@ class TridentConfig:
         cos_cap: upper bound of the threshold (0.9).
         refine_neg_cos: when off, a negative threshold becomes ``neg_cos_thr``.
         neg_cos_thr: that replacement (0.6).
-        sam_halves: Cityscapes (EVAL.md §4.4): SAM runs on the left (original columns
-            ``[0, W // 2)``) and right (``[W // 2, W)``) image halves separately: the SAM set
-            is ``Protocol(resize="halves", size=sam_size)`` (two SamPredictor inputs per
-            image, ``featurestore.backbones.sam``). Each half gets its own SAM floor grid
+        sam_halves: Cityscapes (EVAL.md §4.4): SAM runs on the left (columns ``[0, W // 2)``)
+            and right (``[W // 2, W)``) halves of its image (the rounded one, width ``W``, with
+            ``sam_round_up``) separately: the SAM set is ``Protocol(resize="halves",
+            size=sam_size)`` (two SamPredictor inputs per image,
+            ``featurestore.backbones.sam``). Each half gets its own SAM floor grid
             ``(vh_k, vw_k)``, affinity (its own q/k/v, thresholds and normalisation) and
             aggregation: the spliced CLIP canvas is sampled bilinearly (``align_corners=False``
             convention, ``resample_matrix``) at the centres of ``vh_k x vw_k`` cells tiling that
@@ -153,12 +164,17 @@ class TridentConfig:
             ``whole`` (default, the reference: its Cityscapes code computes the affinity from
             the halves but calls ``set_image`` on the whole image for the refinement): prompts
             from the whole probability map, decoded with the embedding of the whole-image set
-            ``<sam_model>@long<sam_size>`` (``Protocol(resize="long", size=sam_size)``, read
-            besides the halves set; role ``sam_refine`` in results); or ``halves`` [ours]: the
-            probabilities at original size are split at column ``W // 2``, each half is refined
-            on its own (prompts from that half's probabilities, decoded with that half's cached
-            embedding of the halves set, original size and SamPredictor input size) and the two
-            refined label maps are placed side by side.
+            ``<sam_model>@long<sam_size>-a<patch>`` (``Protocol(resize="long", size=sam_size,
+            align=<CLIP patch>)``, read besides the halves set; role ``sam_refine`` in
+            results); or ``halves`` [ours]: the probabilities at original size are split at
+            column ``W // 2`` of the original width, each half is refined on its own (prompts
+            from that half's probabilities, decoded with that half's cached embedding of the
+            halves set, its image size and SamPredictor input size) and the two refined label
+            maps are placed side by side. In both, as in the reference, the predictor's image
+            is the one SAM encoded (the rounded image, or its half): prompts are mapped from
+            the reduced probability map by ``ResizeLongestSide.apply_coords`` (as the
+            reference, relative to the reduced map's own size), and the decoded mask logits,
+            at the rounded size, are resized bilinearly to the probabilities' size.
         coarse_thresh: refinement: pixels whose best class probability is below it become a
             void label; classes whose best probability is below it get no prompt.
         minimal_area: refinement: smallest 8-connected region (pixels at the reduced
@@ -172,9 +188,7 @@ class TridentConfig:
             extraction; must be the file the SAM set was made with).
         class_family: class-file family for dataset vocabularies (``proxyclip``).
 
-    Other [ours] choices: SAM sees the original image through ``SamPredictor``'s own resize
-    (the reference first resizes it up to multiples of 16; see the ``trident`` recipe); the
-    diagonal of every attention/affinity is always kept (it is
+    Other [ours] choices: the diagonal of every attention/affinity is always kept (it is
     anyway for non-degenerate inputs: a self-cosine of 1 exceeds every threshold <= 0.9), and
     a row with no mass left becomes an identity row, so degenerate inputs give no NaN; window
     outputs are resampled onto the canvas grid by bilinear weights at the canvas token centres
@@ -190,6 +204,7 @@ class TridentConfig:
     pad_multiple: int = 56
     canvas: str = "trident"
     sam_size: int = 1024
+    sam_round_up: bool = True
     beta: float = 1.2
     gamma: float = 3.0
     threshold_mean: str = "image"
@@ -277,10 +292,20 @@ class TridentConfig:
         )
 
     @property
+    def sam_align(self) -> int:
+        """SAM's pre-rounding (``Protocol.align``): the CLIP patch with ``sam_round_up``, else 0."""
+        return self.clip_patch if self.sam_round_up else 0
+
+    @property
     def sam_protocol(self) -> Protocol:
-        """The protocol of the SAM feature set (``SamPredictor``'s input; with ``sam_halves``
-        one input per image half, ``Protocol(resize="halves")``)."""
-        return Protocol(resize="halves" if self.sam_halves else "long", size=self.sam_size)
+        """The protocol of the SAM feature set (``SamPredictor``'s input of the rounded image,
+        see ``sam_round_up``; with ``sam_halves`` one input per half of it,
+        ``Protocol(resize="halves")``)."""
+        return Protocol(
+            resize="halves" if self.sam_halves else "long",
+            size=self.sam_size,
+            align=self.sam_align,
+        )
 
     @property
     def refine_whole_image(self) -> bool:
@@ -292,7 +317,7 @@ class TridentConfig:
     def refine_protocol(self) -> Protocol:
         """The protocol of the SAM set whose ``embedding`` the refinement decodes against."""
         if self.refine_whole_image:
-            return Protocol(resize="long", size=self.sam_size)
+            return Protocol(resize="long", size=self.sam_size, align=self.sam_align)
         return self.sam_protocol
 
     @property
@@ -509,11 +534,16 @@ class SamTokens:
         attn_head: ``h -> (n, n)`` softmax attention of head ``h`` among the valid tokens,
             normalised over the whole padded grid as inside the encoder (Trident's crop of the
             encoder's attention, not renormalised); computed one head at a time.
+        factors: optional ``methods.sam_affinity.SamAttentionFactors`` (the cached ``q``,
+            ``k``, ``attn_log_mass``, rel-pos tables, cached grid and valid-row map) behind
+            ``attn_head``: with them ``sam_affinity`` takes the fused, query-chunked path
+            (``methods.sam_affinity.fused_affinity``) that never builds an ``(n, n)`` head.
     """
 
     grid: tuple[int, int]
     values: torch.Tensor
     attn_head: Callable[[int], torch.Tensor]
+    factors: Any = None
 
     @property
     def num_heads(self) -> int:
@@ -522,16 +552,20 @@ class SamTokens:
 
 @dataclass
 class SamPart:
-    """One SAM input of an image and the original columns it covers: the whole image
+    """One SAM input of an image and the columns it covers: the whole image
     (``Protocol(resize="long")``), or one half (``sam_halves``).
 
     Attributes:
         tokens: its values and attention on its own floor grid.
-        cols: ``(x1, x2)`` original-image columns of the part.
+        cols: ``(x1, x2)`` columns of the part in the image SAM was given (the rounded image
+            with ``sam_round_up``, else the original).
+        width: the width of that image (``cols / width`` is the part's share of every image
+            of the same scene, the CLIP canvas included).
     """
 
     tokens: SamTokens
     cols: tuple[int, int]
+    width: int
 
 
 def sam_tokens(
@@ -573,7 +607,10 @@ def sam_tokens(
         )[0]
         return a.index_select(0, rows).index_select(1, rows)
 
-    return SamTokens(grid=(vh, vw), values=values, attn_head=attn_head)
+    from methods.sam_affinity import factors_from_arrays
+
+    factors = factors_from_arrays(q, k, lm, static, cached, rows, dtype, device)
+    return SamTokens(grid=(vh, vw), values=values, attn_head=attn_head, factors=factors)
 
 
 def cosine_thresholds(
@@ -625,6 +662,11 @@ def sam_affinity(
     if correlation not in ("aff", "attn", "cos"):
         raise ValueError(f"correlation must be aff, attn or cos here, not {correlation!r}")
     sv = F.normalize(sam.values, dim=-1)
+    if sam.factors is not None and correlation != "cos" and len(groups) == 1 and groups[0] is None:
+        from methods.sam_affinity import fused_affinity
+
+        thr = cosine_thresholds(sv, cos_fac, cos_cap, refine_neg_cos, neg_cos_thr)
+        return [fused_affinity(sam.factors, sv, thr, correlation)]
     n = sv.shape[1]
     idx = [torch.arange(n, device=sv.device) if g is None else g.to(sv.device) for g in groups]
     thr = [cosine_thresholds(sv[:, i], cos_fac, cos_cap, refine_neg_cos, neg_cos_thr) for i in idx]
@@ -800,7 +842,11 @@ def refine_with_sam(
     """Decode the prompts with SAM and re-label (§4 step 7, the reference's ``sam_refinement``).
 
     Args:
-        predictor: a ``methods.sam_cache.CachedSamPredictor`` set to the image.
+        predictor: a ``methods.sam_cache.CachedSamPredictor`` set to the image. Its
+            ``original_size`` may differ from ``(H, W)`` (the rounded image SAM encoded,
+            ``methods.sam_cache.sam_frame``): the mask logits decoded at that size are then
+            resized bilinearly (``align_corners=False``) to ``(H, W)`` before they are used,
+            as the reference does.
         probs: ``(C, H, W)`` class probabilities at the original size.
         labels: ``(H, W)`` coarse labels.
         prompts: from ``refinement_prompts``.
@@ -840,7 +886,9 @@ def refine_with_sam(
         keep = iou[:, 0] > iou_thresh
         if not bool(keep.any()):
             continue
-        kept = logits[keep, 0].float()  # (K, H, W)
+        kept = logits[keep, 0].float()  # (K, H', W') at the predictor's image size
+        if tuple(kept.shape[1:]) != (h, w):
+            kept = F.interpolate(kept[None], size=(h, w), mode="bilinear", align_corners=False)[0]
         union = (kept > predictor.model.mask_threshold).any(dim=0)
         best = (torch.sigmoid(kept) * probs_d[cp.cls]).max(dim=0).values
         scores[cp.cls] = best * union
@@ -966,6 +1014,16 @@ class TridentSegmenter(Segmenter):
                     f"\n(the store has {set_key(config.clip_model, short)}, the short-side "
                     "canvas: --set canvas=short reads it)"
                 )
+        if config.needs_sam and config.sam_round_up:
+            unrounded = dataclasses.replace(config, sam_round_up=False).sam_protocol
+            key = set_key(config.sam_model, unrounded)
+            wanted = set_key(config.sam_model, config.sam_protocol)
+            sets = store.feature_sets()
+            if key in sets and wanted not in sets:
+                hint += (
+                    f"\n(the store has {key}, SAM on the original image rather than on the "
+                    "image rounded up to the CLIP patch grid: --set sam_round_up=off reads it)"
+                )
         return ProvenanceMismatchError(
             f"{e}\nTrident reads CLIP and {config.vfm_model} windows and {config.sam_model} "
             f"per image; extract them together with: ovss extract --store {store.path} "
@@ -996,14 +1054,15 @@ class TridentSegmenter(Segmenter):
         return part.tokens
 
     def _sam_parts(self, index: int) -> list[SamPart]:
-        """Per SAM window of the image its tokens and original columns: one part for a
-        ``long`` set, the left and right halves for a ``halves`` set (``sam_halves``)."""
-        from methods.sam_cache import sam_static, sam_window
+        """Per SAM window of the image its tokens and columns (in SAM's image, ``sam_frame``):
+        one part for a ``long`` set, the left and right halves for a ``halves`` set
+        (``sam_halves``)."""
+        from methods.sam_cache import sam_frame, sam_static, sam_window
 
         fs = self.sets["sam"]
         if self._sam_static is None:
             self._sam_static = sam_static(fs)
-        f = fs.read(index, names=["q", "k", "v", "attn_log_mass"])
+        f = sam_frame(fs.read(index, names=["q", "k", "v", "attn_log_mass"]), fs.protocol)
         n = len(f.win_grid)
         if n != (2 if self.config.sam_halves else 1):
             raise OvssError(
@@ -1016,18 +1075,21 @@ class TridentSegmenter(Segmenter):
             SamPart(
                 sam_tokens(sam_window(f, k), self._sam_static, torch.float32, self.device),
                 cols[k],
+                w,
             )
             for k in range(n)
         ]
 
     def _part_centres(
-        self, part: SamPart, canvas_hw: tuple[int, int], width: int
+        self, part: SamPart, canvas_hw: tuple[int, int]
     ) -> tuple[list[Fraction], list[Fraction]]:
         """Canvas-pixel centres of the part's ``vh x vw`` SAM cells, which tile the part's
-        region of the canvas (rows ``[0, Hc)``, columns ``[x1 * Wc / W, x2 * Wc / W)``)."""
+        region of the canvas (rows ``[0, Hc)``, columns ``[x1 * Wc / W, x2 * Wc / W)`` with
+        ``W`` = ``part.width``)."""
         hc, wc = canvas_hw
         vh, vw = part.tokens.grid
-        a, b = Fraction(part.cols[0] * wc, width), Fraction(part.cols[1] * wc, width)
+        a = Fraction(part.cols[0] * wc, part.width)
+        b = Fraction(part.cols[1] * wc, part.width)
         cy = [Fraction((2 * r + 1) * hc, 2 * vh) for r in range(vh)]
         cx = [a + (2 * s + 1) * (b - a) / (2 * vw) for s in range(vw)]
         return cy, cx
@@ -1101,7 +1163,7 @@ class TridentSegmenter(Segmenter):
         logits = []
         for part in self._sam_parts(c.index):
             vh, vw = part.tokens.grid
-            cy, cx = self._part_centres(part, (hc, wc), c.original_size[1])
+            cy, cx = self._part_centres(part, (hc, wc))
             my = resample_matrix(cy, 0, hc, th, spliced.dtype).to(spliced.device)
             mx = resample_matrix(cx, 0, wc, tw, spliced.dtype).to(spliced.device)
             x = torch.einsum("ty,yxd,sx->tsd", my, spliced, mx).reshape(vh * vw, d)
@@ -1140,7 +1202,7 @@ class TridentSegmenter(Segmenter):
         aggregated with the affinity among those tokens, scored, averaged per token."""
         sam = part.tokens
         vh, vw = sam.grid
-        cy, cx = self._part_centres(part, c.resized_size, c.original_size[1])
+        cy, cx = self._part_centres(part, c.resized_size)
         groups, feats = [], []
         for o, (y1, x1, y2, x2), (top, left, bottom, right) in zip(
             outs, c.win_box.tolist(), c.win_pad.tolist(), strict=True
@@ -1188,9 +1250,11 @@ class TridentSegmenter(Segmenter):
         [ours] the refinement runs on the left (original columns ``[0, W // 2)``) and right
         (``[W // 2, W)``) halves separately: each half's slice of the probabilities and coarse
         labels gets its own prompts (at ``1 / refine_down`` of the half's size) and is decoded
-        with a predictor set to that half's cached embedding (``sam_window``: original size =
-        the half's, input size = its ``halves_layout`` size); the refined halves are placed
-        side by side.
+        with a predictor set to that half's cached embedding (``sam_window``: image size =
+        the half's of SAM's image, input size = its ``halves_layout`` size); the refined halves
+        are placed side by side. The predictor's image is the one SAM encoded
+        (``sam_frame``: the rounded image with ``sam_round_up``), so the masks are decoded at
+        its size and resized to the probabilities' (``refine_with_sam``), as the reference.
 
         Args:
             index: image index.
@@ -1206,7 +1270,7 @@ class TridentSegmenter(Segmenter):
         """
         if not self.config.sam_refine:
             return labels, max_prob
-        from methods.sam_cache import sam_window
+        from methods.sam_cache import sam_frame, sam_window
         from methods.segment import class_probabilities
 
         cfg = self.config
@@ -1227,7 +1291,7 @@ class TridentSegmenter(Segmenter):
         ]
         if not any(pr.classes for pr in prompts):
             return labels, max_prob
-        f = fs.read(index, names=["embedding"])
+        f = sam_frame(fs.read(index, names=["embedding"]), fs.protocol)
         if len(f.win_grid) != len(parts):
             raise OvssError(
                 f"image {f.image_id} has {len(f.win_grid)} SAM window(s) in {fs.key}; "

@@ -61,6 +61,9 @@ TINY_SAM = {
 SIZES = ((61, 93), (97, 50))  # odd sides: canvas rounding, SAM floor grid < ceil grid
 OPTS = {"size": 64, "crop": 48, "stride": 32, "pad_multiple": 0, "sam_size": 256}
 WIN = Protocol("trident", 64, crop=48, stride=32, align=16)
+# SAM's image rounded up to the CLIP-B/16 grid first (METHODS.md §4 step 1, sam_round_up)
+LONG = Protocol("long", 256, align=16)
+HALVES = Protocol("halves", 256, align=16)
 
 
 CLASSES = ("sky", "tree", "road")  # the `custom` dataset of the store's images (CLI eval)
@@ -88,8 +91,9 @@ def store(tmp_path_factory):
     for model, proto, arch in (
         ("clip-b16", WIN, TINY_CLIP),
         ("dino-b16", WIN, TINY_VIT),
-        ("sam-b", Protocol("long", 256), TINY_SAM),
-        ("sam-b", Protocol("halves", 256), TINY_SAM),
+        ("sam-b", LONG, TINY_SAM),
+        ("sam-b", HALVES, TINY_SAM),
+        ("sam-b", Protocol("long", 256), TINY_SAM),  # the original image (sam_round_up=off)
     ):
         extract(recs, ExtractConfig(models=[model], protocol=proto, arch_overrides=arch, **common))
     return FeatureStore.open(tmp / "s.zarr")
@@ -298,6 +302,41 @@ def test_logits_live_on_sams_floor_grid_and_segment_odd_images(store):
     assert seg.sets["clip"].read(0, names=[]).resized_size == (64, 112)
 
 
+def test_sam_sees_the_image_rounded_up_to_the_clip_patch_grid(store):
+    """METHODS.md §4 step 1: SAM's image is the original resized so H and W round up to
+    multiples of the CLIP patch (``long256-a16``), so its grid is the rounded image's: image 1
+    (97 x 50 -> 112 x 64) is SamPredictor input 256 x 146, floor grid 16 x 9, where the original
+    image (256 x 132) would give 16 x 8 (``sam_round_up=off`` [ours] reads that set)."""
+    v = vocab()
+    seg = segmenter(store)
+    assert seg.sets["sam"].key == "sam-b@long256-a16"
+    f = seg.sets["sam"].read(1, names=[])
+    assert f.original_size == SIZES[1] and f.resized_size == (256, 146)
+    cos, size = seg.cosine_logits(1, v)
+    assert size == (16, 9) and cos.shape == (5, 16, 9)
+    labels, max_prob, _ = segment_image(seg, 1, v, ScoringConfig())
+    assert labels.shape == SIZES[1] and np.isfinite(max_prob).all()
+    off = segmenter(store, sam_round_up=False)
+    assert off.sets["sam"].key == "sam-b@long256"
+    cos_off, size_off = off.cosine_logits(1, v)
+    assert size_off == (16, 8)
+    assert segment_image(off, 1, v, ScoringConfig())[0].shape == SIZES[1]
+    # with the refinement (the predictor's image is the rounded one, masks resized back)
+    ref = segmenter(store, **REFINE)
+    new, prob = ref.refine(1, cos, labels, max_prob, v, ScoringConfig())
+    assert new.shape == SIZES[1] and prob.shape == SIZES[1] and not np.array_equal(prob, max_prob)
+
+
+def test_store_with_the_unrounded_sam_set_hints_sam_round_up_off(tmp_path):
+    only_original = one_image_store(tmp_path, Protocol("long", 256))
+    cls = get_method("trident")
+    with pytest.raises(ProvenanceMismatchError) as err:
+        cls(only_original, build_config(cls, None, OPTS))
+    msg = str(err.value)
+    assert "sam-b@long256-a16" in msg and "--set sam_round_up=off reads it" in msg
+    cls(only_original, build_config(cls, None, {**OPTS, "sam_round_up": False}))
+
+
 def test_identity_affinity_gives_the_plain_spliced_features(store, monkeypatch):
     """W = identity: ln_post(out_proj(spliced values)) @ proj, here checked against a plain
     token-by-token loop (identity window attention, windows averaged per canvas token)."""
@@ -373,7 +412,8 @@ def test_store_without_sam_names_the_extract_command(store, tmp_path):
     with pytest.raises(ProvenanceMismatchError) as err:
         cls(store, build_config(cls, None, {**OPTS, "sam_size": 512}))
     msg = str(err.value)
-    assert "sam-b@long512" in msg and "ovss extract" in msg and "--for trident --dataset" in msg
+    assert "sam-b@long512-a16" in msg and "ovss extract" in msg
+    assert "--for trident --dataset" in msg
     with pytest.raises(OvssError, match="clip_model must be one of"):
         build_config(cls, None, {"clip_model": "clip-x"})
 
@@ -453,16 +493,18 @@ def test_mask_prompt_is_letterboxed_and_alpha_scaled():
 
 @pytest.fixture(scope="module")
 def predictor(store):
-    from methods.sam_cache import CachedSamPredictor, load_sam_decoder_for
+    from methods.sam_cache import CachedSamPredictor, load_sam_decoder_for, sam_frame
 
-    fs = store.require("sam-b", Protocol("long", 256))
+    fs = store.require("sam-b", LONG)
     pred = CachedSamPredictor(load_sam_decoder_for(fs))
-    pred.set_features(fs.read(0, names=["embedding"]))
+    pred.set_features(sam_frame(fs.read(0, names=["embedding"]), LONG))
     return pred
 
 
 def test_refine_with_sam_keeps_or_replaces_labels(predictor):
     h, w = SIZES[0]
+    # SAM's image is the rounded one: masks decoded at its size, resized to the probabilities'
+    assert predictor.original_size == LONG.rounded_size(h, w) == (64, 96)
     p, labels = synthetic_probs(h, w)
     prompts = refinement_prompts(p, labels, coarse_thresh=0.2, minimal_area=20)
     assert prompts.classes
@@ -510,7 +552,7 @@ def test_sam_tokens_equal_the_cached_trident_inputs(store):
     from methods.sam_cache import sam_static, trident_sam_inputs
     from methods.trident import sam_tokens
 
-    fs = store.require("sam-b", Protocol("long", 256))
+    fs = store.require("sam-b", LONG)
     f = fs.read(1)
     ref = trident_sam_inputs(f, sam_static(fs), dtype=torch.float64)
     got = sam_tokens(f, sam_static(fs), dtype=torch.float64)
@@ -527,26 +569,31 @@ def test_halves_requirements_with_and_without_refinement(store):
     cls = get_method("trident")
     cfg = build_config(cls, None, {**OPTS, "sam_halves": True})
     (sam,) = [r for r in cls.requirements(cfg) if r.role == "sam"]
-    assert sam.protocol == Protocol("halves", 256) and sam.protocol.key() == "halves256"
+    assert sam.protocol == HALVES and sam.protocol.key() == "halves256-a16"
     assert "embedding" not in sam.tensors
-    assert build_config(cls, "cityscapes", {}).sam_protocol.key() == "halves1024"
+    assert build_config(cls, "cityscapes", {}).sam_protocol.key() == "halves1024-a16"
     # refinement as the reference (refine_sam=whole): the halves for the affinity, the
     # whole-image set for the refinement's embedding
     cfg = build_config(cls, "cityscapes", {"sam_refine": True})
     assert cfg.sam_halves and cfg.sam_refine and cfg.refine_sam == "whole"
     reqs = {r.role: r for r in cls.requirements(cfg)}
-    assert reqs["sam"].protocol.key() == "halves1024" and "embedding" not in reqs["sam"].tensors
+    assert reqs["sam"].protocol.key() == "halves1024-a16"
+    assert "embedding" not in reqs["sam"].tensors
     assert reqs["sam_refine"].model == "sam-b" and reqs["sam_refine"].tensors == ("embedding",)
-    assert reqs["sam_refine"].protocol == Protocol("long", 1024)
+    assert reqs["sam_refine"].protocol == Protocol("long", 1024, align=16)
     # refine_sam=halves [ours]: the halves' own embeddings, no whole-image set
     cfg = build_config(cls, "cityscapes", {"sam_refine": True, "refine_sam": "halves"})
     reqs = {r.role: r for r in cls.requirements(cfg)}
     assert "sam_refine" not in reqs and "embedding" in reqs["sam"].tensors
-    assert reqs["sam"].protocol.key() == "halves1024"
+    assert reqs["sam"].protocol.key() == "halves1024-a16"
     # SAM-H with CLIP-H: the whole-image set is SAM-H's too
     cfg = build_config(cls, "cityscapes", {"sam_refine": True, "clip_model": "clip-h14"})
     (whole,) = [r for r in cls.requirements(cfg) if r.role == "sam_refine"]
-    assert (whole.model, whole.protocol.key()) == ("sam-h", "long1024")
+    assert (whole.model, whole.protocol.key()) == ("sam-h", "long1024-a14")
+    # sam_round_up=off [ours]: SAM sets of the original image
+    cfg = build_config(cls, "cityscapes", {"sam_refine": True, "sam_round_up": False})
+    reqs = {r.role: r.protocol.key() for r in cls.requirements(cfg)}
+    assert (reqs["sam"], reqs["sam_refine"]) == ("halves1024", "long1024")
     with pytest.raises(OvssError, match="refine_sam must be one of whole, halves"):
         build_config(cls, None, {"refine_sam": "left"})
 
@@ -567,19 +614,19 @@ def one_image_store(tmp_path, sam_protocol):
 
 
 def test_halves_need_the_halves_set_and_name_the_extract_command(tmp_path):
-    only_whole = one_image_store(tmp_path, Protocol("long", 256))
+    only_whole = one_image_store(tmp_path, LONG)
     cls = get_method("trident")
     with pytest.raises(ProvenanceMismatchError) as err:
         cls(only_whole, build_config(cls, None, {**OPTS, "sam_halves": True}))
     msg = str(err.value)
-    assert "sam-b@halves256" in msg and "--resize halves --size 256" in msg
+    assert "sam-b@halves256-a16" in msg and "--resize halves --size 256 --align 16" in msg
     assert "--for trident --dataset" in msg
 
 
 def half_reference(seg, index, v, affinity=None):
     """Per half: the spliced canvas sampled onto the half's SAM grid, aggregated with that
     half's own affinity (from its own window of the halves set), scored."""
-    from methods.sam_cache import sam_static, sam_window
+    from methods.sam_cache import sam_frame, sam_static, sam_window
     from methods.trident import sam_tokens, window_outputs
 
     cfg = seg.config
@@ -587,10 +634,11 @@ def half_reference(seg, index, v, affinity=None):
     outs = window_outputs(clip, vfm, seg.block, cfg.beta, cfg.gamma, cfg.threshold_mean)
     spliced = splice_windows(outs, c.win_box, c.win_pad, c.resized_size, 16)
     fs = seg.sets["sam"]
-    f = fs.read(index)
+    f = sam_frame(fs.read(index), fs.protocol)  # the rounded image, split at its width // 2
     hc, wc = c.resized_size
     th, tw, d = spliced.shape
-    w = c.original_size[1]
+    w = f.original_size[1]
+    assert w == HALVES.rounded_size(*c.original_size)[1] and w % 2 == 0
     text = F.normalize(v.embeddings.float(), dim=-1)
     out = []
     for k, (a, b) in enumerate(((0, w // 2), (w // 2, w))):
@@ -617,7 +665,7 @@ def half_reference(seg, index, v, affinity=None):
 def test_halves_each_use_their_own_affinity_side_by_side(store, index):
     v = vocab()
     seg = segmenter(store, sam_halves=True)
-    assert seg.sets["sam"].key == "sam-b@halves256"
+    assert seg.sets["sam"].key == "sam-b@halves256-a16"
     cos, size = seg.cosine_logits(index, v)
     left, right = half_reference(seg, index, v)
     assert left.shape[1] == right.shape[1]  # the test images' halves are taller than wide
@@ -666,12 +714,13 @@ HALVES_REFINE = {**REFINE, "sam_halves": True, "refine_sam": "halves"}
 
 
 def half_predictor(store, index, k):
-    """A predictor set to half ``k`` of image ``index`` of the halves set (``sam_window``)."""
-    from methods.sam_cache import CachedSamPredictor, load_sam_decoder_for, sam_window
+    """A predictor set to half ``k`` of image ``index`` of the halves set (``sam_window`` of
+    SAM's frame, the rounded image)."""
+    from methods.sam_cache import CachedSamPredictor, load_sam_decoder_for, sam_frame, sam_window
 
-    fs = store.require("sam-b", Protocol("halves", 256))
+    fs = store.require("sam-b", HALVES)
     pred = CachedSamPredictor(load_sam_decoder_for(fs))
-    pred.set_features(sam_window(fs.read(index, names=["embedding"]), k))
+    pred.set_features(sam_window(sam_frame(fs.read(index, names=["embedding"]), HALVES), k))
     return pred
 
 
@@ -680,7 +729,7 @@ def half_predictor(store, index, k):
 def test_halves_refinement_runs_end_to_end(store, index, refine_sam):
     v = vocab()
     seg = segmenter(store, sam_halves=True, **{**REFINE, "refine_sam": refine_sam})
-    assert seg.sets["sam"].key == "sam-b@halves256"
+    assert seg.sets["sam"].key == "sam-b@halves256-a16"
     assert ("sam_refine" in seg.sets) == (refine_sam == "whole")
     labels, max_prob, _ = segment_image(seg, index, v, ScoringConfig())
     assert labels.shape == SIZES[index] and max_prob.shape == SIZES[index]
@@ -694,9 +743,10 @@ def test_halves_refinement_runs_end_to_end(store, index, refine_sam):
 @pytest.mark.parametrize("index", range(len(SIZES)))
 def test_halves_refinement_is_the_refinement_of_each_half(store, index):
     """``refine_sam=halves``: each half of the result is exactly ``refine_with_sam`` run on
-    that half's probability slice, with prompts from that slice and a predictor set to that
-    half's cached embedding (original size = the half's, input size = its ``halves_layout``
-    size)."""
+    that half's probability slice (original columns split at ``W // 2``), with prompts from
+    that slice and a predictor set to that half's cached embedding (its image: the half of the
+    rounded image, input size = its ``halves_layout`` size; the masks are resized to the
+    slice)."""
     from methods.segment import class_probabilities
 
     v = vocab()
@@ -709,11 +759,14 @@ def test_halves_refinement_is_the_refinement_of_each_half(store, index):
     assert new.shape == (h, w) and prob.shape == (h, w)
     probs = class_probabilities(cos, (h, w), v, ScoringConfig())
     coarse = torch.from_numpy(labels.astype(np.int64))
-    layout = Protocol("halves", 256).halves_layout(h, w)
-    for k, (a, b, rh, rw) in enumerate(layout):
-        assert (a, b) == ((0, w // 2), (w // 2, w))[k]
+    layout = HALVES.halves_layout(h, w)
+    hr, wr = HALVES.rounded_size(h, w)
+    for k, ((x1, x2, rh, rw), (a, b)) in enumerate(
+        zip(layout, ((0, w // 2), (w // 2, w)), strict=True)
+    ):
+        assert (x1, x2) == ((0, wr // 2), (wr // 2, wr))[k]
         pred = half_predictor(store, index, k)
-        assert pred.original_size == (h, b - a) and pred.input_size == (rh, rw)
+        assert pred.original_size == (hr, x2 - x1) and pred.input_size == (rh, rw)
         p, c = probs[:, :, a:b].contiguous(), coarse[:, a:b].contiguous()
         prompts = refinement_prompts(p, c, coarse_thresh=0.0, minimal_area=4, down=2)
         assert prompts.classes and prompts.reduced_size == (h // 2, (b - a) // 2)
@@ -773,12 +826,12 @@ def test_whole_image_refinement_is_refine_with_sam_on_the_whole_image(store, pre
 
 
 def whole_predictor(store, index):
-    """A predictor set to image ``index`` of the whole-image SAM set."""
-    from methods.sam_cache import CachedSamPredictor, load_sam_decoder_for
+    """A predictor set to image ``index`` of the whole-image SAM set (SAM's frame)."""
+    from methods.sam_cache import CachedSamPredictor, load_sam_decoder_for, sam_frame
 
-    fs = store.require("sam-b", Protocol("long", 256))
+    fs = store.require("sam-b", LONG)
     pred = CachedSamPredictor(load_sam_decoder_for(fs))
-    pred.set_features(fs.read(index, names=["embedding"]))
+    pred.set_features(sam_frame(fs.read(index, names=["embedding"]), LONG))
     return pred
 
 
@@ -786,7 +839,7 @@ def whole_predictor(store, index):
 def test_halves_refinement_on_the_whole_image_is_refine_with_sam(store, index):
     """``refine_sam=whole`` (default, the reference): the logits come from the halves' affinity,
     and the refinement is one ``refine_with_sam`` on the whole probability map with a predictor
-    set to the whole-image set's embedding (original size = the image's)."""
+    set to the whole-image set's embedding (its image: the rounded one, as the reference)."""
     from methods.segment import class_probabilities
 
     v = vocab()
@@ -796,8 +849,8 @@ def test_halves_refinement_on_the_whole_image_is_refine_with_sam(store, index):
     )
     seg = segmenter(store, sam_halves=True, **REFINE)
     assert seg.config.refine_sam == "whole"
-    assert seg.sets["sam"].key == "sam-b@halves256"
-    assert seg.sets["sam_refine"].key == "sam-b@long256"
+    assert seg.sets["sam"].key == "sam-b@halves256-a16"
+    assert seg.sets["sam_refine"].key == "sam-b@long256-a16"
     cos_refine, _ = seg.cosine_logits(index, v)
     assert torch.equal(cos_refine, cos)  # the whole-image set is read by the refinement only
     new, prob = seg.refine(index, cos, labels, max_prob, v, ScoringConfig())
@@ -806,7 +859,7 @@ def test_halves_refinement_on_the_whole_image_is_refine_with_sam(store, index):
     prompts = refinement_prompts(probs, coarse, coarse_thresh=0.0, minimal_area=4, down=2)
     assert prompts.classes and prompts.reduced_size == (h // 2, w // 2)
     pred = whole_predictor(store, index)
-    assert pred.original_size == (h, w)
+    assert pred.original_size == LONG.rounded_size(h, w) != (h, w)
     want, scores = refine_with_sam(
         pred, probs, coarse, prompts, coarse_thresh=0.0, alpha=0.005, iou_thresh=-1.0
     )
@@ -828,7 +881,7 @@ def test_refine_sam_changes_nothing_without_halves(store):
     whole, halves = (build_config(cls, None, {**OPTS, **REFINE, "refine_sam": r}) for r in
                      ("whole", "halves"))  # fmt: skip
     assert cls.requirements(whole) == cls.requirements(halves)
-    assert whole.refine_protocol == halves.refine_protocol == Protocol("long", 256)
+    assert whole.refine_protocol == halves.refine_protocol == LONG
     labels, max_prob, cos = segment_image(segmenter(store), 1, v, ScoringConfig())
     a = segmenter(store, **REFINE).refine(1, cos, labels, max_prob, v, ScoringConfig())
     b = segmenter(store, **REFINE, refine_sam="halves").refine(
@@ -841,7 +894,7 @@ def test_refine_sam_changes_nothing_without_halves(store):
 def test_whole_image_refinement_needs_the_whole_image_set(tmp_path):
     """A store with the halves set only: the affinity and the per-half refinement work; the
     reference's whole-image refinement names the one command that adds its set."""
-    only_halves = one_image_store(tmp_path, Protocol("halves", 256))
+    only_halves = one_image_store(tmp_path, HALVES)
     cls = get_method("trident")
     halves = {**OPTS, "sam_halves": True}
     cls(only_halves, build_config(cls, None, halves))
@@ -851,10 +904,10 @@ def test_whole_image_refinement_needs_the_whole_image_set(tmp_path):
     with pytest.raises(ProvenanceMismatchError) as err:
         cls(only_halves, build_config(cls, None, {**halves, "sam_refine": True}))
     msg = str(err.value)
-    assert "\n" not in msg and "'sam-b@long256'" in msg and "refine_sam=halves" in msg
+    assert "\n" not in msg and "'sam-b@long256-a16'" in msg and "refine_sam=halves" in msg
     assert msg.endswith(
         f"run: ovss extract --store {only_halves.path} --model sam-b --resize long --size 256 "
-        "<images or --dataset ...>"
+        "--align 16 <images or --dataset ...>"
     )
 
 
@@ -948,6 +1001,6 @@ def test_cli_segment_and_eval_with_sam_refine(store, tmp_path):
     prot = d["protocol"]
     assert prot["method"] == "trident"
     assert prot["config"]["sam_halves"] is True and prot["config"]["refine_sam"] == "whole"
-    assert prot["backbones"]["sam"]["feature_set"] == "sam-b@halves256"
-    assert prot["backbones"]["sam_refine"]["feature_set"] == "sam-b@long256"
+    assert prot["backbones"]["sam"]["feature_set"] == "sam-b@halves256-a16"
+    assert prot["backbones"]["sam_refine"]["feature_set"] == "sam-b@long256-a16"
     assert json.loads((tmp_path / "eval.json").read_text())["metrics"] == d["metrics"]

@@ -1,0 +1,237 @@
+"""Trident's SAM affinity (``METHODS.md`` §4 step 5), fused and chunked over query rows.
+
+``methods.trident.sam_affinity`` builds, per head, the whole ``(n, n)`` attention of SAM's last
+global-attention block among the valid tokens (``SamTokens.attn_head``), then its cosine mask,
+and accumulates. On SAM-B's 64 x 64 grid (``n = 4096``, 12 heads) that is ~6 s per image on two
+CPU cores, most of it spent writing and re-reading ``(n, n)`` temporaries.
+
+``fused_affinity`` computes the same matrix one block of ``chunk`` valid query rows at a time;
+per block and head it never holds more than a ``(chunk, N)`` logits block (``N`` tokens of the
+cached grid) and a ``(chunk, n)`` cosine block:
+
+    logits = (q_c * scale) k^T + q_c . R_h[y_c - y_k + S - 1] + q_c . R_w[x_c - x_k + S - 1]
+             (the rel-pos terms as q_c @ table^T, then gathered: no (c, kh, hd) tables)
+    attn   = softmax_keys(logits) * exp(attn_log_mass[c, h])   (one exp pass; valid keys only)
+    keep   = sv_h[c] . sv_h^T > thr_c  (strict; diagonal kept)            ("aff")
+    W[c]  += where(keep, attn, 0)   ("aff")    or    W[c] += attn   ("attn")
+
+and then row-normalises the block (a dead row becomes an identity row). The mean over heads of
+the reference cancels in the row normalisation and is skipped. Results equal the reference to
+float32 rounding; a keep decision can differ only for a cosine within rounding of ``thr``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DEFAULT_CHUNK",
+    "SamAttentionFactors",
+    "factors_from_arrays",
+    "fused_affinity",
+    "top_left_rows",
+]
+
+#: Query rows per block (a (512, 4096) float32 logits block is 8 MB): on 2 CPU cores and SAM-B's
+#: 4096 tokens, 512 to 1024 rows take ~0.9 s per image, 256 rows ~1.0 s, 2048 rows ~1.0 s.
+DEFAULT_CHUNK = 512
+
+
+def top_left_rows(cached: tuple[int, int], valid: tuple[int, int]) -> torch.Tensor:
+    """Row-major indices ``(vh*vw,)`` of the top-left ``valid`` sub-grid in the ``cached`` grid."""
+    (_, gw), (vh, vw) = cached, valid
+    return (torch.arange(vh)[:, None] * gw + torch.arange(vw)[None, :]).reshape(-1)
+
+
+@dataclass
+class SamAttentionFactors:
+    """What the fused path needs of SAM's cached global-attention block, for one image.
+
+    Attributes:
+        q: ``(N, H, hd)`` unscaled queries of the cached grid (``N = gh * gw``, row-major).
+        k: ``(N, H, hd)`` keys.
+        attn_log_mass: ``(N, H)`` log attention mass of each query on the cached grid's keys.
+        rel_pos_h: ``(2S - 1, hd)`` height table of the block.
+        rel_pos_w: ``(2S - 1, hd)`` width table of the block.
+        scale: ``hd ** -0.5``.
+        cached: ``(gh, gw)`` the cached grid (softmax runs over its ``N`` keys).
+        rows: ``(n,)`` index in the cached grid of each valid token (row-major over the valid
+            grid; ``top_left_rows`` for Trident's crop).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    attn_log_mass: torch.Tensor
+    rel_pos_h: torch.Tensor
+    rel_pos_w: torch.Tensor
+    scale: float
+    cached: tuple[int, int]
+    rows: torch.Tensor
+
+    def __post_init__(self) -> None:
+        gh, gw = self.cached
+        if self.q.ndim != 3 or self.q.shape != self.k.shape or self.q.shape[0] != gh * gw:
+            raise ValueError(
+                f"q/k must be (gh*gw, H, hd) alike for grid {self.cached}, got "
+                f"{tuple(self.q.shape)} {tuple(self.k.shape)}"
+            )
+        if tuple(self.attn_log_mass.shape) != tuple(self.q.shape[:2]):
+            raise ValueError(f"attn_log_mass must be (N, H), got {tuple(self.attn_log_mass.shape)}")
+        span_h, span_w = (self.rel_pos_h.shape[0] + 1) // 2, (self.rel_pos_w.shape[0] + 1) // 2
+        if gh > span_h or gw > span_w:
+            raise ValueError(f"grid {self.cached} exceeds the block's {span_h}x{span_w} grid")
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.q.shape[1])
+
+
+def _key_columns(rows: torch.Tensor, cached: tuple[int, int]) -> tuple[int, int] | None:
+    """``(vh, vw)`` when ``rows`` is the top-left crop of ``cached`` (valid keys are then a
+    strided view of a logits block), else ``None``."""
+    gh, gw = cached
+    n = int(rows.numel())
+    for vh in range(1, gh + 1):
+        if n % vh == 0 and n // vh <= gw:
+            vw = n // vh
+            if torch.equal(rows.cpu(), top_left_rows(cached, (vh, vw))):
+                return vh, vw
+    return None
+
+
+def fused_affinity(
+    factors: SamAttentionFactors,
+    unit_values: torch.Tensor,
+    thresholds: torch.Tensor,
+    correlation: str = "aff",
+    chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Trident's row-normalised SAM affinity ``(n, n)`` over all valid tokens, chunked.
+
+    Same matrix as ``methods.trident.sam_affinity(sam, [None], correlation, ...)`` with the
+    attention of ``factors`` (normalised over the cached grid, cropped, not renormalised).
+
+    Args:
+        factors: the image's cached attention factors.
+        unit_values: ``(H, n, hd)`` l2-normalised values of the valid tokens; sets the dtype
+            and device of the computation and the result.
+        thresholds: ``(n,)`` per-query cosine thresholds (``methods.trident.cosine_thresholds``);
+            unused for ``"attn"``.
+        correlation: ``"aff"`` (``mean_h where(cos_h > thr, attn_h, 0)``, diagonal kept) or
+            ``"attn"`` (``mean_h attn_h``).
+        chunk: query rows per block.
+
+    Returns:
+        ``(n, n)``: rows sum to 1 (a row whose mass vanished is an identity row).
+    """
+    if correlation not in ("aff", "attn"):
+        raise ValueError(f"the fused affinity takes correlation aff or attn, not {correlation!r}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    sv = unit_values
+    dtype, device = sv.dtype, sv.device
+    heads, n, hd = sv.shape
+    gh, gw = factors.cached
+    big_n = gh * gw
+    if factors.num_heads != heads or factors.q.shape[2] != hd or factors.rows.numel() != n:
+        raise ValueError(
+            f"factors (N={big_n}, H={factors.num_heads}, hd={factors.q.shape[2]}, "
+            f"n={factors.rows.numel()}) do not match values {tuple(sv.shape)}"
+        )
+    rows = factors.rows.to(device, torch.long)
+    crop = _key_columns(rows, factors.cached)
+    span_h = (factors.rel_pos_h.shape[0] + 1) // 2
+    span_w = (factors.rel_pos_w.shape[0] + 1) // 2
+    table_h = factors.rel_pos_h.to(device, dtype)
+    table_w = factors.rel_pos_w.to(device, dtype)
+    # Per head, valid queries (H, n, hd), the scaled copy, keys as (H, hd, N) for q @ k^T.
+    q = factors.q.to(device, dtype).index_select(0, rows).permute(1, 0, 2).contiguous()
+    qs = q * factors.scale
+    kt = factors.k.to(device, dtype).permute(1, 2, 0).contiguous()
+    log_mass = factors.attn_log_mass.to(device, dtype).index_select(0, rows).T.contiguous()
+    svt = sv.transpose(1, 2).contiguous()  # (H, hd, n)
+    # Rel-pos gather indices of each valid query against every row / column of the cached grid.
+    yq, xq = rows // gw, rows % gw
+    idx_h = yq[:, None] - torch.arange(gh, device=device)[None, :] + (span_h - 1)  # (n, gh)
+    idx_w = xq[:, None] - torch.arange(gw, device=device)[None, :] + (span_w - 1)  # (n, gw)
+    thr = thresholds.to(device, dtype)
+
+    out = sv.new_empty(n, n)
+    logits_buf = sv.new_empty(min(chunk, n), big_n)
+    cos_buf = sv.new_empty(min(chunk, n), n)
+    for c0 in range(0, n, chunk):
+        c1 = min(c0 + chunk, n)
+        c = c1 - c0
+        acc = out[c0:c1]  # the first head writes it, the others add
+        logits = logits_buf[:c]
+        diag = torch.arange(c, device=device) * n + torch.arange(c0, c1, device=device)
+        for h in range(heads):
+            qc = q[h, c0:c1]
+            rel_h = torch.gather(qc @ table_h.T, 1, idx_h[c0:c1])  # (c, gh)
+            rel_w = torch.gather(qc @ table_w.T, 1, idx_w[c0:c1])  # (c, gw)
+            torch.add(rel_h[:, :, None], rel_w[:, None, :], out=logits.view(c, gh, gw))
+            logits.addmm_(qs[h, c0:c1], kt[h])
+            # softmax over the cached grid's keys, times the mass: one exp pass; the row factor
+            # exp(log_mass) / sum is applied with the mask
+            top = logits.amax(dim=-1, keepdim=True)
+            logits.sub_(top).exp_()
+            factor = log_mass[h, c0:c1].exp().div_(logits.sum(dim=-1))[:, None]
+            if crop is not None:
+                attn = logits.view(c, gh, gw)[:, : crop[0], : crop[1]]
+                target = acc.view(c, *crop)
+            else:
+                attn = logits.index_select(1, rows)
+                target = acc
+            if correlation == "attn":
+                weight = factor.view(c, *([1] * (target.ndim - 1)))
+            else:
+                weight = cos_buf[:c]
+                torch.mm(sv[h, c0:c1], svt[h], out=weight)
+                weight.view(-1)[diag] = float("inf")
+                weight.gt_(thr[c0:c1, None]).mul_(factor)  # keep (0 / 1) times the row factor
+                weight = weight.view(target.shape)
+            if h == 0:
+                torch.mul(attn, weight, out=target)
+            else:
+                target.addcmul_(attn, weight)
+        mass = acc.sum(dim=-1, keepdim=True)
+        dead = mass[:, 0] <= 0
+        if bool(dead.any()):
+            d = dead.nonzero()[:, 0]
+            acc[d] = 0
+            acc[d, d + c0] = 1
+            mass = acc.sum(dim=-1, keepdim=True)
+        acc.div_(mass)
+    return out
+
+
+def factors_from_arrays(
+    q: np.ndarray | torch.Tensor,
+    k: np.ndarray | torch.Tensor,
+    attn_log_mass: np.ndarray | torch.Tensor,
+    static: dict,
+    cached: tuple[int, int],
+    rows: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> SamAttentionFactors:
+    """``SamAttentionFactors`` from cached arrays and a SAM set's static arrays
+    (``methods.sam_cache.sam_static``: ``rel_pos_h``, ``rel_pos_w``, ``scale``)."""
+
+    def tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+        return t.to(device, dtype)
+
+    return SamAttentionFactors(
+        q=tensor(q),
+        k=tensor(k),
+        attn_log_mass=tensor(attn_log_mass),
+        rel_pos_h=tensor(static["rel_pos_h"]),
+        rel_pos_w=tensor(static["rel_pos_w"]),
+        scale=float(np.asarray(static["scale"]).reshape(-1)[0]),
+        cached=(int(cached[0]), int(cached[1])),
+        rows=rows.to(device, torch.long),
+    )
