@@ -30,9 +30,9 @@ class Protocol:
             multiple of ``align`` and raised to at least ``crop``, so every sliding window is a
             full ``crop`` x ``crop`` crop whose corners lie on the ``align`` patch grid) or
             ``halves`` (Trident's Cityscapes SAM input, EVAL.md §4.4: the left half (columns
-            ``[0, W // 2)``) and the right half (``[W // 2, W)``) of the original image, each
-            resized on its own with the ``long`` rule; see ``halves_layout``; no crop, stride
-            or padding options).
+            ``[0, W // 2)``) and the right half (``[W // 2, W)``) of the image, each resized on
+            its own with the ``long`` rule; see ``halves_layout``; no crop, stride or padding
+            options). ``long`` and ``halves`` may first round the image up (``align``).
         size: target side in pixels for ``short``/``square``/``long``/``trident``/``halves``;
             ignored for ``none``.
         max_long: cap on the longer side for ``short`` (2048 in every benchmark config).
@@ -41,10 +41,15 @@ class Protocol:
         pad_multiple: each window is zero-padded (in normalised space, i.e. with the mean colour)
             symmetrically up to a multiple of this many pixels; 0 means "the backbone's patch
             size". [ours] symmetric padding as ProxyCLIP does for its 56-pixel rule.
-        align: ``trident`` only (0 otherwise): the patch grid of the canvas, i.e. the CLIP patch
-            size (16 for CLIP-B/16, 14 for CLIP-L/14 and H/14); ``crop`` and ``stride`` must be
-            multiples of it. Left out of ``to_dict`` when 0, so the records of the other modes
-            are unchanged.
+        align: ``trident``: the patch grid of the canvas, i.e. the CLIP patch size (16 for
+            CLIP-B/16, 14 for CLIP-L/14 and H/14); ``crop`` and ``stride`` must be multiples of
+            it. ``long`` / ``halves`` (SAM's input, Trident's METHODS.md §4 step 1): 0, or a
+            pre-rounding: before the resize rule the image is resized bilinearly (OpenCV's
+            ``INTER_LINEAR``, ``featurestore.resize``) to ``rounded_size``, each side rounded
+            *up* to a multiple of ``align`` (a no-op when both already are); ``halves`` then
+            splits that rounded image. Key suffix ``-a<align>`` (``long1024-a16``). Unused by
+            the other modes (must be 0). Left out of ``to_dict`` when 0, so the records of
+            protocols without it are unchanged.
     """
 
     resize: str = "short"
@@ -74,18 +79,26 @@ class Protocol:
                     f"resize 'trident' puts windows on the {self.align}-pixel patch grid: crop "
                     f"{self.crop} and stride {self.stride} must be multiples of {self.align}"
                 )
-        elif self.align:
-            raise ValueError(f"align is only used with resize 'trident', not {self.resize!r}")
+        elif self.align < 0:
+            raise ValueError(f"align must be >= 0, not {self.align}")
+        elif self.align and self.resize not in ("long", "halves"):
+            raise ValueError(
+                "align is used with resize 'trident' (the canvas grid) and 'long' / 'halves' "
+                f"(SAM's pre-rounding), not with {self.resize!r}"
+            )
         if self.resize == "halves" and (self.crop or self.stride or self.pad_multiple):
             raise ValueError(
                 "resize 'halves' is two whole half-images: no crop, stride or pad_multiple"
             )
 
     def key(self) -> str:
-        """A short, filesystem-safe identifier, e.g. ``short448`` or ``short336-c224s112``."""
+        """A short, filesystem-safe identifier, e.g. ``short448``, ``short336-c224s112`` or
+        ``long1024-a16``."""
         base = "orig" if self.resize == "none" else f"{self.resize}{self.size}"
         if self.resize == "trident":
             base += f"a{self.align}"
+        elif self.align:
+            base += f"-a{self.align}"
         if self.resize in ("short", "trident") and self.max_long != 2048:
             base += f"max{self.max_long}"
         if self.crop:
@@ -104,23 +117,37 @@ class Protocol:
     def from_dict(cls, d: dict) -> Protocol:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
+    def rounded_size(self, height: int, width: int) -> tuple[int, int]:
+        """Size ``(H, W)`` of the image the resize rule starts from: for ``long`` / ``halves``
+        with ``align``, each side of the original rounded *up* to a multiple of ``align``
+        (``(512, 683)`` -> ``(512, 688)`` at 16); the original size otherwise."""
+        if self.align and self.resize in ("long", "halves"):
+            a = self.align
+            return -(-height // a) * a, -(-width // a) * a
+        return height, width
+
     def halves_layout(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
         """``halves`` only: per half ``(src_x1, src_x2, rh, rw)``, its columns ``[src_x1,
-        src_x2)`` in the original image and its own ``long``-rule size ``(rh, rw)`` (longer side
-        = ``size``, ``int(x * f + 0.5)``, at least 1 px, as SAM's ``ResizeLongestSide``).
+        src_x2)`` in the image that is split (the original, or with ``align`` the rounded image
+        of ``rounded_size``; ``height`` and ``width`` are the original size either way) and its
+        own ``long``-rule size ``(rh, rw)`` (longer side = ``size``, ``int(x * f + 0.5)``, at
+        least 1 px, as SAM's ``ResizeLongestSide``).
 
         The two resized halves are laid side by side, top-aligned, on the "resized image" of
         ``resized_size``: ``(max(rh), rw_left + rw_right)``; the left half is the box
         ``(0, 0, rh_l, rw_l)``, the right one ``(0, rw_l, rh_r, rw_l + rw_r)``. For Cityscapes
         (2048 x 1024, halves 1024 x 1024) at ``size=1024`` the scale is 1 and the layout is the
         original image. With an odd width the right half is one column wider, so the two halves
-        may get slightly different scales (and heights) when they are wider than tall.
+        may get slightly different scales (and heights) when they are wider than tall (an even
+        ``align`` makes the rounded width even: two equal halves).
 
         Raises:
-            ValueError: not ``halves``, or an image narrower than 2 px (no left half).
+            ValueError: not ``halves``, or an image (after rounding) narrower than 2 px (no
+                left half).
         """
         if self.resize != "halves":
             raise ValueError(f"halves_layout needs resize 'halves', not {self.resize!r}")
+        height, width = self.rounded_size(height, width)
         if width < 2 or height < 1:
             raise ValueError(f"a {height}x{width} image has no left and right halves")
         out = []
@@ -133,7 +160,8 @@ class Protocol:
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """Size ``(H, W)`` of the resized image (EVAL.md §4.1: ``int(x * f + 0.5)``; for
-        ``halves`` the side-by-side layout of ``halves_layout``)."""
+        ``halves`` the side-by-side layout of ``halves_layout``; ``long`` with ``align`` resizes
+        the ``rounded_size``)."""
         if self.resize == "halves":
             layout = self.halves_layout(height, width)
             return max(r[2] for r in layout), sum(r[3] for r in layout)
@@ -142,6 +170,7 @@ class Protocol:
         if self.resize == "square":
             return self.size, self.size
         if self.resize == "long":
+            height, width = self.rounded_size(height, width)
             f = self.size / max(height, width)
         else:
             f = min(self.max_long / max(height, width), self.size / min(height, width))
@@ -188,6 +217,9 @@ class ImageGeometry:
     original: tuple[int, int]
     resized: tuple[int, int]
     windows: list[WindowGeometry] = field(default_factory=list)
+    # The image the resize rule starts from when it is not the original: SAM's pre-rounding
+    # (``Protocol.align`` with ``long`` / ``halves``, ``Protocol.rounded_size``).
+    rounded: tuple[int, int] | None = None
 
     @property
     def n_windows(self) -> int:
@@ -210,6 +242,11 @@ def image_geometry(protocol: Protocol, height: int, width: int, patch_size: int)
         raise ValueError(
             "resize 'halves' is SAM's two-window input; only SAM backbones take it "
             "(featurestore.backbones.sam)"
+        )
+    if protocol.resize == "long" and protocol.align:
+        raise ValueError(
+            f"align with resize 'long' ({protocol.key()}) is SAM's pre-rounding; only SAM "
+            "backbones take it (featurestore.backbones.sam)"
         )
     multiple = protocol.pad_multiple or patch_size
     if multiple % patch_size:

@@ -21,15 +21,17 @@ Presets (EVAL.md §4.2 / §4.4; the full table is in the README, ``ovss extract`
     pad_multiple=56, align=<CLIP patch>)`` (METHODS.md §4 step 2: the short-side size S, each
     side rounded *up* to a multiple of the CLIP patch and raised to at least the crop, so every
     window is a full crop on the patch grid; key e.g. ``trident448a16-c336s224-pad56``), plus
-    SAM per image ``Protocol(resize="long", size=1024)`` (``sam-b``; ``sam-h`` when the CLIP is
-    ``clip-h14``, as in the paper). Class files: ProxyCLIP family.
-    [ours] The reference feeds SAM the original image rounded up to multiples of 16; here SAM
-    gets the original image (SamPredictor's own resize). Cityscapes: SAM runs on the left and
-    right image halves as in the reference, ``Protocol(resize="halves", size=1024)`` (key
-    ``halves1024``: two SamPredictor inputs per image); the reference's ``--sam-refine``
-    decodes against the whole image, which needs the whole-image set ``sam-b@long1024`` too
-    (a separate ``ovss extract --model sam-b --resize long --size 1024`` call; not a recipe
-    step, since only the refinement reads it; both noted in the recipe).
+    SAM per image ``Protocol(resize="long", size=1024, align=<CLIP patch>)`` (``sam-b``;
+    ``sam-h`` when the CLIP is ``clip-h14``, as in the paper; key ``long1024-a16``): as in the
+    reference (METHODS.md §4 step 1), SAM gets the image resized with OpenCV's bilinear rule so
+    that H and W round *up* to multiples of the CLIP patch (16, or 14 for CLIP-L/H), then
+    SamPredictor's own resize. Class files: ProxyCLIP family.
+    Cityscapes: SAM runs on the left and right halves of that rounded image as in the
+    reference, ``Protocol(resize="halves", size=1024, align=<CLIP patch>)`` (key
+    ``halves1024-a16``: two SamPredictor inputs per image); the reference's ``--sam-refine``
+    decodes against the whole image, which needs the whole-image set ``sam-b@long1024-a16``
+    too (a separate ``ovss extract --model sam-b --resize long --size 1024 --align 16`` call;
+    not a recipe step, since only the refinement reads it; both noted in the recipe).
 ``maskclip``
     SCLIP-style: ``clip-b16`` windows ``Protocol(short S, crop 224, stride 112)`` with SCLIP's
     per-dataset S (EVAL.md §4.2); SCLIP family class files.
@@ -339,11 +341,6 @@ def recipe_for(
             "vfm": ("dino-b16", win),
             "sam": ("sam-b", SAM_HALVES_PROTOCOL if t.sam_halves else SAM_PROTOCOL),
         }
-        if t.sam_halves:
-            notes.append(
-                "SAM runs on the left and right image halves (as the reference): "
-                f"{SAM_HALVES_PROTOCOL.key()}, two SamPredictor inputs per image"
-            )
     elif method == "maskclip":
         s = SCLIP_PRESETS[ds]
         settings = {**asdict(s), "crop": SCLIP_WINDOW[0], "stride": SCLIP_WINDOW[1]}
@@ -385,6 +382,14 @@ def recipe_for(
         )
         roles["clip"] = (roles["clip"][0], canvas)
         roles["vfm"] = (roles["vfm"][0], canvas)
+        # SAM's image (METHODS.md §4 step 1): H and W rounded up to the same patch grid first.
+        sam_proto = dataclasses.replace(roles["sam"][1], align=align)
+        roles["sam"] = (roles["sam"][0], sam_proto)
+        notes.append(
+            f"SAM gets the image resized so H and W round up to multiples of {align} (the "
+            f"CLIP patch, as the reference): {sam_proto.key()}"
+            + (", on its left and right halves (two SamPredictor inputs)" if t.sam_halves else "")
+        )
 
     changes = {
         k: v
@@ -408,12 +413,13 @@ def recipe_for(
         settings.update(changes)
         notes.append(f"preset changed: {', '.join(f'{k}={v}' for k, v in changes.items())}")
     if method == "trident" and TRIDENT_PRESETS[ds].sam_halves:
-        sam = next(s.model for s in steps if s.role == "sam")
-        whole = dataclasses.replace(SAM_HALVES_PROTOCOL, resize="long")
+        sam_step = next(s for s in steps if s.role == "sam")
+        whole = dataclasses.replace(sam_step.protocol, resize="long")
         notes.append(
             f"--sam-refine (refine_sam=whole, the reference) also needs the whole-image SAM set "
-            f"{sam}@{whole.key()}: ovss extract --store STORE --model {sam} --resize long "
-            f"--size {whole.size} --dataset {ds} --data-root PATH"
+            f"{sam_step.model}@{whole.key()}: ovss extract --store STORE --model "
+            f"{sam_step.model} --resize long --size {whole.size} --align {whole.align} "
+            f"--dataset {ds} --data-root PATH"
         )
 
     clip_models = [s.model for s in steps if s.model.startswith("clip-")]

@@ -102,7 +102,8 @@ def extract_command(store: str, model: str, protocol: Protocol, extra: str = "")
     ``--for trident``, whose window options are all given so the key does not depend on the
     ``--dataset`` preset, and whose canvas grid (``align``) is the patch of the recipe's CLIP
     (``--model clip-l14`` for a 14-pixel grid). That call also extracts the recipe's other sets
-    and text embeddings (resuming what exists).
+    and text embeddings (resuming what exists). SAM sets rounded up to a patch grid
+    (``long1024-a16``, Trident's SAM input) are named with ``--align``.
     """
     p = protocol
     if p.resize == "trident":
@@ -118,6 +119,8 @@ def extract_command(store: str, model: str, protocol: Protocol, extra: str = "")
     cmd = f"ovss extract --store {store} --model {model} --resize {p.resize}"
     if p.resize != "none":
         cmd += f" --size {p.size}"
+    if p.align:  # SAM's pre-rounding (long / halves)
+        cmd += f" --align {p.align}"
     if p.crop:
         cmd += f" --crop {p.crop} --stride {p.stride}"
     if p.pad_multiple:

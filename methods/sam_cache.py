@@ -12,6 +12,8 @@ over the ``ceil`` grid ``win_grid[0]``), and per feature set the static arrays `
   (``METHODS.md`` §4 step 1).
 - ``sam_window``: one window of a two-window (``Protocol(resize="halves")``) image as an image
   of its own (Trident's Cityscapes rule: SAM on the left and right halves).
+- ``sam_frame``: an image of a set with SAM's pre-rounding (``Protocol.align``, Trident's input)
+  in the frame SAM saw, the rounded image (``original_size`` = ``Protocol.rounded_size``).
 - ``CachedSamPredictor``: ``SamPredictor`` on a cached embedding (point/box/mask prompts, Trident's
   step 7).
 - ``generate_masks_cached``: ``SamAutomaticMaskGenerator`` on a cached embedding.
@@ -52,6 +54,7 @@ from featurestore.backbones.sam import (
     load_sam_decoder,
 )
 from featurestore.errors import OvssError, ProvenanceMismatchError
+from featurestore.protocol import Protocol
 from featurestore.store import FeatureSet, ImageFeatures
 
 __all__ = [
@@ -62,6 +65,7 @@ __all__ = [
     "load_sam_decoder",
     "load_sam_decoder_for",
     "sam_attention",
+    "sam_frame",
     "sam_static",
     "sam_window",
     "trident_grid",
@@ -178,6 +182,26 @@ def crop_token_rows(
 WINDOW_TENSORS = ("embedding",)  # the SAM set's window-unit tensors; the others are per token
 
 
+def sam_frame(features: ImageFeatures, protocol: Protocol) -> ImageFeatures:
+    """One image of a SAM feature set in the frame of the image SAM was given.
+
+    A set whose protocol rounds the image up first (``align`` with ``long`` / ``halves``:
+    Trident's ``cv2.resize`` to multiples of the CLIP patch) was extracted from the rounded
+    image, but ``ImageFeatures.original_size`` is the original image's. This returns the same
+    features with ``original_size = protocol.rounded_size(*original_size)``, which is what
+    ``SamPredictor.set_image`` on the rounded image records: ``sam_window`` then splits the
+    rounded width, and ``CachedSamPredictor.set_features`` / ``generate_masks_cached`` give
+    masks at the rounded size, with point and box coordinates in its pixels (resize them to
+    the original size afterwards, as Trident's refinement does). Without ``align`` the
+    features come back unchanged.
+    """
+    size = tuple(int(s) for s in features.original_size)
+    rounded = protocol.rounded_size(*size)
+    if rounded == size:
+        return features
+    return dataclasses.replace(features, original_size=rounded)
+
+
 def sam_window(features: ImageFeatures, window: int) -> ImageFeatures:
     """Window ``window`` of one image of a SAM feature set, as a one-window ``ImageFeatures``.
 
@@ -185,8 +209,10 @@ def sam_window(features: ImageFeatures, window: int) -> ImageFeatures:
     half, ``SamBackbone.geometry``); this gives one of them with its own tensors (``embedding``
     row ``window``; the token rows of that window's grid), its own ``win_*`` row (box moved to
     the origin) and ``resized_size`` = its box extent, i.e. that half's SamPredictor
-    ``input_size``. ``original_size`` is the half's original size ``(H, x2 - x1)`` when the set
-    is a two-window one (left half ``W // 2`` columns), else unchanged. The result works with
+    ``input_size``. ``original_size`` is the half's size ``(H, x2 - x1)`` when the set is a
+    two-window one (left half ``W // 2`` columns of ``features.original_size``; for a set with
+    ``align`` pass ``sam_frame(features, protocol)`` so that ``W`` is the rounded width that was
+    split), else unchanged. The result works with
     ``trident_sam_inputs``, ``CachedSamPredictor.set_features`` and ``methods.trident``'s
     ``sam_tokens``. Window 0 of a one-window set is the image itself.
 
@@ -378,7 +404,9 @@ def generate_masks_cached(
     Args:
         model: ``Sam`` whose prompt encoder and mask decoder match the cache
             (``load_sam_decoder_for``).
-        features: one image of a SAM feature set (``embedding``, original and resized size).
+        features: one image of a SAM feature set (``embedding``, original and resized size;
+            for a set with ``align``, ``sam_frame(features, protocol)`` gives SAM's own frame,
+            the records then refer to the rounded image).
         points_per_side: grid points per side (``points_per_side**2`` single-point prompts).
         points_per_batch: prompts decoded together; higher is faster and uses more memory.
         pred_iou_thresh: keep masks whose predicted IoU is above this.

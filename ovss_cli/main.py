@@ -120,18 +120,32 @@ def protocol_options(fn):
             help="Pad windows symmetrically to a multiple of this many pixels "
             "(0: the model's patch size).",
         ),
+        click.option(
+            "--align",
+            type=int,
+            default=0,
+            show_default=True,
+            help="SAM with --resize long/halves: first resize the image (OpenCV bilinear) so "
+            "H and W round up to multiples of this many pixels, Trident's SAM input (its CLIP "
+            "patch: 16, or 14 for CLIP-L/H). --for trident sets it itself.",
+        ),
     ]
     for o in reversed(opts):
         fn = o(fn)
     return fn
 
 
-def make_protocol(resize, size, crop, stride, pad_multiple):
+def make_protocol(resize, size, crop, stride, pad_multiple, align=0):
     from featurestore.protocol import Protocol
 
     try:
         return Protocol(
-            resize=resize, size=size, crop=crop, stride=stride, pad_multiple=pad_multiple
+            resize=resize,
+            size=size,
+            crop=crop,
+            stride=stride,
+            pad_multiple=pad_multiple,
+            align=align,
         )
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
@@ -314,6 +328,7 @@ def extract(
     crop,
     stride,
     pad_multiple,
+    align,
     batch_size,
     device,
     precision,
@@ -356,6 +371,11 @@ def extract(
         )
         if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
     }
+    if for_method and align:
+        raise click.UsageError(
+            f"--align goes with a plain --resize long/halves call; --for {for_method} sets "
+            "every protocol itself (Trident: its CLIP's patch)"
+        )
     records = extract_records(
         models, for_method, vocabs, images_dir, dataset, data_root, split, limit, dry_run
     )
@@ -365,7 +385,7 @@ def extract(
         raise click.BadParameter("--layers takes comma-separated integers") from None
     cfg = ExtractConfig(
         models=list(models),
-        protocol=make_protocol(resize, size, crop, stride, pad_multiple),
+        protocol=make_protocol(resize, size, crop, stride, pad_multiple, align),
         store=store,
         batch_size=batch_size,
         device=device,

@@ -63,3 +63,35 @@ def test_invalid_protocols():
     with pytest.raises(ValueError):
         Protocol(crop=224, stride=0)
     assert Protocol(resize="short", size=336, crop=224, stride=112).key() == "short336-c224s112"
+
+
+def test_sam_pre_rounding_align():
+    """``align`` with ``long`` / ``halves``: SAM's image rounded up to the CLIP patch grid first
+    (Trident, METHODS.md §4 step 1), then the resize rule on that rounded image."""
+    long16 = Protocol(resize="long", size=1024, align=16)
+    assert long16.key() == "long1024-a16" and Protocol("halves", 1024, align=14).key() == (
+        "halves1024-a14"
+    )
+    assert Protocol("long", 1024).key() == "long1024"  # without align: unchanged
+    assert Protocol.from_dict(long16.to_dict()) == long16 and long16.to_dict()["align"] == 16
+    # ADE 683 x 512: rounded to 688 x 512, then SAM's longer side 1024 -> 762 x 1024
+    assert long16.rounded_size(512, 683) == (512, 688)
+    assert long16.resized_size(512, 683) == (762, 1024)
+    assert Protocol("long", 1024).resized_size(512, 683) == (768, 1024)
+    # already multiples: a no-op
+    assert long16.rounded_size(1024, 2048) == (1024, 2048)
+    assert long16.resized_size(480, 640) == Protocol("long", 1024).resized_size(480, 640)
+    # halves: the rounded image is split at its width // 2 (an even align: equal halves)
+    halves = Protocol("halves", 256, align=16)
+    assert halves.rounded_size(61, 93) == (64, 96)
+    assert halves.halves_layout(61, 93) == [(0, 48, 256, 192), (48, 96, 256, 192)]
+    assert halves.resized_size(61, 93) == (256, 384)
+    assert halves.halves_layout(7, 1) == [(0, 8, 256, 128), (8, 16, 256, 128)]
+    # other modes do not round
+    assert Protocol("short", 448).rounded_size(61, 93) == (61, 93)
+    with pytest.raises(ValueError, match="align is used with resize 'trident'"):
+        Protocol("short", 448, align=16)
+    with pytest.raises(ValueError, match=">= 0"):
+        Protocol("long", 1024, align=-16)
+    with pytest.raises(ValueError, match="only SAM backbones"):
+        image_geometry(long16, 512, 683, 16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -116,8 +117,9 @@ def test_trident_presets(dataset: str) -> None:
     r = recipe_for("trident", dataset)
     # Trident's canvas: short side S rounded up to the CLIP-B/16 patch grid (METHODS.md §4.2)
     win = Protocol("trident", size, crop=crop, stride=stride, pad_multiple=56, align=16)
-    # Cityscapes: SAM on the left and right image halves (EVAL.md §4.4)
-    sam = Protocol(resize="halves" if dataset == "cityscapes" else "long", size=1024)
+    # Cityscapes: SAM on the left and right image halves (EVAL.md §4.4); SAM's image rounded
+    # up to the CLIP patch grid first (METHODS.md §4 step 1)
+    sam = Protocol(resize="halves" if dataset == "cityscapes" else "long", size=1024, align=16)
     assert r.steps == [
         RecipeStep("clip", "clip-b16", win),
         RecipeStep("vfm", "dino-b16", win),
@@ -135,7 +137,11 @@ def test_trident_presets(dataset: str) -> None:
     assert r.groups() == [(win, ["clip-b16", "dino-b16"]), (sam, ["sam-b"])]
     assert s["sam_halves"] == (dataset == "cityscapes")
     assert any("halves" in n for n in r.notes) == (dataset == "cityscapes")
-    assert sam.key() == ("halves1024" if dataset == "cityscapes" else "long1024")
+    assert any("round up to multiples of 16" in n and sam.key() in n for n in r.notes)
+    assert sam.key() == ("halves1024-a16" if dataset == "cityscapes" else "long1024-a16")
+    # CLIP-H/14 (SAM-H follows): the 14-pixel grid for the canvas and SAM's rounding alike
+    h = recipe_for("trident", dataset, ["clip-h14"])
+    assert h.steps[2] == RecipeStep("sam", "sam-h", dataclasses.replace(sam, align=14))
 
 
 @pytest.mark.parametrize("dataset", list(SCLIP_SIZES))
@@ -178,7 +184,7 @@ def test_role_changes_and_protocol_changes() -> None:
     assert c.steps[0].protocol == Protocol("short", 512, crop=336, stride=224, pad_multiple=56)
     assert c.settings["size"] == 512 and any("preset changed" in n for n in c.notes)
     t = recipe_for("trident", "ade20k", size=640)
-    assert t.steps[2].protocol == Protocol(resize="long", size=1024)  # SAM's is fixed
+    assert t.steps[2].protocol == Protocol(resize="long", size=1024, align=16)  # fixed
     assert recipe_for("maskclip", "voc20", templates="clip7", text_model="clip-l14").templates == (
         "clip7"
     )
@@ -244,15 +250,17 @@ def test_cli_trident_ade20k_dry_run(tmp_path: Path, ade_root: Path) -> None:
     assert [(s["role"], s["model"], s["feature_set"]) for s in out["recipe"]["steps"]] == [
         ("clip", "clip-b16", "clip-b16@trident576a16-c336s224-pad56"),
         ("vfm", "dino-b16", "dino-b16@trident576a16-c336s224-pad56"),
-        ("sam", "sam-b", "sam-b@long1024"),
+        ("sam", "sam-b", "sam-b@long1024-a16"),
     ]
     rows = {r["feature_set"]: r for r in out["feature_sets"]}
     # both images resize to 576x768 -> 3x3 windows of 336 px = 21x21 tokens (patch 16)
     for key in ("clip-b16@trident576a16-c336s224-pad56", "dino-b16@trident576a16-c336s224-pad56"):
         assert rows[key]["images"] == 2 and rows[key]["windows"] == 18
         assert rows[key]["tokens"] == 18 * 21 * 21
-    # SAM: longer side 1024 -> 1024x768 -> 64x48 valid tokens per image
-    assert rows["sam-b@long1024"]["windows"] == 2 and rows["sam-b@long1024"]["tokens"] == 6144
+    # SAM: the image rounded up to multiples of 16 first (512x683 -> 512x688, 300x400 ->
+    # 304x400), then the longer side to 1024: 762x1024 and 778x1024 -> 48x64 + 49x64 tokens
+    sam = rows["sam-b@long1024-a16"]
+    assert sam["windows"] == 2 and sam["tokens"] == 48 * 64 + 49 * 64
     assert all(r["bytes"] > 0 for r in rows.values())
     [text] = out["text_sets"]
     assert text["source"] == "dataset:ade20k/proxyclip" and text["queries"] == 150
@@ -261,7 +269,8 @@ def test_cli_trident_ade20k_dry_run(tmp_path: Path, ade_root: Path) -> None:
     assert not store.exists()  # a dry run writes nothing
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
-    assert "recipe: --for trident --dataset ade20k" in res.output and "sam-b@long1024" in res.output
+    assert "recipe: --for trident --dataset ade20k" in res.output
+    assert "sam-b@long1024-a16" in res.output
     # without images: the recipe alone
     res = CliRunner().invoke(
         cli, ["extract", "--for", "trident", "--dataset", "ade", "--store", "x", "--dry-run"]
@@ -350,12 +359,12 @@ def test_weights_with_a_text_model_outside_the_call(tmp_path: Path) -> None:
 
 def test_trident_cityscapes_notes_the_whole_image_sam_set(tmp_path: Path) -> None:
     r = recipe_for("trident", "cityscapes")
-    assert [(s.role, s.protocol.key()) for s in r.steps][2] == ("sam", "halves1024")
+    assert [(s.role, s.protocol.key()) for s in r.steps][2] == ("sam", "halves1024-a16")
     [note] = [n for n in r.notes if "--sam-refine" in n]
-    assert "sam-b@long1024" in note
+    assert "sam-b@long1024-a16" in note
     cmd = note.split(": ", 1)[1]
     assert cmd == (
-        "ovss extract --store STORE --model sam-b --resize long --size 1024 "
+        "ovss extract --store STORE --model sam-b --resize long --size 1024 --align 16 "
         "--dataset cityscapes --data-root PATH"
     )
     # the command is one the CLI accepts
@@ -363,9 +372,11 @@ def test_trident_cityscapes_notes_the_whole_image_sam_set(tmp_path: Path) -> Non
     ctx = cli.commands["extract"].make_context("extract", args[2:])
     assert ctx.params["models"] == ("sam-b",) and ctx.params["resize"] == "long"
     assert ctx.params["size"] == 1024 and ctx.params["dataset"] == "cityscapes"
-    # the same SAM as the recipe's (SAM-H with CLIP-H), and only on Cityscapes
+    assert ctx.params["align"] == 16
+    # the same SAM as the recipe's (SAM-H with CLIP-H, 14-pixel grid), and only on Cityscapes
     assert any(
-        "sam-h@long1024" in n for n in recipe_for("trident", "cityscapes", ["clip-h14"]).notes
+        "sam-h@long1024-a14" in n and "--align 14" in n
+        for n in recipe_for("trident", "cityscapes", ["clip-h14"]).notes
     )
     for ds in BENCHMARKS:
         if ds != "cityscapes":
@@ -379,6 +390,8 @@ def test_trident_cityscapes_notes_the_whole_image_sam_set(tmp_path: Path) -> Non
         ("clip-b16", Protocol("trident", 64, crop=48, stride=32, pad_multiple=56, align=16)),
         ("dino-b16", Protocol("trident", 448, crop=336, stride=224, pad_multiple=56, align=14)),
         ("sam-b", Protocol("halves", 1024)),
+        ("sam-b", Protocol("halves", 1024, align=16)),
+        ("sam-b", Protocol("long", 1024, align=14)),
         ("dinov2-s14", Protocol("short", 64, crop=56, stride=28)),
     ],
 )
@@ -406,3 +419,23 @@ def test_missing_set_command_runs(tmp_path: Path, model: str, protocol: Protocol
     key = f"{model}@{protocol.key()}"
     assert key in [r["feature_set"] for r in rows]
     assert next(r for r in rows if r["feature_set"] == key)["images"] == 1
+
+
+def test_cli_align_is_sams_pre_rounding_only(tmp_path: Path, ade_root: Path) -> None:
+    """`--align N` rounds SAM's image up (`long1024-a16`); other resize rules refuse it, and
+    `--for` sets it itself."""
+    base = ["extract", "--dataset", "ade20k", "--data-root", str(ade_root), "--store",
+            str(tmp_path / "s.zarr"), "--dry-run", "--json"]  # fmt: skip
+    res = CliRunner().invoke(
+        cli, [*base, "--model", "sam-b", "--resize", "long", "--size", "1024", "--align", "16"]
+    )
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(res.output)
+    assert row["feature_set"] == "sam-b@long1024-a16" and row["tokens"] == 48 * 64 + 49 * 64
+    res = CliRunner().invoke(cli, [*base, "--model", "sam-b", "--resize", "long", "--size", "1024"])
+    (row,) = json.loads(res.output)
+    assert row["feature_set"] == "sam-b@long1024" and row["tokens"] == 2 * 48 * 64  # unchanged
+    res = CliRunner().invoke(cli, [*base, "--model", "dinov2-s14", "--align", "16"])
+    assert res.exit_code != 0 and "align is used with resize 'trident'" in res.output
+    res = CliRunner().invoke(cli, [*base, "--for", "trident", "--align", "16"])
+    assert res.exit_code != 0 and "--for trident sets every protocol itself" in res.output

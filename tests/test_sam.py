@@ -825,3 +825,145 @@ def test_halves_store_embedding_and_factors_equal_sam_predictor_on_each_half(
             trident_sam_inputs(one, sam_static(halves_store))  # one window: accepted
     with pytest.raises(ValueError, match="2 SAM window"):
         sam_window(halves_store.read(0), 2)
+
+
+# --- SAM's pre-rounding (align): Trident's input, the image rounded up to the CLIP patch grid ---
+
+LONG16 = Protocol(resize="long", size=IMG, align=16)
+HALVES16 = Protocol(resize="halves", size=IMG, align=16)
+
+
+def rounded_image(image: np.ndarray, align: int = 16) -> np.ndarray:
+    """Trident's ``cv2.resize`` to multiples of ``align`` (``resize_linear_u8`` is that, byte for
+    byte: ``tests/test_resize.py``)."""
+    from featurestore.resize import resize_linear_u8, round_up
+
+    h, w = image.shape[:2]
+    return resize_linear_u8(image, round_up(h, align), round_up(w, align))
+
+
+@pytest.mark.parametrize(
+    ("size", "rounded", "resized", "grid"),
+    [
+        ((90, 131), (96, 144), (171, 256), (11, 16)),  # unrounded: (176, 256)
+        ((200, 57), (208, 64), (256, 79), (16, 5)),  # unrounded: (256, 73)
+        ((64, 64), (64, 64), (256, 256), (16, 16)),  # multiples already: a no-op
+        ((5, 7), (16, 16), (256, 256), (16, 16)),
+        ((1, 600), (16, 608), (7, 256), (1, 16)),
+    ],
+)
+def test_aligned_geometry_is_sam_predictor_input_of_the_rounded_image(
+    size: tuple[int, int],
+    rounded: tuple[int, int],
+    resized: tuple[int, int],
+    grid: tuple[int, int],
+) -> None:
+    geo = tiny().geometry(LONG16, *size)
+    assert geo.original == size and LONG16.rounded_size(*size) == rounded
+    assert geo.rounded == (None if rounded == size else rounded)
+    assert geo.resized == resized == LONG16.resized_size(*size)
+    assert resized == ResizeLongestSide.get_preprocess_shape(*rounded, IMG)
+    (window,) = geo.windows
+    assert window.box == (0, 0, *resized) and window.grid == grid
+    assert window.pad == (0, 0, IMG - resized[0], IMG - resized[1])
+    # halves: the rounded image split at its width // 2
+    geo = tiny().geometry(HALVES16, *size)
+    assert geo.original == size and geo.resized == HALVES16.resized_size(*size)
+    half = rounded[1] // 2
+    for window, (x1, x2, rh, rw) in zip(geo.windows, HALVES16.halves_layout(*size), strict=True):
+        assert (x1, x2) in ((0, half), (half, rounded[1]))
+        assert (rh, rw) == ResizeLongestSide.get_preprocess_shape(rounded[0], x2 - x1, IMG)
+        assert (window.box[2] - window.box[0], window.box[3] - window.box[1]) == (rh, rw)
+
+
+@pytest.mark.parametrize("size", [(90, 131), (300, 41), (64, 64)])
+def test_aligned_preprocess_equals_sam_predictor_on_the_rounded_image(
+    size: tuple[int, int],
+) -> None:
+    backbone = tiny()
+    image = np.random.default_rng(4).integers(0, 256, (*size, 3), dtype=np.uint8)
+    big = rounded_image(image)
+    (x,) = backbone.preprocess(image, backbone.geometry(LONG16, *size))
+    resized = torch.as_tensor(ResizeLongestSide(IMG).apply_image(big)).permute(2, 0, 1)
+    assert torch.equal(x, backbone.model.preprocess(resized[None])[0])
+    xs = backbone.preprocess(image, backbone.geometry(HALVES16, *size))
+    for x, half in zip(xs, half_images(big), strict=True):
+        resized = torch.as_tensor(ResizeLongestSide(IMG).apply_image(half)).permute(2, 0, 1)
+        assert torch.equal(x, backbone.model.preprocess(resized[None])[0])
+
+
+@pytest.fixture(scope="module")
+def aligned_store(images: list, tmp_path_factory: pytest.TempPathFactory) -> FeatureStore:
+    """float32 store of the tiny random-init sam-b with ``LONG16`` and ``HALVES16``."""
+    store = tmp_path_factory.mktemp("sam_aligned") / "s.zarr"
+    for protocol in (LONG16, HALVES16):
+        cfg = ExtractConfig(
+            models=["sam-b"],
+            protocol=protocol,
+            store=str(store),
+            random_init=True,
+            arch_overrides=TINY,
+            dtype="float32",
+            batch_size=2,
+            workers=1,
+            device="cpu",
+        )
+        assert extract(images, cfg).models[0].images_extracted == len(images)
+    return FeatureStore.open(store)
+
+
+def test_aligned_store_is_sam_predictor_on_the_rounded_image(
+    aligned_store: FeatureStore, images: list
+) -> None:
+    """Embedding, q/k/v and the valid grid of a ``long256-a16`` set are SamPredictor's on the
+    image rounded up to multiples of 16; ``sam_frame`` gives SamPredictor's original size (the
+    rounded one) and the cached predictor then decodes exactly as SamPredictor on it."""
+    from featurestore.backbones.sam import valid_token_grid
+    from methods.sam_cache import sam_frame, sam_window, trident_grid
+
+    fs = aligned_store.require("sam-b", LONG16)
+    assert fs.key == "sam-b@long256-a16" and fs.protocol == LONG16
+    backbone = tiny()
+    predictor = SamPredictor(backbone.model)
+    captured = {}
+    backbone.model.image_encoder.blocks[1].attn.qkv.register_forward_hook(
+        lambda m, a, out: captured.update(qkv=out)
+    )
+    decoder = load_sam_decoder_for(fs)
+    for i, record in enumerate(images):
+        image = load_image_rgb(record.path)
+        big = rounded_image(image)
+        predictor.set_image(big)
+        got = fs.read(i)
+        assert got.original_size == image.shape[:2]  # the store keeps the original size
+        assert got.resized_size == predictor.input_size
+        assert tuple(got.win_grid[0]) == valid_token_grid(predictor.input_size)
+        assert trident_grid(got.resized_size, 16) == tuple(s // 16 for s in predictor.input_size)
+        assert torch.equal(torch.from_numpy(got.tensors["embedding"]), predictor.features)
+        qkv = captured["qkv"].reshape(S * S, 3, 2, 32)[valid_rows(tuple(got.win_grid[0]))]
+        for j, name in enumerate("qkv"):
+            assert torch.equal(torch.from_numpy(got.tensors[name]), qkv[:, j]), name
+        framed = sam_frame(got, fs.protocol)
+        assert framed.original_size == predictor.original_size == big.shape[:2]
+        cached = CachedSamPredictor(decoder)
+        cached.set_features(framed)
+        point = dict(point_coords=np.array([[5.0, 7.0]]), point_labels=np.array([1]))
+        for a, b in zip(cached.predict(**point), predictor.predict(**point), strict=True):
+            assert np.array_equal(a, b)
+        # halves: SamPredictor on each half of the rounded image
+        halves = aligned_store.require("sam-b", HALVES16).read(i)
+        framed = sam_frame(halves, HALVES16)
+        for k, half in enumerate(half_images(big)):
+            predictor.set_image(half)
+            one = sam_window(framed, k)
+            assert one.original_size == predictor.original_size
+            assert one.resized_size == predictor.input_size
+            assert torch.equal(torch.from_numpy(one.tensors["embedding"]), predictor.features)
+    # without align sam_frame changes nothing
+    plain = ImageFeatures(0, "x", (90, 131), (176, 256), *([np.zeros((1, 4))] * 3), {})
+    assert sam_frame(plain, PROTO) is plain
+
+
+def test_aligned_set_command_names_align(aligned_store: FeatureStore) -> None:
+    with pytest.raises(ProvenanceMismatchError, match="--resize long --size 256 --align 14 "):
+        aligned_store.require("sam-b", Protocol(resize="long", size=IMG, align=14))

@@ -12,9 +12,17 @@ therefore ``Protocol(resize="long", size=img_size)``: one window per image, box 
 of the resized image, padding ``(0, 0, img_size - h, img_size - w)``; and
 ``Protocol(resize="halves", size=img_size)`` (key ``halves1024``, Trident's Cityscapes rule):
 two windows per image, the left half ``[0, W // 2)`` and the right half ``[W // 2, W)`` of the
-original image, each preprocessed exactly as ``SamPredictor.set_image`` on that half (see
+image, each preprocessed exactly as ``SamPredictor.set_image`` on that half (see
 ``SamBackbone.geometry``). Window-unit tensors then have two rows per image and token-unit
 tensors the left half's valid tokens followed by the right half's.
+
+Either may carry ``align`` (keys ``long1024-a16``, ``halves1024-a16``): Trident's input (METHODS.md
+§4 step 1), the image first resized to ``Protocol.rounded_size`` (each side rounded *up* to a
+multiple of ``align``, the CLIP patch size) with OpenCV's ``INTER_LINEAR`` rule
+(``featurestore.resize.resize_linear_u8``, byte for byte ``cv2.resize``), then given to
+``SamPredictor.set_image`` (``halves``: split at the rounded width // 2 first). The geometry's
+``original`` stays the original size; ``resized`` / boxes / grids are those of the rounded
+image's SamPredictor input(s).
 
 What is cached per image (``S = img_size / 16`` = 64, ``H`` heads, ``hd`` head dim):
 
@@ -475,12 +483,16 @@ class SamBackbone(Backbone):
         to ``img_size``; grid ``ceil(h/p) x ceil(w/p)``.
 
         ``Protocol(resize="halves", size=img_size)`` (Trident's Cityscapes rule): two windows,
-        the left half (original columns ``[0, W // 2)``) and the right half (``[W // 2, W)``),
-        each exactly a SamPredictor input of its own (its own ``ResizeLongestSide`` to
+        the left half (columns ``[0, W // 2)``) and the right half (``[W // 2, W)``), each
+        exactly a SamPredictor input of its own (its own ``ResizeLongestSide`` to
         ``img_size``, bottom/right padding, ``ceil`` grid). The "resized image" is the two
         resized halves side by side (``Protocol.halves_layout``): the left window's box is
         ``(0, 0, h_l, w_l)``, the right one's ``(0, w_l, h_r, w_l + w_r)``, so each box's
         extent is that half's SamPredictor ``input_size``.
+
+        With ``align`` both rules start from the rounded image ``(H', W') =
+        protocol.rounded_size(H, W)`` (``W`` above is then ``W'``), recorded as
+        ``geometry.rounded``; ``geometry.original`` is ``(H, W)``.
 
         Raises:
             OvssError: any other protocol, or a ``halves`` image narrower than 2 px.
@@ -495,15 +507,17 @@ class SamBackbone(Backbone):
             raise OvssError(
                 f"{self.info.name} takes SamPredictor's input only: the protocol must be "
                 f"Protocol(resize='long', size={img}) (--resize long --size {img}, no crop or "
-                f"padding options) or its two-halves form Protocol(resize='halves', "
-                f"size={img}), not {protocol.key()}"
+                f"padding options; --align N rounds the image up to multiples of N first) or "
+                f"its two-halves form Protocol(resize='halves', size={img}), not "
+                f"{protocol.key()}"
             )
+        src_h, src_w = protocol.rounded_size(height, width)
         if protocol.resize == "halves":
-            if width < 2:
+            if src_w < 2:
                 raise OvssError(f"a {height}x{width} image has no left and right halves for SAM")
-            sizes = [self._input_size(height, x2 - x1) for x1, x2 in _half_columns(width)]
+            sizes = [self._input_size(src_h, x2 - x1) for x1, x2 in _half_columns(src_w)]
         else:
-            sizes = [self._input_size(height, width)]
+            sizes = [self._input_size(src_h, src_w)]
         windows, x0 = [], 0
         for rh, rw in sizes:
             windows.append(
@@ -515,7 +529,10 @@ class SamBackbone(Backbone):
             )
             x0 += rw
         resized = (max(rh for rh, _ in sizes), x0)
-        return ImageGeometry(original=(height, width), resized=resized, windows=windows)
+        rounded = (src_h, src_w) if (src_h, src_w) != (height, width) else None
+        return ImageGeometry(
+            original=(height, width), resized=resized, windows=windows, rounded=rounded
+        )
 
     def _input_size(self, height: int, width: int) -> tuple[int, int]:
         """SamPredictor's ``input_size`` for an image ``(height, width)`` (at least 1 px)."""
@@ -527,9 +544,15 @@ class SamBackbone(Backbone):
     def preprocess(self, image: np.ndarray, geometry: ImageGeometry) -> list[torch.Tensor]:
         """``(H, W, 3)`` uint8 RGB -> per window ``(3, img, img)`` float32, as
         ``SamPredictor.set_image`` on that window's image (the whole image, or the left/right
-        half): PIL bilinear resize via torchvision, ``(x - mean) / std``, zero pad bottom/right."""
+        half): PIL bilinear resize via torchvision, ``(x - mean) / std``, zero pad bottom/right.
+        With ``geometry.rounded`` the image is first resized to it as ``cv2.resize`` does
+        (``INTER_LINEAR``), and that rounded image is the one split and given to SAM."""
         from torchvision.transforms.functional import resize, to_pil_image
 
+        if geometry.rounded is not None:
+            from featurestore.resize import resize_linear_u8
+
+            image = resize_linear_u8(np.ascontiguousarray(image), *geometry.rounded)
         width = image.shape[1]
         if len(geometry.windows) == 2:
             sources = _half_columns(width)
@@ -640,7 +663,7 @@ class SamBackbone(Backbone):
 
 
 def _half_columns(width: int) -> list[tuple[int, int]]:
-    """Original columns of the left and right halves: ``[0, W // 2)`` and ``[W // 2, W)``."""
+    """Columns of the left and right halves: ``[0, W // 2)`` and ``[W // 2, W)``."""
     return [(0, width // 2), (width // 2, width)]
 
 
