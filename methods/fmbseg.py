@@ -192,6 +192,19 @@ class StoreLabelSource:
     def labels(self, index: int) -> np.ndarray | None:
         return self.set.read(index) if self.set.done[index] else None
 
+    def text_defaults(self) -> dict[str, str]:
+        """The CLIP model (role ``clip``) and template set that produced this label set, as
+        recorded by ``ovss segment --write-labels`` (empty when not recorded): Stage 2 aligns
+        to the same text space by default."""
+        rec = self.set.info.get("protocol") or {}
+        out = {}
+        clip = (rec.get("backbones") or {}).get("clip") or {}
+        if clip.get("model"):
+            out["text_model"] = str(clip["model"])
+        if rec.get("templates"):
+            out["templates"] = str(rec["templates"])
+        return out
+
     def describe(self) -> dict[str, Any]:
         info = self.set.info
         return {

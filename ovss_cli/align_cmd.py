@@ -16,14 +16,14 @@ def _text_options(fn):
         click.option(
             "--text-model",
             default=None,
-            help="CLIP model whose text tower embeds the classes (align default: clip-b16; "
-            "cluster default: the checkpoint's).",
+            help="CLIP model whose text tower embeds the classes (align default: the CLIP "
+            "recorded by the --labels set, else clip-b16; cluster default: the checkpoint's).",
         ),
         click.option(
             "--templates",
-            default="single",
-            show_default=True,
-            help="Prompt template set (the paper uses one template, 'a photo of a {}.').",
+            default=None,
+            help="Prompt template set (default single: the paper's one template 'a photo of "
+            "a {}.'; align with --labels: the set recorded by the label set).",
         ),
         click.option(
             "--text-random-init",
@@ -267,7 +267,10 @@ def align(
             if label_set
             else DatasetLabelSource(store, gt_dataset, data_root, split)
         )
-        text_model = text_model or "clip-b16"
+        # default text space: the CLIP (and templates) that wrote the label set, else clip-b16
+        recorded = source.text_defaults() if label_set else {}
+        text_model = text_model or recorded.get("text_model", "clip-b16")
+        templates = templates or recorded.get("templates", "single")
         if ctx.rank != 0:
             ctx.barrier()  # rank 0 embeds (and caches) the classes first
         vocab, te = _embed(
@@ -558,7 +561,7 @@ def cluster(
                     store_path,
                     name_with,
                     tm or "clip-b16",
-                    templates,
+                    templates or "single",
                     text_random_init,
                     text_arch_override,
                     text_weights,

@@ -369,8 +369,12 @@ def test_cli_align_from_a_store_label_set_records_text_identity_and_checkpoint_o
     from featurestore.datasets import get_dataset
 
     spec = get_dataset("custom", root)
+    # as `ovss segment --write-labels` records it: the CLIP and templates of Stage 1
+    stage1 = {"backbones": {"clip": {"model": "clip-b16"}}, "templates": "clip7"}
     ls = create_label_set(
-        FeatureStore.open(store.path, mode="a"), "stage1", {"class_names": [[c] for c in CLASSES]}
+        FeatureStore.open(store.path, mode="a"),
+        "stage1",
+        {"class_names": [[c] for c in CLASSES], "protocol": stage1},
     )
     recs = {r.image_id: r.label_path for r in list_dataset_images("custom", root, "train")}
     for i, image_id in enumerate(store.image_ids):
@@ -378,12 +382,17 @@ def test_cli_align_from_a_store_label_set_records_text_identity_and_checkpoint_o
         gt[:, :3] = 255  # pseudo-labels leave pixels unlabelled
         ls.write(i, gt)
     assert StoreLabelSource(store, "stage1").class_names == [[c] for c in CLASSES]
+    assert StoreLabelSource(store, "stage1").text_defaults() == {
+        "text_model": "clip-b16",
+        "templates": "clip7",
+    }
 
     ck_dir = tmp_path / "ck"
+    # no --templates / --text-model: the label set's clip-b16 + clip7
     r = _cli(
         "align", "--store", store.path, "--features", key, "--labels", "stage1",
         "--arch", "block", "--hidden-dim", "8", "--heads", "2", "--mlp-ratio", "2",
-        "--epochs", "2", "--lr", "0.5", "--templates", "clip7", "--text-random-init",
+        "--epochs", "2", "--lr", "0.5", "--text-random-init",
         "--device", "cpu", "--out", ck_dir, "--json", "-q",
     )  # fmt: skip
     out = json.loads(r.output)
