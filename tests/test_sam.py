@@ -109,24 +109,33 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list:
     return list_folder_images(write_images(tmp_path_factory.mktemp("sam_images")))
 
 
-@pytest.fixture(scope="module")
-def random_store(images: list, tmp_path_factory: pytest.TempPathFactory) -> FeatureSet:
-    """float32 store of the tiny random-init sam-b (seed 0), extracted in batches of 2."""
-    store = tmp_path_factory.mktemp("sam_store") / "s.zarr"
+def tiny_sam_store(
+    images: list, store: Path, protocol: Protocol, batch_size: int, weights: Path | None = None
+) -> FeatureSet:
+    """float32 store of the tiny sam-b under ``protocol``: random init (seed 0), or
+    ``weights``."""
     cfg = ExtractConfig(
         models=["sam-b"],
-        protocol=PROTO,
+        protocol=protocol,
         store=str(store),
-        random_init=True,
+        weights=None if weights is None else str(weights),
+        random_init=weights is None,
         arch_overrides=TINY,
         dtype="float32",
-        batch_size=2,
+        batch_size=batch_size,
         workers=1,
         device="cpu",
     )
     report = extract(images, cfg)
     assert report.models[0].images_extracted == len(images)
-    return FeatureStore.open(store).require("sam-b", PROTO)
+    return FeatureStore.open(store).require("sam-b", protocol)
+
+
+@pytest.fixture(scope="module")
+def random_store(images: list, tmp_path_factory: pytest.TempPathFactory) -> FeatureSet:
+    """The tiny sam-b store at the default protocol, extracted in batches of 2."""
+    store = tmp_path_factory.mktemp("sam_store") / "s.zarr"
+    return tiny_sam_store(images, store, PROTO, batch_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -148,19 +157,7 @@ def loaded_store(
     images: list, strong_bias_model: tuple[Sam, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> FeatureSet:
     store = tmp_path_factory.mktemp("sam_store_w") / "s.zarr"
-    cfg = ExtractConfig(
-        models=["sam-b"],
-        protocol=PROTO,
-        store=str(store),
-        weights=str(strong_bias_model[1]),
-        arch_overrides=TINY,
-        dtype="float32",
-        batch_size=3,
-        workers=1,
-        device="cpu",
-    )
-    extract(images, cfg)
-    return FeatureStore.open(store).require("sam-b", PROTO)
+    return tiny_sam_store(images, store, PROTO, batch_size=3, weights=strong_bias_model[1])
 
 
 class GlobalAttentionRecorder:
@@ -718,22 +715,9 @@ def half_images(image: np.ndarray) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def halves_store(images: list, tmp_path_factory: pytest.TempPathFactory) -> FeatureSet:
-    """float32 store of the tiny random-init sam-b (seed 0) on the image halves."""
+    """The tiny sam-b store on the image halves."""
     store = tmp_path_factory.mktemp("sam_halves") / "s.zarr"
-    cfg = ExtractConfig(
-        models=["sam-b"],
-        protocol=HALVES,
-        store=str(store),
-        random_init=True,
-        arch_overrides=TINY,
-        dtype="float32",
-        batch_size=3,
-        workers=1,
-        device="cpu",
-    )
-    report = extract(images, cfg)
-    assert report.models[0].images_extracted == len(images)
-    return FeatureStore.open(store).require("sam-b", HALVES)
+    return tiny_sam_store(images, store, HALVES, batch_size=3)
 
 
 def test_halves_protocol_key_and_validation() -> None:
@@ -897,18 +881,7 @@ def aligned_store(images: list, tmp_path_factory: pytest.TempPathFactory) -> Fea
     """float32 store of the tiny random-init sam-b with ``LONG16`` and ``HALVES16``."""
     store = tmp_path_factory.mktemp("sam_aligned") / "s.zarr"
     for protocol in (LONG16, HALVES16):
-        cfg = ExtractConfig(
-            models=["sam-b"],
-            protocol=protocol,
-            store=str(store),
-            random_init=True,
-            arch_overrides=TINY,
-            dtype="float32",
-            batch_size=2,
-            workers=1,
-            device="cpu",
-        )
-        assert extract(images, cfg).models[0].images_extracted == len(images)
+        tiny_sam_store(images, store, protocol, batch_size=2)
     return FeatureStore.open(store)
 
 
