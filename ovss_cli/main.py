@@ -504,6 +504,8 @@ def render_recipe(recipe: dict) -> None:
     for s in recipe["steps"]:
         p = s["protocol"]
         desc = f"{p['resize']} {p['size']}"
+        if p.get("align"):
+            desc += f", sides rounded up to x{p['align']}"
         if p["crop"]:
             desc += f", windows {p['crop']}/{p['stride']}"
         if p["pad_multiple"]:
