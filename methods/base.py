@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from featurestore.errors import OvssError
+from featurestore.errors import OvssError, ProvenanceMismatchError
 from featurestore.protocol import Protocol
 from featurestore.store import FeatureSet, FeatureStore
 
@@ -78,9 +78,19 @@ class Segmenter:
             reqs = self.requirements(config)
         except ValueError as e:  # e.g. an invalid protocol from --set
             raise OvssError(f"method {self.name}: {e}") from None
-        self.sets: dict[str, FeatureSet] = {
-            r.role: store.require(r.model, r.protocol, tensors=r.tensors) for r in reqs
-        }
+        self.sets: dict[str, FeatureSet] = {}
+        for r in reqs:
+            try:
+                self.sets[r.role] = store.require(r.model, r.protocol, tensors=r.tensors)
+            except ProvenanceMismatchError as e:
+                raise self.missing_set(r, e) from None
+
+    def missing_set(
+        self, requirement: FeatureRequirement, error: ProvenanceMismatchError
+    ) -> Exception:
+        """The error raised when a required feature set is missing or does not match; methods
+        override it to add how to extract what they need. Default: the store's message."""
+        return error
 
     @classmethod
     def requirements(cls, config: Any) -> list[FeatureRequirement]:

@@ -968,32 +968,25 @@ class TridentSegmenter(Segmenter):
         return {"prob_thd": row.prob_thd, "logit_scale": p["common"]["logit_scale"]}
 
     def __init__(self, store: Any, config: TridentConfig, device: str | torch.device = "cpu"):
-        # Segmenter.__init__, with a message per role: the window/SAM sets come from one
-        # ``--for trident`` call, the whole-image refinement set does not.
-        self.store = store
-        self.config = config
-        self.device = torch.device(device)
-        try:
-            reqs = self.requirements(config)
-        except ValueError as e:  # e.g. an invalid protocol from --set
-            raise OvssError(f"method {self.name}: {e}") from None
-        self.sets = {}
-        for r in reqs:
-            try:
-                self.sets[r.role] = store.require(r.model, r.protocol, tensors=r.tensors)
-            except ProvenanceMismatchError as e:
-                if r.role == "sam_refine":
-                    raise ProvenanceMismatchError(
-                        "trident --sam-refine with SAM halves decodes against the whole image "
-                        "as the reference does (refine_sam=whole; --set refine_sam=halves "
-                        f"refines each half with its own embedding instead): {e}"
-                    ) from None
-                raise self._extract_hint(store, config, e) from None
+        super().__init__(store, config, device)
         from methods.clip_dense import LastBlock
 
         self.block = LastBlock.from_feature_set(self.sets["clip"]).to(self.device)
         self._sam_static: dict | None = None
         self._predictor: Any = None
+
+    def missing_set(
+        self, requirement: FeatureRequirement, error: ProvenanceMismatchError
+    ) -> ProvenanceMismatchError:
+        """A message per role: the window/SAM sets come from one ``--for trident`` call, the
+        whole-image refinement set does not."""
+        if requirement.role == "sam_refine":
+            return ProvenanceMismatchError(
+                "trident --sam-refine with SAM halves decodes against the whole image "
+                "as the reference does (refine_sam=whole; --set refine_sam=halves "
+                f"refines each half with its own embedding instead): {error}"
+            )
+        return self._extract_hint(self.store, self.config, error)
 
     @staticmethod
     def _extract_hint(
