@@ -12,8 +12,10 @@ CLIP text tower: the module was trained into that space).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,9 +32,20 @@ from methods.base import (
 )
 
 
+def checkpoint_provenance(path: str | os.PathLike) -> dict[str, Any]:
+    """The provenance of an ``ovss align`` checkpoint (feature set, vocabulary with its
+    ``text_model`` and ``templates``, ...), cached per file (path, mtime, size): the module is
+    built and loaded once however often it is asked for. Treat the result as read-only."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        raise OvssError(f"no alignment checkpoint at {p}; train one with 'ovss align'") from None
+    return _checkpoint_meta(str(p), st.st_mtime_ns, st.st_size)
+
+
 @lru_cache(maxsize=8)
-def _checkpoint_meta(path: str) -> dict[str, Any]:
-    """The checkpoint's provenance (cached per path)."""
+def _checkpoint_meta(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
     from methods.fmbseg import load_checkpoint
 
     _, meta = load_checkpoint(path)
@@ -55,7 +68,7 @@ class AlignedConfig:
 
     def __post_init__(self) -> None:
         if self.checkpoint and self.text_model is None:
-            self.text_model = _checkpoint_meta(str(self.checkpoint))["vocabulary"].get("text_model")
+            self.text_model = checkpoint_provenance(self.checkpoint)["vocabulary"].get("text_model")
         if self.text_model is None:
             self.text_model = "clip-b16"
 
@@ -70,7 +83,7 @@ class AlignedSegmenter(Segmenter):
     def requirements(cls, config: AlignedConfig) -> list[FeatureRequirement]:
         if not config.checkpoint:
             raise ValueError("needs a trained module: --checkpoint PATH (from 'ovss align')")
-        feats = _checkpoint_meta(str(config.checkpoint))["features"]
+        feats = checkpoint_provenance(config.checkpoint)["features"]
         proto = Protocol.from_dict(feats["protocol"])
         return [FeatureRequirement("vfm", feats["model"], proto, (feats["tensor"],))]
 

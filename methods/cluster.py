@@ -44,6 +44,7 @@ from featurestore.store import FeatureSet, FeatureStore, ImageFeatures
 
 __all__ = [
     "KMeansResult",
+    "choose_backend",
     "cluster_per_image",
     "cluster_store",
     "hungarian_match",
@@ -95,6 +96,25 @@ def _faiss_gpus(faiss: Any) -> int:
         return 0
 
 
+def choose_backend(backend: str, device: str, faiss_available: bool, faiss_gpus: int) -> str:
+    """The k-means backend :func:`kmeans` runs (a pure rule: no import, no device probe).
+
+    ``faiss`` and ``torch`` are kept as asked; ``auto`` **[ours]** is ``faiss`` when FAISS is
+    installed (``faiss_available``) unless ``device`` is a CUDA GPU and FAISS sees no GPU
+    (``faiss_gpus == 0``: faiss-cpu), where ``torch`` runs on that GPU instead; ``torch`` when
+    FAISS is missing. A CPU or MPS ``device`` keeps FAISS (on the CPU).
+
+    Raises:
+        OvssError: an unknown backend name.
+    """
+    if backend == "auto":
+        on_cuda = torch.device(device).type == "cuda"
+        return "faiss" if faiss_available and (not on_cuda or faiss_gpus > 0) else "torch"
+    if backend not in ("faiss", "torch"):
+        raise OvssError(f"'{backend}' is not a k-means backend; choose faiss, torch or auto")
+    return backend
+
+
 def _assign_torch(
     x: torch.Tensor, c: torch.Tensor, spherical: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,9 +155,8 @@ def kmeans(
         niter: Lloyd iterations.
         spherical: cosine k-means on L2-normalised points, unit centroids.
         seed: initialisation / subsampling seed.
-        backend: ``faiss``, ``torch`` or ``auto`` **[ours]**: FAISS when installed and
-            ``device`` is cpu, or ``device`` is a GPU and FAISS has GPU support (faiss-gpu);
-            torch otherwise.
+        backend: ``faiss``, ``torch`` or ``auto`` **[ours]**: see :func:`choose_backend`
+            (FAISS when installed, except on a CUDA ``device`` without faiss-gpu: torch there).
         max_points: train on a seeded random subset of this many points (None: all points;
             every point is assigned either way).
         device: where the torch backend runs (``cpu``, ``cuda``, ``cuda:N``); with a GPU
@@ -158,14 +177,13 @@ def kmeans(
     if spherical:
         xt = F.normalize(xt, dim=1)
     on_gpu = torch.device(device).type == "cuda"
+    have_faiss, gpus = False, 0
     if backend == "auto":
         try:
-            faiss = _faiss()
-            backend = "faiss" if not on_gpu or _faiss_gpus(faiss) > 0 else "torch"
+            have_faiss, gpus = True, _faiss_gpus(_faiss())
         except OvssError:
-            backend = "torch"
-    if backend not in ("faiss", "torch"):
-        raise OvssError(f"'{backend}' is not a k-means backend; choose faiss, torch or auto")
+            have_faiss = False
+    backend = choose_backend(backend, device, have_faiss, gpus)
     gen = torch.Generator().manual_seed(seed)
     train = xt
     if max_points is not None and max_points < n:
@@ -187,16 +205,19 @@ def kmeans(
         )
         km.train(xn)
         cent = torch.from_numpy(km.centroids.copy())
+        xa = xt
     else:
         best = None
+        train_dev = train.to(device)  # copied to the device once for all restarts
         for _ in range(max(1, nredo)):
-            c = _lloyd_torch(train.to(device), k, niter, spherical, gen)
-            sc = _assign_torch(train.to(device), c, spherical)[1].double().sum()
+            c = _lloyd_torch(train_dev, k, niter, spherical, gen)
+            sc = _assign_torch(train_dev, c, spherical)[1].double().sum()
             obj = -sc if spherical else sc
             if best is None or obj < best[0]:
                 best = (obj, c)
         cent = best[1]
-    assign, score = _assign_torch(xt.to(cent.device), cent, spherical)
+        xa = train_dev if train is xt else xt.to(cent.device)
+    assign, score = _assign_torch(xa, cent, spherical)
     return KMeansResult(
         centroids=cent.cpu(),
         assign=assign.cpu(),

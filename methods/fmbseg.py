@@ -16,7 +16,9 @@ Pieces:
 - :func:`load_checkpoint` — the module and its provenance back.
 - :func:`text_identity` — the text encoder behind the class embeddings (weights identity,
   templates, vocabulary key), recorded in the checkpoint with the feature set and labels.
-- :func:`resolve_device` — ``--device auto`` (the ``LOCAL_RANK`` GPU when CUDA exists, else cpu).
+- :func:`resolve_device` — ``--device auto`` (the ``LOCAL_RANK`` GPU when CUDA exists, else
+  Apple MPS when present, else cpu; under torchrun without CUDA: cpu, see
+  :func:`setup_distributed`).
 
 Choices marked **[ours]** are not fixed by the paper (no public code exists):
 
@@ -678,13 +680,23 @@ def setup_distributed(device: str | torch.device = "cpu") -> DistContext:
 
     The process group (``env://``: ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``)
     uses gloo for a CPU ``device`` and nccl for CUDA, where ``LOCAL_RANK`` picks the GPU
-    (``auto``: see :func:`resolve_device`). A group that is already initialised is used as is
-    (and left to its owner to destroy).
+    (``auto``: see :func:`resolve_device`, except that with ``WORLD_SIZE`` > 1 and no CUDA
+    ``auto`` is the CPU, never MPS: gloo cannot carry MPS tensors). A group that is already
+    initialised is used as is (and left to its owner to destroy).
+
+    Raises:
+        OvssError: an MPS ``device`` with ``WORLD_SIZE`` > 1.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and str(device).strip().lower() == "auto" and not torch.cuda.is_available():
+        device = "cpu"
     dev = resolve_device(device)
     if world <= 1:
         return DistContext(device=dev)
+    if dev.type == "mps":
+        raise OvssError(
+            "--device mps cannot train under torchrun (gloo has no MPS tensors); use cpu or cuda"
+        )
     if dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)

@@ -49,7 +49,7 @@ def _text_options(fn):
 
 DEVICE_HELP = (
     "auto [ours: default] = the GPU of LOCAL_RANK (0 outside torchrun) when CUDA is "
-    "available, else cpu; or cpu, cuda, cuda:N."
+    "available, else Apple MPS when present, else cpu; or cpu, cuda, cuda:N, mps."
 )
 
 
@@ -70,6 +70,39 @@ def _embed(store_path, class_names, text_model, templates, random_init, arch, we
         arch_overrides=parse_overrides(arch),
     )
     return vocab_from_text(te, source=vocab.describe()), te
+
+
+def _rank0_first(ctx, fn):
+    """``fn()`` on rank 0 first (it fills the store's text cache), then on the other ranks.
+
+    With ``ctx.world`` > 1 rank 0 broadcasts ``None`` or its error message in place of a
+    barrier, so a failure there raises the same one-line ``OvssError`` on every rank instead of
+    leaving the others waiting until the collective times out.
+    """
+    if ctx.world <= 1:
+        return fn()
+    import torch.distributed as dist
+
+    from featurestore.errors import OvssError
+
+    msg: list[str | None] = [None]
+    if ctx.rank == 0:
+        try:
+            out = fn()
+        except OvssError as e:
+            msg[0] = str(e)
+        except Exception as e:
+            msg[0] = f"rank 0 failed to embed the classes: {type(e).__name__}: {e}"
+            dist.broadcast_object_list(msg, src=0)
+            raise
+        dist.broadcast_object_list(msg, src=0)
+        if msg[0] is not None:
+            raise OvssError(msg[0])
+        return out
+    dist.broadcast_object_list(msg, src=0)
+    if msg[0] is not None:
+        raise OvssError(msg[0])
+    return fn()
 
 
 @click.command()
@@ -180,7 +213,8 @@ def _embed(store_path, class_names, text_model, templates, random_init, arch, we
     "--device",
     default="auto",
     show_default=True,
-    help=DEVICE_HELP + " Under torchrun cuda = the GPU of LOCAL_RANK.",
+    help=DEVICE_HELP + " Under torchrun cuda = the GPU of LOCAL_RANK, and auto without CUDA = "
+    "cpu (gloo cannot carry MPS tensors; mps is refused there).",
 )
 @_text_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -249,7 +283,6 @@ def align(
         AlignConfig,
         DatasetLabelSource,
         StoreLabelSource,
-        resolve_device,
         setup_distributed,
         train_alignment,
     )
@@ -258,8 +291,8 @@ def align(
         raise click.UsageError("give exactly one of --labels NAME or --gt-dataset DATASET")
     if gt_dataset and not data_root:
         raise click.UsageError("--gt-dataset needs --data-root")
-    device = str(resolve_device(device))
-    ctx = setup_distributed(device)
+    ctx = setup_distributed(device)  # resolves auto (cpu, not mps, under torchrun w/o CUDA)
+    device = str(ctx.device)
     try:
         store = FeatureStore.open(store_path)
         source = (
@@ -271,20 +304,19 @@ def align(
         recorded = source.text_defaults() if label_set else {}
         text_model = text_model or recorded.get("text_model", "clip-b16")
         templates = templates or recorded.get("templates", "single")
-        if ctx.rank != 0:
-            ctx.barrier()  # rank 0 embeds (and caches) the classes first
-        vocab, te = _embed(
-            store_path,
-            source.class_names,
-            text_model,
-            templates,
-            text_random_init,
-            text_arch_override,
-            text_weights,
-            seed,
+        vocab, te = _rank0_first(
+            ctx,
+            lambda: _embed(
+                store_path,
+                source.class_names,
+                text_model,
+                templates,
+                text_random_init,
+                text_arch_override,
+                text_weights,
+                seed,
+            ),
         )
-        if ctx.rank == 0:
-            ctx.barrier()
         cfg = AlignConfig(
             arch=arch,
             loss=loss,
@@ -439,9 +471,10 @@ class _loss_progress:
     type=click.Choice(["auto", "faiss", "torch"]),
     default="auto",
     show_default=True,
-    help="k-means backend [ours: auto = FAISS on cpu when installed, torch on a GPU (FAISS "
-    "there only with faiss-gpu)]. torch: k distinct random points as initial centroids, an "
-    "empty cluster re-seeded with the worst-fitting point [ours].",
+    help="k-means backend [ours: auto = FAISS when installed, unless --device is a CUDA GPU "
+    "and FAISS has no GPU support (faiss-cpu): torch on that GPU then; torch when FAISS is "
+    "missing]. torch: k distinct random points as initial centroids, an empty cluster "
+    "re-seeded with the worst-fitting point [ours].",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="k-means seed [ours: 0].")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
@@ -505,11 +538,16 @@ def cluster(
     """k-means of cached patch features: per-image masks or a store-level codebook.
 
     --per-image writes k masks per image into the store (PixelCLIP's DINO masks: --k 16).
-    Otherwise one codebook is fitted on all tokens (FAISS, all points used); its assignments
-    are an unsupervised segmentation, scored with Hungarian matching (--eval-dataset) and
-    optionally written as a label set (--name) and named with a vocabulary (--name-with).
-    The torch k-means runs on --device (a GPU by default when there is one). Sinkhorn-Knopp
-    balanced assignment is the library function methods.cluster.sinkhorn_knopp.
+    Otherwise one codebook is fitted on all tokens (all points used); its assignments are an
+    unsupervised segmentation, scored with Hungarian matching (--eval-dataset) and optionally
+    written as a label set (--name) and named with a vocabulary (--name-with; with
+    --checkpoint the text model and templates default to the checkpoint's).
+
+    \b
+    Backend auto [ours]: FAISS when installed, except on a CUDA --device without faiss-gpu,
+    where the torch k-means runs on that GPU; torch when FAISS is missing. --device auto picks
+    the CUDA GPU when there is one, so on a CUDA host with faiss-cpu auto means torch on the GPU.
+    Sinkhorn-Knopp balanced assignment is the library function methods.cluster.sinkhorn_knopp.
     """
     from featurestore.store import FeatureStore
     from methods.cluster import cluster_per_image, cluster_store
@@ -552,16 +590,17 @@ def cluster(
         else:
             vocab = None
             if name_with:
-                tm = text_model
-                if tm is None and checkpoint:
-                    from methods.fmbseg import load_checkpoint
+                # the text space the checkpoint was trained into (explicit options win)
+                recorded: dict[str, Any] = {}
+                if checkpoint:
+                    from methods.aligned import checkpoint_provenance
 
-                    tm = load_checkpoint(checkpoint)[1]["provenance"]["vocabulary"]["text_model"]
+                    recorded = checkpoint_provenance(checkpoint).get("vocabulary", {})
                 vocab, _ = _embed(
                     store_path,
                     name_with,
-                    tm or "clip-b16",
-                    templates or "single",
+                    text_model or recorded.get("text_model") or "clip-b16",
+                    templates or recorded.get("templates") or "single",
                     text_random_init,
                     text_arch_override,
                     text_weights,

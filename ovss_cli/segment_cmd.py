@@ -110,7 +110,7 @@ def method_options(fn):
             default="auto",
             show_default=True,
             help="auto [ours: default] = the GPU of LOCAL_RANK (0 outside torchrun) when CUDA "
-            "is available, else cpu; or cpu, cuda, cuda:N.",
+            "is available, else Apple MPS when present, else cpu; or cpu, cuda, cuda:N, mps.",
         ),
         click.option("--limit", type=int, default=None, help="Only the first N images."),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
@@ -167,28 +167,26 @@ def default_templates(method: str, overrides: dict, dataset: str | None = None) 
     """The template set used when --templates is not given.
 
     ``aligned``: the set recorded in its checkpoint (the module was trained against those
-    embeddings), else ``single`` (FMbSeg's one template); ``fmbseg-stage1``: the ``fmbseg``
-    extraction recipe's; any other method: ``openai80`` (METHODS.md §0.1).
+    embeddings; read from its cached provenance), else ``single`` (FMbSeg's one template);
+    ``fmbseg-stage1``: the ``fmbseg`` extraction recipe's (the same on every ``dataset``); any
+    other method: ``openai80`` (METHODS.md §0.1).
     """
     from featurestore.text import DEFAULT_TEMPLATES
 
     if method == "aligned":
         ckpt = overrides.get("checkpoint")
         if ckpt:
-            from methods.fmbseg import load_checkpoint
+            from methods.aligned import checkpoint_provenance
 
-            voc = load_checkpoint(str(ckpt))[1]["provenance"].get("vocabulary", {})
+            voc = checkpoint_provenance(str(ckpt)).get("vocabulary", {})
             if voc.get("templates"):
                 return str(voc["templates"])
         return "single"
     if method == "fmbseg-stage1":
-        from featurestore.errors import OvssError
         from featurestore.recipes import BENCHMARKS, recipe_for
 
-        try:
-            return recipe_for("fmbseg", dataset or BENCHMARKS[0]).templates
-        except OvssError:  # not a benchmark: the templates do not depend on the dataset
-            return recipe_for("fmbseg", BENCHMARKS[0]).templates
+        # the fmbseg recipe's templates do not depend on the benchmark
+        return recipe_for("fmbseg", BENCHMARKS[0]).templates
     return DEFAULT_TEMPLATES
 
 

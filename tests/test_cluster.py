@@ -10,8 +10,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from featurestore.errors import OvssError
 from featurestore.labelsets import LabelSet
 from methods.cluster import (
+    choose_backend,
     cluster_store,
     hungarian_match,
     kmeans,
@@ -189,7 +191,88 @@ def test_kmeans_device_argument_and_cli_default():
     x, _ = _blobs(n_per=50, k=3, d=4)
     res = kmeans(x, 3, backend="torch", device="cpu")
     assert res.backend == "torch" and res.centroids.device.type == "cpu"
-    # auto on cpu keeps FAISS (when installed); the codebook CLI defaults to --device auto
-    assert kmeans(x, 3, device="cpu").backend in ("faiss", "torch")
+    # the codebook CLI defaults to --device auto and documents the auto backend rule
     opt = next(p for p in cli.commands["cluster"].params if p.name == "device")
     assert opt.default == "auto"
+    r = CliRunner().invoke(cli, ["cluster", "--help"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "faiss-gpu" in text and "auto means torch on the GPU" in text
+
+
+@pytest.mark.parametrize(
+    "backend, device, have, gpus, want",
+    [
+        ("auto", "cpu", True, 0, "faiss"),  # faiss-cpu on a CPU device
+        ("auto", "mps", True, 0, "faiss"),  # not CUDA: FAISS on the CPU
+        ("auto", "cuda", True, 0, "torch"),  # CUDA + faiss-cpu: torch on the GPU
+        ("auto", "cuda:1", True, 2, "faiss"),  # CUDA + faiss-gpu
+        ("auto", "cpu", False, 0, "torch"),  # no FAISS
+        ("auto", "cuda:0", False, 0, "torch"),
+        ("faiss", "cuda", True, 0, "faiss"),  # explicit names are kept
+        ("torch", "cpu", True, 1, "torch"),
+    ],
+)
+def test_choose_backend_rule(backend, device, have, gpus, want):
+    assert choose_backend(backend, device, have, gpus) == want
+
+
+def test_choose_backend_rejects_unknown_names():
+    with pytest.raises(OvssError, match="not a k-means backend"):
+        choose_backend("sklearn", "cpu", True, 0)
+    with pytest.raises(OvssError, match="not a k-means backend"):
+        kmeans(np.zeros((4, 2), np.float32), 2, backend="sklearn")
+
+
+def test_kmeans_auto_backend_probes_faiss(monkeypatch):
+    """`kmeans(backend="auto")` feeds the FAISS probe into the rule: FAISS missing -> torch;
+    FAISS present (stubbed, no GPUs) on a cpu device -> faiss."""
+    import methods.cluster as mc
+
+    x, _ = _blobs(n_per=30, k=3, d=4)
+
+    def missing():
+        raise OvssError("no faiss")
+
+    monkeypatch.setattr(mc, "_faiss", missing)
+    assert kmeans(x, 3, device="cpu").backend == "torch"
+    seen = []
+    monkeypatch.setattr(mc, "choose_backend", lambda *a: seen.append(a) or "torch")
+    monkeypatch.setattr(mc, "_faiss", lambda: object())
+    monkeypatch.setattr(mc, "_faiss_gpus", lambda faiss: 3)
+    assert kmeans(x, 3, device="cpu").backend == "torch"
+    assert seen == [("auto", "cpu", True, 3)]
+
+
+def test_cli_name_with_takes_the_checkpoints_text_model_and_templates(monkeypatch, tmp_path):
+    """`cluster --checkpoint --name-with` embeds the names in the checkpoint's text space: its
+    recorded text model and templates, unless --text-model / --templates are given."""
+    import methods.aligned as aligned
+    import ovss_cli.align_cmd as align_cmd
+
+    store, _, _ = _toy(tmp_path, n=1)
+    ck = tmp_path / "last.pt"
+    ck.write_bytes(b"")
+    monkeypatch.setattr(
+        aligned,
+        "checkpoint_provenance",
+        lambda p: {"vocabulary": {"text_model": "clip-l14", "templates": "clip7"}},
+    )
+    seen = []
+
+    def fake_embed(store_path, names, text_model, templates, *rest):
+        seen.append((text_model, templates))
+        raise OvssError("stop here")
+
+    monkeypatch.setattr(align_cmd, "_embed", fake_embed)
+    base = [
+        "cluster", "--store", str(store.path), "--features", store.feature_sets()[0],
+        "--checkpoint", str(ck), "--name-with", "a,b", "-q",
+    ]  # fmt: skip
+    for extra, want in (
+        ([], ("clip-l14", "clip7")),
+        (["--templates", "single"], ("clip-l14", "single")),
+        (["--text-model", "clip-b16"], ("clip-b16", "clip7")),
+    ):
+        r = CliRunner().invoke(cli, [*base, *extra])
+        assert r.exit_code == 1 and "stop here" in r.output, r.output
+        assert seen.pop() == want

@@ -439,7 +439,7 @@ def test_cli_align_from_a_store_label_set_records_text_identity_and_checkpoint_o
         assert r.exit_code == 2 and "checkpoint" in r.output
 
 
-def test_default_templates_and_device():
+def test_default_templates_and_device(monkeypatch):
     from methods.fmbseg import resolve_device
     from ovss_cli.segment_cmd import default_templates
 
@@ -447,7 +447,14 @@ def test_default_templates_and_device():
     assert default_templates("aligned", {}) == "single"  # FMbSeg's one template
     assert default_templates("fmbseg-stage1", {}) == "single"  # the fmbseg recipe's
     assert default_templates("fmbseg-stage1", {}, "custom") == "single"
-    want = "cuda:0" if torch.cuda.is_available() else "cpu"
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    mps = getattr(torch.backends, "mps", None)
+    if torch.cuda.is_available():
+        want = "cuda:0"
+    elif mps is not None and mps.is_available():
+        want = "mps"
+    else:
+        want = "cpu"
     assert str(resolve_device("auto")) == want
     assert str(resolve_device("cpu")) == "cpu"
     with pytest.raises(OvssError, match="not a device"):
@@ -523,3 +530,80 @@ def test_ddp_two_gloo_ranks_match_single_process(tmp_path):
         assert h2["patch_acc"] == pytest.approx(h1["patch_acc"], rel=1e-5)
     for name, w in ck1["module"].items():
         assert torch.allclose(ck["module"][name], w, atol=1e-5), name
+
+
+def test_ddp_rank0_embedding_failure_stops_every_rank(tmp_path):
+    """Under torchrun rank 0 embeds the classes first; when that fails (here an unknown
+    template set) every rank exits non-zero with rank 0's one-line message instead of rank 1
+    waiting in a collective until its timeout."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    store, root, _ = _toy(tmp_path, n=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [
+        "align", "--store", str(store.path), "--features", store.feature_sets()[0],
+        "--gt-dataset", "custom", "--data-root", str(root), "--split", "train",
+        "--arch", "linear", "--epochs", "1", "--text-random-init", "--templates", "nosuchset",
+        "--device", "cpu", "--out", str(tmp_path / "ck"), "-q",
+    ]  # fmt: skip
+    code = "import sys; from ovss_cli.main import cli; cli(sys.argv[1:])"
+    procs = []
+    for rank in range(2):
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code, *args],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rank, (p, out) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 1, (rank, out)
+        assert "'nosuchset' is not a known template set" in out, (rank, out)
+        assert "Traceback" not in out, (rank, out)
+    assert not (tmp_path / "ck" / "last.pt").exists()
+
+
+def test_setup_distributed_auto_is_cpu_under_torchrun_without_cuda(monkeypatch):
+    """`auto` never picks MPS for a multi-rank job (gloo cannot carry MPS tensors); an
+    explicit mps device there is refused."""
+    import methods.fmbseg as fm
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if getattr(torch.backends, "mps", None) is not None:
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    inits = []
+    monkeypatch.setattr(fm.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(fm.dist, "init_process_group", lambda backend: inits.append(backend))
+    monkeypatch.setattr(fm.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(fm.dist, "get_world_size", lambda: 2)
+    ctx = fm.setup_distributed("auto")
+    assert ctx.device == torch.device("cpu") and (ctx.rank, ctx.world) == (1, 2)
+    assert inits == ["gloo"]
+    with pytest.raises(OvssError, match="mps"):
+        fm.setup_distributed("mps")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a single process keeps the usual auto rule
+    if getattr(torch.backends, "mps", None) is not None:
+        assert fm.setup_distributed("auto").device.type == "mps"
