@@ -283,6 +283,8 @@ def bench_trident(tmp: Path) -> dict:
     ids = {image_id: i for i, image_id in enumerate(store.image_ids)}
     max_diff, agree, total = 0.0, 0, 0
     sam_head_tiny = []
+    sam_fs = seg.sets["sam"]
+    static = sam_static(sam_fs)
     for record in records:
         cos_p = pixel.logits(record)
         labels_s, _prob, cos_s = segment_image(seg, ids[record.image_id], vocab, scoring)
@@ -299,9 +301,7 @@ def bench_trident(tmp: Path) -> dict:
         agree += int((labels_p.numpy() == labels_s).sum())
         total += labels_s.size
         # The SAM part of the head on the tiny grid, from the store's float16 tensors.
-        fs = seg.sets["sam"]
-        f = fs.read(ids[record.image_id], names=["q", "k", "v", "attn_log_mass"])
-        static = sam_static(fs)
+        f = sam_fs.read(ids[record.image_id], names=["q", "k", "v", "attn_log_mass"])
         with torch.inference_mode():
             t = time.perf_counter()
             _sam_head(pixel.spliced, f, static, seg.block, text, cfg)

@@ -121,7 +121,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
     ``auto`` **[ours: the default]** is the GPU of ``LOCAL_RANK`` (0 outside torchrun) when CUDA
     is available, else Apple's MPS when present, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` and
-    ``mps`` are taken as given (a CUDA device where CUDA is missing is an error).
+    ``mps`` are taken as given (a CUDA device where CUDA is missing is an error). Under torchrun
+    ``methods.fmbseg.setup_distributed`` takes ``auto`` as the CPU when CUDA is missing (gloo
+    cannot carry MPS tensors).
     """
     if isinstance(device, torch.device):
         return device
@@ -170,6 +172,27 @@ def geometries_for(
     return out
 
 
+def check_protocol_fits(models: Sequence[str], protocol: Protocol) -> None:
+    """Refuse, before any model is built, a SAM-only protocol (``halves``, or ``long`` with
+    ``align``: ``Protocol.sam_only``) for a model that is not SAM.
+
+    Raises:
+        OvssError: one line naming the models and the rule.
+    """
+    if not protocol.sam_only:
+        return
+    from featurestore.backbones.sam import VARIANTS
+
+    sam = [v.name for v in VARIANTS]
+    others = [m for m in models if m not in sam]
+    if others:
+        rule = "--resize halves" if protocol.resize == "halves" else "--align with --resize long"
+        raise OvssError(
+            f"{rule} ({protocol.key()}) is SAM's input; only SAM models take it "
+            f"({', '.join(sam)}), not {', '.join(others)}: extract those with another --resize"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # Dry run
 # --------------------------------------------------------------------------------------------
@@ -190,6 +213,7 @@ class PlanRow:
 def plan(records: Sequence[ImageRecord], cfg: ExtractConfig) -> list[PlanRow]:
     """What ``extract`` would write (images, windows, tokens, bytes per model); builds the models
     on the meta device only to read their output specs, loads no weights."""
+    check_protocol_fits(cfg.models, cfg.protocol)
     sizes = np.zeros((len(records), 2), dtype=np.int64)
     for i, r in enumerate(records):
         try:
@@ -259,6 +283,7 @@ def extract(
     """
     if not records:
         raise OvssError("no images to extract")
+    check_protocol_fits(cfg.models, cfg.protocol)
     shard = resolve_shard(cfg.shard)
     device = resolve_device(cfg.device)
     store = None

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from featurestore.resize import round_up
+
 RESIZE_MODES = ("short", "square", "long", "none", "trident", "halves")
 
 
@@ -122,9 +124,14 @@ class Protocol:
         with ``align``, each side of the original rounded *up* to a multiple of ``align``
         (``(512, 683)`` -> ``(512, 688)`` at 16); the original size otherwise."""
         if self.align and self.resize in ("long", "halves"):
-            a = self.align
-            return -(-height // a) * a, -(-width // a) * a
+            return round_up(height, self.align), round_up(width, self.align)
         return height, width
+
+    @property
+    def sam_only(self) -> bool:
+        """``halves``, or ``long`` with ``align``: SAM's input rules, which only SAM backbones
+        (``featurestore.backbones.sam``) take."""
+        return self.resize == "halves" or (self.resize == "long" and bool(self.align))
 
     def halves_layout(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
         """``halves`` only: per half ``(src_x1, src_x2, rh, rw)``, its columns ``[src_x1,
@@ -151,7 +158,7 @@ class Protocol:
         if width < 2 or height < 1:
             raise ValueError(f"a {height}x{width} image has no left and right halves")
         out = []
-        for x1, x2 in ((0, width // 2), (width // 2, width)):
+        for x1, x2 in half_columns(width):
             f = self.size / max(height, x2 - x1)
             rh = max(1, int(height * f + 0.5))
             rw = max(1, int((x2 - x1) * f + 0.5))
@@ -177,7 +184,7 @@ class Protocol:
         rh, rw = max(1, int(height * f + 0.5)), max(1, int(width * f + 0.5))
         if self.resize == "trident":
             a = self.align
-            rh, rw = max(-(-rh // a) * a, self.crop), max(-(-rw // a) * a, self.crop)
+            rh, rw = max(round_up(rh, a), self.crop), max(round_up(rw, a), self.crop)
         return rh, rw
 
     def windows(self, height: int, width: int) -> np.ndarray:
@@ -199,6 +206,14 @@ class Protocol:
                 y1, x1 = max(y2 - c, 0), max(x2 - c, 0)
                 boxes.append((y1, x1, y2, x2))
         return np.array(boxes, dtype=np.int64)
+
+
+def half_columns(width: int) -> list[tuple[int, int]]:
+    """Columns ``[x1, x2)`` of the left and right halves of an image ``width`` pixels wide:
+    ``[0, W // 2)`` and ``[W // 2, W)`` (the right one is a column wider when ``W`` is odd).
+    The one split rule of ``Protocol(resize="halves")`` (``Protocol.halves_layout``), of SAM's
+    halves input and of everything that maps results back onto the halves."""
+    return [(0, width // 2), (width // 2, width)]
 
 
 @dataclass(frozen=True)
@@ -238,14 +253,9 @@ def padding_for(length: int, multiple: int) -> tuple[int, int]:
 
 def image_geometry(protocol: Protocol, height: int, width: int, patch_size: int) -> ImageGeometry:
     """Geometry of one image of original size ``(height, width)`` for a backbone's patch size."""
-    if protocol.resize == "halves":
+    if protocol.sam_only:
         raise ValueError(
-            "resize 'halves' is SAM's two-window input; only SAM backbones take it "
-            "(featurestore.backbones.sam)"
-        )
-    if protocol.resize == "long" and protocol.align:
-        raise ValueError(
-            f"align with resize 'long' ({protocol.key()}) is SAM's pre-rounding; only SAM "
+            f"{protocol.key()} is SAM's input (resize 'halves', or 'long' with align); only SAM "
             "backbones take it (featurestore.backbones.sam)"
         )
     multiple = protocol.pad_multiple or patch_size

@@ -27,23 +27,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from featurestore.backbones.sam import top_left_rows
+
 __all__ = [
     "DEFAULT_CHUNK",
     "SamAttentionFactors",
     "factors_from_arrays",
     "fused_affinity",
-    "top_left_rows",
 ]
 
 #: Query rows per block (a (512, 4096) float32 logits block is 8 MB): on 2 CPU cores and SAM-B's
 #: 4096 tokens, 512 to 1024 rows take ~0.9 s per image, 256 rows ~1.0 s, 2048 rows ~1.0 s.
 DEFAULT_CHUNK = 512
-
-
-def top_left_rows(cached: tuple[int, int], valid: tuple[int, int]) -> torch.Tensor:
-    """Row-major indices ``(vh*vw,)`` of the top-left ``valid`` sub-grid in the ``cached`` grid."""
-    (_, gw), (vh, vw) = cached, valid
-    return (torch.arange(vh)[:, None] * gw + torch.arange(vw)[None, :]).reshape(-1)
 
 
 @dataclass
@@ -59,7 +54,13 @@ class SamAttentionFactors:
         scale: ``hd ** -0.5``.
         cached: ``(gh, gw)`` the cached grid (softmax runs over its ``N`` keys).
         rows: ``(n,)`` index in the cached grid of each valid token (row-major over the valid
-            grid; ``top_left_rows`` for Trident's crop).
+            grid). ``None`` with ``valid``: its top-left rows
+            (``featurestore.backbones.sam.top_left_rows``).
+        valid: ``(vh, vw)`` when the valid tokens are the top-left ``vh x vw`` sub-grid of the
+            cached grid (Trident's crop, ``methods.trident.sam_tokens``): ``fused_affinity``
+            then slices the valid keys of each logits block (a strided view) instead of
+            gathering them. ``None``: any ``rows`` (gathered). Given with ``rows``, the caller
+            vouches that ``rows`` is that sub-grid (only the count is checked).
     """
 
     q: torch.Tensor
@@ -69,10 +70,22 @@ class SamAttentionFactors:
     rel_pos_w: torch.Tensor
     scale: float
     cached: tuple[int, int]
-    rows: torch.Tensor
+    rows: torch.Tensor | None = None
+    valid: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         gh, gw = self.cached
+        if self.valid is not None:
+            self.valid = (int(self.valid[0]), int(self.valid[1]))
+            vh, vw = self.valid
+            if not (0 < vh <= gh and 0 < vw <= gw):
+                raise ValueError(f"valid grid {self.valid} is not inside the cached {self.cached}")
+            if self.rows is None:
+                self.rows = top_left_rows(self.valid, gw, self.q.device)
+            elif self.rows.numel() != vh * vw:
+                raise ValueError(f"{self.rows.numel()} rows for the valid grid {self.valid}")
+        elif self.rows is None:
+            raise ValueError("SamAttentionFactors needs the valid rows or the valid grid")
         if self.q.ndim != 3 or self.q.shape != self.k.shape or self.q.shape[0] != gh * gw:
             raise ValueError(
                 f"q/k must be (gh*gw, H, hd) alike for grid {self.cached}, got "
@@ -87,19 +100,6 @@ class SamAttentionFactors:
     @property
     def num_heads(self) -> int:
         return int(self.q.shape[1])
-
-
-def _key_columns(rows: torch.Tensor, cached: tuple[int, int]) -> tuple[int, int] | None:
-    """``(vh, vw)`` when ``rows`` is the top-left crop of ``cached`` (valid keys are then a
-    strided view of a logits block), else ``None``."""
-    gh, gw = cached
-    n = int(rows.numel())
-    for vh in range(1, gh + 1):
-        if n % vh == 0 and n // vh <= gw:
-            vw = n // vh
-            if torch.equal(rows.cpu(), top_left_rows(cached, (vh, vw))):
-                return vh, vw
-    return None
 
 
 def fused_affinity(
@@ -142,7 +142,7 @@ def fused_affinity(
             f"n={factors.rows.numel()}) do not match values {tuple(sv.shape)}"
         )
     rows = factors.rows.to(device, torch.long)
-    crop = _key_columns(rows, factors.cached)
+    crop = factors.valid  # a top-left crop: valid keys are a strided view of a logits block
     span_h = (factors.rel_pos_h.shape[0] + 1) // 2
     span_w = (factors.rel_pos_w.shape[0] + 1) // 2
     table_h = factors.rel_pos_h.to(device, dtype)
@@ -214,12 +214,14 @@ def factors_from_arrays(
     attn_log_mass: np.ndarray | torch.Tensor,
     static: dict,
     cached: tuple[int, int],
-    rows: torch.Tensor,
+    rows: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    valid: tuple[int, int] | None = None,
 ) -> SamAttentionFactors:
     """``SamAttentionFactors`` from cached arrays and a SAM set's static arrays
-    (``methods.sam_cache.sam_static``: ``rel_pos_h``, ``rel_pos_w``, ``scale``)."""
+    (``methods.sam_cache.sam_static``: ``rel_pos_h``, ``rel_pos_w``, ``scale``); ``rows`` and
+    ``valid`` as the class's attributes."""
 
     def tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
         t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
@@ -233,5 +235,6 @@ def factors_from_arrays(
         rel_pos_w=tensor(static["rel_pos_w"]),
         scale=float(np.asarray(static["scale"]).reshape(-1)[0]),
         cached=(int(cached[0]), int(cached[1])),
-        rows=rows.to(device, torch.long),
+        rows=None if rows is None else rows.to(device, torch.long),
+        valid=valid,
     )

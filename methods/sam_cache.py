@@ -52,9 +52,10 @@ from featurestore.backbones.sam import (
     attention_logits,
     decoder_weights_identity,
     load_sam_decoder,
+    top_left_rows,
 )
 from featurestore.errors import OvssError, ProvenanceMismatchError
-from featurestore.protocol import Protocol
+from featurestore.protocol import Protocol, half_columns
 from featurestore.store import FeatureSet, ImageFeatures
 
 __all__ = [
@@ -175,8 +176,9 @@ def crop_token_rows(
     sh, sw = sub_grid
     if not (0 <= sh <= gh and 0 <= sw <= gw) or x.shape[0] != gh * gw:
         raise ValueError(f"cannot crop {x.shape[0]} rows of grid {grid} to {sub_grid}")
-    rows = (np.arange(sh)[:, None] * gw + np.arange(sw)[None, :]).reshape(-1)
-    return x[torch.from_numpy(rows)] if isinstance(x, torch.Tensor) else x[rows]
+    if isinstance(x, torch.Tensor):
+        return x[top_left_rows(sub_grid, gw, x.device)]
+    return x[top_left_rows(sub_grid, gw).numpy()]
 
 
 WINDOW_TENSORS = ("embedding",)  # the SAM set's window-unit tensors; the others are per token
@@ -210,7 +212,8 @@ def sam_window(features: ImageFeatures, window: int) -> ImageFeatures:
     row ``window``; the token rows of that window's grid), its own ``win_*`` row (box moved to
     the origin) and ``resized_size`` = its box extent, i.e. that half's SamPredictor
     ``input_size``. ``original_size`` is the half's size ``(H, x2 - x1)`` when the set is a
-    two-window one (left half ``W // 2`` columns of ``features.original_size``; for a set with
+    two-window one (columns ``[x1, x2)`` = ``featurestore.protocol.half_columns(W)[window]`` of
+    ``features.original_size = (H, W)``; for a set with
     ``align`` pass ``sam_frame(features, protocol)`` so that ``W`` is the rounded width that was
     split), else unchanged. The result works with
     ``trident_sam_inputs``, ``CachedSamPredictor.set_features`` and ``methods.trident``'s
@@ -232,7 +235,11 @@ def sam_window(features: ImageFeatures, window: int) -> ImageFeatures:
             tensors[name] = t[start : start + count]
     y1, x1, y2, x2 = (int(v) for v in features.win_box[window])
     h, w = features.original_size
-    original = (h, w // 2 if window == 0 else w - w // 2) if n == 2 else (h, w)
+    if n == 2:
+        a, b = half_columns(w)[window]
+        original = (h, b - a)
+    else:
+        original = (h, w)
     return dataclasses.replace(
         features,
         original_size=original,
@@ -245,6 +252,7 @@ def sam_window(features: ImageFeatures, window: int) -> ImageFeatures:
 
 
 def _one_window(features: ImageFeatures) -> None:
+    """Refuse an image of several SAM windows (each is a SamPredictor input of its own)."""
     if len(features.win_grid) != 1:
         raise ValueError(
             f"image {features.image_id} has {len(features.win_grid)} SAM windows (a 'halves' "
@@ -305,7 +313,7 @@ def trident_sam_inputs(
         attn_log_mass=t["attn_log_mass"],
         dtype=dtype,
     )
-    rows = torch.from_numpy(crop_token_rows(np.arange(grid[0] * grid[1]), grid, (vh, vw)))
+    rows = top_left_rows((vh, vw), grid[1])
     attn = attn[:, rows][:, :, rows]
     v = crop_token_rows(t["v"], grid, (vh, vw))
     return TridentSamInputs(
@@ -367,7 +375,14 @@ class CachedSamPredictor(SamPredictor):
         self.is_image_set = True
 
     def set_features(self, features: ImageFeatures) -> None:
-        """``set_cached`` from one image of a SAM feature set (``FeatureSet.read(i)``)."""
+        """``set_cached`` from one image of a SAM feature set (``FeatureSet.read(i)``): one
+        SamPredictor input, i.e. an image of a ``long`` set or one half of a ``halves`` set
+        (``sam_window``).
+
+        Raises:
+            ValueError: an image of several windows (a ``halves`` set without ``sam_window``).
+        """
+        _one_window(features)
         self.set_cached(
             features.tensors["embedding"][0], features.original_size, features.resized_size
         )

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from featurestore.errors import OvssError, ProvenanceMismatchError
-from featurestore.protocol import Protocol
+from featurestore.protocol import Protocol, half_columns
 from featurestore.store import set_key
 from methods.base import FeatureRequirement, Segmenter, Vocab, register_method
 
@@ -580,10 +580,11 @@ def sam_tokens(
     Raises:
         OvssError: the valid grid is empty (a resized side shorter than one patch).
     """
-    from methods.sam_cache import crop_token_rows, sam_attention, trident_grid
+    from featurestore.backbones.sam import top_left_rows
+    from methods.sam_affinity import factors_from_arrays
+    from methods.sam_cache import _one_window, crop_token_rows, sam_attention, trident_grid
 
-    if len(features.win_grid) != 1:
-        raise ValueError("sam_tokens takes one SAM window: see methods.sam_cache.sam_window")
+    _one_window(features)
     patch = int(np.asarray(static["patch_size"]).reshape(-1)[0])
     cached = tuple(int(g) for g in features.win_grid[0])
     vh, vw = trident_grid(features.resized_size, patch)
@@ -596,8 +597,7 @@ def sam_tokens(
     q, k, lm = (
         torch.from_numpy(np.asarray(t[n])).to(device, dtype) for n in ("q", "k", "attn_log_mass")
     )
-    rows = torch.from_numpy(crop_token_rows(np.arange(cached[0] * cached[1]), cached, (vh, vw)))
-    rows = rows.to(device)
+    rows = top_left_rows((vh, vw), cached[1], device)
     v = torch.from_numpy(np.asarray(crop_token_rows(np.asarray(t["v"]), cached, (vh, vw))))
     values = v.to(device, dtype).permute(1, 0, 2).contiguous()
 
@@ -607,9 +607,7 @@ def sam_tokens(
         )[0]
         return a.index_select(0, rows).index_select(1, rows)
 
-    from methods.sam_affinity import factors_from_arrays
-
-    factors = factors_from_arrays(q, k, lm, static, cached, rows, dtype, device)
+    factors = factors_from_arrays(q, k, lm, static, cached, rows, dtype, device, valid=(vh, vw))
     return SamTokens(grid=(vh, vw), values=values, attn_head=attn_head, factors=factors)
 
 
@@ -816,8 +814,10 @@ def mask_prompt(
     """The dense mask prompt of one class: ``(side, side)`` (SAM's low-res mask frame, 256).
 
     The reduced class probability ``(h, w)`` is resized bilinearly to the letterboxed size of
-    the original image (longer side ``side``, ``ResizeLongestSide`` rounding), zero-padded at
+    ``original_size`` (longer side ``side``, ``ResizeLongestSide`` rounding), zero-padded at
     the bottom/right, and becomes ``alpha * p`` where ``p > coarse_thresh``, else 0.
+    ``original_size`` is the predictor's image (``SamPredictor.original_size``; the rounded
+    image with ``sam_frame``), so the prompt lies in the frame of the decoded masks.
     """
     from segment_anything.utils.transforms import ResizeLongestSide
 
@@ -843,10 +843,13 @@ def refine_with_sam(
 
     Args:
         predictor: a ``methods.sam_cache.CachedSamPredictor`` set to the image. Its
-            ``original_size`` may differ from ``(H, W)`` (the rounded image SAM encoded,
-            ``methods.sam_cache.sam_frame``): the mask logits decoded at that size are then
-            resized bilinearly (``align_corners=False``) to ``(H, W)`` before they are used,
-            as the reference does.
+            ``original_size`` ``(H', W')`` may differ from ``(H, W)`` (the rounded image SAM
+            encoded, ``methods.sam_cache.sam_frame``). The prompts are given in its frame:
+            point and box coordinates, found on the reduced map ``(h, w)``, are scaled by
+            ``(W' / w, H' / h)`` to that image's pixels, then SAM's transform maps them to its
+            input; the dense mask prompt is letterboxed as ``(H', W')`` (``mask_prompt``). The
+            mask logits decoded at ``(H', W')`` are resized bilinearly (``align_corners=False``)
+            to ``(H, W)`` before they are used, as the reference does.
         probs: ``(C, H, W)`` class probabilities at the original size.
         labels: ``(H, W)`` coarse labels.
         prompts: from ``refinement_prompts``.
@@ -865,19 +868,25 @@ def refine_with_sam(
     side = int(predictor.model.prompt_encoder.mask_input_size[0])
     scores = torch.zeros((c, h, w), dtype=torch.float32, device=device)
     probs_d = probs.to(device, torch.float32)
-    reduced = prompts.reduced_size
+    # Every prompt in the predictor's frame: its image (``original_size``, the rounded one with
+    # ``sam_frame``) and the letterbox of it. Points and boxes, found on the reduced map, are
+    # scaled to that image's pixels (x by W' / w_reduced, y by H' / h_reduced) before SAM's
+    # own transform; the mask prompt is letterboxed as that image.
+    frame = tuple(int(s) for s in predictor.original_size)
+    (rh, rw), (fh, fw) = prompts.reduced_size, frame
+    to_frame = torch.tensor([fw / rw, fh / rh], dtype=torch.float32, device=device)
     for cp in prompts.classes:
         n = len(cp.regions) if ("point" in kinds or "box" in kinds) else 1
         coords = point_labels = boxes = mask = None
         if "point" in kinds:
-            pts = torch.from_numpy(cp.points).to(device)
-            coords = predictor.transform.apply_coords_torch(pts, reduced)[:, None, :]
+            pts = torch.from_numpy(cp.points).to(device) * to_frame
+            coords = predictor.transform.apply_coords_torch(pts, frame)[:, None, :]
             point_labels = torch.ones((n, 1), device=device)
         if "box" in kinds:
-            b = torch.from_numpy(cp.boxes).to(device)
-            boxes = predictor.transform.apply_boxes_torch(b, reduced)
+            b = torch.from_numpy(cp.boxes).to(device) * to_frame.repeat(2)
+            boxes = predictor.transform.apply_boxes_torch(b, frame)
         if "mask" in kinds:
-            m = mask_prompt(prompts.probs[cp.cls], (h, w), side, coarse_thresh, alpha)
+            m = mask_prompt(prompts.probs[cp.cls], frame, side, coarse_thresh, alpha)
             mask = m.to(device)[None, None].expand(n, 1, side, side)
         with torch.inference_mode():
             logits, iou, _ = predictor.predict_torch(
@@ -1063,7 +1072,7 @@ class TridentSegmenter(Segmenter):
                 f"{2 if self.config.sam_halves else 1}"
             )
         w = f.original_size[1]
-        cols = [(0, w // 2), (w // 2, w)] if n == 2 else [(0, w)]
+        cols = half_columns(w) if n == 2 else [(0, w)]
         return [
             SamPart(
                 sam_tokens(sam_window(f, k), self._sam_static, torch.float32, self.device),
@@ -1274,7 +1283,7 @@ class TridentSegmenter(Segmenter):
         if cfg.sam_halves and cfg.refine_sam == "halves":
             parts = [
                 (probs[:, :, a:b].contiguous(), coarse[:, a:b].contiguous())
-                for a, b in ((0, w // 2), (w // 2, w))
+                for a, b in half_columns(w)
             ]
         else:
             parts = [(probs, coarse)]

@@ -220,6 +220,32 @@ def test_user_errors_are_one_line(tmp_path, images, args, message, monkeypatch):
     assert message.lower() in res.output.lower(), res.output
 
 
+@pytest.mark.parametrize(
+    "protocol_args,rule",
+    [
+        (["--resize", "halves"], "--resize halves"),
+        (["--resize", "long", "--align", "16"], "--align"),
+    ],
+)
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_sam_only_protocols_are_refused_for_other_models(
+    tmp_path, images, protocol_args, rule, dry_run
+):
+    """``halves`` and ``long`` with ``--align`` are SAM's inputs: another model is refused with
+    one line before it is built (no traceback, no store written)."""
+    args = ["extract", "-m", "dinov2-s14", "--images", str(images), "--store"]
+    args += [str(tmp_path / "s.zarr"), "--size", "42", "-q", *protocol_args, *TINY_ARGS]
+    res = CliRunner().invoke(cli, args + (["--dry-run"] if dry_run else []))
+    assert res.exit_code != 0
+    assert isinstance(res.exception, SystemExit)  # a user error, not an uncaught exception
+    assert "Traceback" not in res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1, res.output
+    assert lines[0].startswith("Error: ") and rule in lines[0] and "dinov2-s14" in lines[0]
+    assert "only SAM models" in lines[0]
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_demo_small(tmp_path):
     res = CliRunner().invoke(
         cli,

@@ -790,6 +790,12 @@ def test_halves_store_embedding_and_factors_equal_sam_predictor_on_each_half(
         assert got.tensors["embedding"].shape[0] == 2 and len(got.win_grid) == 2
         with pytest.raises(ValueError, match="sam_window"):
             trident_sam_inputs(got, sam_static(halves_store))
+        # a two-window image is two SamPredictor inputs: the predictor refuses it (it would
+        # otherwise decode against the left half's embedding with the whole image's sizes)
+        refused = CachedSamPredictor(decoder)
+        with pytest.raises(ValueError, match="2 SAM windows .*sam_window"):
+            refused.set_features(got)
+        assert not refused.is_image_set
         for w, half in enumerate(half_images(load_image_rgb(record.path))):
             predictor.set_image(half)
             one = sam_window(got, w)

@@ -10,12 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods.sam_affinity import (
-    SamAttentionFactors,
-    factors_from_arrays,
-    fused_affinity,
-    top_left_rows,
-)
+from featurestore.backbones.sam import top_left_rows
+from methods.sam_affinity import SamAttentionFactors, factors_from_arrays, fused_affinity
 from methods.sam_cache import sam_attention
 from methods.trident import SamTokens, cosine_thresholds, sam_affinity
 
@@ -36,14 +32,15 @@ def random_block(seed: int = 0, dtype: torch.dtype = torch.float32, rows=None):
         "rel_pos_w": torch.randn(2 * SPAN - 1, HD, generator=g) * 0.5,
         "scale": np.array([HD**-0.5]),
     }
-    rows = top_left_rows(CACHED, VALID) if rows is None else rows
+    valid = VALID if rows is None else None  # the top-left crop: the sliced (strided) path
+    rows = top_left_rows(VALID, CACHED[1]) if rows is None else rows
     values = torch.randn(HEADS, len(rows), HD, generator=g).to(dtype)
 
     def attn_head(h: int) -> torch.Tensor:
         a = sam_attention(q, k, CACHED, static, [h], "full", attn_log_mass=log_mass, dtype=dtype)[0]
         return a.index_select(0, rows).index_select(1, rows)
 
-    factors = factors_from_arrays(q, k, log_mass, static, CACHED, rows, dtype)
+    factors = factors_from_arrays(q, k, log_mass, static, CACHED, rows, dtype, valid=valid)
     return SamTokens(grid=VALID, values=values, attn_head=attn_head), factors
 
 
@@ -101,10 +98,28 @@ def test_any_valid_row_map():
         assert_same(fused_affinity(factors, sv, thr, correlation, 5), ref)
 
 
+def test_top_left_rows_and_the_valid_grid():
+    rows = top_left_rows(VALID, CACHED[1])
+    assert rows.tolist()[:7] == [0, 1, 2, 3, 4, 5, 7] and rows.numel() == 48
+    _, factors = random_block(seed=6)
+    assert factors.valid == VALID and torch.equal(factors.rows, rows)
+    # rows from the valid grid alone
+    alone = dataclasses.replace(factors, rows=None)
+    assert torch.equal(alone.rows, rows)
+    # the same rows without the valid grid: gathered, not sliced; the same matrix
+    gathered = dataclasses.replace(factors, valid=None)
+    sam, _ = random_block(seed=6)
+    sv = F.normalize(sam.values, dim=-1)
+    thr = cosine_thresholds(sv, 1.2)
+    for correlation in ("aff", "attn"):
+        sliced = fused_affinity(factors, sv, thr, correlation, 9)
+        torch.testing.assert_close(fused_affinity(gathered, sv, thr, correlation, 9), sliced)
+
+
 def test_dead_rows_become_identity_rows():
     sam, factors = random_block(seed=4)
     lm = factors.attn_log_mass.clone()
-    lm[top_left_rows(CACHED, VALID)[[0, 20]]] = -float("inf")  # no mass on the valid keys
+    lm[top_left_rows(VALID, CACHED[1])[[0, 20]]] = -float("inf")  # no mass on the valid keys
     factors = dataclasses.replace(factors, attn_log_mass=lm)
     sv = F.normalize(sam.values, dim=-1)
     got = fused_affinity(factors, sv, cosine_thresholds(sv, 1.2), "aff", 16)
@@ -141,6 +156,12 @@ def test_factors_are_checked():
     _, factors = random_block()
     with pytest.raises(ValueError, match="gh\\*gw"):
         dataclasses.replace(factors, cached=(8, 7))
+    with pytest.raises(ValueError, match="not inside"):
+        dataclasses.replace(factors, valid=(10, 6))
+    with pytest.raises(ValueError, match="rows for the valid grid"):
+        dataclasses.replace(factors, valid=(8, 5))
+    with pytest.raises(ValueError, match="valid rows or the valid grid"):
+        dataclasses.replace(factors, rows=None, valid=None)
     with pytest.raises(ValueError, match="exceeds"):
         SamAttentionFactors(
             factors.q, factors.k, factors.attn_log_mass, factors.rel_pos_h[:9],

@@ -522,6 +522,45 @@ def test_refine_with_sam_keeps_or_replaces_labels(predictor):
         assert out.shape == (h, w)
 
 
+def test_refine_prompts_are_in_the_predictor_frame(predictor, monkeypatch):
+    """SAM's image is the rounded one (61 x 93 -> 64 x 96): every prompt is given in its frame.
+    A point or box corner at reduced pixel ``(x, y)`` (the map is 30 x 46) lands at the same
+    fraction of SAM's input, ``(x * iw / 46, y * ih / 30)``; the dense mask prompt is the
+    letterbox of the rounded image (43 rows of 64), not of the original (42 rows)."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    h, w = SIZES[0]
+    p, labels = synthetic_probs(h, w)
+    prompts = refinement_prompts(p, labels, coarse_thresh=0.2, minimal_area=20)
+    seen = []
+    real = predictor.predict_torch
+
+    def spy(coords, point_labels, boxes, mask, **kwargs):
+        seen.append((coords, boxes, mask))
+        return real(coords, point_labels, boxes, mask, **kwargs)
+
+    monkeypatch.setattr(predictor, "predict_torch", spy)
+    refine_with_sam(predictor, p, labels, prompts, iou_thresh=-float("inf"))
+    assert len(seen) == len(prompts.classes) > 0
+    (dh, dw), frame = prompts.reduced_size, predictor.original_size
+    ih, iw = predictor.input_size
+    side = int(predictor.model.prompt_encoder.mask_input_size[0])
+    assert frame == (64, 96) != (h, w) and (dh, dw) == (30, 46)
+    letterbox = ResizeLongestSide.get_preprocess_shape(*frame, side)
+    assert letterbox == (43, 64) != ResizeLongestSide.get_preprocess_shape(h, w, side)
+    to_input = torch.tensor([iw / dw, ih / dh])
+    moved = 0
+    for cp, (coords, boxes, mask) in zip(prompts.classes, seen, strict=True):
+        torch.testing.assert_close(coords[:, 0].cpu(), torch.from_numpy(cp.points) * to_input)
+        torch.testing.assert_close(boxes.cpu(), torch.from_numpy(cp.boxes) * to_input.repeat(2))
+        want = mask_prompt(prompts.probs[cp.cls], frame, side, 0.2, 0.005)
+        assert torch.equal(mask[0, 0].cpu(), want) and (want[letterbox[0] :] == 0).all()
+        moved += int(
+            not torch.equal(want, mask_prompt(prompts.probs[cp.cls], (h, w), side, 0.2, 0.005))
+        )
+    assert moved  # class 2 reaches the bottom row: its prompt depends on the frame
+
+
 def test_segmenter_refine_hook(store):
     v = vocab()
     seg = segmenter(store, sam_refine=True, coarse_thresh=0.0, minimal_area=4, sam_iou_thresh=-1.0)
@@ -673,6 +712,40 @@ def test_halves_each_use_their_own_affinity_side_by_side(store, index):
     torch.testing.assert_close(cos, torch.cat([left, right], dim=2), atol=2e-5, rtol=0)
     labels, _, _ = segment_image(seg, index, v, ScoringConfig())
     assert labels.shape == SIZES[index]
+
+
+@pytest.mark.parametrize("index", range(len(SIZES)))
+def test_equal_halves_without_correlation_are_the_whole_path_on_the_combined_grid(
+    store, index, monkeypatch
+):
+    """An independent check of the halves' geometry (``half_reference`` follows the code).
+
+    With ``correlation="none"`` a SAM token's logits are the scoring of the spliced canvas
+    sampled at the token's cell centre (scoring is per token). Two equal halves of ``vh x vw``
+    cells (the test images' rounded widths are even, and the halves taller than wide) have their
+    cell centres at ``(2s + 1) Wc / (4 vw)`` and ``Wc / 2 +`` the same, i.e. at
+    ``(2j + 1) Wc / (2 * 2vw)`` for ``j < 2vw``: the uniform centres of one ``vh x 2vw`` grid,
+    which the whole-image path samples with ``resize_grid`` (``F.interpolate``, bilinear,
+    ``align_corners=False``). So the halves side by side equal the whole-image path run with
+    SAM's grid set to the combined ``(vh, 2vw)``, up to float rounding (exact rational weights
+    in ``resample_matrix`` against ``F.interpolate``'s float32 source coordinates).
+
+    It is not the whole-image path's own output resampled to that grid: scoring (``out_proj``,
+    ``ln_post``, ``proj``, l2-normalisation) is not linear and does not commute with bilinear
+    resampling, and the whole-image set's grid is a different one (10 x 16 for image 0 against
+    16 x 24 here)."""
+    v = vocab()
+    halves = segmenter(store, sam_halves=True, correlation="none")
+    cos, size = halves.cosine_logits(index, v)
+    (vh, vw), right = (part.tokens.grid for part in halves._sam_parts(index))
+    assert right == (vh, vw) and size == (vh, 2 * vw) and cos.shape == (5, vh, 2 * vw)
+    whole = segmenter(store, correlation="none")
+    assert whole._sam(index).grid != size
+    combined = SamTokens(grid=(vh, 2 * vw), values=torch.empty(0), attn_head=None)
+    monkeypatch.setattr(whole, "_sam", lambda i: combined)
+    cos_whole, size_whole = whole.cosine_logits(index, v)
+    assert size_whole == size
+    torch.testing.assert_close(cos, cos_whole, atol=1e-5, rtol=0)
 
 
 def test_halves_affinities_are_independent_blocks(store, monkeypatch):

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 
 from featurestore.backbones.base import Backbone, BackboneInfo, TensorSpec, register_backbone
 from featurestore.errors import OvssError
-from featurestore.protocol import ImageGeometry, Protocol, WindowGeometry
+from featurestore.protocol import ImageGeometry, Protocol, WindowGeometry, half_columns
 from featurestore.weights import WeightsSpec, load_state_dict, resolve_weights, sha256_file
 
 if TYPE_CHECKING:
@@ -515,9 +515,10 @@ class SamBackbone(Backbone):
         if protocol.resize == "halves":
             if src_w < 2:
                 raise OvssError(f"a {height}x{width} image has no left and right halves for SAM")
-            sizes = [self._input_size(src_h, x2 - x1) for x1, x2 in _half_columns(src_w)]
+            sizes = [(rh, rw) for _, _, rh, rw in protocol.halves_layout(height, width)]
         else:
-            sizes = [self._input_size(src_h, src_w)]
+            # ResizeLongestSide.get_preprocess_shape's rule (``tests/test_sam.py`` checks it)
+            sizes = [protocol.resized_size(height, width)]
         windows, x0 = [], 0
         for rh, rw in sizes:
             windows.append(
@@ -534,13 +535,6 @@ class SamBackbone(Backbone):
             original=(height, width), resized=resized, windows=windows, rounded=rounded
         )
 
-    def _input_size(self, height: int, width: int) -> tuple[int, int]:
-        """SamPredictor's ``input_size`` for an image ``(height, width)`` (at least 1 px)."""
-        from segment_anything.utils.transforms import ResizeLongestSide
-
-        rh, rw = ResizeLongestSide.get_preprocess_shape(height, width, self.config.img_size)
-        return max(1, rh), max(1, rw)  # SAM itself fails on a side that rounds to 0
-
     def preprocess(self, image: np.ndarray, geometry: ImageGeometry) -> list[torch.Tensor]:
         """``(H, W, 3)`` uint8 RGB -> per window ``(3, img, img)`` float32, as
         ``SamPredictor.set_image`` on that window's image (the whole image, or the left/right
@@ -555,7 +549,7 @@ class SamBackbone(Backbone):
             image = resize_linear_u8(np.ascontiguousarray(image), *geometry.rounded)
         width = image.shape[1]
         if len(geometry.windows) == 2:
-            sources = _half_columns(width)
+            sources = half_columns(width)
         else:
             sources = [(0, width)]
         img = self.config.img_size
@@ -630,7 +624,7 @@ class SamBackbone(Backbone):
                 handle.remove()
 
         s, heads, hd = self.config.embedding_size, self.config.num_heads, self.config.head_dim
-        rows = _grid_rows(grid, s, x.device)
+        rows = top_left_rows(grid, s, x.device)
         # (1, S, S, 3D) -> q, k, v of shape (S*S, H, hd), as Attention.forward splits them.
         q, k, v = captured["qkv"].reshape(s * s, 3, heads, hd).unbind(1)
         out = {"embedding": embedding, "q": q[rows], "k": k[rows], "v": v[rows]}
@@ -662,17 +656,17 @@ class SamBackbone(Backbone):
         return int(x.shape[0])
 
 
-def _half_columns(width: int) -> list[tuple[int, int]]:
-    """Columns of the left and right halves: ``[0, W // 2)`` and ``[W // 2, W)``."""
-    return [(0, width // 2), (width // 2, width)]
-
-
-def _grid_rows(grid: tuple[int, int], size: int, device: torch.device) -> torch.Tensor:
-    """Row-major indices of the top-left ``grid`` tokens inside a ``size x size`` grid."""
-    gh, gw = grid
-    ys = torch.arange(gh, device=device)[:, None]
-    xs = torch.arange(gw, device=device)[None, :]
-    return (ys * size + xs).reshape(-1)
+def top_left_rows(
+    sub_grid: tuple[int, int], width: int, device: str | torch.device | None = None
+) -> torch.Tensor:
+    """Row-major indices ``(sh*sw,)`` of the top-left ``sub_grid = (sh, sw)`` tokens in the
+    token rows of a grid ``width`` tokens wide (row-major): the valid tokens inside the encoder's
+    ``S x S`` grid, or Trident's floor grid inside the cached ``ceil`` grid. The one rule of
+    this crop (``methods.sam_cache.crop_token_rows``, ``methods.sam_affinity``)."""
+    sh, sw = sub_grid
+    ys = torch.arange(sh, device=device)[:, None]
+    xs = torch.arange(sw, device=device)[None, :]
+    return (ys * width + xs).reshape(-1)
 
 
 # --------------------------------------------------------------------------------------------
