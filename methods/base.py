@@ -9,7 +9,6 @@ subclass and ``@register_method``.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,6 +18,8 @@ import torch
 from featurestore.errors import OvssError, ProvenanceMismatchError
 from featurestore.protocol import Protocol
 from featurestore.store import FeatureSet, FeatureStore
+from methods.config import build_config as _build_config
+from methods.config import config_to_dict
 
 
 @dataclass(frozen=True)
@@ -155,49 +156,11 @@ def get_method(name: str) -> type[Segmenter]:
 def build_config(
     cls: type[Segmenter], dataset: str | None = None, overrides: dict[str, Any] | None = None
 ) -> Any:
-    """The method's config: defaults, then the dataset preset, then user overrides (validated:
-    an unknown key is an error naming the valid ones)."""
-    values: dict[str, Any] = {}
-    if dataset:
-        values.update(cls.presets(dataset))
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    names = {f.name: f for f in dataclasses.fields(cls.Config)}
-    bad = [k for k in values if k not in names]
-    if bad:
-        raise OvssError(
-            f"method {cls.name} has no option {', '.join(bad)}; options: {', '.join(names)}"
-        )
-    return cls.Config(**values)
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    def conv(v):
-        if isinstance(v, Protocol):
-            return v.to_dict()
-        if dataclasses.is_dataclass(v):
-            return {k: conv(x) for k, x in dataclasses.asdict(v).items()}
-        if isinstance(v, tuple):
-            return list(v)
-        return v
-
-    return {f.name: conv(getattr(config, f.name)) for f in dataclasses.fields(config)}
-
-
-def parse_option_value(text: str) -> Any:
-    """``--set key=value`` values: int, float, bool (true/false/on/off), null, or string."""
-    low = text.lower()
-    if low in ("true", "on", "yes"):
-        return True
-    if low in ("false", "off", "no"):
-        return False
-    if low == "null":
-        return None
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return text
+    """The method's config: defaults, then the dataset preset, then user overrides (coerced to
+    the field types; an unknown key or a bad value is a ``ConfigError`` naming the field)."""
+    return _build_config(
+        cls.Config, cls.presets(dataset) if dataset else {}, overrides, owner=f"method {cls.name}"
+    )
 
 
 # Helpers shared by window-based methods ---------------------------------------------------

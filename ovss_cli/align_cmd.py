@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ovss_cli import render
-from ovss_cli.main import parse_overrides, user_errors
+from ovss_cli.common import parse_overrides, user_errors
 
 
 def _text_options(fn):

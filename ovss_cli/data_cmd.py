@@ -7,10 +7,8 @@ renders its result: rich tables on stdout, ``--json`` for machines, progress on 
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
-from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ovss_cli import render
+from ovss_cli.common import user_errors
 
 if TYPE_CHECKING:  # the library is imported inside each command, for a fast `--help`
     from featurestore.labels import PrepareReport, VerifyReport
@@ -32,20 +31,7 @@ _DATA_ROOT_HELP = (
 )
 
 
-def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``ovss_cli.main.user_errors`` applied at call time.
-
-    Importing ``ovss_cli.main`` while this module loads would be circular (``main`` imports
-    this module to register the group), so the shared error handling is looked up per call.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from ovss_cli.main import user_errors
-
-        return user_errors(fn)(*args, **kwargs)
-
-    return wrapper
+_user_errors = user_errors
 
 
 def _echo_json(obj: Any) -> None:

@@ -3,7 +3,6 @@ renders its result; results go to stdout (``--json`` for machines), progress/log
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
@@ -11,58 +10,8 @@ import click
 from rich.table import Table
 
 from featurestore import __version__
-from featurestore.errors import OvssError
 from ovss_cli import render
-
-
-def user_errors(fn):
-    """Turn library errors into one-line messages with a non-zero exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except OvssError as e:
-            raise click.ClickException(str(e)) from None
-        except KeyboardInterrupt:
-            click.echo(
-                "interrupted; finished work is kept — rerun the same command to resume", err=True
-            )
-            sys.exit(130)
-
-    return wrapper
-
-
-def parse_shard(value: str | None) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    try:
-        i, n = (int(x) for x in value.split("/"))
-    except ValueError:
-        raise click.BadParameter("use the form i/n, e.g. 0/4") from None
-    if n < 1 or not 0 <= i < n:
-        raise click.BadParameter(f"{value}: need 0 <= i < n")
-    return i, n
-
-
-def parse_overrides(items: tuple[str, ...]) -> dict | None:
-    """``KEY=INT`` items -> dict; a dotted key nests (``vision_cfg.layers=2`` ->
-    ``{"vision_cfg": {"layers": 2}}``, the CLIP config sections)."""
-    out: dict = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            number = int(value)
-        except ValueError:
-            raise click.BadParameter(f"{item!r}: use KEY=INT, e.g. depth=2") from None
-        *parents, leaf = [k.strip() for k in key.split(".")]
-        node = out
-        for k in parents:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise click.BadParameter(f"{item!r}: '{k}' is already set to a number")
-        node[leaf] = number
-    return out or None
+from ovss_cli.common import parse_overrides, parse_shard, user_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

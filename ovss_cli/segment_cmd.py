@@ -8,7 +8,7 @@ import sys
 import click
 
 from ovss_cli import render
-from ovss_cli.main import parse_overrides, user_errors
+from ovss_cli.common import parse_overrides, parse_settings, user_errors
 
 #: The [ours] choices of the FMbSeg methods, shown under `segment --help` / `eval --help`.
 FMBSEG_EPILOG = """\b
@@ -133,15 +133,10 @@ def _method_setup(
 ):
     import dataclasses
 
-    from methods.base import ScoringConfig, get_method, parse_option_value
+    from methods.base import ScoringConfig, get_method
 
     cls = get_method(method)
-    overrides = {}
-    for item in settings:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{item!r}: use KEY=VALUE")
-        overrides[key.strip().replace("-", "_")] = parse_option_value(value.strip())
+    overrides: dict = dict(parse_settings(settings))
     if sam_refine:
         overrides["sam_refine"] = True
     if checkpoint:
