@@ -19,3 +19,90 @@ class ProvenanceMismatchError(StoreError):
 
 class ImageReadError(OvssError):
     """An image file could not be decoded."""
+
+
+class MissingFeatureSetError(ProvenanceMismatchError):
+    """A feature set a caller needs is absent, incomplete, lacks tensors, or was made with other
+    settings. Carries the facts; the CLI renders the command that makes it.
+
+    Attributes:
+        store: the store path.
+        model: the backbone name of the set.
+        protocol: the :class:`~featurestore.protocol.Protocol` it needs (or None).
+        tensors: the tensors it needs (may be empty).
+        reason: ``missing``, ``incomplete``, ``tensors`` (lacks some), ``mismatch``
+            (other settings) or ``weights`` (other weights).
+        role: the role the set plays for the caller (``clip``, ``vfm``, ...) or ''.
+        needed_by: the method/trainer that needs it ('' when unknown), so the CLI can propose
+            ``extract --for NEEDED_BY``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        store: str = "",
+        model: str = "",
+        protocol: object = None,
+        tensors: tuple[str, ...] = (),
+        reason: str = "missing",
+        role: str = "",
+        needed_by: str = "",
+        extra: dict | None = None,
+    ):
+        super().__init__(message)
+        self.store = store
+        self.model = model
+        self.protocol = protocol
+        self.tensors = tuple(tensors)
+        self.reason = reason
+        self.role = role
+        self.needed_by = needed_by
+        self.extra = dict(extra or {})
+
+
+class MissingTextSetError(ProvenanceMismatchError):
+    """The text embeddings of a vocabulary are not in the store (or were made with another
+    encoder).
+
+    Attributes:
+        store: the store path.
+        text_model: the text encoder's name.
+        vocab_spec: the vocabulary spec (``dataset:ade20k/sclip``, a class file, a list).
+        templates: the template set name.
+        weights: the weights identity needed (``random-init:N``, a sha256, or None: any real).
+        reason: ``missing`` or ``mismatch``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        store: str = "",
+        text_model: str = "",
+        vocab_spec: str = "",
+        templates: str = "",
+        weights: str | None = None,
+        reason: str = "missing",
+    ):
+        super().__init__(message)
+        self.store = store
+        self.text_model = text_model
+        self.vocab_spec = vocab_spec
+        self.templates = templates
+        self.weights = weights
+        self.reason = reason
+
+
+class MissingLabelSetError(StoreError):
+    """A label set (pseudo-labels, cluster masks) is not in the store.
+
+    Attributes:
+        store: the store path.
+        name: the label set's name.
+        available: the label sets the store has.
+    """
+
+    def __init__(self, message: str, store: str = "", name: str = "", available=()):
+        super().__init__(message)
+        self.store = store
+        self.name = name
+        self.available = tuple(available)

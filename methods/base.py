@@ -24,12 +24,95 @@ from methods.config import config_to_dict
 
 @dataclass(frozen=True)
 class FeatureRequirement:
-    """A feature set a method reads: model, protocol, tensors, and the role it plays."""
+    """A cached feature set a method or trainer reads: model, protocol, tensors, its role.
 
-    role: str  # e.g. "clip", "vfm", "sam", "dense"
+    Attributes:
+        role: what the set is for the owner (``clip``, ``vfm``, ``sam``, ``dense``...).
+        model: backbone name (``featurestore.backbones`` registry).
+        protocol: the set's protocol.
+        tensors: tensors that must be present.
+        model_field: the owner's config field that names ``model`` ('' if fixed): the
+            planner maps ``extract --for M -m NAME`` onto it.
+        optional: read when present, never required (e.g. a set only some options use).
+    """
+
+    role: str
     model: str
     protocol: Protocol
     tensors: tuple[str, ...]
+    model_field: str = ""
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class LiveModelRequirement:
+    """A model the owner runs itself on pixels (with gradients), e.g. PnP-OVSS's BLIP.
+
+    Such an owner needs the images: from ``--images`` or from the paths a store records (a
+    clear error when they cannot be read). ``cached`` names an optional feature set holding a
+    first pass of the same model (used when present, never required).
+
+    Attributes:
+        role: what the model is for the owner (``blip``...).
+        model: the model's registry name.
+        cached: an optional cached first pass (a :class:`FeatureRequirement`), or None.
+        model_field: the owner's config field that names ``model`` ('' if fixed).
+    """
+
+    role: str
+    model: str
+    cached: FeatureRequirement | None = None
+    model_field: str = ""
+
+
+Requirement = FeatureRequirement | LiveModelRequirement
+
+
+@dataclass(frozen=True)
+class VocabularyDefaults:
+    """How an owner embeds a vocabulary when the user does not say.
+
+    Attributes:
+        text_model: the text encoder (a registry name, e.g. ``clip-b16``).
+        templates: the template-set name (``openai80``...).
+        family: the class-file family of dataset vocabularies (``sclip`` or ``proxyclip``).
+    """
+
+    text_model: str = "clip-b16"
+    templates: str = "openai80"
+    family: str = "sclip"
+
+
+class Component:
+    """What methods and trainers share: a name, a typed ``Config`` (a dataclass, see
+    ``methods.config``), per-dataset presets, declared requirements and vocabulary defaults.
+    The extraction planner (``extract --for NAME``, ``segment --images``) reads only these."""
+
+    kind: ClassVar[str] = ""  # "method" or "trainer"
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = object
+    doc: ClassVar[str] = ""
+
+    @classmethod
+    def requirements(cls, config: Any) -> list[Requirement]:
+        raise NotImplementedError
+
+    @classmethod
+    def presets(cls, dataset: str) -> dict[str, Any]:
+        """Per-dataset config overrides (EVAL presets). Default: none."""
+        return {}
+
+    @classmethod
+    def vocabulary_defaults(cls, config: Any) -> VocabularyDefaults:
+        """Default text model, templates and class family; the default reads the config's
+        ``text_model`` / ``templates`` / ``class_family`` fields or properties if it has
+        them."""
+        base = VocabularyDefaults()
+        return VocabularyDefaults(
+            text_model=getattr(config, "text_model", None) or base.text_model,
+            templates=getattr(config, "templates", None) or base.templates,
+            family=getattr(config, "class_family", None) or base.family,
+        )
 
 
 @dataclass
@@ -63,13 +146,11 @@ class Vocab:
         return len(self.class_names)
 
 
-class Segmenter:
+class Segmenter(Component):
     """Base class. Subclasses define ``name``, ``Config`` (a dataclass), ``requirements`` and
     ``cosine_logits``; ``presets`` gives per-dataset overrides of the config."""
 
-    name: ClassVar[str] = ""
-    Config: ClassVar[type] = object
-    doc: ClassVar[str] = ""
+    kind: ClassVar[str] = "method"
 
     def __init__(self, store: FeatureStore, config: Any, device: str | torch.device = "cpu"):
         self.store = store
@@ -81,10 +162,17 @@ class Segmenter:
             raise OvssError(f"method {self.name}: {e}") from None
         self.sets: dict[str, FeatureSet] = {}
         for r in reqs:
+            cached = r.cached if isinstance(r, LiveModelRequirement) else r
+            if cached is None:
+                continue
             try:
-                self.sets[r.role] = store.require(r.model, r.protocol, tensors=r.tensors)
+                self.sets[cached.role] = store.require(
+                    cached.model, cached.protocol, tensors=cached.tensors
+                )
             except ProvenanceMismatchError as e:
-                raise self.missing_set(r, e) from None
+                if cached.optional or isinstance(r, LiveModelRequirement):
+                    continue  # optional: used when present
+                raise self.missing_set(cached, e) from None
 
     def missing_set(
         self, requirement: FeatureRequirement, error: ProvenanceMismatchError
@@ -92,15 +180,6 @@ class Segmenter:
         """The error raised when a required feature set is missing or does not match; methods
         override it to add how to extract what they need. Default: the store's message."""
         return error
-
-    @classmethod
-    def requirements(cls, config: Any) -> list[FeatureRequirement]:
-        raise NotImplementedError
-
-    @classmethod
-    def presets(cls, dataset: str) -> dict[str, Any]:
-        """Per-dataset config overrides (EVAL.md §4.2/§4.4). Default: none."""
-        return {}
 
     @classmethod
     def scoring_presets(cls, dataset: str) -> dict[str, Any]:
@@ -192,7 +271,11 @@ def window_logits_to_box(logits: torch.Tensor, box: np.ndarray, pad: np.ndarray)
 
 
 __all__ = [
+    "Component",
     "FeatureRequirement",
+    "LiveModelRequirement",
+    "Requirement",
+    "VocabularyDefaults",
     "ScoringConfig",
     "Segmenter",
     "Vocab",
