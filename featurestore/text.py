@@ -6,14 +6,20 @@ A *vocabulary* is a list of classes, each a list of synonyms; every synonym is i
     e_t = l2n(encode_text(template_t.format(query)))   for every template t of the set
     e   = l2n(mean_t e_t)
 
-Embeddings are cached in the feature store per (text model, vocabulary, template set)::
+The text encoder is any registered kind (``featurestore.text_encoders``: the CLIP towers, and
+kinds methods register, such as a trained text tower or learnable prompts from a checkpoint).
+Embeddings are cached in the feature store per (encoder identity, vocabulary, template set)::
 
-    <store>/text/<text model>/<vocabulary key>-<template set>/
+    <store>/text/<encoder>/<vocabulary key>-<template set>/
         embeddings        (Q, E) float32, unit rows, query order
         query_to_class    (Q,) int32
         attrs["text_set"] provenance: queries, class names, vocabulary source, template set and
-                          its templates, text model + weights identity (BackboneInfo), library
-                          versions, ovss version, creation time
+                          its templates, the encoder spec, its identity (and its hash), its
+                          provenance (BackboneInfo, precision, context mode), ovss version,
+                          creation time
+
+``<encoder>`` is the spec of a CLIP tower (``clip-b16``; a set of other weights is refused, not
+reused) or ``<kind>-<identity hash>`` for other kinds (two checkpoints never share a set).
 
 The ``text_set`` attribute is written last, so a group without it (an interrupted write) counts
 as missing and is rewritten.
@@ -38,18 +44,35 @@ import functools
 import hashlib
 import json
 import os
-import shlex
+import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from featurestore import __version__
-from featurestore.errors import OvssError, ProvenanceMismatchError, StoreError, WeightsNotFoundError
+from featurestore.errors import MissingTextSetError, OvssError, StoreError, WeightsNotFoundError
+from featurestore.text_encoders import (  # noqa: F401 (re-exported: the text encoder API)
+    ClipTextEncoder,
+    TextEncoder,
+    TextEncoderKind,
+    TextEncoderOptions,
+    _clip_factory,
+    create_text_encoder,
+    file_identity,
+    identity_hash,
+    jsonable,
+    list_text_encoders,
+    lookup_text_encoder,
+    register_text_encoder,
+)
+
+if TYPE_CHECKING:
+    import torch
+
 
 ProgressCallback = Callable[[str, int, int], None]  # (label, done, total)
 
@@ -350,8 +373,8 @@ def parse_vocab(
 
 
 def embed_vocabulary(
-    model: Any,
-    tokenizer: Callable[[list[str]], torch.Tensor],
+    model: TextEncoder | Any,
+    tokenizer: Callable[[list[str]], torch.Tensor] | None,
     vocab: Vocabulary,
     templates: Sequence[str],
     device: str | torch.device = "cpu",
@@ -360,36 +383,37 @@ def embed_vocabulary(
 ) -> np.ndarray:
     """Query embeddings ``(Q, E)`` float32 with unit rows, METHODS.md §0.1 exactly.
 
-    For every query and template: ``l2n(encode_text(template.format(query)))``; the query's
+    For every query and template: ``l2n(encode(template.format(query)))``; the query's
     embedding is the L2-normalised mean over templates. Texts are encoded in batches of
     ``batch_size`` (higher is faster on GPU but uses more memory) in the model's dtype; the
-    normalisation and mean are done in float32.
+    normalisation and mean are done in float32. A CLIP tower runs the exact truncated-context
+    fast path (``featurestore.text_encoders``).
 
     Args:
-        model: an ``open_clip`` CLIP (anything with ``encode_text(tokens)``); moved to ``device``.
-        tokenizer: open_clip tokenizer: list of strings -> ``(N, context)`` token ids.
+        model: a :class:`~featurestore.text_encoders.TextEncoder` (``tokenizer`` and ``device``
+            are then unused), or an ``open_clip`` CLIP (anything with ``encode_text(tokens)``),
+            moved to ``device``.
+        tokenizer: the open_clip tokenizer of ``model`` (list of strings -> ``(N, context)``
+            token ids); None with a ``TextEncoder``.
         vocab: the vocabulary; rows follow ``vocab.queries``.
         templates: format strings with one ``{}``.
-        progress: called as ``(label, texts done, texts total)``.
+        progress: called as ``("text <model>", texts done, texts total)`` after each batch.
     """
+    import torch
+
     templates = list(templates)
     if not templates:
         raise OvssError("the template set is empty")
+    if isinstance(model, TextEncoder):
+        encoder = model
+    else:
+        if tokenizer is None:
+            raise OvssError("embed_vocabulary needs the tokenizer of an open_clip model")
+        encoder = ClipTextEncoder("clip", model, tokenizer, device=str(device))
     queries = vocab.queries
     texts = [t.format(q) for q in queries for t in templates]
-    model = model.to(device).eval()
-    out: list[torch.Tensor] = []
-    label = f"text ({len(queries)} queries x {len(templates)} templates)"
-    if progress:
-        progress(label, 0, len(texts))
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            tokens = tokenizer(texts[start : start + batch_size]).to(device)
-            e = model.encode_text(tokens).float()
-            out.append(torch.nn.functional.normalize(e, dim=-1).cpu())
-            if progress:
-                progress(label, min(start + batch_size, len(texts)), len(texts))
-    per_template = torch.cat(out).view(len(queries), len(templates), -1)
+    raw = encoder.encode(texts, batch_size=batch_size, progress=progress).float()
+    per_template = torch.nn.functional.normalize(raw, dim=-1).view(len(queries), len(templates), -1)
     mean = per_template.mean(dim=1)
     return torch.nn.functional.normalize(mean, dim=-1).numpy().astype(np.float32)
 
@@ -434,9 +458,74 @@ class TextEmbeddings:
         )
 
 
-def text_set_key(text_model: str, vocab: Vocabulary, template_name: str) -> str:
-    """Path of a text set inside the store: ``text/<model>/<vocab key>-<template set>``."""
-    return f"{TEXT_GROUP}/{text_model}/{vocab.key()}-{template_name}"
+@dataclass
+class _Layout:
+    """Where the text sets of an encoder live and which cached sets it accepts."""
+
+    store_name: str  # the group under text/
+    want: dict | None  # the identity a cached set must have (None: no check)
+    keyed: bool  # store_name carries the identity hash
+    kind: TextEncoderKind | None = None
+    encoder: TextEncoder | None = None  # built to learn the identity, reused to compute
+
+
+def _layout(
+    text_model: str | TextEncoder,
+    opts: TextEncoderOptions | None = None,
+    strict: bool = False,
+) -> _Layout:
+    """The layout of a spec or an encoder. ``strict``: an unknown spec is an error (else it
+    names a group as is, for reading sets written under any name)."""
+    opts = opts or TextEncoderOptions()
+    if isinstance(text_model, TextEncoder):
+        enc = text_model
+        try:
+            kind: TextEncoderKind | None = lookup_text_encoder(enc.name)
+        except OvssError:
+            kind = None
+        keyed = kind.keyed_by_identity if kind is not None else enc.kind != "clip"
+        ident = jsonable(enc.identity())
+        slug = kind.slug if kind is not None else re.sub(r"[^A-Za-z0-9_.-]+", "-", enc.kind)
+        name = f"{slug}-{identity_hash(ident)}" if keyed else enc.name
+        return _Layout(name, ident, keyed, kind, enc)
+    try:
+        kind = lookup_text_encoder(text_model)
+    except OvssError:
+        if strict:
+            raise
+        return _Layout(text_model, None, False)
+    ident = kind.identify(text_model, opts) if kind.identify is not None else None
+    if not kind.keyed_by_identity:
+        return _Layout(text_model, None if ident is None else jsonable(ident), False, kind)
+    enc = None
+    if ident is None:  # the kind can only tell its identity once built
+        enc = _build(kind, text_model, opts)
+        ident = enc.identity()
+    ident = jsonable(ident)
+    return _Layout(f"{kind.slug}-{identity_hash(ident)}", ident, True, kind, enc)
+
+
+def _build(kind: TextEncoderKind, spec: str, opts: TextEncoderOptions) -> TextEncoder:
+    return kind.factory(spec, opts)
+
+
+def text_set_key(
+    text_model: str | TextEncoder,
+    vocab: Vocabulary,
+    template_name: str,
+    options: TextEncoderOptions | None = None,
+) -> str:
+    """Path of a text set inside the store: ``text/<encoder>/<vocab key>-<template set>``.
+
+    ``<encoder>`` is the spec of a CLIP tower (``clip-b16``) and ``<kind>-<identity hash>`` for
+    kinds keyed by identity (module doc of ``featurestore.text_encoders``); ``options`` are the
+    encoder's build options (weights, random init, ...), which may change its identity.
+    """
+    return f"{TEXT_GROUP}/{_layout(text_model, options).store_name}/{vocab.key()}-{template_name}"
+
+
+def _spec_of(text_model: str | TextEncoder) -> str:
+    return text_model.name if isinstance(text_model, TextEncoder) else text_model
 
 
 def _open(store: Any, mode: str = "r"):
@@ -460,56 +549,65 @@ def _group_complete(root: Any, key: str) -> bool:
     return "text_set" in g.attrs
 
 
-def text_command(
-    store_path: str,
-    text_model: str,
-    vocab: Vocabulary,
-    template_name: str,
-    weights: str | None = None,
-    overwrite: bool = False,
-) -> str:
-    """The ``ovss extract`` line that computes a text set into an existing store."""
-    cmd = (
-        f"ovss extract --store {shlex.quote(store_path)} --text-model {text_model} "
-        f"--vocab {shlex.quote(vocab.spec())} --templates {template_name}"
-    )
-    if weights and weights.startswith("random-init:"):
-        cmd += f" --random-init --seed {weights.split(':', 1)[1]}"
-    if overwrite:
-        cmd += " --overwrite"
-    return cmd
-
-
-def _library_call(text_model: str, vocab: Vocabulary, template_name: str) -> str:
-    return (
-        f"featurestore.text.get_text_embeddings(store, '{text_model}', "
-        f"parse_vocab('{vocab.spec()}'), '{template_name}')"
-    )
-
-
 def store_text_embeddings(
     store: Any,
-    text_model: str,
+    text_model: str | TextEncoder,
     vocab: Vocabulary,
     template_name: str,
     embeddings: np.ndarray,
     provenance: dict,
     overwrite: bool = False,
+    identity: dict | None = None,
 ) -> str:
-    """Write a text set into the store and return its key (``text/<model>/<key>-<templates>``).
+    """Write a text set into the store and return its key (:func:`text_set_key`).
 
     Args:
         store: a :class:`~featurestore.store.FeatureStore` or a store path.
+        text_model: the encoder's spec (or the encoder).
         embeddings: ``(Q, E)`` query embeddings (stored as float32).
-        provenance: identity of the text encoder: a ``BackboneInfo`` as a dict (``weights``,
+        provenance: what to record about the encoder: a ``BackboneInfo`` as a dict (``weights``,
             ``library``, ``arch``, ``extra``, ...) plus anything else worth recording
-            (``arch_overrides``, ``precision``).
+            (``arch_overrides``, ``precision``, ``context``).
         overwrite: replace an existing complete set (otherwise it is an error).
+        identity: the encoder's identity (the cache key); default: ``kind``/``model``/
+            ``weights``/``arch_overrides`` taken from ``provenance``.
 
     Raises:
         StoreError: the set exists (without ``overwrite``), the shape does not fit the
             vocabulary, or the store is read-only (an HDF5 export).
     """
+    if identity is None:
+        identity = (
+            text_model.identity()
+            if isinstance(text_model, TextEncoder)
+            else {
+                "kind": provenance.get("kind", "clip"),
+                "model": text_model,
+                "weights": str(provenance.get("weights", "")),
+                "arch_overrides": provenance.get("arch_overrides") or None,
+            }
+        )
+    identity = jsonable(identity)
+    layout = _layout(text_model)
+    name = f"{layout.kind.slug}-{identity_hash(identity)}" if layout.keyed else layout.store_name
+    key = f"{TEXT_GROUP}/{name}/{vocab.key()}-{template_name}"
+    return _write_set(
+        store, key, _spec_of(text_model), vocab, template_name, embeddings, provenance, identity,
+        overwrite,
+    )  # fmt: skip
+
+
+def _write_set(
+    store: Any,
+    key: str,
+    spec: str,
+    vocab: Vocabulary,
+    template_name: str,
+    embeddings: np.ndarray,
+    provenance: dict,
+    identity: dict,
+    overwrite: bool,
+) -> str:
     st = _open(store, "a")
     emb = np.asarray(embeddings, dtype=np.float32)
     if emb.ndim != 2 or emb.shape[0] != vocab.n_queries:
@@ -517,7 +615,6 @@ def store_text_embeddings(
             f"text embeddings have shape {emb.shape}, expected ({vocab.n_queries}, E) for "
             f"{vocab.describe()}"
         )
-    key = text_set_key(text_model, vocab, template_name)
     if _group_complete(st.root, key) and not overwrite:
         raise StoreError(f"store {st.path} already holds text set '{key}' (use overwrite)")
     if key in st.root:
@@ -528,8 +625,9 @@ def store_text_embeddings(
     q2c = vocab.query_to_class.astype(np.int32)
     b = g.create_array("query_to_class", shape=q2c.shape, dtype="int32", chunks=q2c.shape)
     b[...] = q2c
+    identity = jsonable(identity)
     record = {
-        "text_model": text_model,
+        "text_model": spec,
         "vocabulary": {
             "key": vocab.key(),
             "source": vocab.source,
@@ -541,8 +639,10 @@ def store_text_embeddings(
         "templates": get_templates(template_name),
         "embedding": "l2n(mean_t l2n(encode_text(t.format(query)))) (METHODS.md §0.1)",
         "dim": int(emb.shape[1]),
-        "encoder": _jsonable(provenance),
-        "weights": str(provenance.get("weights", "")),
+        "identity": identity,
+        "identity_hash": identity_hash(identity),
+        "encoder": jsonable(provenance),
+        "weights": str(identity.get("weights") or provenance.get("weights", "")),
         "ovss_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -550,13 +650,64 @@ def store_text_embeddings(
     return key
 
 
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
+def _recorded_identity(prov: dict) -> dict:
+    """The identity a set was made with (sets written before identities were recorded: the
+    weights and arch overrides of their encoder record)."""
+    if "identity" in prov:
+        return dict(prov["identity"])
+    return {
+        "weights": prov.get("weights", ""),
+        "arch_overrides": prov.get("encoder", {}).get("arch_overrides") or None,
+    }
+
+
+def _accepts(prov: dict, layout: _Layout) -> bool:
+    """Whether a cached set (its ``text_set`` record) was made by the encoder of ``layout``.
+
+    Keyed kinds: the same identity. CLIP towers: the same weights identity (``None`` wanted:
+    any real, non-random weights) and the same arch overrides."""
+    want = layout.want
+    if want is None:
+        return True
+    have = _recorded_identity(prov)
+    if layout.keyed:
+        return identity_hash(jsonable(have)) == identity_hash(want)
+    have_w = str(have.get("weights") or "")
+    if want.get("weights") is None:
+        if have_w.startswith("random-init:"):
+            return False
+    elif have_w != want["weights"]:
+        return False
+    return (have.get("arch_overrides") or None) == (want.get("arch_overrides") or None)
+
+
+def _describe_identity(ident: dict | None) -> str:
+    if not ident:
+        return "unknown"
+    w = ident.get("weights")
+    ao = ident.get("arch_overrides")
+    text = "real (non-random) weights" if w is None else f"weights {w}"
+    return text + (f", arch overrides {ao}" if ao else "")
+
+
+def _missing(
+    st: Any, spec: str, vocab: Vocabulary, template_name: str, weights: str | None, reason: str,
+    message: str,
+) -> MissingTextSetError:  # fmt: skip
+    return MissingTextSetError(
+        message,
+        store=st.path,
+        text_model=spec,
+        vocab_spec=vocab.spec(),
+        templates=template_name,
+        weights=weights,
+        reason=reason,
+    )
 
 
 def load_text_embeddings(
     store: Any,
-    text_model: str,
+    text_model: str | TextEncoder,
     vocab: Vocabulary,
     template_name: str = DEFAULT_TEMPLATES,
     weights: str | None = None,
@@ -565,38 +716,50 @@ def load_text_embeddings(
 
     Args:
         store: a :class:`~featurestore.store.FeatureStore` or a store path.
+        text_model: the encoder's spec (``clip-b16``, ``simzss:/path/ckpt.pt``) or the encoder.
         weights: when given, the weights identity the set must have been made with (e.g. the
             one recorded in the CLIP image feature set it will be compared against).
 
     Raises:
-        ProvenanceMismatchError: the set is missing or was made with other weights; the
-            message names the ``ovss extract`` command (and the library call) that makes it.
+        MissingTextSetError: the set is missing (``reason="missing"``) or was made with other
+            weights (``"mismatch"``); the CLI renders the ``extract`` command that makes it.
     """
     st = _open(store)
+    spec = _spec_of(text_model)
     key = text_set_key(text_model, vocab, template_name)
     if not _group_complete(st.root, key):
         have = ", ".join(s["key"] for s in list_text_sets(st)) or "none"
-        raise ProvenanceMismatchError(
-            f"store {st.path} has no {text_model} text embeddings of {vocab.describe()} with "
-            f"templates '{template_name}' (it has: {have}); run: "
-            f"{text_command(st.path, text_model, vocab, template_name, weights)} "
-            f"(or {_library_call(text_model, vocab, template_name)})"
-        )
+        raise _missing(
+            st, spec, vocab, template_name, weights, "missing",
+            f"store {st.path} has no {spec} text embeddings of {vocab.describe()} with "
+            f"templates '{template_name}' (it has: {have}); get_text_embeddings computes it",
+        )  # fmt: skip
+    return _read_set(st, key, spec, template_name, weights, vocab)
+
+
+def _read_set(
+    st: Any,
+    key: str,
+    spec: str,
+    template_name: str,
+    weights: str | None = None,
+    vocab: Vocabulary | None = None,
+) -> TextEmbeddings:
     g = st.root[key]
     prov = dict(g.attrs["text_set"])
     have_w = prov.get("weights", "")
     if weights is not None and have_w != weights:
-        raise ProvenanceMismatchError(
-            f"text set '{key}' was made with weights {have_w}, not {weights}; run: "
-            f"{text_command(st.path, text_model, vocab, template_name, weights, overwrite=True)}"
-        )
+        raise _missing(
+            st, spec, vocab, template_name, weights, "mismatch",
+            f"text set '{key}' was made with weights {have_w}, not {weights}",
+        )  # fmt: skip
     voc = prov["vocabulary"]
     return TextEmbeddings(
         embeddings=np.asarray(g["embeddings"][...], dtype=np.float32),
         query_to_class=np.asarray(g["query_to_class"][...], dtype=np.int64),
         queries=list(voc["queries"]),
         class_names=[list(c) for c in voc["classes"]],
-        text_model=text_model,
+        text_model=spec,
         template_set=template_name,
         templates=list(prov["templates"]),
         weights=have_w,
@@ -606,8 +769,9 @@ def load_text_embeddings(
 
 
 def list_text_sets(store: Any) -> list[dict]:
-    """One dict per complete text set: key, text model, vocabulary key/source, template set,
-    queries, classes, embedding dim, weights identity, creation time (for ``store info``)."""
+    """One dict per complete text set: key, text model (the encoder spec), vocabulary
+    key/source, template set, queries, classes, embedding dim, weights identity, identity hash,
+    creation time (for ``store info``)."""
     st = _open(store)
     if TEXT_GROUP not in st.root:
         return []
@@ -621,7 +785,7 @@ def list_text_sets(store: Any) -> list[dict]:
             out.append(
                 {
                     "key": f"{TEXT_GROUP}/{model}/{name}",
-                    "text_model": model,
+                    "text_model": p.get("text_model", model),
                     "vocabulary": voc["key"],
                     "source": voc["source"],
                     "template_set": p["template_set"],
@@ -629,6 +793,7 @@ def list_text_sets(store: Any) -> list[dict]:
                     "classes": len(voc["classes"]),
                     "dim": p["dim"],
                     "weights": p.get("weights", ""),
+                    "identity": p.get("identity_hash", ""),
                     "created": p.get("created", ""),
                 }
             )
@@ -647,25 +812,8 @@ def expected_weights(weights: str | os.PathLike | None, random_init: bool, seed:
     if random_init:
         return f"random-init:{seed}"
     if weights is not None:
-        from featurestore.weights import sha256_file
-
-        if not Path(weights).expanduser().is_file():
-            raise WeightsNotFoundError(f"weights file {weights} does not exist")
-        return sha256_file(Path(weights).expanduser())
+        return file_identity(str(weights))
     return None
-
-
-def _matches(prov: dict, expect: str | None, arch_overrides: dict | None) -> bool:
-    have = prov.get("weights", "")
-    if expect is None:
-        return not have.startswith("random-init:")
-    if have != expect:
-        return False
-    if expect.startswith("random-init:"):
-        return (prov.get("encoder", {}).get("arch_overrides") or None) == (
-            _jsonable(arch_overrides) or None
-        )
-    return True
 
 
 def load_text_encoder(
@@ -675,24 +823,16 @@ def load_text_encoder(
     seed: int = 0,
     arch_overrides: dict | None = None,
 ) -> tuple[Any, Any, dict]:
-    """``(open_clip model, tokenizer, provenance dict)`` of a ``clip-*`` model, through
-    ``featurestore.backbones.clip.load_open_clip`` (same weights rules as ``ovss extract``)."""
-    try:
-        from featurestore.backbones.clip import load_open_clip
-    except ImportError as e:
-        raise OvssError(
-            f"the CLIP text encoder is not available ({e}); pip install 'ovss[clip]'"
-        ) from None
-    model, tokenizer, info = load_open_clip(
+    """``(open_clip model, tokenizer, provenance dict)`` of a CLIP tower (``clip-*`` or
+    ``openclip:...``), through ``featurestore.backbones.clip.load_open_clip`` (same weights
+    rules as ``ovss extract``). Other kinds: :func:`create_text_encoder`."""
+    enc = _clip_factory(
         text_model,
-        weights=weights,
-        random_init=random_init,
-        seed=seed,
-        arch_overrides=arch_overrides,
+        TextEncoderOptions(
+            None if weights is None else str(weights), random_init, seed, arch_overrides
+        ),
     )
-    prov = asdict(info) if hasattr(info, "__dataclass_fields__") else dict(info)
-    prov["arch_overrides"] = _jsonable(arch_overrides) if arch_overrides else None
-    return model, tokenizer, prov
+    return enc.model, enc.tokenizer, dict(enc.info)
 
 
 @dataclass
@@ -711,7 +851,7 @@ class TextSetReport:
 
 def get_text_embeddings(
     store: Any,
-    text_model: str,
+    text_model: str | TextEncoder,
     vocab: Vocabulary | str,
     template_name: str = DEFAULT_TEMPLATES,
     weights: str | os.PathLike | None = None,
@@ -727,73 +867,88 @@ def get_text_embeddings(
 ) -> TextEmbeddings:
     """The text set of ``vocab`` from the store, computed and cached first when missing.
 
-    A cached set is used when it was made with the requested encoder: ``random_init`` needs
-    ``random-init:<seed>`` and the same ``arch_overrides``; ``weights=PATH`` needs that file's
-    sha256; otherwise any set made with real weights is accepted.
+    A cached set is used when it was made by the requested encoder (the cache key is its
+    identity, ``featurestore.text_encoders``): for CLIP towers ``random_init`` needs
+    ``random-init:<seed>`` and the same ``arch_overrides``, ``weights=PATH`` that file's sha256,
+    otherwise any set made with real weights is accepted; kinds keyed by identity (a method's
+    checkpoint) find exactly the set of the same checkpoint and options. A cached set is found
+    without building the encoder when its kind can tell its identity up front.
 
     Args:
         store: a :class:`~featurestore.store.FeatureStore` or a store path (it must exist).
-        text_model: ``clip-b16``, ``clip-l14``, ``clip-h14`` (the CLIP registry names).
+        text_model: an encoder spec (``clip-b16``, ``openclip:...``, a registered kind such as
+            ``simzss:/path/ckpt.pt``) or a built :class:`TextEncoder` (then ``weights``,
+            ``random_init``, ``seed``, ``arch_overrides`` and ``device`` are unused).
         vocab: a :class:`Vocabulary` or a spec for :func:`parse_vocab`.
         weights, random_init, seed, arch_overrides: the text encoder, as for ``ovss extract``.
         compute_if_missing: embed and cache a missing set (False: raise instead).
         device: where the text encoder runs.
-        batch_size: texts per forward pass.
+        batch_size: texts per forward pass (default 256).
         overwrite: recompute even when a matching set exists (and replace a mismatched one).
+        progress: ``("text <model>", texts done, texts total)`` after each batch.
         report: when given, a :class:`TextSetReport` is appended to it.
 
     Raises:
-        ProvenanceMismatchError: missing and ``compute_if_missing`` is False, or present but
-            made with another encoder (and ``overwrite`` is False).
+        MissingTextSetError: missing and ``compute_if_missing`` is False, or present but made
+            with another encoder (and ``overwrite`` is False); the CLI renders the command.
         WeightsNotFoundError: the set must be computed and the encoder's weights are missing.
+        OvssError: unknown encoder spec or template set, bad vocabulary.
     """
     vocab = parse_vocab(vocab)
-    get_templates(template_name)  # validate the name before anything else
+    templates = get_templates(template_name)  # validate the name before anything else
     st = _open(store)
-    key = text_set_key(text_model, vocab, template_name)
-    expect = expected_weights(weights, random_init, seed)
+    opts = TextEncoderOptions(
+        None if weights is None else str(weights), random_init, seed, arch_overrides, str(device)
+    )
+    spec = _spec_of(text_model)
+    layout = _layout(text_model, opts, strict=True)
+    key = f"{TEXT_GROUP}/{layout.store_name}/{vocab.key()}-{template_name}"
+    want_w = (layout.want or {}).get("weights")
     if _group_complete(st.root, key) and not overwrite:
         prov = dict(st.root[key].attrs["text_set"])
-        if _matches(prov, expect, arch_overrides):
-            emb = load_text_embeddings(st, text_model, vocab, template_name)
+        if _accepts(prov, layout):
+            emb = _read_set(st, key, spec, template_name)
             if report is not None:
-                report.append(_report(text_model, key, vocab, template_name, "cached"))
+                report.append(_report(spec, key, vocab, template_name, "cached"))
             return emb
-        want = expect or "real (non-random) weights"
-        raise ProvenanceMismatchError(
-            f"text set '{key}' in {st.path} was made with weights {prov.get('weights')} "
-            f"(arch overrides {prov.get('encoder', {}).get('arch_overrides')}), not {want}; "
-            f"recompute it: {text_command(st.path, text_model, vocab, template_name, expect, True)}"
-        )
+        raise _missing(
+            st, spec, vocab, template_name, want_w, "mismatch",
+            f"text set '{key}' in {st.path} was made with "
+            f"{_describe_identity(_recorded_identity(prov))}, not "
+            f"{_describe_identity(layout.want)}",
+        )  # fmt: skip
     if not compute_if_missing:
-        load_text_embeddings(st, text_model, vocab, template_name, expect)  # raises, names cmd
+        have = ", ".join(s["key"] for s in list_text_sets(st)) or "none"
+        raise _missing(
+            st, spec, vocab, template_name, want_w, "missing",
+            f"store {st.path} has no {spec} text embeddings of {vocab.describe()} with "
+            f"templates '{template_name}' (it has: {have})",
+        )  # fmt: skip
     t0 = time.perf_counter()
-    try:
-        model, tokenizer, prov = load_text_encoder(
-            text_model, weights, random_init, seed, arch_overrides
-        )
-    except WeightsNotFoundError as e:
-        raise WeightsNotFoundError(
-            f"{text_model} text embeddings of {vocab.describe()} are not in {st.path} and the "
-            f"text encoder cannot be loaded: {e}"
-        ) from None
+    encoder = layout.encoder
+    if encoder is None:
+        try:
+            encoder = _build(layout.kind, spec, opts)
+        except WeightsNotFoundError as e:
+            raise WeightsNotFoundError(
+                f"{spec} text embeddings of {vocab.describe()} are not in {st.path} and the "
+                f"text encoder cannot be loaded: {e}"
+            ) from None
     emb = embed_vocabulary(
-        model,
-        tokenizer,
-        vocab,
-        get_templates(template_name),
-        device=device,
-        batch_size=batch_size,
-        progress=progress,
+        encoder, None, vocab, templates, batch_size=batch_size, progress=progress
     )
-    prov["precision"] = str(next(model.parameters()).dtype).replace("torch.", "")
-    del model
-    store_text_embeddings(st, text_model, vocab, template_name, emb, prov, overwrite=True)
+    ident = jsonable(encoder.identity())
+    if layout.keyed and identity_hash(ident) != identity_hash(layout.want):
+        raise OvssError(
+            f"text encoder '{spec}': its identity() {ident} differs from the one its kind's "
+            f"identify() gave ({layout.want}); the two must agree"
+        )
+    _write_set(st, key, spec, vocab, template_name, emb, encoder.provenance(), ident, True)
     if report is not None:
         report.append(
-            _report(text_model, key, vocab, template_name, "computed", time.perf_counter() - t0)
+            _report(spec, key, vocab, template_name, "computed", time.perf_counter() - t0)
         )
-    return load_text_embeddings(st, text_model, vocab, template_name)
+    return _read_set(st, key, spec, template_name)
 
 
 def _report(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from featurestore.errors import OvssError
+from featurestore.errors import MissingTextSetError, OvssError
 
 _RENDERERS: dict[type, Callable[[OvssError], str | None]] = {}
 
@@ -35,3 +35,21 @@ def render_error(e: OvssError) -> str:
                 return f"{message}; {hint}"
             break
     return message
+
+
+# -- renderers ------------------------------------------------------------------------------------
+
+
+@hint_for(MissingTextSetError)
+def _missing_text_set(e: MissingTextSetError) -> str:
+    import shlex
+
+    cmd = (
+        f"ovss extract --store {shlex.quote(e.store)} --text-model {shlex.quote(e.text_model)} "
+        f"--vocab {shlex.quote(e.vocab_spec)} --templates {e.templates}"
+    )
+    if e.weights and e.weights.startswith("random-init:"):
+        cmd += f" --random-init --seed {e.weights.split(':', 1)[1]}"
+    if e.reason == "mismatch":
+        return f"recompute it: {cmd} --overwrite"
+    return f"run: {cmd}"

@@ -6,6 +6,7 @@ The text encoder is the real open_clip ``CLIP`` class of ``clip-b16`` shrunk wit
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shlex
@@ -20,22 +21,37 @@ from PIL import Image
 
 import featurestore.backbones.clip as clip_module
 from featurestore.backbones.clip import load_open_clip
-from featurestore.errors import OvssError, ProvenanceMismatchError, StoreError, WeightsNotFoundError
+from featurestore.errors import (
+    MissingTextSetError,
+    OvssError,
+    ProvenanceMismatchError,
+    StoreError,
+    WeightsNotFoundError,
+)
 from featurestore.images import list_folder_images
 from featurestore.store import FeatureStore
 from featurestore.text import (
+    ClipTextEncoder,
+    TextEncoder,
+    TextEncoderOptions,
     TextSetReport,
     Vocabulary,
+    create_text_encoder,
     embed_vocabulary,
+    file_identity,
     get_templates,
     get_text_embeddings,
     list_template_sets,
+    list_text_encoders,
     list_text_sets,
     load_text_embeddings,
+    lookup_text_encoder,
     parse_vocab,
+    register_text_encoder,
     store_text_embeddings,
     text_set_key,
 )
+from ovss_cli.hints import render_error
 from ovss_cli.main import cli
 
 TINY_CLIP = {
@@ -265,11 +281,18 @@ def test_incomplete_set_counts_as_missing(store: FeatureStore) -> None:
 
 def test_missing_set_names_the_command_that_makes_it(store: FeatureStore) -> None:
     vocab = parse_vocab("sky;clouds,tree")
-    with pytest.raises(ProvenanceMismatchError) as e:
+    with pytest.raises(MissingTextSetError) as e:
         load_text_embeddings(store.path, "clip-b16", vocab, "clip7")
-    msg = str(e.value)
-    assert "get_text_embeddings" in msg
-    cmd = msg.split("run: ", 1)[1].split(" (or ", 1)[0]
+    err = e.value
+    assert "get_text_embeddings" in str(err) and "ovss " not in str(err)  # no CLI in the library
+    assert (err.store, err.text_model, err.templates, err.reason) == (
+        store.path,
+        "clip-b16",
+        "clip7",
+        "missing",
+    )
+    assert parse_vocab(err.vocab_spec).key() == vocab.key()
+    cmd = render_error(err).split("run: ", 1)[1]
     assert cmd.startswith(f"ovss extract --store {store.path} --text-model clip-b16")
     # the named command really makes it
     res = CliRunner().invoke(cli, [*shlex.split(cmd)[1:], *TINY_CLIP_ARGS, "-q"])
@@ -295,7 +318,8 @@ def test_on_demand_embedding_and_cache_hit(
     def no_encoder(*a, **k):
         raise AssertionError("a cached set must not load the encoder")
 
-    monkeypatch.setattr("featurestore.text.load_text_encoder", no_encoder)
+    monkeypatch.setattr("featurestore.text._build", no_encoder)
+    monkeypatch.setattr(clip_module, "load_open_clip", no_encoder)
     again = get_text_embeddings(
         store.path, "clip-b16", parse_vocab("sky,tree"), "single", random_init=True,
         arch_overrides=TINY_CLIP, report=report,
@@ -307,8 +331,14 @@ def test_on_demand_embedding_and_cache_hit(
 def test_cached_set_of_another_encoder_is_refused(store: FeatureStore) -> None:
     kw = {"random_init": True, "arch_overrides": TINY_CLIP}
     get_text_embeddings(store, "clip-b16", "sky,tree", "single", **kw)
-    with pytest.raises(ProvenanceMismatchError, match="--random-init --seed 1 --overwrite"):
+    with pytest.raises(MissingTextSetError) as e:
         get_text_embeddings(store, "clip-b16", "sky,tree", "single", seed=1, **kw)
+    assert e.value.reason == "mismatch" and e.value.weights == "random-init:1"
+    assert "ovss " not in str(e.value)
+    assert render_error(e.value).endswith(
+        f"recompute it: ovss extract --store {store.path} --text-model clip-b16 "
+        "--vocab sky,tree --templates single --random-init --seed 1 --overwrite"
+    )
     with pytest.raises(ProvenanceMismatchError, match="real \\(non-random\\) weights"):
         get_text_embeddings(store, "clip-b16", "sky,tree", "single")
     other = dict(TINY_CLIP, embed_dim=16)
@@ -327,8 +357,10 @@ def test_missing_encoder_error(store: FeatureStore) -> None:
     assert "text encoder cannot be loaded" in msg and "ViT-B-16.pt" in msg
     assert "--random-init" in msg and "OVSS_WEIGHTS" in msg
     assert list_text_sets(store) == []  # nothing half-written
-    with pytest.raises(ProvenanceMismatchError, match="run: ovss extract"):
+    with pytest.raises(MissingTextSetError) as e:
         get_text_embeddings(store, "clip-b16", "sky,tree", "single", compute_if_missing=False)
+    assert e.value.reason == "missing" and e.value.weights is None
+    assert "run: ovss extract --store" in render_error(e.value)
     with pytest.raises(WeightsNotFoundError, match="does not exist"):
         get_text_embeddings(store, "clip-b16", "sky,tree", "single", weights="/no/file.pt")
 
@@ -387,3 +419,238 @@ def test_vocabulary_validation() -> None:
         Vocabulary(())
     with pytest.raises(OvssError, match="empty name"):
         Vocabulary((("a", ""),))
+
+
+# -- the text-encoder registry ----------------------------------------------------------------
+
+
+class HashEncoder(TextEncoder):
+    """A toy checkpoint kind: a random (vocab x dim) table from the checkpoint's seed, summed
+    over the prompt's bytes. Stands for a method's trained tower loaded from a file."""
+
+    kind = "toyckpt"
+    dim = 8
+    builds = 0
+
+    def __init__(self, spec: str, opts: TextEncoderOptions):
+        HashEncoder.builds += 1
+        self.name = spec
+        self.path = spec.split(":", 1)[1]
+        seed = int(Path(self.path).read_text())
+        self.table = torch.randn(256, self.dim, generator=torch.Generator().manual_seed(seed))
+
+    def identity(self) -> dict:
+        return {"kind": "toyckpt", "checkpoint": file_identity(self.path)}
+
+    def encode_batch(self, prompts: list[str]) -> torch.Tensor:
+        return torch.stack([self.table[list(p.encode())].sum(0) for p in prompts])
+
+
+def _identify_toy(spec: str, opts: TextEncoderOptions) -> dict:
+    return {"kind": "toyckpt", "checkpoint": file_identity(spec.split(":", 1)[1])}
+
+
+@pytest.fixture()
+def toy_kind(monkeypatch: pytest.MonkeyPatch):
+    import featurestore.text_encoders as te
+
+    monkeypatch.setattr(te, "_KINDS", dict(te._KINDS))  # registrations end with the test
+    register_text_encoder("toyckpt:", HashEncoder, identify=_identify_toy, help="toy")
+    HashEncoder.builds = 0
+    return HashEncoder
+
+
+def test_registry_knows_clip_and_registered_kinds(toy_kind) -> None:
+    keys = [k.key for k in list_text_encoders()]
+    assert {"clip-b16", "clip-l14", "clip-h14"} <= set(keys)
+    assert "openclip:" in keys and "toyckpt:" in keys
+    assert lookup_text_encoder("openclip:ViT-B-16:laion2b_s34b_b88k").key == "openclip:"
+    assert lookup_text_encoder("toyckpt:/a/b.pt").key == "toyckpt:"
+    assert not lookup_text_encoder("clip-b16").keyed_by_identity
+    with pytest.raises(OvssError, match="not a known text encoder.*clip-b16.*toyckpt:"):
+        lookup_text_encoder("simzss:/x.pt")
+    with pytest.raises(OvssError, match="already registered"):
+        register_text_encoder("toyckpt:", lambda s, o: None)
+    enc = create_text_encoder("clip-b16", random_init=True, seed=3, arch_overrides=TINY_CLIP)
+    assert isinstance(enc, ClipTextEncoder) and enc.dim == 32
+    assert enc.identity() == {
+        "kind": "clip", "model": "clip-b16", "weights": "random-init:3",
+        "arch_overrides": TINY_CLIP,
+    }  # fmt: skip
+
+
+def test_checkpoint_kind_cache_keys_on_identity(
+    store: FeatureStore, tmp_path: Path, toy_kind
+) -> None:
+    a, b = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
+    a.write_text("1")
+    b.write_text("2")
+    got_a = get_text_embeddings(store, f"toyckpt:{a}", "sky,tree", "clip7")
+    got_b = get_text_embeddings(store, f"toyckpt:{b}", "sky,tree", "clip7")
+    assert toy_kind.builds == 2
+    assert got_a.key != got_b.key and got_a.key.startswith("text/toyckpt-")
+    assert not np.allclose(got_a.embeddings, got_b.embeddings)
+    # reference: §0.1 by hand with the toy encoder
+    enc = HashEncoder(f"toyckpt:{a}", TextEncoderOptions())
+    rows = []
+    for q in ("sky", "tree"):
+        e = torch.nn.functional.normalize(enc.encode_batch([t.format(q) for t in CLIP7]), dim=-1)
+        rows.append(torch.nn.functional.normalize(e.mean(0), dim=0).numpy())
+    np.testing.assert_allclose(got_a.embeddings, np.stack(rows), atol=1e-6)
+    assert got_a.provenance["identity"]["checkpoint"] == file_identity(str(a))
+    # same checkpoint (another path, same bytes): found without building the encoder
+    c = tmp_path / "copy.ckpt"
+    c.write_text("1")
+    toy_kind.builds = 0
+    again = get_text_embeddings(store, f"toyckpt:{c}", "sky,tree", "clip7")
+    assert toy_kind.builds == 0 and again.key == got_a.key
+    np.testing.assert_array_equal(again.embeddings, got_a.embeddings)
+    # an encoder object finds the same set; load_text_embeddings reads it by spec
+    assert get_text_embeddings(store, enc, "sky,tree", "clip7").key == got_a.key
+    assert load_text_embeddings(store, f"toyckpt:{b}", parse_vocab("sky,tree"), "clip7").key == (
+        got_b.key
+    )
+    rows = {r["key"]: r for r in list_text_sets(store)}
+    assert rows[got_b.key]["text_model"] == f"toyckpt:{b}" and rows[got_b.key]["dim"] == 8
+    # a changed checkpoint is another encoder: its set is missing, not the old one reused
+    a.write_text("3")
+    with pytest.raises(MissingTextSetError, match="has no toyckpt"):
+        get_text_embeddings(store, f"toyckpt:{a}", "sky,tree", "clip7", compute_if_missing=False)
+
+
+def test_identify_must_agree_with_identity(store: FeatureStore, tmp_path: Path, toy_kind) -> None:
+    import featurestore.text_encoders as te
+
+    ck = tmp_path / "a.ckpt"
+    ck.write_text("1")
+    te._KINDS["toyckpt:"] = dataclasses.replace(
+        te._KINDS["toyckpt:"], identify=lambda s, o: {"kind": "toyckpt", "checkpoint": "other"}
+    )
+    with pytest.raises(OvssError, match=r"identity\(\).*differs.*identify"):
+        get_text_embeddings(store, f"toyckpt:{ck}", "sky,", "single")
+
+
+def test_missing_text_set_hint() -> None:
+    e = MissingTextSetError(
+        "no set", store="/s/x y.zarr", text_model="simzss:/c/k.pt", vocab_spec="sky;clouds,tree",
+        templates="clip7", weights="random-init:2",
+    )  # fmt: skip
+    assert render_error(e) == (
+        "no set; run: ovss extract --store '/s/x y.zarr' --text-model simzss:/c/k.pt "
+        "--vocab 'sky;clouds,tree' --templates clip7 --random-init --seed 2"
+    )
+    e.reason, e.weights = "mismatch", None
+    assert render_error(e).endswith("--templates clip7 --overwrite")
+    assert "recompute it:" in render_error(e)
+
+
+# -- the exact fast path of CLIP towers -------------------------------------------------------
+
+MIXED = [
+    "a",
+    "a photo of a cat.",
+    "there is a " + "very " * 40 + "big dog in the scene.",
+    "sky",
+    "a bad photo of the traffic light.",
+    "x " * 100,  # longer than the context: the tokenizer cuts it, EOT at the last position
+    "art of the tree.",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip2():
+    """Two text layers (one layer hides mixing errors less well)."""
+    arch = dict(TINY_CLIP, text_cfg={"layers": 2, "width": 32, "heads": 2})
+    return load_open_clip("clip-b16", random_init=True, seed=5, arch_overrides=arch)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 256])
+def test_truncated_context_equals_full(tiny_clip2, batch_size: int) -> None:
+    model, tokenizer, info = tiny_clip2
+    enc = ClipTextEncoder("clip-b16", model, tokenizer, {"weights": info.weights})
+    lengths: list[int] = []
+    real = enc._forward_truncated
+
+    def spy(tokens):
+        lengths.append(tokens.shape[1])
+        return real(tokens)
+
+    enc._forward_truncated = spy
+    calls: list[tuple[str, int, int]] = []
+    got = enc.encode(MIXED, batch_size=batch_size, progress=lambda *a: calls.append(a))
+    with torch.no_grad():
+        ref = model.encode_text(tokenizer(MIXED))
+    assert got.shape == (len(MIXED), 32) and got.dtype == torch.float32
+    assert float((got - ref).abs().max()) < 1e-5  # in prompt order
+    assert "truncated" in enc.provenance()["context"]
+    probe, batches = lengths[0], lengths[1:]
+    assert probe < 77 and len(batches) == -(-len(MIXED) // batch_size)
+    assert batches[0] == 77 and batches == sorted(batches, reverse=True)  # longest first
+    if batch_size == 1:
+        assert batches[-1] == 3  # "a": start-of-text, a, end-of-text
+    assert calls[0] == ("text clip-b16", 0, len(MIXED)) and calls[-1][1:] == (7, 7)
+    assert len(calls) == len(batches) + 1
+
+
+def test_full_context_switch_and_fallbacks(tiny_clip2) -> None:
+    import copy
+
+    model, tokenizer, info = tiny_clip2
+    with torch.no_grad():
+        ref = model.encode_text(tokenizer(MIXED))
+    full = ClipTextEncoder("clip-b16", model, tokenizer, truncate=False)
+    np.testing.assert_allclose(full.encode(MIXED, batch_size=4), ref, atol=1e-6)
+    assert full.provenance()["context"] == "full (truncation disabled)"
+    # a tower whose pooled position sees the padding runs the full context, and says why
+    last = copy.deepcopy(model)
+    last.text_pool_type = "last"
+    enc = ClipTextEncoder("clip-b16", last, tokenizer)
+    with torch.no_grad():
+        ref_last = last.encode_text(tokenizer(MIXED))
+    np.testing.assert_allclose(enc.encode(MIXED), ref_last, atol=1e-6)
+    assert "pool type 'last'" in enc.provenance()["context"]
+    nomask = copy.deepcopy(model)
+    nomask.attn_mask = None
+    assert "no causal mask" in ClipTextEncoder("x", nomask, tokenizer).context_mode()
+    # a truncated forward that disagrees on the probe is dropped for the full context
+    bad = ClipTextEncoder("clip-b16", model, tokenizer)
+    bad._forward_truncated = lambda tokens: torch.zeros(tokens.shape[0], 32)
+    np.testing.assert_allclose(bad.encode(MIXED), ref, atol=1e-6)
+    assert "differs" in bad.provenance()["context"]
+
+
+def test_text_transformer_tower_truncates_exactly() -> None:
+    """open_clip's TextTransformer (CustomTextCLIP.text): its own attribute names, its mask."""
+    from open_clip.tokenizer import tokenize
+    from open_clip.transformer import TextTransformer
+
+    torch.manual_seed(0)
+
+    class Custom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.text = TextTransformer(width=32, heads=2, layers=2, output_dim=16)
+
+        def encode_text(self, tokens):
+            return self.text(tokens)
+
+    model = Custom().eval()
+    enc = ClipTextEncoder("custom", model, tokenize)
+    got = enc.encode(MIXED, batch_size=3)
+    with torch.no_grad():
+        ref = model.encode_text(tokenize(MIXED))
+    assert enc.dim == 16 and "truncated" in enc.context_mode()
+    assert float((got - ref).abs().max()) < 1e-5
+
+
+def test_vocabulary_progress_names_the_model(store: FeatureStore) -> None:
+    calls: list[tuple[str, int, int]] = []
+    get_text_embeddings(
+        store, "clip-b16", "sky;clouds,tree", "clip7", random_init=True,
+        arch_overrides=TINY_CLIP, batch_size=8, progress=lambda *a: calls.append(a),
+    )  # fmt: skip
+    assert {c[0] for c in calls} == {"text clip-b16"}
+    assert [c[1] for c in calls] == [0, 8, 16, 21] and {c[2] for c in calls} == {21}
+    [row] = list_text_sets(store)
+    te = load_text_embeddings(store, "clip-b16", parse_vocab("sky;clouds,tree"), "clip7")
+    assert "truncated" in te.provenance["encoder"]["context"] and row["identity"]
