@@ -6,7 +6,7 @@ Setup: N demo collages (``build_collage_dataset``, a ``custom`` dataset with lab
 ``side x side`` pixels; the paper's windows (short side 448, crop 336, stride 224 on the CLIP
 patch grid: 2 x 2 windows of 336 px for a square image). Full-size random-init ``clip-b16`` and
 ``dino-b16`` (the real classes, the FLOPs of the real models) and the tiny random-init SAM of the
-demo (``featurestore.demo.TRIDENT_TINY``, 256 px input: a 16 x 16 grid), extracted with
+demo (``methods.demo.TRIDENT_TINY``, 256 px input: a 16 x 16 grid), extracted with
 ``extract`` into a float16 store. A random unit-norm vocabulary stands in for the text
 embeddings (it does not change the cost).
 
@@ -50,7 +50,6 @@ import torch.nn.functional as F
 
 from featurestore.backbones import create_backbone
 from featurestore.datasets import list_dataset_images
-from featurestore.demo import TRIDENT_TINY
 from featurestore.demo_data import build_collage_dataset
 from featurestore.extract import ExtractConfig, extract
 from featurestore.images import ImageRecord, load_image_rgb
@@ -58,6 +57,7 @@ from featurestore.protocol import Protocol
 from featurestore.store import FeatureStore, ImageFeatures
 from methods.base import ScoringConfig, Vocab, build_config, get_method
 from methods.clip_dense import LastBlock
+from methods.demo import TRIDENT_TINY
 from methods.evaluate import evaluate_store
 from methods.sam_cache import sam_static
 from methods.scoring import score_logits
@@ -332,7 +332,7 @@ def bench_trident(tmp: Path) -> dict:
         "models": {
             "clip": "clip-b16 (random init, full size)",
             "vfm": "dino-b16 (random init, full size)",
-            "sam": "sam-b tiny (random init, featurestore.demo.TRIDENT_TINY)",
+            "sam": "sam-b tiny (random init, methods.demo.TRIDENT_TINY)",
         },
         "images": n,
         "image_size": [side, side],

@@ -1,4 +1,9 @@
-"""Errors that carry a message meant for the user (the CLI prints them as one line)."""
+"""Errors that carry a message meant for the user (the CLI prints them as one line).
+
+Errors carry facts as attributes; ``ovss_cli.hints`` renders the command to run from them.
+"""
+
+from __future__ import annotations
 
 
 class OvssError(Exception):
@@ -59,6 +64,16 @@ class MissingFeatureSetError(ProvenanceMismatchError):
         self.needed_by = needed_by
         self.extra = dict(extra or {})
 
+    def with_message(self, message: str, **changes) -> MissingFeatureSetError:
+        """The same facts (``changes`` replace some) under another message, for callers that
+        explain the need in their own words."""
+        facts = {
+            k: getattr(self, k)
+            for k in ("store", "model", "protocol", "tensors", "reason", "role", "needed_by")
+        }
+        facts.update(changes)
+        return MissingFeatureSetError(message, extra=self.extra, **facts)
+
 
 class MissingTextSetError(ProvenanceMismatchError):
     """The text embeddings of a vocabulary are not in the store (or were made with another
@@ -106,3 +121,88 @@ class MissingLabelSetError(StoreError):
         self.store = store
         self.name = name
         self.available = tuple(available)
+
+
+class StoreNotFoundError(StoreError):
+    """No store at a path (nothing there, or the creation never began).
+
+    Attributes:
+        store: the path.
+    """
+
+    def __init__(self, message: str, store: str = ""):
+        super().__init__(message)
+        self.store = store
+
+
+class FeatureSetExistsError(ProvenanceMismatchError):
+    """Creating a feature set that exists with other settings (the caller may replace it).
+
+    Attributes:
+        store: the store path.
+        key: the feature set's key (``model@protocol``).
+        differences: what differs (``protocol``, ``tensors``, ``dtype``, ``weights``).
+    """
+
+    def __init__(self, message: str, store: str = "", key: str = "", differences=()):
+        super().__init__(message)
+        self.store = store
+        self.key = key
+        self.differences = tuple(differences)
+
+
+class StoreImagesMismatchError(StoreError):
+    """A store holds other images than the ones requested (a different list, or an image
+    whose file content changed since the store recorded it).
+
+    Attributes:
+        store: the store path.
+        reason: ``list`` (other ids or order) or ``content`` (a file changed).
+        paths: the image files concerned (for ``content``).
+    """
+
+    def __init__(self, message: str, store: str = "", reason: str = "list", paths=()):
+        super().__init__(message)
+        self.store = store
+        self.reason = reason
+        self.paths = tuple(paths)
+
+
+class CorruptStoreError(StoreError):
+    """A store's data is damaged (a truncated chunk, unreadable metadata).
+
+    Attributes:
+        store: the store path.
+        key: the feature set concerned ('' when the store itself).
+        tensor: the tensor concerned ('' when none).
+        block: the block index (-1 when none).
+    """
+
+    def __init__(
+        self, message: str, store: str = "", key: str = "", tensor: str = "", block: int = -1
+    ):
+        super().__init__(message)
+        self.store = store
+        self.key = key
+        self.tensor = tensor
+        self.block = block
+
+
+class ImagesNotInStoreError(StoreError):
+    """None of a dataset's images is in a store (it was extracted from other images).
+
+    Attributes:
+        store: the store path.
+        dataset: the dataset name.
+        data_root: where the dataset's images are.
+        count: how many images were looked for.
+    """
+
+    def __init__(
+        self, message: str, store: str = "", dataset: str = "", data_root: str = "", count: int = 0
+    ):
+        super().__init__(message)
+        self.store = store
+        self.dataset = dataset
+        self.data_root = data_root
+        self.count = count

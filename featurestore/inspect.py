@@ -149,8 +149,8 @@ def verify_store(path: str, scan_values: bool = True) -> VerifyReport:
         failed = int((status == STATUS_FAILED).sum())
         if pending:
             rep.problems.append(
-                f"{key}: {pending} of {n} images not extracted (resume with the "
-                "same 'ovss extract' command)"
+                f"{key}: {pending} of {n} images not extracted (rerun the extraction that "
+                "made it to resume)"
             )
         if failed:
             rep.notes.append(f"{key}: {failed} images failed to decode and were skipped")

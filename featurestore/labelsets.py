@@ -19,7 +19,7 @@ import datetime as _dt
 import numpy as np
 
 from featurestore import __version__
-from featurestore.errors import StoreError
+from featurestore.errors import MissingLabelSetError, StoreError
 from featurestore.store import FeatureStore
 
 CHUNK_PIXELS = 1 << 22
@@ -31,9 +31,11 @@ class LabelSet:
     def __init__(self, store: FeatureStore, name: str):
         if "labels" not in store.root or name not in store.root["labels"]:
             have = ", ".join(list_label_sets(store)) or "none"
-            raise StoreError(
-                f"store {store.path} has no label set '{name}' (it has: {have}); write one "
-                f"with 'ovss segment --store {store.path} --write-labels {name} ...'"
+            raise MissingLabelSetError(
+                f"store {store.path} has no label set '{name}' (it has: {have})",
+                store=store.path,
+                name=name,
+                available=list_label_sets(store),
             )
         self.store = store
         self.name = name

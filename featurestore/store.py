@@ -43,7 +43,14 @@ from zarr.codecs import BytesCodec
 
 from featurestore import __version__
 from featurestore.backbones.base import UNITS, TensorSpec
-from featurestore.errors import ProvenanceMismatchError, StoreError
+from featurestore.errors import (
+    CorruptStoreError,
+    FeatureSetExistsError,
+    MissingFeatureSetError,
+    StoreError,
+    StoreImagesMismatchError,
+    StoreNotFoundError,
+)
 from featurestore.images import ImageRecord
 from featurestore.protocol import ImageGeometry, Protocol
 
@@ -89,43 +96,6 @@ class Provenance:
             "ovss_version": self.ovss_version,
             "created": self.created,
         }
-
-
-# CLIP whose patch grid a Trident canvas (``Protocol(resize="trident", align=...)``) follows.
-_TRIDENT_CLIP = {16: "clip-b16", 14: "clip-l14"}
-
-
-def extract_command(store: str, model: str, protocol: Protocol, extra: str = "") -> str:
-    """The ``ovss extract`` command line that produces a feature set.
-
-    Trident's canvas (``resize="trident"``) has no ``--resize`` of its own: it is made by
-    ``--for trident``, whose window options are all given so the key does not depend on the
-    ``--dataset`` preset, and whose canvas grid (``align``) is the patch of the recipe's CLIP
-    (``--model clip-l14`` for a 14-pixel grid). That call also extracts the recipe's other sets
-    and text embeddings (resuming what exists). SAM sets rounded up to a patch grid
-    (``long1024-a16``, Trident's SAM input) are named with ``--align``.
-    """
-    p = protocol
-    if p.resize == "trident":
-        models = [model]
-        clip = _TRIDENT_CLIP.get(p.align)
-        if not model.startswith("clip-") and clip and clip != "clip-b16":
-            models.append(clip)
-        cmd = f"ovss extract --store {store} --for trident --dataset NAME"
-        cmd += "".join(f" --model {m}" for m in models)
-        cmd += f" --size {p.size} --crop {p.crop} --stride {p.stride}"
-        cmd += f" --pad-multiple {p.pad_multiple}"
-        return cmd + (f" {extra}" if extra else "") + " <--data-root PATH or --images DIR>"
-    cmd = f"ovss extract --store {store} --model {model} --resize {p.resize}"
-    if p.resize != "none":
-        cmd += f" --size {p.size}"
-    if p.align:  # SAM's pre-rounding (long / halves)
-        cmd += f" --align {p.align}"
-    if p.crop:
-        cmd += f" --crop {p.crop} --stride {p.stride}"
-    if p.pad_multiple:
-        cmd += f" --pad-multiple {p.pad_multiple}"
-    return cmd + (f" {extra}" if extra else "") + " <images or --dataset ...>"
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,9 +202,7 @@ class FeatureStore:
                 raise StoreError(f"{path} is an HDF5 file but not an exported ovss store")
             return cls(root, path)  # type: ignore[arg-type]
         if "://" not in path and not Path(path, "zarr.json").exists():
-            raise StoreError(
-                f"no ovss store at {path} (create one with 'ovss extract --store {path}')"
-            )
+            raise StoreNotFoundError(f"no ovss store at {path}", store=path)
         try:
             root = zarr.open_group(path, mode=mode, zarr_format=3)
         except Exception as e:  # zarr raises several types for unreadable metadata
@@ -298,9 +266,11 @@ class FeatureStore:
         ids = self.image_ids
         new = [r.image_id for r in records]
         if list(ids) != new:
-            raise StoreError(
+            raise StoreImagesMismatchError(
                 f"store {self.path} holds a different image list ({len(ids)} images) than "
-                f"requested ({len(new)}); use another --store"
+                f"requested ({len(new)})",
+                store=self.path,
+                reason="list",
             )
 
     @property
@@ -327,10 +297,45 @@ class FeatureStore:
         ]
 
     # -- feature sets ------------------------------------------------------------------------
-    def feature_sets(self) -> list[str]:
+    def _set_entries(self) -> dict[str, bool]:
+        """Every feature-set entry under ``features/`` -> whether it is finished (its group
+        metadata is readable and holds the provenance, which is written last).
+
+        Local stores are listed from the directory itself, so an entry whose ``zarr.json`` is
+        missing or unreadable (an interrupted creation, or damage) is listed as unfinished
+        rather than hidden or crashing the listing."""
+        if self._is_local():
+            feats = Path(self.path, "features")
+            if not feats.is_dir():
+                return {}
+            out = {}
+            for entry in sorted(feats.iterdir()):
+                if not entry.is_dir() or entry.name.startswith("."):
+                    continue
+                try:
+                    meta = json.loads((entry / "zarr.json").read_text())
+                    done = meta.get("node_type") == "group" and "provenance" in meta.get(
+                        "attributes", {}
+                    )
+                except (OSError, ValueError, AttributeError):
+                    done = False
+                out[entry.name] = bool(done)
+            return out
         if "features" not in self.root:
-            return []
-        return sorted(k for k, _ in self.root["features"].groups())
+            return {}
+        return {k: "provenance" in g.attrs for k, g in self.root["features"].groups()}
+
+    def _is_local(self) -> bool:
+        return "://" not in self.path and not self.path.lower().endswith((".h5", ".hdf5"))
+
+    def feature_sets(self) -> list[str]:
+        """Keys of the finished feature sets (provenance written), sorted."""
+        return sorted(k for k, done in self._set_entries().items() if done)
+
+    def unfinished_feature_sets(self) -> list[str]:
+        """Keys of feature sets whose creation did not finish (no provenance, or unreadable
+        group metadata); ``create_feature_set`` replaces them, ``store verify`` reports them."""
+        return sorted(k for k, done in self._set_entries().items() if not done)
 
     def feature_set(self, key: str) -> FeatureSet:
         if key not in self.feature_sets():
@@ -347,34 +352,49 @@ class FeatureStore:
     ) -> FeatureSet:
         """The feature set of ``model`` under ``protocol``, checked against what the caller needs.
 
-        Raises ProvenanceMismatchError naming the ``ovss extract`` command when the set is
-        missing, made with other weights, or lacks a tensor.
+        Raises :class:`~featurestore.errors.MissingFeatureSetError` (with the store, model,
+        protocol, tensors and a ``reason``) when the set is missing, unfinished, made with
+        other settings or weights, or lacks a tensor.
         """
         key = set_key(model, protocol)
-        cmd = extract_command(self.path, model, protocol)
-        if key not in self.feature_sets():
-            have = ", ".join(self.feature_sets()) or "none"
-            raise ProvenanceMismatchError(
-                f"store {self.path} has no '{key}' features (it has: {have}); run: {cmd}"
+
+        def missing(message: str, reason: str) -> MissingFeatureSetError:
+            return MissingFeatureSetError(
+                message,
+                store=self.path,
+                model=model,
+                protocol=protocol,
+                tensors=tuple(tensors),
+                reason=reason,
             )
+
+        if key not in self.feature_sets():
+            if key in self.unfinished_feature_sets():
+                raise missing(
+                    f"feature set '{key}' in store {self.path} is unfinished (its creation "
+                    "was interrupted)",
+                    "incomplete",
+                )
+            have = ", ".join(self.feature_sets()) or "none"
+            raise missing(f"store {self.path} has no '{key}' features (it has: {have})", "missing")
         fs = FeatureSet(self, key)
         prov = fs.provenance
         if Protocol.from_dict(prov["protocol"]) != protocol:
-            raise ProvenanceMismatchError(
+            raise missing(
                 f"feature set '{key}' was made with protocol {prov['protocol']}, not "
-                f"{protocol.to_dict()}; run: {cmd} --overwrite"
+                f"{protocol.to_dict()}",
+                "mismatch",
             )
         have_w = prov["backbone"].get("weights")
         if weights is not None and have_w != weights:
-            raise ProvenanceMismatchError(
-                f"feature set '{key}' was made with weights {have_w}, not {weights}; "
-                f"re-extract into another store: {cmd}"
+            err = missing(
+                f"feature set '{key}' was made with weights {have_w}, not {weights}", "weights"
             )
-        missing = [t for t in tensors if t not in fs.tensor_names]
-        if missing:
-            raise ProvenanceMismatchError(
-                f"feature set '{key}' lacks tensors {missing}; run: {cmd} --overwrite"
-            )
+            err.extra.update({"weights": weights, "have_weights": have_w})
+            raise err
+        lacking = [t for t in tensors if t not in fs.tensor_names]
+        if lacking:
+            raise missing(f"feature set '{key}' lacks tensors {lacking}", "tensors")
         return fs
 
     def create_feature_set(
@@ -424,10 +444,12 @@ class FeatureStore:
                     ]
                     if old["backbone"].get("weights") != prov.backbone.get("weights"):
                         diff.append("weights")
-                    raise ProvenanceMismatchError(
+                    raise FeatureSetExistsError(
                         f"feature set '{key}' already exists with different "
-                        f"{', '.join(diff) or 'settings'}; pass --overwrite to replace it, or "
-                        "use another --store"
+                        f"{', '.join(diff) or 'settings'}",
+                        store=self.path,
+                        key=key,
+                        differences=diff,
                     )
             layout = plan_layout(geometries, specs, dtype, target_block_mb)
             g = feats.create_group(key)
@@ -827,9 +849,13 @@ class FeatureSet:
                                         sl.start * row_bytes,
                                     )
                                     if got != arr.nbytes:
-                                        raise StoreError(
+                                        raise CorruptStoreError(
                                             f"chunk {b} of '{s.name}' in {self.key}"
-                                            " is truncated; run 'ovss store verify'"
+                                            " is truncated",
+                                            store=self.store.path,
+                                            key=self.key,
+                                            tensor=s.name,
+                                            block=b,
                                         )
                             tensors[s.name] = self._decode(arr)
                         yield self._image_features(i, tensors)

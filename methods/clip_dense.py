@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from featurestore.backbones.clip import STATIC_NAMES
-from featurestore.errors import ProvenanceMismatchError, StoreError
+from featurestore.errors import MissingFeatureSetError, StoreError
 
 if TYPE_CHECKING:
     from open_clip.transformer import VisionTransformer
@@ -131,14 +131,19 @@ class LastBlock:
         """From a CLIP feature set's static arrays and provenance (heads, activation, eps).
 
         Raises:
-            ProvenanceMismatchError: the set was not made by a CLIP backbone.
+            MissingFeatureSetError: the set was not made by a CLIP backbone (a
+                ProvenanceMismatchError).
             StoreError: its last-block arrays are missing.
         """
         backbone = fs.provenance.get("backbone", {})
         if backbone.get("family") != "clip":
-            raise ProvenanceMismatchError(
+            raise MissingFeatureSetError(
                 f"feature set '{fs.key}' was made by {backbone.get('name', '?')}, not a CLIP "
-                "model; extract CLIP features first (ovss extract --model clip-b16 ...)"
+                "model; CLIP features are needed",
+                store=fs.store.path,
+                model="clip-b16",
+                protocol=fs.protocol,
+                role="clip",
             )
         have = set(fs.static_names())
         missing = [n for n in STATIC_NAMES if n not in have]

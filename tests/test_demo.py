@@ -3,14 +3,14 @@ collages even with a random-init ViT-S/14 (texture statistics only)."""
 
 from __future__ import annotations
 
-from featurestore.demo import run_demo
+from methods.demo import run_demo
 
 
 def test_default_demo_learns(tmp_path):
     result = run_demo(tmp_path / "demo")
     ev = result["stages"]["eval"]
     assert ev["images"] == 8
-    # Measured with the default seed (MLP + TSupCon, featurestore.demo.DEMO_ALIGN): val mIoU
+    # Measured with the default seed (MLP + TSupCon, methods.demo.DEMO_ALIGN): val mIoU
     # 48.7 (aAcc 68.1) against 12.5 for a uniform guess over 8 classes; the `ovss align`
     # defaults (block module, all patches) stay near chance on these features, and the
     # prototype-only loss on a linear module reached 35.2. The run is deterministic on CPU; 35

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from featurestore.errors import OvssError
 from featurestore.extract import ExtractConfig, extract
 from featurestore.images import list_folder_images
 from featurestore.protocol import Protocol
@@ -15,6 +16,7 @@ from methods.base import ScoringConfig, Vocab, build_config, get_method
 from methods.clip_dense import LastBlock, maskclip_dense
 from methods.proxyclip import proxy_attention, proxy_window_features
 from methods.segment import segment_image
+from ovss_cli.hints import render_error
 
 TINY_CLIP = {
     "embed_dim": 32,
@@ -141,13 +143,14 @@ def test_proxyclip_segments_and_reports_missing_vfm(stores):
     seg = cls(store, cfg)
     labels, _, _ = segment_image(seg, 0, vocab(), ScoringConfig())
     assert labels.shape == tuple(store.root["images/size"][0])
-    with pytest.raises(Exception, match="ovss extract"):
+    with pytest.raises(OvssError) as err:
         cls(
             store,
             build_config(
                 cls, None, {"size": 128, "crop": 112, "stride": 56, "vfm_model": "dinov2-b14"}
             ),
         )
+    assert "ovss extract --store" in render_error(err.value)
     assert cls.presets("ade20k") == {"size": 448, "crop": 336, "stride": 112}
     assert cls.scoring_presets("voc21") == {"prob_thd": 0.2}
 

@@ -7,12 +7,18 @@ import pytest
 from PIL import Image
 
 from featurestore.backbones.base import TensorSpec
-from featurestore.errors import ProvenanceMismatchError, StoreError
+from featurestore.errors import (
+    FeatureSetExistsError,
+    MissingFeatureSetError,
+    StoreError,
+    StoreNotFoundError,
+)
 from featurestore.hdf5 import export_hdf5
 from featurestore.images import ImageRecord
 from featurestore.inspect import store_info, verify_store
 from featurestore.protocol import Protocol, image_geometry
 from featurestore.store import STATUS_OK, FeatureStore, plan_layout
+from ovss_cli.hints import render_error
 
 D = 8
 SPECS = [
@@ -111,15 +117,36 @@ def test_bfloat16_and_float32(tmp_path):
 def test_require_and_provenance_mismatch(tmp_path):
     store, fs, geos, _ = fill_store(tmp_path)
     assert store.require("fake", PROTOCOL).key == fs.key
-    with pytest.raises(ProvenanceMismatchError, match="ovss extract"):
-        store.require("fake", Protocol(resize="short", size=64))
-    with pytest.raises(ProvenanceMismatchError, match="weights"):
+    other_protocol = Protocol(resize="short", size=64)
+    with pytest.raises(MissingFeatureSetError) as err:
+        store.require("fake", other_protocol, tensors=["patch"])
+    e = err.value
+    assert (e.store, e.model, e.protocol, e.tensors, e.reason) == (
+        store.path,
+        "fake",
+        other_protocol,
+        ("patch",),
+        "missing",
+    )
+    assert "ovss" not in str(e)  # the library names facts; the CLI renders the command
+    assert render_error(e).endswith(
+        f"; run: ovss extract --store {store.path} --model fake --resize short --size 64"
+        " <images or --dataset ...>"
+    )
+    with pytest.raises(MissingFeatureSetError, match="weights") as err:
         store.require("fake", PROTOCOL, weights="sha256:abc")
-    with pytest.raises(ProvenanceMismatchError, match="lacks"):
+    assert err.value.reason == "weights" and "OTHER_STORE" in render_error(err.value)
+    with pytest.raises(MissingFeatureSetError, match="lacks") as err:
         store.require("fake", PROTOCOL, tensors=["layer3"])
+    assert err.value.reason == "tensors"
+    assert render_error(err.value).endswith(
+        "--crop 28 --stride 14 <images or --dataset ...> --overwrite"
+    )
     other = dict(INFO, weights="random-init:1")
-    with pytest.raises(ProvenanceMismatchError, match="--overwrite"):
+    with pytest.raises(FeatureSetExistsError) as err:
         store.create_feature_set("fake", PROTOCOL, other, SPECS, geos)
+    assert err.value.differences == ("weights",)
+    assert "pass --overwrite" in render_error(err.value)
     # same provenance reopens (resume), overwrite replaces only that set
     assert (
         store.create_feature_set("fake", PROTOCOL, INFO, SPECS, geos, target_block_mb=0.0005)
@@ -132,8 +159,11 @@ def test_require_and_provenance_mismatch(tmp_path):
 
 
 def test_open_errors(tmp_path):
-    with pytest.raises(StoreError, match="no ovss store"):
+    with pytest.raises(StoreNotFoundError, match="no ovss store") as err:
         FeatureStore.open(tmp_path / "nope")
+    assert render_error(err.value).endswith(
+        f"create one with 'ovss extract --store {err.value.store}'"
+    )
     store, _, _, _ = fill_store(tmp_path)
     recs = make_records(tmp_path / "other", sizes=[(10, 10)])
     with pytest.raises(StoreError, match="different image list"):

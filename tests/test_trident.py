@@ -38,6 +38,7 @@ from methods.trident import (
     sam_affinity,
     splice_windows,
 )
+from ovss_cli.hints import render_error
 
 TINY_CLIP = {
     "embed_dim": 32,
@@ -411,7 +412,7 @@ def test_store_without_sam_names_the_extract_command(store, tmp_path):
     cls = get_method("trident")
     with pytest.raises(ProvenanceMismatchError) as err:
         cls(store, build_config(cls, None, {**OPTS, "sam_size": 512}))
-    msg = str(err.value)
+    msg = render_error(err.value)
     assert "sam-b@long512-a16" in msg and "ovss extract" in msg
     assert "--for trident --dataset" in msg
     with pytest.raises(OvssError, match="clip_model must be one of"):
@@ -657,7 +658,7 @@ def test_halves_need_the_halves_set_and_name_the_extract_command(tmp_path):
     cls = get_method("trident")
     with pytest.raises(ProvenanceMismatchError) as err:
         cls(only_whole, build_config(cls, None, {**OPTS, "sam_halves": True}))
-    msg = str(err.value)
+    msg = render_error(err.value)
     assert "sam-b@halves256-a16" in msg and "--resize halves --size 256 --align 16" in msg
     assert "--for trident --dataset" in msg
 
@@ -976,7 +977,7 @@ def test_whole_image_refinement_needs_the_whole_image_set(tmp_path):
     )
     with pytest.raises(ProvenanceMismatchError) as err:
         cls(only_halves, build_config(cls, None, {**halves, "sam_refine": True}))
-    msg = str(err.value)
+    msg = render_error(err.value)
     assert "\n" not in msg and "'sam-b@long256-a16'" in msg and "refine_sam=halves" in msg
     assert msg.endswith(
         f"run: ovss extract --store {only_halves.path} --model sam-b --resize long --size 256 "
