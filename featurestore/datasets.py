@@ -352,7 +352,7 @@ _REGISTRY: dict[str, DatasetSpec] = {
             converter="coco_stuff",
             prepare_steps=(
                 _COCO_UNZIP_STEP,
-                "ovss data prepare coco_stuff171 writes annotations/<split>2017/"
+                "the built-in conversion writes annotations/<split>2017/"
                 "<id>_labelTrainIds.png from the raw maps (the mapping of mmseg's "
                 "tools/dataset_converters/coco_stuff164k.py)",
             ),
@@ -378,7 +378,7 @@ _REGISTRY: dict[str, DatasetSpec] = {
             converter="coco_object",
             prepare_steps=(
                 _COCO_UNZIP_STEP,
-                "ovss data prepare coco_object writes annotations/<split>2017/"
+                "the built-in conversion writes annotations/<split>2017/"
                 "<id>_instanceTrainIds.png from the RAW maps (the mapping of cvt_coco_object.py); "
                 "with --out DIR it writes under DIR and links DIR/images/<split>2017 to the "
                 "source images",

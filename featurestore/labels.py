@@ -451,6 +451,26 @@ class LabelSource:
 
 
 @dataclass
+class NextStep:
+    """A data command worth running next, as facts (the CLI renders the command line).
+
+    Attributes:
+        action: ``prepare`` (make the labels) or ``verify`` (check them).
+        dataset: registry name.
+        data_root: the data root the command takes.
+        overwrite: redo labels that exist (``prepare``).
+        run: the preparation is a built-in conversion that runs (``prepare``); False: it prints
+            the steps to follow.
+    """
+
+    action: str
+    dataset: str
+    data_root: str
+    overwrite: bool = False
+    run: bool = True
+
+
+@dataclass
 class VerifyReport:
     """What :func:`verify_dataset` found.
 
@@ -468,6 +488,7 @@ class VerifyReport:
         ignored_fraction: share of checked label pixels equal to 255.
         warnings: facts worth knowing that are not errors (subset of the split, ...).
         problems: one entry per problem found (see :data:`PROBLEM_KINDS`).
+        next_steps: what to run next (a :class:`NextStep` each; the CLI renders the command).
     """
 
     dataset: str
@@ -483,6 +504,7 @@ class VerifyReport:
     ignored_fraction: float = 0.0
     warnings: list[str] = field(default_factory=list)
     problems: list[LabelProblem] = field(default_factory=list)
+    next_steps: list[NextStep] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -600,20 +622,21 @@ def _add_hints(
     """Warnings that explain a pattern of problems (missing labels) or a suspicious histogram."""
     counts = report.problem_counts()
     if counts.get("missing_label"):
-        if spec.converter is not None:
-            how = f"run `ovss data prepare {spec.name} --data-root {data_root}`"
-        else:
-            how = f"see `ovss data prepare {spec.name} --data-root {data_root}`"
+        how = "the built-in conversion" if spec.converter is not None else "the preparation steps"
         report.warnings.append(
             f"{counts['missing_label']} label file(s) missing ({spec.layout.seg_suffix} files); "
-            f"to create them {how}"
+            f"{how} create them"
+        )
+        report.next_steps.append(
+            NextStep("prepare", spec.name, str(data_root), run=spec.converter is not None)
         )
     if spec.name == "coco_object" and histogram[IGNORE_INDEX]:
         report.warnings.append(
             "coco_object labels hold 255 pixels, but the reference conversion maps unlabeled "
-            "pixels to 0 (background): were they converted from the raw maps? "
-            f"(`ovss data prepare coco_object --data-root {data_root} --overwrite` redoes it)"
+            "pixels to 0 (background): were they converted from the raw maps? (the built-in "
+            "conversion with overwrite redoes it)"
         )
+        report.next_steps.append(NextStep("prepare", spec.name, str(data_root), overwrite=True))
 
 
 # -- ovss data prepare -----------------------------------------------------------------------------
@@ -639,6 +662,7 @@ class PrepareReport:
         failures: files that could not be converted (``unreadable_label``/``write_failed``).
         unexpected_values: raw map -> values that are no COCO-Stuff id (mapped to 255).
         notes: other facts (images linked, source maps absent, ...).
+        next_steps: what to run next (a :class:`NextStep` each; the CLI renders the command).
     """
 
     dataset: str
@@ -653,6 +677,7 @@ class PrepareReport:
     failures: list[LabelProblem] = field(default_factory=list)
     unexpected_values: dict[str, list[int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    next_steps: list[NextStep] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -740,11 +765,10 @@ def _instructions(spec: DatasetSpec, root: Path, split: str | None) -> PrepareRe
         _has_file_with_suffix(ann_dir, layout.seg_suffix)
     )
     notes = []
+    next_steps = []
     if ready:
-        notes.append(
-            f"labels found in {ann_dir}; check them with "
-            f"`ovss data verify {spec.name} --data-root {root}`"
-        )
+        notes.append(f"labels found in {ann_dir}")
+        next_steps.append(NextStep("verify", spec.name, str(root)))
     else:
         notes.append(f"no {spec.name} labels in {ann_dir} yet")
     return PrepareReport(
@@ -755,6 +779,7 @@ def _instructions(spec: DatasetSpec, root: Path, split: str | None) -> PrepareRe
         splits=[split],
         steps=_fill(spec, root, base),
         notes=notes,
+        next_steps=next_steps,
     )
 
 

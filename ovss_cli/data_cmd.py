@@ -34,6 +34,16 @@ _DATA_ROOT_HELP = (
 _user_errors = user_errors
 
 
+def next_step_command(step) -> str:
+    """The ``ovss data`` command line of a :class:`featurestore.labels.NextStep`."""
+    cmd = f"ovss data {step.action} {step.dataset} --data-root {step.data_root}"
+    if step.overwrite:
+        cmd += " --overwrite"
+    if step.action == "prepare" and not step.run:
+        return f"{cmd} (prints the steps)"
+    return cmd
+
+
 def _echo_json(obj: Any) -> None:
     """Print ``obj`` as indented JSON on stdout."""
     click.echo(json.dumps(obj, indent=2, default=str))
@@ -181,6 +191,8 @@ def _print_prepare(report: PrepareReport) -> None:
             out.print(f"  {number}. {escape(step)}")
     for note in report.notes:
         out.print(f"[yellow]note[/]: {escape(note)}")
+    for step in report.next_steps:
+        out.print(f"[yellow]next[/]: {escape(next_step_command(step))}", soft_wrap=True)
 
 
 # -- verify ------------------------------------------------------------------------------------
@@ -249,6 +261,8 @@ def _print_verify(report: VerifyReport) -> None:
             out.print(f"... and {len(report.problems) - MAX_TABLE_ROWS} more (see --json)")
     for warning in report.warnings:
         out.print(f"[yellow]warning[/]: {escape(warning)}")
+    for step in report.next_steps:
+        out.print(f"[yellow]next[/]: {escape(next_step_command(step))}", soft_wrap=True)
     classes = (
         f"{report.classes_present}/{report.num_classes} classes present"
         if report.num_classes

@@ -172,6 +172,7 @@ def test_verify_ok_and_problems(tmp_path: Path) -> None:
         "ignored_fraction",
         "warnings",
         "problems",
+        "next_steps",
         "ok",
         "problem_counts",
     }

@@ -30,6 +30,7 @@ from featurestore.labels import (
     verify_dataset,
     write_png_atomic,
 )
+from ovss_cli.data_cmd import next_step_command
 
 # -- tiny datasets --------------------------------------------------------------------------------
 # Every label is 2 x 5 (H x W); images are real JPEG/PNG files of the same size.
@@ -472,7 +473,14 @@ def test_prepare_context_command_has_the_paths(tmp_path: Path) -> None:
 def test_prepare_says_ready_when_labels_exist(tmp_path: Path) -> None:
     write_ade(tmp_path)
     report = prepare_dataset("ade20k", tmp_path)
-    assert report.ready and "ovss data verify ade20k" in report.notes[0]
+    assert report.ready and "labels found" in report.notes[0]
+    assert [(s.action, s.dataset, s.data_root) for s in report.next_steps] == [
+        ("verify", "ade20k", str(tmp_path))
+    ]
+    assert (
+        next_step_command(report.next_steps[0]) == f"ovss data verify ade20k --data-root {tmp_path}"
+    )
+    assert not any("ovss" in n for n in report.notes)  # the library names facts, not commands
 
 
 # -- problems: LabelSource and verify ----------------------------------------------------------
@@ -550,6 +558,11 @@ def test_verify_finds_every_problem(tmp_path: Path) -> None:
     assert report.labels_checked == 4 and report.expected_images == 2000
     assert any("6 images listed" in w and "2000" in w for w in report.warnings)
     assert any("label file(s) missing" in w for w in report.warnings)
+    [step] = report.next_steps
+    assert (
+        next_step_command(step)
+        == f"ovss data prepare ade20k --data-root {tmp_path} (prints the steps)"
+    )
     assert calls[0] == ("verify ade20k validation", 0, 6) and calls[-1][1:] == (6, 6)
     d = report.to_dict()
     assert d["ok"] is False and len(d["problems"]) == 4
@@ -579,6 +592,7 @@ def test_verify_warns_about_255_in_coco_object(tmp_path: Path) -> None:
         _label(base / "annotations" / "val2017" / f"{image_id}_instanceTrainIds.png", raw)
     report = verify_dataset("coco_object", tmp_path)
     assert any("maps unlabeled pixels to 0" in w for w in report.warnings)
+    assert next_step_command(report.next_steps[-1]).endswith("--overwrite")
     assert report.problem_counts() == {"out_of_range": 2}  # raw ids above 80
 
 
