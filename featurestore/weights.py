@@ -58,6 +58,8 @@ class WeightsSpec:
         url_hint: where a person can get the file by hand (shown in the error message).
         model: short model name used in messages (e.g. ``dinov2-s14``).
         hub_files: file names tried in the ``hub_id`` repo, cached or downloaded.
+        also_hub_ids: further repos searched in the huggingface_hub cache after ``hub_id``
+            (never downloaded), e.g. timm's second class of the same weights.
     """
 
     candidates: list[str]
@@ -66,6 +68,7 @@ class WeightsSpec:
     url_hint: str = ""
     model: str = ""
     hub_files: tuple[str, ...] = field(default=HUB_FILES)
+    also_hub_ids: tuple[str, ...] = ()
 
 
 def resolve_weights(spec: WeightsSpec, explicit: str | os.PathLike | None = None) -> Path:
@@ -113,14 +116,16 @@ def _chosen(path: Path, source: str) -> Path:
 
 
 def _find_in_library_caches(spec: WeightsSpec) -> Path | None:
-    if spec.hub_id:
+    hub_ids = [h for h in (spec.hub_id, *spec.also_hub_ids) if h]
+    if hub_ids:
         from huggingface_hub import try_to_load_from_cache
 
-        for filename in spec.hub_files:
-            hit = try_to_load_from_cache(spec.hub_id, filename)
-            # A str is a cached file; None and the _CACHED_NO_EXIST sentinel are misses.
-            if isinstance(hit, str) and Path(hit).is_file():
-                return _chosen(Path(hit), "huggingface_hub cache")
+        for hub_id in hub_ids:
+            for filename in spec.hub_files:
+                hit = try_to_load_from_cache(hub_id, filename)
+                # A str is a cached file; None and the _CACHED_NO_EXIST sentinel are misses.
+                if isinstance(hit, str) and Path(hit).is_file():
+                    return _chosen(Path(hit), "huggingface_hub cache")
     if spec.torch_hub_file:
         path = Path(torch.hub.get_dir()) / "checkpoints" / spec.torch_hub_file
         if path.is_file():

@@ -20,7 +20,7 @@ from featurestore.backbones import create_backbone, list_backbones
 from featurestore.backbones.dino import DinoBackbone
 from featurestore.errors import OvssError, WeightsNotFoundError
 
-DINO_NAMES = [n for n in list_backbones() if n.startswith("dino")]
+DINO_NAMES = [n for n in list_backbones() if n.startswith(("dino-", "dinov2-"))]
 TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import math
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -129,13 +130,19 @@ def test_tiny_build_is_the_real_class_and_recorded(name: str) -> None:
     )
     assert extra["image_size"] == [native, native]
     assert extra["pos_embed_grid"] == [native // patch] * 2
+    assert extra["pos_interp"] == "offset"  # the authors' rule, recorded
+    assert "0.1" in extra["pos_embed_interpolation"]
     assert extra["arch_overrides"] == TINY  # recorded as given
 
     model, tokenizer, model_info = load_open_clip(
         name, random_init=True, seed=3, arch_overrides=TINY
     )
     assert type(model) is open_clip.model.CLIP
-    assert model_info.extra == {**extra, "layers": []}
+    image_only = ("pos_interp", "pos_embed_interpolation")  # the cache's rule, not the text's
+    assert model_info.extra == {
+        **{k: v for k, v in extra.items() if k not in image_only},
+        "layers": [],
+    }
     assert tokenizer(["a photo of a cat"]).shape == (1, 77)
     for key, value in model.visual.state_dict().items():  # same seed, same weights
         assert torch.equal(value, visual.state_dict()[key]), key
@@ -207,25 +214,83 @@ def test_native_window_equals_open_clip_forward() -> None:
     )
 
 
-@pytest.mark.parametrize(("gh", "gw"), [(2, 3), (3, 2), (20, 17)])
-def test_other_windows_equal_open_clip_with_the_resampled_position_embedding(
-    gh: int, gw: int
-) -> None:
-    """open_clip's own forward, given our resampled embedding as its parameter, agrees."""
-    backbone, model = tiny("clip-b16", seed=2), tiny_model("clip-b16", seed=2)
+def authors_pos_encoding(
+    positional_embedding: torch.Tensor, w: int, h: int, patch: int
+) -> torch.Tensor:
+    """ProxyCLIP's / Trident's ``VisionTransformer.interpolate_pos_encoding``
+    (``open_clip/transformer.py``; SCLIP's ``clip/model.py`` is the same), rewritten here: the
+    input is ``(B, 3, w, h)`` (their names: w = rows), ``positional_embedding`` ``(1 + N, D)``.
+    Returns ``(1, 1 + gh * gw, D)``."""
+    n = positional_embedding.shape[0] - 1
+    side = math.sqrt(n)
+    dim = positional_embedding.shape[-1]
+    cls_pos = positional_embedding[[0]]
+    rows, cols = w // patch + 0.1, h // patch + 0.1
+    grid = positional_embedding[1:].reshape(1, int(side), int(side), dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=(rows / side, cols / side), mode="bicubic")
+    assert int(rows) == grid.shape[-2] and int(cols) == grid.shape[-1]
+    return torch.cat((cls_pos.unsqueeze(0), grid.permute(0, 2, 3, 1).reshape(1, -1, dim)), dim=1)
+
+
+def open_clip_pre_last(model: open_clip.model.CLIP, pos: torch.Tensor, x: torch.Tensor):
+    """open_clip's own forward with ``pos`` as its position embedding: (block-0 patch tokens =
+    the tokens entering the last of 2 blocks, the image embedding)."""
     visual = copy.deepcopy(model.visual)
-    visual.positional_embedding = torch.nn.Parameter(
-        interpolate_pos_embed(visual.positional_embedding.detach(), (14, 14), (gh, gw))
-    )
-    x = windows(16, gh, gw)
-    out = backbone.forward_dense(x)
+    visual.positional_embedding = torch.nn.Parameter(pos.detach().reshape(-1, pos.shape[-1]))
     with torch.no_grad():
         embedding = visual(x)
         inter = visual.forward_intermediates(
             x, indices=[0], output_fmt="NLC", intermediates_only=True
         )["image_intermediates"][0]
-    torch.testing.assert_close(out["global"], embedding, rtol=0, atol=1e-6)
+    return inter, embedding
+
+
+# B/16 windows of 336x336, 448x448, 448x672 (the brief's) and two small non-square ones.
+AUTHOR_GRIDS = [(21, 21), (28, 28), (28, 42), (2, 3), (20, 17)]
+
+
+@pytest.mark.parametrize(("gh", "gw"), AUTHOR_GRIDS)
+def test_other_windows_equal_the_authors_position_rule(gh: int, gw: int) -> None:
+    """The default rule is the authors' formula: open_clip's forward given the embedding their
+    ``interpolate_pos_encoding`` computes gives the cached tokens exactly."""
+    backbone, model = tiny("clip-b16", seed=2), tiny_model("clip-b16", seed=2)
+    x = windows(16, gh, gw, n=1)
+    authors = authors_pos_encoding(model.visual.positional_embedding.detach(), 16 * gh, 16 * gw, 16)
+    out = backbone.forward_dense(x)
+    inter, embedding = open_clip_pre_last(model, authors, x)
     torch.testing.assert_close(out["pre_last"], inter, rtol=0, atol=0)
+    torch.testing.assert_close(out["global"], embedding, rtol=0, atol=1e-6)
+    # The old rule (size=(gh, gw)) samples elsewhere: the cached tokens move.
+    old = tiny("clip-b16", seed=2, pos_interp="size")
+    assert old.info.extra["pos_interp"] == "size"
+    moved = (old.forward_dense(x)["pre_last"] - out["pre_last"]).abs().max()
+    assert moved > 1e-4, float(moved)
+
+
+def test_size_rule_is_the_old_exact_size_interpolation() -> None:
+    """``pos_interp="size"`` reproduces ovss's rule before (open_clip given a ``size=`` embedding)."""
+    backbone, model = tiny("clip-b16", seed=2, pos_interp="size"), tiny_model("clip-b16", seed=2)
+    x = windows(16, 28, 42, n=1)
+    pos = model.visual.positional_embedding.detach()
+    grid = pos[1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(28, 42), mode="bicubic", align_corners=False)
+    sized = torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(28 * 42, -1)])
+    inter, _ = open_clip_pre_last(model, sized, x)
+    torch.testing.assert_close(backbone.forward_dense(x)["pre_last"], inter, rtol=0, atol=0)
+
+
+def test_native_grid_is_the_same_under_every_rule() -> None:
+    x = windows(16, 14, 14, n=1)
+    outs = [
+        tiny("clip-b16", seed=2, pos_interp=r).forward_dense(x)["pre_last"]
+        for r in ("offset", "size", "size-aa")
+    ]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_unknown_rule_is_refused_in_one_line() -> None:
+    with pytest.raises(OvssError, match="pos_interp 'bilinear' is not a rule for clip-b16"):
+        tiny("clip-b16", pos_interp="bilinear")
 
 
 def test_position_embedding_interpolation() -> None:
@@ -234,14 +299,20 @@ def test_position_embedding_interpolation() -> None:
     out = interpolate_pos_embed(pos, (14, 14), (21, 10))
     assert out.shape == (1 + 21 * 10, 8)
     assert torch.equal(out[0], pos[0])  # the class position is kept
+    authors = authors_pos_encoding(pos, 21 * 16, 10 * 16, 16)[0]
+    torch.testing.assert_close(out, authors, rtol=0, atol=0)
+    sized = interpolate_pos_embed(pos, (14, 14), (21, 10), rule="size")
     grid = pos[1:].reshape(1, 14, 14, 8).permute(0, 3, 1, 2)
     reference = F.interpolate(grid, size=(21, 10), mode="bicubic", align_corners=False)
-    torch.testing.assert_close(out[1:], reference.permute(0, 2, 3, 1).reshape(210, 8))
+    torch.testing.assert_close(sized[1:], reference.permute(0, 2, 3, 1).reshape(210, 8))
+    assert not torch.allclose(sized, out)
     antialiased = F.interpolate(grid, (21, 10), mode="bicubic", antialias=True)
-    assert not torch.allclose(out[1:], antialiased.permute(0, 2, 3, 1).reshape(210, 8))
+    assert not torch.allclose(sized[1:], antialiased.permute(0, 2, 3, 1).reshape(210, 8))
     # A constant embedding stays constant (bicubic weights sum to one), also when shrinking.
     flat = torch.cat([pos[:1], torch.full((196, 8), 0.25)])
-    assert torch.allclose(interpolate_pos_embed(flat, (14, 14), (9, 30))[1:], torch.tensor(0.25))
+    for rule in ("offset", "size", "size-aa"):
+        shrunk = interpolate_pos_embed(flat, (14, 14), (9, 30), rule=rule)[1:]
+        assert torch.allclose(shrunk, torch.tensor(0.25)), rule
 
 
 def test_requested_layers_are_block_outputs() -> None:

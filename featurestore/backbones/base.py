@@ -2,14 +2,26 @@
 
 A backbone takes a batch of normalised windows ``(B, 3, H, W)`` (all windows of a batch share one
 size) and returns *named dense tensors* (a dict, DINOv2-style), each described by a ``TensorSpec``
-so the store can lay it out without knowing the model. Adding a backbone = one module that
-defines a subclass and registers builders with ``@register_backbone``.
+so the store can lay it out without knowing the model.
+
+**Adding a backbone family** = one module that defines a ``Backbone`` subclass, a table of
+variants (frozen dataclasses with at least ``name`` and ``doc``) and one builder
+``build(variant, weights=None, random_init=False, seed=0, layers=(), arch_overrides=None,
+pos_interp=None, ...)``, then calls ``register_variants(VARIANTS, build, tiny=...)`` at import
+(``tiny``: the smallest ``arch_overrides`` of the real class, which the registry-wide tests
+build), plus one import line in ``_import_families`` below. Families whose names are open-ended
+(``openclip:<model>:<tag>``, ``timm:<name>``) call ``register_backbone_prefix`` instead.
+``pos_interp`` names the position-embedding resampling rule (``featurestore.backbones.posembed``);
+``create_backbone`` passes it only when the caller sets it, and refuses it for a family whose
+builder does not take it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,6 +129,8 @@ _REGISTRY: dict[str, BackboneBuilder] = {}
 _DOCS: dict[str, str] = {}
 # Name prefix -> (builder(name, **kw), syntax shown in messages), e.g. "openclip:".
 _PREFIXES: dict[str, tuple[BackboneBuilder, str]] = {}
+# Short name -> the smallest arch_overrides of its real class (tests, demos).
+_TINY: dict[str, dict] = {}
 
 
 def register_backbone(name: str, doc: str = "") -> Callable[[BackboneBuilder], BackboneBuilder]:
@@ -138,6 +152,52 @@ def register_backbone_prefix(prefix: str, builder: BackboneBuilder, syntax: str 
     if prefix in _PREFIXES:
         raise ValueError(f"backbone prefix {prefix!r} registered twice")
     _PREFIXES[prefix] = (builder, syntax or f"{prefix}...")
+
+
+def register_variants(
+    variants: Iterable[Any],
+    builder: Callable[..., Backbone],
+    doc: Callable[[Any], str] | None = None,
+    tiny: dict | Callable[[Any], dict] | None = None,
+) -> None:
+    """Register one builder per variant of a family table.
+
+    Args:
+        variants: the family's table; each item has ``name`` and ``doc`` attributes.
+        builder: ``builder(variant, **kwargs) -> Backbone``; each registered name calls it with
+            its variant and the keyword arguments of ``create_backbone``.
+        doc: one line per variant for ``ovss models`` (default: ``variant.doc``).
+        tiny: the smallest ``arch_overrides`` of the real class, one dict for the family or a
+            function of the variant; ``tiny_arch_overrides(name)`` returns it.
+
+    Raises:
+        ValueError: a name registered twice.
+    """
+    params = list(inspect.signature(builder).parameters.values())[1:]
+    for variant in variants:
+        line = doc(variant) if doc is not None else str(variant.doc)
+
+        def build(_variant: Any = variant, **kwargs: Any) -> Backbone:
+            return builder(_variant, **kwargs)
+
+        build.__name__ = build.__qualname__ = f"build_{variant.name.replace('-', '_')}"
+        build.__doc__ = f"{line}; arguments as ``{builder.__name__}``."
+        build.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        register_backbone(variant.name, doc=line)(build)
+        if tiny is not None:
+            _TINY[variant.name] = dict(tiny(variant) if callable(tiny) else tiny)
+
+
+def tiny_arch_overrides(name: str) -> dict:
+    """The smallest ``arch_overrides`` of ``name``'s real class, as its family registered it.
+
+    Raises:
+        KeyError: the family registered none.
+    """
+    _import_families()
+    if name not in _TINY:
+        raise KeyError(f"backbone {name!r} registered no tiny arch_overrides")
+    return dict(_TINY[name])
 
 
 def list_backbones() -> list[str]:
@@ -162,15 +222,38 @@ def create_backbone(name: str, **kwargs) -> Backbone:
     if name not in _REGISTRY:
         for prefix, (builder, _) in _PREFIXES.items():
             if name.startswith(prefix):
+                _check_kwargs(name, builder, kwargs, skip=1)
                 return builder(name, **kwargs)
         also = "".join(f" or {syntax}" for _, syntax in _PREFIXES.values())
         raise OvssError(
             f"'{name}' is not a known model; choose from {', '.join(sorted(_REGISTRY))}{also}"
         )
+    _check_kwargs(name, _REGISTRY[name], kwargs)
     return _REGISTRY[name](**kwargs)
 
 
+def _check_kwargs(name: str, builder: BackboneBuilder, kwargs: dict, skip: int = 0) -> None:
+    """A one-line error for an option the family's builder does not take (e.g. ``pos_interp``
+    for a model without a position-embedding rule), instead of a ``TypeError``."""
+    from featurestore.errors import OvssError
+
+    try:
+        params = list(inspect.signature(builder).parameters.values())[skip:]
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    accepted = {p.name for p in params}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise OvssError(f"{name} takes no {', '.join(unknown)} option")
+
+
 def _import_families() -> None:
-    # Importing a family module registers its builders.
-    import featurestore.backbones.sam  # noqa: F401
-    from featurestore.backbones import clip, dino  # noqa: F401
+    # Importing a family module registers its builders (one line per family).
+    import featurestore.backbones.blip
+    import featurestore.backbones.clip
+    import featurestore.backbones.dino
+    import featurestore.backbones.dinov3
+    import featurestore.backbones.sam
+    import featurestore.backbones.timm_vit  # noqa: F401

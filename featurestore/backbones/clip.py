@@ -30,12 +30,16 @@ MaskCLIP / ClearCLIP / PixelCLIP / ProxyCLIP / Trident last-block variants all r
 (``methods.clip_dense``).
 
 Windows of any size that is a multiple of the patch size work: the patch part of the absolute
-position embedding is resampled to the window's grid (``interpolate_pos_embed``: bicubic,
-``align_corners=False``, no antialiasing; the class position is kept). [ours] This is
-ProxyCLIP's interpolation, with the output size given exactly instead of DINO's
-``scale_factor = (g + 0.1) / g0`` trick, whose sampling positions are a fraction of a patch off;
-open_clip's own checkpoint resizing (antialiased) is not used. At the native grid the embedding
-is used as is.
+position embedding is resampled to the window's grid (``interpolate_pos_embed``; the class
+position is kept) by the rule ``pos_interp`` (``featurestore.backbones.posembed``, recorded in
+``info.extra["pos_interp"]``). The default is the authors' ``offset`` rule, as in ProxyCLIP's and
+Trident's ``VisionTransformer.interpolate_pos_encoding`` (``open_clip/transformer.py``) and
+SCLIP's / ClearCLIP's / NACLIP's (``clip/model.py``): ``F.interpolate(patch_pos,
+scale_factor=((gh + 0.1) / g0, (gw + 0.1) / g0), mode="bicubic")``. ``pos_interp="size"`` (the
+output size given exactly, no antialiasing) reproduces feature sets ovss made before; ``size-aa``
+adds antialiasing. At the native grid the embedding is used as is under every rule. [ours] A
+non-native grid with the native token count (e.g. 7x28 for B/16) is resampled; the authors'
+``x.shape[1] != positional_embedding.shape[0]`` test would add the unresampled 14x14 embedding.
 
 Checkpoints load through open_clip's own loader (``open_clip.create_model(name,
 pretrained=<file>)``): open_clip's ``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin``
@@ -64,7 +68,6 @@ import logging
 import os
 import warnings
 import zipfile
-from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -79,9 +82,10 @@ from featurestore.backbones.base import (
     Backbone,
     BackboneInfo,
     TensorSpec,
-    register_backbone,
     register_backbone_prefix,
+    register_variants,
 )
+from featurestore.backbones.posembed import OFFSET, POS_INTERP_RULES, check_rule, resample_tokens
 from featurestore.errors import OvssError, WeightsNotFoundError
 from featurestore.protocol import ImageGeometry
 from featurestore.weights import WeightsSpec, resolve_weights, sha256_file
@@ -118,7 +122,7 @@ LAST_BLOCK_PARAMS = (
 HEAD_PARAMS = ("ln_post.weight", "ln_post.bias", "proj")
 STATIC_NAMES = tuple(f"last_block.{n}" for n in LAST_BLOCK_PARAMS) + HEAD_PARAMS
 
-POS_EMBED_INTERPOLATION = "bicubic, align_corners=False, antialias=False; class position kept"
+DEFAULT_POS_INTERP = OFFSET  # the authors' rule for every CLIP variant
 IMAGE_INPUT_RULE = (
     "whole image resized to the native square size (aspect not kept), bicubic with "
     "antialiasing, clamped to [0, 255], then CLIP mean/std"
@@ -148,7 +152,10 @@ VARIANTS: tuple[ClipVariant, ...] = (
 
 
 def interpolate_pos_embed(
-    pos_embed: torch.Tensor, native_grid: tuple[int, int], grid: tuple[int, int]
+    pos_embed: torch.Tensor,
+    native_grid: tuple[int, int],
+    grid: tuple[int, int],
+    rule: str = DEFAULT_POS_INTERP,
 ) -> torch.Tensor:
     """Resample an absolute position embedding to another patch grid.
 
@@ -157,22 +164,15 @@ def interpolate_pos_embed(
             row-major order over the native grid ``(gh0, gw0)``.
         native_grid: ``(gh0, gw0)``.
         grid: the target grid ``(gh, gw)``.
+        rule: ``offset`` (default, the authors': ``scale_factor = (g + 0.1) / g0``), ``size`` or
+            ``size-aa`` (``featurestore.backbones.posembed``).
 
     Returns:
         ``(1 + gh * gw, D)``: the class position unchanged, the patch part resampled bicubically
-        (``align_corners=False``, no antialiasing) in float32 and cast back to the input dtype.
-        At the native grid the input itself is returned (the identity, exactly).
+        (``align_corners=False``) in float32 and cast back to the input dtype. At the native grid
+        the input itself is returned (the identity, exactly).
     """
-    gh0, gw0 = native_grid
-    if tuple(grid) == (gh0, gw0):
-        return pos_embed
-    width = pos_embed.shape[-1]
-    patch = pos_embed[1:].float().reshape(1, gh0, gw0, width).permute(0, 3, 1, 2)
-    patch = F.interpolate(
-        patch, size=tuple(grid), mode="bicubic", align_corners=False, antialias=False
-    )
-    patch = patch.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], width).to(pos_embed.dtype)
-    return torch.cat([pos_embed[:1], patch], dim=0)
+    return resample_tokens(pos_embed, native_grid, grid, rule, num_prefix=1)
 
 
 class CLIPBackbone(Backbone):
@@ -201,6 +201,7 @@ class CLIPBackbone(Backbone):
         self.depth = len(visual.transformer.resblocks)
         self.native_grid = (int(visual.grid_size[0]), int(visual.grid_size[1]))
         self.native_size = (int(visual.image_size[0]), int(visual.image_size[1]))
+        self.pos_interp = str(info.extra.get("pos_interp", DEFAULT_POS_INTERP))
 
     def tensor_specs(self) -> list[TensorSpec]:
         d, e = self.width, self.embed_dim
@@ -293,7 +294,9 @@ class CLIPBackbone(Backbone):
         tokens = visual.conv1(x)  # (B, D, gh, gw)
         tokens = tokens.flatten(2).transpose(1, 2)  # (B, gh*gw, D), row-major over the grid
         cls = visual.class_embedding.to(tokens.dtype).view(1, 1, -1).expand(len(tokens), 1, -1)
-        pos = interpolate_pos_embed(visual.positional_embedding, self.native_grid, grid)
+        pos = interpolate_pos_embed(
+            visual.positional_embedding, self.native_grid, grid, self.pos_interp
+        )
         tokens = torch.cat([cls, tokens], dim=1) + pos.to(tokens.dtype)
         tokens = visual.ln_pre(visual.patch_dropout(tokens))
         taken = {}
@@ -367,19 +370,28 @@ def build_clip(
     seed: int = 0,
     layers: tuple[int, ...] = (),
     arch_overrides: dict | None = None,
+    pos_interp: str | None = None,
 ) -> CLIPBackbone:
     """Build the ``CLIPBackbone`` of ``variant`` (arguments as ``load_open_clip``).
 
     Args:
         layers: extra block outputs to return as ``layer{i}`` (0-based; negative counts from the
             end). Stored sorted and non-negative in ``info.extra["layers"]``.
+        pos_interp: position-embedding rule at non-native grids: ``None`` or ``offset`` (the
+            authors', default), ``size`` (ovss's rule before; byte-identical to sets made then),
+            ``size-aa``. Recorded in ``info.extra["pos_interp"]`` (and described in
+            ``info.extra["pos_embed_interpolation"]``), so a set made under another rule is never
+            reopened as this one.
 
     Only the image tower is kept; the text tower is dropped (``load_open_clip`` gives it).
     """
+    rule = check_rule(pos_interp or DEFAULT_POS_INTERP, variant.name)
     model, info = _build(variant, weights, random_init, seed, arch_overrides)
     depth = len(model.visual.transformer.resblocks)
     block_indices = _normalise_layers(layers, depth, variant.name)
     info.extra["layers"] = list(block_indices)
+    info.extra["pos_interp"] = rule
+    info.extra["pos_embed_interpolation"] = f"{POS_INTERP_RULES[rule]}; class position kept"
     return CLIPBackbone(model.visual, info, block_indices)
 
 
@@ -517,7 +529,6 @@ def _build(
             "ln_eps": float(block.ln_1.eps),
             "image_size": [int(s) for s in visual.image_size],
             "pos_embed_grid": [int(g) for g in visual.grid_size],
-            "pos_embed_interpolation": POS_EMBED_INTERPOLATION,
             "image_input": IMAGE_INPUT_RULE,
             "layers": [],
             "arch_overrides": _jsonable(arch_overrides or {}),
@@ -730,23 +741,6 @@ def _jsonable(value: object) -> object:
 # --------------------------------------------------------------------------------------------
 
 
-def _make_builder(variant: ClipVariant) -> Callable[..., CLIPBackbone]:
-    def build(
-        weights: str | os.PathLike | None = None,
-        random_init: bool = False,
-        seed: int = 0,
-        layers: tuple[int, ...] = (),
-        arch_overrides: dict | None = None,
-    ) -> CLIPBackbone:
-        return build_clip(variant, weights, random_init, seed, layers, arch_overrides)
-
-    build.__name__ = build.__qualname__ = f"build_{variant.name.replace('-', '_')}"
-    build.__doc__ = (
-        f"{variant.doc} (open_clip {variant.model} / {variant.tag}); arguments as ``build_clip``."
-    )
-    return build
-
-
 def build_openclip(
     name: str,
     weights: str | os.PathLike | None = None,
@@ -754,11 +748,25 @@ def build_openclip(
     seed: int = 0,
     layers: tuple[int, ...] = (),
     arch_overrides: dict | None = None,
+    pos_interp: str | None = None,
 ) -> CLIPBackbone:
     """Any ``openclip:<model_name>:<pretrained_tag>`` pair; arguments as ``build_clip``."""
-    return build_clip(resolve_variant(name), weights, random_init, seed, layers, arch_overrides)
+    return build_clip(
+        resolve_variant(name), weights, random_init, seed, layers, arch_overrides, pos_interp
+    )
 
 
-for _variant in VARIANTS:
-    register_backbone(_variant.name, doc=_variant.doc)(_make_builder(_variant))
+# The smallest CLIP of the real classes (module docstring); the tests build every variant so.
+TINY_ARCH = {
+    "embed_dim": 32,
+    "vision_cfg": {"layers": 2, "width": 64, "heads": 2},
+    "text_cfg": {"layers": 2, "width": 64, "heads": 2},
+}
+
+register_variants(
+    VARIANTS,
+    build_clip,
+    doc=lambda v: f"{v.doc}; open_clip {v.model} / {v.tag}",
+    tiny=TINY_ARCH,
+)
 register_backbone_prefix(PREFIX, build_openclip, syntax=PREFIX_SYNTAX)

@@ -3,8 +3,17 @@
 Registered names: ``dinov2-{s,b,l,g}14``, ``dinov2-{s,b,l,g}14-reg`` (4 register tokens),
 ``dino-s16``, ``dino-b16``, ``dino-b8``. Each is timm's ``VisionTransformer`` built with
 ``dynamic_img_size=True``, so any window whose sides are multiples of the patch size works; the
-absolute position embedding (37x37 grid for DINOv2, 224 px grid for DINO) is resampled by timm
-(bicubic, antialiased) to the window's grid on every call.
+absolute position embedding (37x37 grid for DINOv2, 14x14 for DINO /16, 28x28 for /8) is
+resampled to the window's grid on every call by the rule ``pos_interp``
+(``featurestore.backbones.posembed``, recorded in ``info.extra["pos_interp"]``). Defaults are the
+authors' hub code: ``offset`` (``scale_factor = (g + 0.1) / g0``, no antialiasing) for DINO v1
+(facebookresearch/dino ``vision_transformer.py VisionTransformer.interpolate_pos_encoding``) and
+DINOv2 without registers (facebookresearch/dinov2 ``dinov2/models/vision_transformer.py
+DinoVisionTransformer.interpolate_pos_encoding`` with the hub's ``interpolate_offset=0.1``,
+``interpolate_antialias=False``); ``size-aa`` (``size=(gh, gw)``, antialiased, exactly timm's
+``resample_abs_pos_embed``) for DINOv2 with registers (the hub's ``interpolate_offset=0.0``,
+``interpolate_antialias=True``). Sets made by ovss before the rule existed used ``size-aa`` for
+every variant; ``pos_interp="size-aa"`` reproduces them.
 
 Checkpoints load in either layout: timm's (hub ``model.safetensors``) or Meta's official release
 files (``dinov2_vits14_pretrain.pth``, ``dino_deitsmall16_pretrain.pth``, ...). timm's own
@@ -15,8 +24,8 @@ dict must fit the model exactly.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import urlparse
@@ -26,7 +35,14 @@ import torch
 from timm.models import get_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from featurestore.backbones.base import Backbone, BackboneInfo, TensorSpec, register_backbone
+from featurestore.backbones.base import Backbone, BackboneInfo, TensorSpec, register_variants
+from featurestore.backbones.posembed import (
+    OFFSET,
+    POS_INTERP_RULES,
+    SIZE_AA,
+    check_rule,
+    resample_patch_grid,
+)
 from featurestore.errors import OvssError
 from featurestore.weights import WeightsSpec, load_state_dict, resolve_weights, sha256_file
 
@@ -47,6 +63,11 @@ class DinoVariant:
     @property
     def timm_name(self) -> str:
         return f"{self.arch}.{self.tag}"
+
+    @property
+    def default_pos_interp(self) -> str:
+        """The authors' rule: ``size-aa`` for DINOv2 with registers, ``offset`` otherwise."""
+        return SIZE_AA if "_reg" in self.arch else OFFSET
 
 
 _V2 = "dinov2"
@@ -166,6 +187,7 @@ def build_dino(
     seed: int = 0,
     layers: tuple[int, ...] = (),
     arch_overrides: dict | None = None,
+    pos_interp: str | None = None,
 ) -> DinoBackbone:
     """Build ``variant`` with real weights or a seeded random initialisation.
 
@@ -183,6 +205,9 @@ def build_dino(
             architecture of the same class (tests use ``dict(depth=2, embed_dim=64,
             num_heads=2)``); recorded in ``info.extra``. For the giant (SwiGLU) models
             ``int(embed_dim * mlp_ratio)`` must be even.
+        pos_interp: position-embedding rule at non-native grids (module docstring): ``None``
+            (the variant's authors' rule), ``offset``, ``size`` or ``size-aa``; recorded in
+            ``info.extra["pos_interp"]``.
 
     Raises:
         OvssError: both ``weights`` and ``random_init`` given, a layer index out of range, weights
@@ -190,6 +215,7 @@ def build_dino(
     """
     if random_init and weights is not None:
         raise OvssError("--weights and --random-init exclude each other; pass only one")
+    rule = check_rule(pos_interp or variant.default_pos_interp, variant.name)
     overrides = dict(arch_overrides or {})
     if random_init:
         with torch.random.fork_rng(devices=[]):
@@ -197,6 +223,7 @@ def build_dino(
             model = _create_model(variant, overrides)
     else:
         model = _create_model(variant, overrides)
+    use_pos_rule(model, rule)
     depth = len(model.blocks)
     block_indices = _normalise_layers(layers, depth, variant.name)
 
@@ -227,10 +254,50 @@ def build_dino(
             "depth": depth,
             "layers": list(block_indices),
             "pos_embed_grid": list(model.patch_embed.grid_size),
+            "pos_interp": rule,
+            "pos_embed_interpolation": POS_INTERP_RULES[rule],
             "arch_overrides": {k: _jsonable(v) for k, v in overrides.items()},
         },
     )
     return DinoBackbone(model, info, block_indices)
+
+
+def use_pos_rule(model: VisionTransformer, rule: str) -> None:
+    """Make ``model`` resample its position embedding by ``rule`` at every call.
+
+    timm's ``VisionTransformer._pos_embed`` (dynamic size) calls ``resample_abs_pos_embed``
+    (the ``size-aa`` rule); that is kept as is for ``size-aa``. Any other rule replaces the
+    instance's ``_pos_embed`` (used by ``forward_features`` and ``forward_intermediates``) with
+    the same steps around ``resample_patch_grid``.
+    """
+    if rule == SIZE_AA:
+        return
+    if not model.dynamic_img_size or model.pos_embed is None:
+        raise ValueError("the position rule needs a dynamic-size ViT with an absolute embedding")
+    model._pos_embed = functools.partial(_pos_embed_by_rule, model, rule)
+
+
+def _pos_embed_by_rule(model: VisionTransformer, rule: str, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``_pos_embed`` for ``(B, gh, gw, D)`` patch embeddings with the patch positions
+    resampled by ``rule``; returns ``(B, P + gh*gw, D)`` (cls, registers, patches)."""
+    b, gh, gw, d = x.shape
+    prefix_pos = 0 if model.no_embed_class else model.num_prefix_tokens
+    pos = model.pos_embed  # (1, prefix_pos + gh0*gw0, D)
+    gh0, gw0 = model.patch_embed.grid_size
+    patch = pos[:, prefix_pos:].reshape(1, gh0, gw0, d).permute(0, 3, 1, 2)
+    patch = resample_patch_grid(patch, (gh, gw), rule).permute(0, 2, 3, 1).reshape(1, gh * gw, d)
+    pos = torch.cat([pos[:, :prefix_pos], patch], dim=1)
+    x = x.reshape(b, gh * gw, d)
+    to_cat = []
+    if model.cls_token is not None:
+        to_cat.append(model.cls_token.expand(b, -1, -1))
+    if model.reg_token is not None:
+        to_cat.append(model.reg_token.expand(b, -1, -1))
+    if model.no_embed_class:  # registers: positions of the patches only, then the prefix
+        x = torch.cat([*to_cat, x + pos], dim=1)
+    else:  # cls position first: concatenate, then add
+        x = torch.cat([*to_cat, x], dim=1) + pos
+    return model.pos_drop(x)
 
 
 def weights_spec(variant: DinoVariant) -> WeightsSpec:
@@ -320,20 +387,17 @@ def _jsonable(value: object) -> object:
     return repr(value)
 
 
-def _make_builder(variant: DinoVariant) -> Callable[..., DinoBackbone]:
-    def build(
-        weights: str | os.PathLike | None = None,
-        random_init: bool = False,
-        seed: int = 0,
-        layers: tuple[int, ...] = (),
-        arch_overrides: dict | None = None,
-    ) -> DinoBackbone:
-        return build_dino(variant, weights, random_init, seed, layers, arch_overrides)
-
-    build.__name__ = build.__qualname__ = f"build_{variant.name.replace('-', '_')}"
-    build.__doc__ = f"{variant.doc} (timm {variant.timm_name}); arguments as ``build_dino``."
-    return build
+TINY_ARCH = {"depth": 2, "embed_dim": 64, "num_heads": 2}
 
 
-for _variant in VARIANTS:
-    register_backbone(_variant.name, doc=_variant.doc)(_make_builder(_variant))
+def _tiny(variant: DinoVariant) -> dict:
+    # SwiGLU (giant) needs an even int(embed_dim * mlp_ratio).
+    return dict(TINY_ARCH, mlp_ratio=4.0) if "giant" in variant.arch else dict(TINY_ARCH)
+
+
+register_variants(
+    VARIANTS,
+    build_dino,
+    doc=lambda v: f"{v.doc}; timm {v.timm_name}",
+    tiny=_tiny,
+)

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from featurestore.backbones.base import Backbone, BackboneInfo, TensorSpec, register_backbone
+from featurestore.backbones.base import Backbone, BackboneInfo, TensorSpec, register_variants
 from featurestore.errors import OvssError
 from featurestore.protocol import ImageGeometry, Protocol, WindowGeometry, half_columns
 from featurestore.weights import WeightsSpec, load_state_dict, resolve_weights, sha256_file
@@ -745,6 +745,7 @@ def build_sam(
     seed: int = 0,
     layers: Sequence[int] = (),
     arch_overrides: Mapping | None = None,
+    pos_interp: str | None = None,
 ) -> SamBackbone:
     """Build ``variant`` with its release checkpoint or a seeded random initialisation.
 
@@ -760,12 +761,16 @@ def build_sam(
             end); stored sorted and non-negative in ``info.extra["layers"]``.
         arch_overrides: ``SamConfig`` fields to change (tiny test models of the same classes);
             recorded in ``info.extra``.
+        pos_interp: accepted for a uniform call (``extract --pos-interp`` over several models)
+            and not recorded: SAM always runs at its native ``img_size`` grid, where every
+            position-embedding rule is the identity.
 
     Raises:
         OvssError: both ``weights`` and ``random_init``, a layer out of range, weights missing
             (``WeightsNotFoundError`` naming the file) or not fitting the architecture.
         ValueError: bad ``arch_overrides``.
     """
+    del pos_interp  # the identity at SAM's one grid (docstring)
     model, config, identity, path = _build(
         variant, weights, random_init, seed, arch_overrides, decoder_only=False
     )
@@ -866,20 +871,24 @@ def _jsonable(value: object) -> object:
     return repr(value)
 
 
-def _make_builder(variant: SamVariant) -> Callable[..., SamBackbone]:
-    def build(
-        weights: str | os.PathLike | None = None,
-        random_init: bool = False,
-        seed: int = 0,
-        layers: tuple[int, ...] = (),
-        arch_overrides: dict | None = None,
-    ) -> SamBackbone:
-        return build_sam(variant, weights, random_init, seed, layers, arch_overrides)
+# The smallest SAM of the real classes (a 2-block 64-wide encoder on 256 px, tiny decoder).
+TINY_ARCH = {
+    "depth": 2,
+    "embed_dim": 64,
+    "num_heads": 2,
+    "global_attn_indexes": (1,),
+    "window_size": 4,
+    "img_size": 256,
+    "out_chans": 32,
+    "decoder_mlp_dim": 64,
+    "decoder_num_heads": 2,
+    "iou_head_hidden_dim": 32,
+    "mask_in_chans": 8,
+}
 
-    build.__name__ = build.__qualname__ = f"build_{variant.name.replace('-', '_')}"
-    build.__doc__ = f"{variant.doc} (segment_anything {variant.arch}); arguments as ``build_sam``."
-    return build
-
-
-for _variant in VARIANTS:
-    register_backbone(_variant.name, doc=_variant.doc)(_make_builder(_variant))
+register_variants(
+    VARIANTS,
+    build_sam,
+    doc=lambda v: f"{v.doc}; segment_anything {v.arch}",
+    tiny=TINY_ARCH,
+)
