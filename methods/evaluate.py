@@ -15,11 +15,21 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from featurestore.errors import OvssError
+from featurestore.errors import ImagesNotInStoreError, OvssError
 from featurestore.store import FeatureStore
-from methods.base import ScoringConfig, Vocab
+from methods.base import ScoringConfig, Segmenter, Vocab
 from methods.metrics import IoUAccumulator
-from methods.segment import build_segmenter, iter_segmentations, protocol_record
+from methods.segment import (
+    MethodRequest,
+    RequestError,
+    build_segmenter,
+    embed_text,
+    iter_segmentations,
+    protocol_record,
+    resolve_method,
+    resolve_vocabulary,
+    text_choice,
+)
 
 Progress = Callable[[str, int, int], None]
 
@@ -66,17 +76,23 @@ def evaluate_store(
     limit: int | None = None,
     device: str = "cpu",
     progress: Progress | None = None,
+    segmenter: Segmenter | None = None,
 ) -> EvalResult:
     """Score ``method`` on the benchmark images that are in the store.
 
     Images of the split missing from the store, failed at extraction, or whose label size
-    differs from the image are skipped and listed (never silently).
+    differs from the image are skipped and listed (never silently). ``segmenter``: an already
+    configured method over this store (``method`` and ``overrides`` then unused).
     """
     spec, records = _gt_for(dataset, data_root, split)
     if limit:
         records = records[:limit]
-    store = FeatureStore.open(store_path)
-    seg = build_segmenter(store, method, dataset, overrides, device)
+    if segmenter is not None:
+        seg = segmenter
+        store = seg.store
+    else:
+        store = FeatureStore.open(store_path)
+        seg = build_segmenter(store, method, dataset, overrides, device)
     scoring = scoring or ScoringConfig()
     ids = {image_id: i for i, image_id in enumerate(store.image_ids)}
     by_index = {}
@@ -87,9 +103,12 @@ def evaluate_store(
         else:
             by_index[ids[r.image_id]] = r
     if not by_index:
-        raise OvssError(
-            f"none of the {len(records)} {dataset} images is in {store_path}; extract them "
-            f"with 'ovss extract --dataset {dataset} --data-root {data_root} --store {store_path}'"
+        raise ImagesNotInStoreError(
+            f"none of the {len(records)} {dataset} images is in {store_path}",
+            store=str(store_path),
+            dataset=dataset,
+            data_root=str(data_root),
+            count=len(records),
         )
     acc = IoUAccumulator(vocab.num_classes)
     t0 = time.perf_counter()
@@ -111,9 +130,13 @@ def evaluate_store(
         done += 1
         if progress:
             progress(f"eval {method}", done, len(order))
+    method_skips = getattr(seg, "skipped", {})  # reasons a method gave (pnp-ovss)
     for i in order:
         if i not in seen:
-            skipped[by_index[i].image_id] = "features not extracted (or the image failed)"
+            image_id = by_index[i].image_id
+            skipped[image_id] = method_skips.get(
+                image_id, "features not extracted (or the image failed)"
+            )
     names = [syn[0] for syn in vocab.class_names]
     res = acc.compute()
     return EvalResult(
@@ -182,3 +205,78 @@ def evaluate_predictions(
         seconds=round(time.perf_counter() - t0, 3),
         class_names=names,
     )
+
+
+@dataclass
+class EvalRequest(MethodRequest):
+    """What ``ovss eval`` takes (the method options: :class:`~methods.segment.MethodRequest`).
+
+    Attributes:
+        dataset: the benchmark (its classes, label format and the method's presets).
+        data_root: where the dataset lives.
+        split: the split (None: the benchmark's evaluation split).
+        store: feature store of the dataset's images (exactly one of store / predictions).
+        predictions: a folder of label PNGs (``<image id>.png``) to score instead.
+        check_reference: compare with the published numbers when the configuration matches.
+    """
+
+    dataset: str = ""
+    data_root: str = ""
+    split: str | None = None
+    store: str | None = None
+    predictions: str | None = None
+    check_reference: bool = False
+
+
+def run_eval(request: EvalRequest, progress: Progress | None = None) -> EvalResult:
+    """Run ``ovss eval``: score ``predictions``, or the method on ``store``.
+
+    Order, cheap checks first: the options, the method's typed config, its requirements, the
+    template set and the dataset's vocabulary; then the store's feature sets (the method is
+    built over the store), then the text embedding (cached, or computed with ``progress``),
+    then the images.
+
+    Raises:
+        RequestError: missing or contradicting options.
+        OvssError: whatever else is wrong, as one line.
+    """
+    from featurestore.extract import resolve_device
+    from methods.reference import check_reference
+
+    if not request.dataset or not request.data_root:
+        raise RequestError("give the dataset and its data root", "dataset")
+    if bool(request.store) == bool(request.predictions):
+        raise RequestError("give exactly one of a store or predictions", "store")
+    if request.predictions:
+        result = evaluate_predictions(
+            request.dataset,
+            request.data_root,
+            request.predictions,
+            request.split,
+            request.limit,
+            progress,
+        )
+    else:
+        setup = resolve_method(request, request.dataset)
+        vocabulary = resolve_vocabulary(f"dataset:{request.dataset}", setup, request.data_root)
+        text = text_choice(request, setup)
+        device = str(resolve_device(request.device))
+        store = FeatureStore.open(request.store)
+        seg = setup.cls(store, setup.config, device=device)  # the feature sets, before the text
+        vocab, _ = embed_text(request.store, text, vocabulary, device, progress)
+        result = evaluate_store(
+            request.store,
+            request.dataset,
+            request.data_root,
+            setup.cls.name,
+            vocab,
+            request.split,
+            scoring=setup.scoring,
+            limit=request.limit,
+            device=device,
+            progress=progress,
+            segmenter=seg,
+        )
+    if request.check_reference:
+        result.reference = check_reference(result)
+    return result

@@ -336,13 +336,22 @@ def eval_csv(result, path: str) -> None:
 
 
 def methods(rows, as_json: bool) -> None:
+    """``methods.segment.describe_methods`` rows: one table per method, one row per option
+    (text escaped: ``[ours: 2]`` is not rich markup)."""
+    from rich.markup import escape
+
     if as_json:
         _json(rows)
         return
-    t = Table(title="methods")
-    t.add_column("name")
-    t.add_column("description")
-    t.add_column("options (defaults)")
     for r in rows:
-        t.add_row(r["name"], r["doc"], json.dumps(r["options"]))
-    out.print(t)
+        title = f"{r['name']}{' (default)' if r.get('default') else ''}: {r['doc']}"
+        t = Table(title=escape(title), title_justify="left")
+        for col in ("option", "type", "default", "help"):
+            t.add_column(col, overflow="fold")
+        for o in r["options"]:
+            default = "(required)" if o["required"] else json.dumps(o["default"])
+            help_text = o["help"]
+            if o["choices"]:
+                help_text += f" Choices: {', '.join(str(c) for c in o['choices'])}."
+            t.add_row(escape(o["name"]), escape(o["type"]), escape(default), escape(help_text))
+        out.print(t)

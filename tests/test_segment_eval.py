@@ -220,3 +220,249 @@ def test_unknown_option_and_method(tmp_path):
         build_config(cls, None, {"nope": 1})
     with pytest.raises(Exception, match="not a known method"):
         get_method("nope")
+
+
+# -- the segment / eval / methods commands: requests, order of checks, --images -----------------
+
+TINY_CLIP = [
+    "--arch-override",
+    "embed_dim=32",
+    *("--arch-override", "vision_cfg.layers=2", "--arch-override", "vision_cfg.width=64"),
+    *("--arch-override", "vision_cfg.heads=2", "--arch-override", "text_cfg.layers=2"),
+    *("--arch-override", "text_cfg.width=64", "--arch-override", "text_cfg.heads=2"),
+]
+
+
+@pytest.fixture()
+def photo(tmp_path):
+    path = tmp_path / "photo.png"
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (36, 52, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture()
+def no_weights(tmp_path, monkeypatch):
+    """No checkpoint anywhere and no hub: only random-init towers can be built."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "weights").mkdir()
+    monkeypatch.setenv("OVSS_WEIGHTS", str(tmp_path / "weights"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+def _one_line_error(res, *words):
+    assert res.exit_code != 0, res.output
+    assert "Traceback" not in res.output
+    assert isinstance(res.exception, SystemExit), res.exception  # a user error
+    lines = [x for x in res.output.strip().splitlines() if x.strip()]
+    assert len(lines) == 1, res.output
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def _segment_images(photo, out, *extra):
+    args = ["segment", "--images", str(photo), "--classes", "cat,sofa", "--out", str(out)]
+    return CliRunner().invoke(cli, [*args, "--random-init", *TINY_CLIP, "-q", "--json", *extra])
+
+
+def test_set_with_a_wrong_type_is_one_line_naming_field_and_type(tmp_path):
+    gts = make_dataset(tmp_path / "data")
+    store = make_store(tmp_path, gts)
+    for where in (str(store.path), str(tmp_path / "no-store")):
+        res = CliRunner().invoke(
+            cli,
+            ["segment", "--store", where, "--classes", "a,b", "--out", str(tmp_path / "o")]
+            + ["--set", "size=abc"],
+        )
+        _one_line_error(res, "size", "an integer", "'abc'")
+    res = CliRunner().invoke(
+        cli,
+        ["eval", "--dataset", "custom", "--data-root", str(tmp_path / "data"), "--store"]
+        + [str(store.path), "--set", "logit_scale=1"],
+    )
+    _one_line_error(res, "no option logit_scale")
+
+
+def test_images_default_method_runs_with_random_init_alone(
+    tmp_path, photo, no_weights, monkeypatch
+):
+    """Issue 15 #1-2: `--random-init` covers the text tower; the default `prototype` reads
+    CLIP's dense tokens, which `extract` makes; the temporary store is removed."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    res = _segment_images(photo, tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert d["method"] == "prototype" and d["config"]["tensor"] == "auto"
+    assert d["feature_sets"] == {"dense": "clip-b16@short448"}
+    assert d["extracted"] == ["clip-b16@short448"]
+    assert d["text"]["weights"] == "random-init:0" and d["text"]["templates"] == "openai80"
+    assert d["store"] is None and not list((tmp_path / "tmp").glob("ovss-segment-*"))
+    labels = np.asarray(Image.open(tmp_path / "o" / "photo.png"))
+    assert labels.shape == (36, 52) and set(np.unique(labels)) <= {0, 1}
+    assert json.loads((tmp_path / "o" / "segment.json").read_text())["store"] is None
+
+
+def test_prototype_clip_dense_is_maskclip_value_path(tmp_path, photo, no_weights):
+    """`tensor=auto` on a CLIP set = MaskCLIP's value path on the whole image: the same labels
+    as the `maskclip` method on the same set (one window)."""
+    store = tmp_path / "k.zarr"
+    res = _segment_images(photo, tmp_path / "o", "--keep-store", str(store))
+    assert res.exit_code == 0, res.output
+    proto = np.asarray(Image.open(tmp_path / "o" / "photo.png"))
+    res = CliRunner().invoke(
+        cli,
+        ["segment", "--store", str(store), "--classes", "cat,sofa", "--out", str(tmp_path / "m")]
+        + ["--method", "maskclip", "--set", "crop=0", "--set", "stride=0", "--random-init"]
+        + [*TINY_CLIP, "-q", "--json"],
+    )
+    assert res.exit_code == 0, res.output
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "m" / "photo.png")), proto)
+
+
+def test_cached_rerun_builds_no_model(tmp_path, photo, no_weights, monkeypatch):
+    store = tmp_path / "keep.zarr"
+    res = _segment_images(photo, tmp_path / "o", "--keep-store", str(store))
+    assert res.exit_code == 0, res.output
+    first = np.asarray(Image.open(tmp_path / "o" / "photo.png"))
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was built")
+
+    import featurestore.backbones.base as bb_base
+    import featurestore.extract as extract_mod
+    import featurestore.text as text_mod
+    import featurestore.text_encoders as te_mod
+
+    monkeypatch.setattr(bb_base, "create_backbone", no_model)
+    monkeypatch.setattr(extract_mod, "extract", no_model)
+    monkeypatch.setattr(text_mod, "load_text_encoder", no_model)
+    monkeypatch.setattr(te_mod, "create_text_encoder", no_model)
+    res = _segment_images(photo, tmp_path / "o2", "--keep-store", str(store))
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert d["extracted"] == [] and d["store"] == str(store)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o2" / "photo.png")), first)
+
+
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--templates", "nope"], ["nope"]),  # vocabulary side: the template set
+        (["--set", "tensor=patch"], ["patch", "clip-b16", "does not compute", "--set model"]),
+        (["--text-weights", "{tmp}/missing.pt"], ["missing.pt", "clip-b16 text encoder"]),
+        (["--text-model", "nope-text"], ["nope-text"]),
+        (["--method", "nope"], ["not a known method"]),
+    ],
+)
+def test_cheap_checks_fail_before_any_extraction(tmp_path, photo, no_weights, extra, words):
+    store = tmp_path / "keep.zarr"
+    extra = [x.format(tmp=tmp_path) for x in extra]
+    res = _segment_images(photo, tmp_path / "o", "--keep-store", str(store), *extra)
+    line = _one_line_error(res, *words)
+    assert not store.exists()  # nothing extracted, no store created
+    assert "ovss-segment-" not in line
+
+
+def test_missing_weights_found_before_extraction(tmp_path, photo, no_weights, monkeypatch):
+    """Without --random-init: the image backbone's checkpoint is looked for first; the message
+    names what to pass, never a temporary store."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    res = CliRunner().invoke(
+        cli,
+        ["segment", "--images", str(photo), "--classes", "cat,sofa", "--out", str(tmp_path / "o")],
+    )
+    line = _one_line_error(res, "clip-b16", "--weights PATH", "--random-init")
+    assert "ovss-segment-" not in line and not list((tmp_path / "tmp").glob("ovss-segment-*"))
+
+
+def test_failure_after_extraction_keeps_the_temporary_store(
+    tmp_path, photo, no_weights, monkeypatch
+):
+    import methods.segment as seg_mod
+    from featurestore.errors import OvssError
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    real = seg_mod.embed_text
+
+    def broken(*a, **k):
+        raise OvssError("the text side broke")
+
+    monkeypatch.setattr(seg_mod, "embed_text", broken)
+    res = _segment_images(photo, tmp_path / "o")
+    line = _one_line_error(res, "the text side broke", "kept in", "--keep-store")
+    kept = line.split("rerun with --keep-store ")[1].split(" to resume")[0]
+    assert FeatureStore.open(kept).feature_sets() == ["clip-b16@short448"]
+    monkeypatch.setattr(seg_mod, "embed_text", real)
+    res = _segment_images(photo, tmp_path / "o", "--keep-store", kept)  # resumes: no extraction
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["extracted"] == []
+
+
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--checkpoint", "x.pt"], ["takes no checkpoint", "aligned", "--checkpoint"]),
+        (["--sam-refine"], ["no SAM refinement", "trident", "--sam-refine"]),
+        (["--write-labels", "p"], ["keep the store", "--keep-store"]),
+    ],
+)
+def test_option_conflicts_are_usage_errors(tmp_path, photo, extra, words):
+    res = CliRunner().invoke(
+        cli,
+        ["segment", "--images", str(photo), "--classes", "a,b", "--out", str(tmp_path / "o")]
+        + extra,
+    )
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    for w in words:
+        assert w in res.output, res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_text_embedding_reports_progress(tmp_path):
+    from methods.segment import SegmentRequest, run_segment
+
+    gts = make_dataset(tmp_path / "data")
+    store = make_store(tmp_path, gts)
+    calls = []
+    req = SegmentRequest(
+        store=str(store.path),
+        classes="sky,grass,brick,tree",  # not cached: embedded with openai80
+        out_dir=str(tmp_path / "o"),
+        settings={"model": "fake-dense", "resize": "none", "size": "0"},
+        text_random_init=True,
+        text_arch_overrides={"embed_dim": 3, "text_cfg": {"layers": 1, "width": 32, "heads": 2}},
+        device="cpu",
+    )
+    summary = run_segment(req, lambda label, done, total: calls.append((label, done, total)))
+    text = [c for c in calls if c[0].startswith("text")]
+    assert text and text[-1][1] == text[-1][2] == 4 * 80
+    assert summary.images == 3 and summary.text["templates"] == "openai80"
+
+
+def test_methods_lists_typed_options(tmp_path):
+    from methods.config import config_fields
+    from methods.segment import DEFAULT_METHOD
+
+    res = CliRunner().invoke(cli, ["methods", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads(res.output)}
+    proto = {o["name"]: o for o in rows["prototype"]["options"]}
+    assert proto["tensor"]["default"] == "auto" and proto["tensor"]["type"] == "str"
+    assert proto["size"] == {**proto["size"], "type": "int", "default": 448, "required": False}
+    assert "text embedding space" in proto["tensor"]["help"]
+    assert rows[DEFAULT_METHOD]["default"] and sum(r["default"] for r in rows.values()) == 1
+    cls = get_method("fmbseg-stage1")
+    assert [o["name"] for o in rows["fmbseg-stage1"]["options"]] == [
+        f.name for f in config_fields(cls.Config)
+    ]
+    table = CliRunner().invoke(cli, ["methods"], terminal_width=200).output
+    assert "[ours: 2]" in table  # not eaten as markup
+    helptext = CliRunner().invoke(cli, ["segment", "--help"]).output
+    assert f"default: {DEFAULT_METHOD}" in helptext
