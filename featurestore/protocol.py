@@ -2,7 +2,14 @@
 
 A protocol is part of a feature set's identity: two feature sets of the same model with different
 protocols are different sets. The geometry rules follow the OVSS benchmark protocol
-(``spec/EVAL.md`` §4.1, the mmseg ``Resize(scale=(2048, S), keep_ratio=True)`` + ``slide`` rule).
+(the mmseg ``Resize(scale=(2048, S), keep_ratio=True)`` + ``slide`` rule).
+
+The resize mode ``grid`` (short side to S, sides rounded up to a multiple of ``align``, each at
+least the crop) was called ``trident`` before; the on-disk spelling keeps the old name
+(``STORED_RESIZE_NAMES``): keys (``trident448a16-c336s224-pad56``) and the ``protocol`` record
+of a feature set are byte-identical to those of stores made before the rename, so every such
+store stays readable and resumable. ``Protocol(resize="trident")`` (an old record read with
+``from_dict``) is the same protocol as ``Protocol(resize="grid")``.
 """
 
 from __future__ import annotations
@@ -17,7 +24,13 @@ import torch.nn.functional as F
 
 from featurestore.resize import round_up
 
-RESIZE_MODES = ("short", "square", "long", "none", "trident", "halves")
+RESIZE_MODES = ("short", "square", "long", "none", "grid", "halves")
+
+RESIZE_ALIASES = {"trident": "grid"}
+"""Former names of resize modes -> the current name (accepted wherever a mode is given)."""
+
+STORED_RESIZE_NAMES = {"grid": "trident"}
+"""Modes spelled differently in keys and records: the name used when the store format froze."""
 
 
 @dataclass(frozen=True)
@@ -27,15 +40,16 @@ class Protocol:
     Attributes:
         resize: ``short`` (shorter side to ``size``, longer side capped at ``max_long``, the mmseg
             keep-ratio rule), ``square`` (``size``x``size``, aspect not kept), ``long`` (longer side
-            to ``size``, SAM's rule), ``none`` (original size) or ``trident`` (Trident's CLIP
-            canvas, METHODS.md §4 step 2: the ``short`` size, then each side rounded *up* to a
-            multiple of ``align`` and raised to at least ``crop``, so every sliding window is a
-            full ``crop`` x ``crop`` crop whose corners lie on the ``align`` patch grid) or
+            to ``size``, SAM's rule), ``none`` (original size) or ``grid`` (the ``short`` size,
+            then each side rounded *up* to a multiple of ``align`` and raised to at least
+            ``crop``, so every sliding window is a full ``crop`` x ``crop`` crop whose corners
+            lie on the ``align`` patch grid: Trident's CLIP canvas; formerly ``trident``, still
+            the spelling in keys and records, see the module doc) or
             ``halves`` (Trident's Cityscapes SAM input, EVAL.md §4.4: the left half (columns
             ``[0, W // 2)``) and the right half (``[W // 2, W)``) of the image, each resized on
             its own with the ``long`` rule; see ``halves_layout``; no crop, stride or padding
             options). ``long`` and ``halves`` may first round the image up (``align``).
-        size: target side in pixels for ``short``/``square``/``long``/``trident``/``halves``;
+        size: target side in pixels for ``short``/``square``/``long``/``grid``/``halves``;
             ignored for ``none``.
         max_long: cap on the longer side for ``short`` (2048 in every benchmark config).
         crop: sliding-window size in pixels; 0 means one window covering the whole resized image.
@@ -43,7 +57,7 @@ class Protocol:
         pad_multiple: each window is zero-padded (in normalised space, i.e. with the mean colour)
             symmetrically up to a multiple of this many pixels; 0 means "the backbone's patch
             size". [ours] symmetric padding as ProxyCLIP does for its 56-pixel rule.
-        align: ``trident``: the patch grid of the canvas, i.e. the CLIP patch size (16 for
+        align: ``grid``: the patch grid of the canvas, i.e. the CLIP patch size (16 for
             CLIP-B/16, 14 for CLIP-L/14 and H/14); ``crop`` and ``stride`` must be multiples of
             it. ``long`` / ``halves`` (SAM's input, Trident's METHODS.md §4 step 1): 0, or a
             pre-rounding: before the resize rule the image is resized bilinearly (OpenCV's
@@ -63,6 +77,8 @@ class Protocol:
     align: int = 0
 
     def __post_init__(self) -> None:
+        if self.resize in RESIZE_ALIASES:  # a former name (records of older stores)
+            object.__setattr__(self, "resize", RESIZE_ALIASES[self.resize])
         if self.resize not in RESIZE_MODES:
             raise ValueError(
                 f"resize must be one of {', '.join(RESIZE_MODES)}, not {self.resize!r}"
@@ -73,19 +89,19 @@ class Protocol:
             raise ValueError("crop and stride must be >= 0")
         if self.crop > 0 and self.stride <= 0:
             raise ValueError("a sliding-window crop needs a stride > 0")
-        if self.resize == "trident":
+        if self.resize == "grid":
             if self.align <= 0:
-                raise ValueError("resize 'trident' needs align > 0 (the CLIP patch size)")
+                raise ValueError("resize 'grid' needs align > 0 (the patch size of its grid)")
             if self.crop % self.align or self.stride % self.align:
                 raise ValueError(
-                    f"resize 'trident' puts windows on the {self.align}-pixel patch grid: crop "
+                    f"resize 'grid' puts windows on the {self.align}-pixel patch grid: crop "
                     f"{self.crop} and stride {self.stride} must be multiples of {self.align}"
                 )
         elif self.align < 0:
             raise ValueError(f"align must be >= 0, not {self.align}")
         elif self.align and self.resize not in ("long", "halves"):
             raise ValueError(
-                "align is used with resize 'trident' (the canvas grid) and 'long' / 'halves' "
+                "align is used with resize 'grid' (the canvas grid) and 'long' / 'halves' "
                 f"(SAM's pre-rounding), not with {self.resize!r}"
             )
         if self.resize == "halves" and (self.crop or self.stride or self.pad_multiple):
@@ -95,13 +111,14 @@ class Protocol:
 
     def key(self) -> str:
         """A short, filesystem-safe identifier, e.g. ``short448``, ``short336-c224s112`` or
-        ``long1024-a16``."""
-        base = "orig" if self.resize == "none" else f"{self.resize}{self.size}"
-        if self.resize == "trident":
+        ``long1024-a16``; ``grid`` keys keep the old spelling, ``trident448a16-c336s224``)."""
+        name = STORED_RESIZE_NAMES.get(self.resize, self.resize)
+        base = "orig" if self.resize == "none" else f"{name}{self.size}"
+        if self.resize == "grid":
             base += f"a{self.align}"
         elif self.align:
             base += f"-a{self.align}"
-        if self.resize in ("short", "trident") and self.max_long != 2048:
+        if self.resize in ("short", "grid") and self.max_long != 2048:
             base += f"max{self.max_long}"
         if self.crop:
             base += f"-c{self.crop}s{self.stride}"
@@ -110,7 +127,9 @@ class Protocol:
         return base
 
     def to_dict(self) -> dict:
+        """The record of the protocol (``resize`` in its stored spelling, see the module doc)."""
         d = asdict(self)
+        d["resize"] = STORED_RESIZE_NAMES.get(self.resize, self.resize)
         if not d["align"]:
             del d["align"]  # the records of protocols made before ``align`` existed
         return d
@@ -182,7 +201,7 @@ class Protocol:
         else:
             f = min(self.max_long / max(height, width), self.size / min(height, width))
         rh, rw = max(1, int(height * f + 0.5)), max(1, int(width * f + 0.5))
-        if self.resize == "trident":
+        if self.resize == "grid":
             a = self.align
             rh, rw = max(round_up(rh, a), self.crop), max(round_up(rw, a), self.crop)
         return rh, rw

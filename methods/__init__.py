@@ -1,6 +1,27 @@
-"""methods: segmentation methods that run on cached feature sets, and their shared building blocks.
+"""methods: everything that consumes cached tensors: segmenters, trainers and their blocks.
 
-Shared blocks (``spec/METHODS.md`` §0): ``scoring`` (sliding-window merge and the SCLIP-lineage
-post-processing of dense logits, exact and fast on CPU), ``prototype`` (nearest-prototype lookup
-with torch and FAISS backends) and ``metrics`` (the mmseg ``IoUMetric`` accumulator).
+Shared blocks: ``scoring`` (sliding-window merge and the SCLIP-lineage post-processing of dense
+logits), ``prototype`` (nearest-prototype lookup with torch and FAISS backends), ``metrics``
+(the mmseg ``IoUMetric`` accumulator), ``config`` (typed configs), ``base`` / ``train`` (the
+method and trainer registries) and ``plan`` (the extraction planner over both registries).
+
+Registries fill themselves here, timm style: importing ``methods`` imports every method and
+trainer module below, and each registers itself (``@register_method`` /
+``@register_trainer``). A new method or trainer is one module plus one line here. ``base``,
+``config`` and ``train`` import no method module, so there is no import circle.
 """
+
+# -- methods (one import per line) --
+from methods import aligned  # noqa: F401
+from methods import fmbseg_stage1  # noqa: F401
+from methods import maskclip  # noqa: F401
+from methods import pnp_ovss  # noqa: F401
+from methods import prototype_method  # noqa: F401
+from methods import proxyclip  # noqa: F401
+from methods import simzss  # noqa: F401
+from methods import trident  # noqa: F401
+
+# -- trainers (one import per line) --
+from methods import train  # noqa: F401
+from methods import fmbseg  # noqa: F401
+from methods import simzss_train  # noqa: F401

@@ -27,6 +27,7 @@ from methods.base import (
     FeatureRequirement,
     Segmenter,
     Vocab,
+    VocabularyDefaults,
     register_method,
     window_logits_to_box,
 )
@@ -86,6 +87,16 @@ class AlignedSegmenter(Segmenter):
         feats = checkpoint_provenance(config.checkpoint)["features"]
         proto = Protocol.from_dict(feats["protocol"])
         return [FeatureRequirement("vfm", feats["model"], proto, (feats["tensor"],))]
+
+    @classmethod
+    def vocabulary_defaults(cls, config: AlignedConfig) -> VocabularyDefaults:
+        """The checkpoint's text model and templates (the module was trained against those
+        embeddings); without a checkpoint ``single``, FMbSeg's one template."""
+        templates = "single"
+        if config.checkpoint:
+            voc = checkpoint_provenance(config.checkpoint).get("vocabulary", {})
+            templates = str(voc.get("templates") or templates)
+        return VocabularyDefaults(text_model=str(config.text_model), templates=templates)
 
     def __init__(self, store, config: AlignedConfig, device: str | torch.device = "cpu"):
         from methods.fmbseg import load_checkpoint

@@ -103,6 +103,12 @@ class Component:
         return {}
 
     @classmethod
+    def recipe_notes(cls, config: Any) -> list[str]:
+        """Lines ``extract --for NAME`` prints with the recipe (pairings, [ours] choices).
+        Default: none."""
+        return []
+
+    @classmethod
     def vocabulary_defaults(cls, config: Any) -> VocabularyDefaults:
         """Default text model, templates and class family; the default reads the config's
         ``text_model`` / ``templates`` / ``class_family`` fields or properties if it has
@@ -207,24 +213,13 @@ def register_method(cls: type[Segmenter]) -> type[Segmenter]:
     return cls
 
 
-def _import_methods() -> None:
-    from methods import (  # noqa: F401
-        aligned,  # noqa: F401
-        fmbseg_stage1,
-        maskclip,
-        prototype_method,
-        proxyclip,
-        trident,
-    )
-
-
 def list_methods() -> list[str]:
-    _import_methods()
+    """Registered method names (``methods/__init__.py`` imports the method modules, so
+    ``import methods`` registers them all)."""
     return sorted(_METHODS)
 
 
 def get_method(name: str) -> type[Segmenter]:
-    _import_methods()
     if name not in _METHODS:
         raise OvssError(
             f"'{name}' is not a known method; choose from {', '.join(sorted(_METHODS))}"

@@ -52,9 +52,16 @@ import torch
 import torch.nn.functional as F
 
 from featurestore.protocol import Protocol
-from methods.base import FeatureRequirement, Segmenter, Vocab, register_method
+from methods.base import (
+    FeatureRequirement,
+    Segmenter,
+    VocabularyDefaults,
+    Vocab,
+    register_method,
+)
 
 IGNORE = 255
+TEMPLATES = "single"  # FMbSeg's one template, "a photo of a {}." (the paper)
 STAGES = ("both", "1.1", "1.2")
 
 
@@ -335,7 +342,7 @@ class FMbSegStage1Segmenter(Segmenter):
         "merged by max [ours]), SAM masks from top-5 patch points (1.1) and automatic masks "
         "(1.2, min_area [ours: 0 px]) labelled by the mean l2n dense feature under the mask "
         "[ours], merged [ours: 1.1 first]; 255 = unlabelled; --set stage=1.1|1.2; templates: "
-        "the fmbseg recipe's (single)"
+        "single (the paper's)"
     )
 
     @classmethod
@@ -346,10 +353,24 @@ class FMbSegStage1Segmenter(Segmenter):
             raise ValueError("min_crops and top_k must be at least 1")
         return [
             FeatureRequirement(
-                "clip", config.clip_model, config.clip_protocol, ("pre_last", "global")
+                "clip",
+                config.clip_model,
+                config.clip_protocol,
+                ("pre_last", "global"),
+                "clip_model",
             ),
-            FeatureRequirement("sam", config.sam_model, config.sam_protocol, ("embedding",)),
+            FeatureRequirement(
+                "sam", config.sam_model, config.sam_protocol, ("embedding",), "sam_model"
+            ),
         ]
+
+    @classmethod
+    def vocabulary_defaults(cls, config: FMbSegStage1Config) -> VocabularyDefaults:
+        """The crops' CLIP, FMbSeg's one template (``single``: "a photo of a {}.", as in the
+        paper) and the SCLIP class files."""
+        return VocabularyDefaults(
+            text_model=config.text_model, templates=TEMPLATES, family=config.class_family
+        )
 
     def __init__(self, store: Any, config: FMbSegStage1Config, device: str | torch.device = "cpu"):
         super().__init__(store, config, device)

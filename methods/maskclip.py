@@ -6,7 +6,7 @@ window's patch grid -> bilinear to the window -> windows averaged on the canvas 
 
 Presets [ours]: no reference repo evaluates plain MaskCLIP with the mmseg protocol, so the
 per-dataset short side S, ``logit_scale``, ``prob_thd`` and ``area_thd`` follow SCLIP's configs
-(EVAL.md §4.2; same CLIP-B/16, crop 224, stride 112; one table in ``featurestore.recipes``).
+(EVAL.md §4.2; same CLIP-B/16, crop 224, stride 112; ``SCLIP_PRESETS`` below).
 """
 
 from __future__ import annotations
@@ -50,6 +50,37 @@ class MaskCLIPConfig:
         return self.clip_model
 
 
+@dataclass(frozen=True)
+class SCLIPPreset:
+    """SCLIP per dataset (EVAL.md §4.2), the ``maskclip`` presets.
+
+    Attributes:
+        size: shorter side S (windows 224 / 112: ``SCLIP_WINDOW``).
+        logit_scale, prob_thd, area_thd: the scoring presets.
+    """
+
+    size: int
+    logit_scale: float = 40.0
+    prob_thd: float = 0.0
+    area_thd: float | None = None
+
+
+SCLIP_PRESETS: dict[str, SCLIPPreset] = {
+    "voc21": SCLIPPreset(336, logit_scale=65.0, prob_thd=0.1, area_thd=0.1),
+    "voc20": SCLIPPreset(336),
+    "context60": SCLIPPreset(336, logit_scale=50.0, prob_thd=0.1),
+    "context59": SCLIPPreset(336),
+    "coco_object": SCLIPPreset(336, logit_scale=50.0, prob_thd=0.1),
+    "coco_stuff171": SCLIPPreset(448),
+    "ade20k": SCLIPPreset(336),
+    "cityscapes": SCLIPPreset(560),
+}
+"""EVAL.md §4.2, SCLIP's column, one row per benchmark."""
+
+SCLIP_WINDOW = (224, 112)
+"""SCLIP's sliding window on every dataset: crop, stride."""
+
+
 @register_method
 class MaskCLIPSegmenter(Segmenter):
     name = "maskclip"
@@ -62,21 +93,24 @@ class MaskCLIPSegmenter(Segmenter):
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}")
         return [
             FeatureRequirement(
-                "clip", config.clip_model, config.protocol, ("pre_last", "pre_last_cls")
+                "clip",
+                config.clip_model,
+                config.protocol,
+                ("pre_last", "pre_last_cls"),
+                "clip_model",
             )
         ]
 
     @classmethod
     def presets(cls, dataset: str) -> dict:
-        from featurestore.recipes import SCLIP_PRESETS
-
+        """EVAL.md §4.2 (``SCLIP_PRESETS``): S, and SCLIP's windows; {} off the benchmarks."""
         p = SCLIP_PRESETS.get(dataset)
-        return {"size": p.size} if p else {}
+        if p is None:
+            return {}
+        return {"size": p.size, "crop": SCLIP_WINDOW[0], "stride": SCLIP_WINDOW[1]}
 
     @classmethod
     def scoring_presets(cls, dataset: str) -> dict:
-        from featurestore.recipes import SCLIP_PRESETS
-
         p = SCLIP_PRESETS.get(dataset)
         if p is None:
             return {}

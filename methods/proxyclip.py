@@ -98,6 +98,37 @@ def proxy_window_features(
     return block.project(o)
 
 
+@dataclass(frozen=True)
+class ProxyCLIPPreset:
+    """ProxyCLIP per dataset (EVAL.md §4.4).
+
+    Attributes:
+        size, crop, stride: shorter side S and the sliding windows.
+        prob_thd: the background threshold (a scoring preset).
+    """
+
+    size: int
+    crop: int
+    stride: int
+    prob_thd: float
+
+
+PROXYCLIP_PRESETS: dict[str, ProxyCLIPPreset] = {
+    "voc21": ProxyCLIPPreset(336, 336, 112, 0.2),
+    "voc20": ProxyCLIPPreset(336, 336, 112, 0.0),
+    "context60": ProxyCLIPPreset(336, 336, 112, 0.15),
+    "context59": ProxyCLIPPreset(336, 336, 112, 0.0),
+    "coco_object": ProxyCLIPPreset(336, 336, 112, 0.25),
+    "coco_stuff171": ProxyCLIPPreset(336, 336, 112, 0.0),
+    "ade20k": ProxyCLIPPreset(448, 336, 112, 0.0),
+    "cityscapes": ProxyCLIPPreset(448, 224, 112, 0.0),
+}
+"""EVAL.md §4.4, one row per benchmark."""
+
+PROXYCLIP_COMMON = {"beta": 1.2, "gamma": 3.0, "logit_scale": 40.0}
+"""Settings shared by every dataset config of the reference."""
+
+
 @register_method
 class ProxyCLIPSegmenter(Segmenter):
     name = "proxyclip"
@@ -106,26 +137,28 @@ class ProxyCLIPSegmenter(Segmenter):
 
     @classmethod
     def requirements(cls, config: ProxyCLIPConfig) -> list[FeatureRequirement]:
+        """CLIP last-block inputs and VFM patch features of the same windows."""
         p = config.protocol
         return [
-            FeatureRequirement("clip", config.clip_model, p, ("pre_last",)),
-            FeatureRequirement("vfm", config.vfm_model, p, ("patch",)),
+            FeatureRequirement("clip", config.clip_model, p, ("pre_last",), "clip_model"),
+            FeatureRequirement("vfm", config.vfm_model, p, ("patch",), "vfm_model"),
         ]
 
     @classmethod
     def presets(cls, dataset: str) -> dict:
-        """EVAL.md §4.4 (one table, in ``featurestore.recipes``): S, crop, stride."""
-        from featurestore.recipes import PROXYCLIP_PRESETS
-
+        """EVAL.md §4.4 (``PROXYCLIP_PRESETS``): S, crop, stride, beta, gamma; {} elsewhere."""
         p = PROXYCLIP_PRESETS.get(dataset)
-        return {"size": p.size, "crop": p.crop, "stride": p.stride} if p else {}
+        if p is None:
+            return {}
+        common = {k: PROXYCLIP_COMMON[k] for k in ("beta", "gamma")}
+        return {"size": p.size, "crop": p.crop, "stride": p.stride, **common}
 
     @classmethod
     def scoring_presets(cls, dataset: str) -> dict:
-        from featurestore.recipes import PROXYCLIP_PRESETS
-
         p = PROXYCLIP_PRESETS.get(dataset)
-        return {"prob_thd": p.prob_thd} if p else {}
+        if p is None:
+            return {}
+        return {"prob_thd": p.prob_thd, "logit_scale": PROXYCLIP_COMMON["logit_scale"]}
 
     def __init__(self, store, config, device="cpu"):
         super().__init__(store, config, device)

@@ -88,7 +88,7 @@ DEFAULT_SAM = {"clip-h14": "sam-h"}  # the paper pairs CLIP-H/14 with SAM-H, els
 class TridentConfig:
     """Options of ``trident`` (defaults: the paper's CLIP-B/16 OpenAI + DINO-B/16 + SAM-B).
 
-    Per-dataset presets (EVAL.md §4.4, ``featurestore.recipes.TRIDENT_PRESETS``) set ``size``,
+    Per-dataset presets (EVAL.md §4.4, ``TRIDENT_PRESETS`` below) set ``size``,
     ``crop``, ``stride``, ``coarse_thresh``, ``cos_fac``, ``refine_neg_cos`` and ``sam_halves``;
     ``prob_thd`` is a scoring preset. Every value can be overridden (``--set key=value``) and is
     recorded in results.
@@ -102,7 +102,7 @@ class TridentConfig:
         crop, stride: sliding windows on the canvas (336 / 224; VOC20 stride 112).
         pad_multiple: windows padded symmetrically to a multiple of this (56, the reference's
             rule; a no-op for full 336 px windows).
-        canvas: ``trident`` (§4 step 2: ``Protocol(resize="trident")``, the short-side size
+        canvas: ``trident`` (§4 step 2: ``Protocol(resize="grid")``, the short-side size
             rounded *up* to multiples of the CLIP patch and each side >= crop [ours: round up,
             one bilinear resize from the original image]) or ``short`` (the plain mmseg
             short-side canvas; windows then need not lie on the patch grid and are resampled
@@ -276,7 +276,7 @@ class TridentConfig:
         """The protocol of the CLIP and VFM feature sets (the same windows)."""
         if self.canvas == "trident":
             return Protocol(
-                resize="trident",
+                resize="grid",
                 size=self.size,
                 crop=self.crop,
                 stride=self.stride,
@@ -912,10 +912,53 @@ def refine_with_sam(
 # --------------------------------------------------------------------------------------------
 
 
-def _presets() -> dict:
-    from featurestore.recipes import TRIDENT_COMMON, TRIDENT_PRESETS
+# --------------------------------------------------------------------------------------------
+# Per-dataset presets (EVAL.md §4.4) and the recipe's notes
+# --------------------------------------------------------------------------------------------
 
-    return {"rows": TRIDENT_PRESETS, "common": TRIDENT_COMMON}
+
+@dataclass(frozen=True)
+class TridentPreset:
+    """Trident per dataset (EVAL.md §4.4): shorter side S, windows, thresholds.
+
+    Attributes:
+        size, crop, stride: shorter side S and the sliding windows of the canvas.
+        prob_thd: the background threshold (a scoring preset).
+        coarse_thresh, cos_fac, refine_neg_cos: the ``TridentConfig`` fields of that name.
+        sam_halves: SAM on the left and right image halves (Cityscapes, as the reference).
+    """
+
+    size: int
+    crop: int
+    stride: int
+    prob_thd: float
+    coarse_thresh: float
+    cos_fac: float
+    refine_neg_cos: bool
+    sam_halves: bool = False
+
+
+TRIDENT_PRESETS: dict[str, TridentPreset] = {
+    "voc21": TridentPreset(448, 336, 224, 0.2, 0.2, 1.2, True),
+    "voc20": TridentPreset(336, 336, 112, 0.0, 0.2, 0.0, True),
+    "context60": TridentPreset(576, 336, 224, 0.15, 0.15, 1.2, True),
+    "context59": TridentPreset(576, 336, 224, 0.0, 0.15, 1.2, True),
+    "coco_object": TridentPreset(448, 336, 224, 0.25, 0.25, 1.2, True),
+    "coco_stuff171": TridentPreset(448, 336, 224, 0.0, 0.05, 1.2, True),
+    "ade20k": TridentPreset(576, 336, 224, 0.0, 0.05, 1.2, False),
+    "cityscapes": TridentPreset(688, 336, 224, 0.0, 0.10, 3.0, False, sam_halves=True),
+}
+"""EVAL.md §4.4, one row per benchmark."""
+
+TRIDENT_COMMON = {
+    "beta": 1.2,
+    "gamma": 3.0,
+    "logit_scale": 40.0,
+    "sam_iou_thresh": 0.8,
+    "minimal_area": 225,
+    "sam_mask_alpha": 0.005,
+}
+"""The settings every Trident config of the reference shares (EVAL.md §4.4)."""
 
 
 @register_method
@@ -929,30 +972,72 @@ class TridentSegmenter(Segmenter):
 
     @classmethod
     def requirements(cls, config: TridentConfig) -> list[FeatureRequirement]:
+        """CLIP (``pre_last``) and, with proxy attention, VFM (``patch``) windows on the canvas;
+        SAM per image (``q``/``k``/``v``/``attn_log_mass``, plus ``embedding`` to refine). With
+        ``sam_halves`` the whole-image SAM set the refinement decodes against
+        (``refine_sam="whole"``) is required with ``sam_refine`` and listed as optional without
+        it (``extract --for trident`` then names it without extracting it)."""
         win = config.window_protocol
-        reqs = [FeatureRequirement("clip", config.clip_model, win, ("pre_last",))]
+        reqs = [FeatureRequirement("clip", config.clip_model, win, ("pre_last",), "clip_model")]
         if config.window_attention == "proxy":
-            reqs.append(FeatureRequirement("vfm", config.vfm_model, win, ("patch",)))
+            reqs.append(FeatureRequirement("vfm", config.vfm_model, win, ("patch",), "vfm_model"))
         if config.needs_sam:
             tensors = ("q", "k", "v", "attn_log_mass")
             if config.sam_refine and not config.refine_whole_image:
                 tensors += ("embedding",)
-            reqs.append(FeatureRequirement("sam", config.sam_model, config.sam_protocol, tensors))
-        if config.refine_whole_image:
             reqs.append(
                 FeatureRequirement(
-                    "sam_refine", config.sam_model, config.refine_protocol, ("embedding",)
+                    "sam", config.sam_model, config.sam_protocol, tensors, "sam_model"
+                )
+            )
+        if (
+            config.sam_halves
+            and config.needs_sam
+            and (config.refine_whole_image or not config.sam_refine)
+        ):
+            whole = Protocol(resize="long", size=config.sam_size, align=config.sam_align)
+            reqs.append(
+                FeatureRequirement(
+                    "sam_refine",
+                    config.sam_model,
+                    whole,
+                    ("embedding",),
+                    "sam_model",
+                    optional=not config.sam_refine,
                 )
             )
         return reqs
 
     @classmethod
+    def recipe_notes(cls, config: TridentConfig) -> list[str]:
+        """What ``extract --for trident`` should say about its sets (SAM pairing, rounding)."""
+        notes = []
+        if config.sam_model == DEFAULT_SAM.get(config.clip_model):
+            notes.append(
+                f"SAM {config.sam_model} paired with {config.clip_model} (as in the paper)"
+            )
+        if config.needs_sam and config.sam_round_up:
+            halves = config.sam_halves
+            notes.append(
+                f"SAM gets the image resized so H and W round up to multiples of "
+                f"{config.sam_align} (the CLIP patch, as the reference): "
+                f"{config.sam_protocol.key()}"
+                + (", on its left and right halves (two SamPredictor inputs)" if halves else "")
+            )
+        if config.sam_halves and not config.sam_refine:
+            notes.append(
+                "--set sam_refine=on (refine_sam=whole, the reference) also reads the "
+                "whole-image SAM set (role sam_refine, listed as optional)"
+            )
+        return notes
+
+    @classmethod
     def presets(cls, dataset: str) -> dict:
-        p = _presets()
-        row = p["rows"].get(dataset)
+        """EVAL.md §4.4 (``TRIDENT_PRESETS`` and ``TRIDENT_COMMON``); {} off the benchmarks."""
+        row = TRIDENT_PRESETS.get(dataset)
         if row is None:
             return {}
-        common = p["common"]
+        common = TRIDENT_COMMON
         return {
             "size": row.size,
             "crop": row.crop,
@@ -970,11 +1055,10 @@ class TridentSegmenter(Segmenter):
 
     @classmethod
     def scoring_presets(cls, dataset: str) -> dict:
-        p = _presets()
-        row = p["rows"].get(dataset)
+        row = TRIDENT_PRESETS.get(dataset)
         if row is None:
             return {}
-        return {"prob_thd": row.prob_thd, "logit_scale": p["common"]["logit_scale"]}
+        return {"prob_thd": row.prob_thd, "logit_scale": TRIDENT_COMMON["logit_scale"]}
 
     def __init__(self, store: Any, config: TridentConfig, device: str | torch.device = "cpu"):
         super().__init__(store, config, device)

@@ -101,6 +101,23 @@ def parse_settings(items: tuple[str, ...]) -> dict[str, str]:
         raise click.BadParameter(str(e)) from None
 
 
+class RegistryChoice(click.Choice):
+    """A ``click.Choice`` whose choices come from a function, read when used (so a method or
+    trainer registered after the CLI was imported, e.g. by a plugin or a test, is offered)."""
+
+    def __init__(self, source, case_sensitive: bool = True):
+        self._source = source
+        super().__init__([], case_sensitive=case_sensitive)
+
+    @property
+    def choices(self):  # type: ignore[override]
+        return tuple(self._source())
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice.__init__ assigns it; the source decides
+        pass
+
+
 def add_options(options: list):
     """Decorator applying a list of click options in the order given."""
 

@@ -11,7 +11,13 @@ from rich.table import Table
 
 from featurestore import __version__
 from ovss_cli import render
-from ovss_cli.common import parse_overrides, parse_shard, user_errors
+from ovss_cli.common import (
+    RegistryChoice,
+    parse_overrides,
+    parse_settings,
+    parse_shard,
+    user_errors,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -100,6 +106,19 @@ def make_protocol(resize, size, crop, stride, pad_multiple, align=0):
         raise click.BadParameter(str(e)) from None
 
 
+def _component_names() -> list[str]:
+    """``--for`` choices: every registered method and trainer."""
+    from methods.plan import list_components
+
+    return list_components()
+
+
+def _template_sets() -> list[str]:
+    from featurestore.text import list_template_sets
+
+    return list_template_sets()
+
+
 def image_source_options(fn):
     opts = [
         click.option(
@@ -155,15 +174,24 @@ def load_records(images_dir, dataset, data_root, split, limit):
     "models",
     multiple=True,
     help="Backbone short name; repeat for several (see `ovss models`). With --for: replaces "
-    "the recipe's model of the same kind (clip-*, sam-*, else the VFM).",
+    "the model of the same family (CLIP, SAM, DINO...), else the one whose tensors it makes.",
 )
 @click.option(
     "--for",
     "for_method",
-    type=click.Choice(["proxyclip", "trident", "maskclip", "fmbseg", "prototype"]),
-    help="Extract exactly what METHOD needs with its --dataset preset (models, protocols, "
-    "vocabulary, templates); --size/--crop/--stride/--pad-multiple change the preset windows. "
-    "--dataset names the preset; images come from --data-root or --images.",
+    type=RegistryChoice(_component_names),
+    help="Extract exactly what a method or trainer needs (its feature sets, vocabulary, "
+    "templates), with its --dataset preset; --set KEY=VALUE and "
+    "--size/--crop/--stride/--pad-multiple change its config fields of those names "
+    "(`ovss methods` lists them). Images come from --data-root or --images.",
+)
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="With --for: a config option of that method or trainer (repeatable; typed by its "
+    "config, e.g. --set vfm_model=dinov2-b14 --set sam_refine=on).",
 )
 @click.option(
     "--vocab",
@@ -177,9 +205,9 @@ def load_records(images_dir, dataset, data_root, split, limit):
 )
 @click.option(
     "--templates",
+    type=RegistryChoice(_template_sets),
     default=None,
-    help="Template set of the text embeddings: openai80 (default), clip7, pixelclip8, "
-    "sub_imagenet7, tcl9, maskclip5, single (with --for: the method's).",
+    help="Template set of the text embeddings (default: openai80; with --for: the method's).",
 )
 @click.option(
     "--text-model",
@@ -263,6 +291,7 @@ def load_records(images_dir, dataset, data_root, split, limit):
 def extract(
     models,
     for_method,
+    settings,
     vocabs,
     templates,
     text_model,
@@ -298,33 +327,19 @@ def extract(
     """Run backbones over images and write their dense features into a store.
 
     Resumes by default: finished blocks of images are never recomputed. Concurrent processes
-    with --shard i/n write disjoint blocks of the same store. `--for METHOD --dataset NAME`
-    extracts what a method needs with its per-dataset preset; `--vocab` caches text embeddings
-    (computed by shard 0 only).
+    with --shard i/n write disjoint blocks of the same store. `--for NAME --dataset DS`
+    extracts what a method or trainer needs with its per-dataset preset; `--vocab` caches
+    text embeddings (computed by shard 0 only).
     """
-    from featurestore.extract import ExtractConfig, plan
-    from featurestore.extract import extract as run_extract
-    from featurestore.recipes import make_job, plan_job, run_job
+    from methods.plan import ExtractRequest, plan_extract, run_extract
 
     if (templates or text_model) and not (for_method or vocabs):
         raise click.UsageError("--templates and --text-model go with --vocab or --for")
     ctx = click.get_current_context()
-    protocol_changes = {
-        name: value
-        for name, value in (
-            ("resize", resize),
-            ("size", size),
-            ("crop", crop),
-            ("stride", stride),
-            ("pad_multiple", pad_multiple),
-        )
-        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
-    }
-    if for_method and align:
-        raise click.UsageError(
-            f"--align goes with a plain --resize long/halves call; --for {for_method} sets "
-            "every protocol itself (Trident: its CLIP's patch)"
-        )
+    names = ("resize", "size", "crop", "stride", "pad_multiple", "align")
+    given = tuple(
+        n for n in names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE
+    )
     records = extract_records(
         models, for_method, vocabs, images_dir, dataset, data_root, split, limit, dry_run
     )
@@ -332,49 +347,48 @@ def extract(
         layer_ids = tuple(int(x) for x in layers.split(",") if x.strip())
     except ValueError:
         raise click.BadParameter("--layers takes comma-separated integers") from None
-    cfg = ExtractConfig(
-        models=list(models),
-        protocol=make_protocol(resize, size, crop, stride, pad_multiple, align),
+    request = ExtractRequest(
         store=store,
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        dtype=dtype,
-        shard=parse_shard(shard),
-        overwrite=overwrite,
-        weights=weights,
-        random_init=random_init,
-        seed=seed,
-        layers=layer_ids,
-        block_mb=block_mb,
-        workers=workers,
-        arch_overrides=parse_overrides(arch_override),
-    )
-    if not for_method and not vocabs:  # the plain call: one pass, the original report shape
-        if dry_run:
-            render.plan(plan(records, cfg), as_json)
-            return
-        with render.progress(quiet) as cb:
-            report = run_extract(records, cfg, progress=cb)
-        render.extract_report(report, as_json)
-        return
-    job = make_job(
-        models,
-        cfg.protocol,
-        method=for_method,
+        records=records,
+        models=list(models),
+        component=for_method,
         dataset=dataset,
-        vocabs=vocabs,
+        settings=parse_settings(settings),
+        protocol=dict(zip(names, (resize, size, crop, stride, pad_multiple, align), strict=True)),
+        protocol_given=given,
+        vocabs=list(vocabs),
         templates=templates,
         text_model=text_model,
         data_root=data_root,
-        protocol_changes=protocol_changes,
+        runtime={
+            "batch_size": batch_size,
+            "device": device,
+            "precision": precision,
+            "dtype": dtype,
+            "shard": parse_shard(shard),
+            "overwrite": overwrite,
+            "weights": weights,
+            "random_init": random_init,
+            "seed": seed,
+            "layers": layer_ids,
+            "block_mb": block_mb,
+            "workers": workers,
+            "arch_overrides": parse_overrides(arch_override),
+        },
     )
     if dry_run:
-        render_job_plan(plan_job(records, job, cfg), as_json)
+        job_plan = plan_extract(request)
+        if job_plan.plain:  # the plain call: the original report shape
+            render.plan(job_plan.feature_sets, as_json)
+        else:
+            render_job_plan(job_plan, as_json)
         return
     with render.progress(quiet) as cb:
-        job_report = run_job(records, job, cfg, progress=cb)
-    render_job_report(job_report, as_json)
+        report = run_extract(request, progress=cb)
+    if report.plain:
+        render.extract_report(report, as_json)
+    else:
+        render_job_report(report, as_json)
 
 
 def extract_records(
@@ -393,18 +407,16 @@ def extract_records(
     from featurestore.images import list_folder_images
 
     if for_method:
-        if not dataset:
-            raise click.UsageError(f"--for {for_method} needs --dataset NAME (the preset)")
         if images_dir:
             records = list_folder_images(images_dir)
-        elif data_root:
+        elif data_root and dataset:
             records = list_dataset_images(dataset, data_root, split)
         elif dry_run:
             return []  # the recipe alone, without sizes
         else:
+            where = f"--data-root PATH (the {dataset} dataset)" if dataset else "--dataset NAME"
             raise click.UsageError(
-                f"--for {for_method} needs the images: --data-root PATH (the {dataset} "
-                "dataset) or --images DIR"
+                f"--for {for_method} needs the images: {where} or --images DIR"
             )
         return records[:limit] if limit else records
     if not models:
@@ -445,31 +457,67 @@ def render_job_plan(job_plan, as_json: bool) -> None:
         render.out.print(t)
 
 
+def _protocol_words(p: dict) -> str:
+    desc = f"{p['resize']} {p['size']}"
+    if p.get("align"):
+        desc += f", sides rounded up to x{p['align']}"
+    if p["crop"]:
+        desc += f", windows {p['crop']}/{p['stride']}"
+    if p["pad_multiple"]:
+        desc += f", pad to {p['pad_multiple']}"
+    return desc
+
+
+def plain_extract_command(step: dict, dataset: str | None) -> str | None:
+    """The plain `ovss extract` call that makes one recipe step's feature set, or None when
+    its resize rule has no --resize of its own (a canvas only --for makes)."""
+    from featurestore.protocol import Protocol
+
+    p = Protocol.from_dict(step["protocol"])
+    resize_opt = next(o for o in cli.commands["extract"].params if o.name == "resize")
+    if p.resize not in resize_opt.type.choices:
+        return None
+    cmd = f"ovss extract --store STORE --model {step['model']} --resize {p.resize}"
+    if p.resize != "none":
+        cmd += f" --size {p.size}"
+    for name in ("crop", "stride", "pad_multiple", "align"):
+        if getattr(p, name):
+            cmd += f" --{name.replace('_', '-')} {getattr(p, name)}"
+    where = f"--dataset {dataset} --data-root PATH" if dataset else "--images DIR"
+    return f"{cmd} {where}"
+
+
 def render_recipe(recipe: dict) -> None:
     """The recipe of a `--for` call: steps, vocabulary, method settings, notes."""
-    t = Table(title=f"recipe: --for {recipe['method']} --dataset {recipe['dataset']}")
+    title = f"recipe: --for {recipe['method']}"
+    if recipe["dataset"]:
+        title += f" --dataset {recipe['dataset']}"
+    t = Table(title=title)
     for c in ("role", "model", "feature set", "protocol"):
         t.add_column(c)
     for s in recipe["steps"]:
-        p = s["protocol"]
-        desc = f"{p['resize']} {p['size']}"
-        if p.get("align"):
-            desc += f", sides rounded up to x{p['align']}"
-        if p["crop"]:
-            desc += f", windows {p['crop']}/{p['stride']}"
-        if p["pad_multiple"]:
-            desc += f", pad to {p['pad_multiple']}"
-        t.add_row(s["role"], s["model"], s["feature_set"], desc)
+        t.add_row(s["role"], s["model"], s["feature_set"], _protocol_words(s["protocol"]))
+    for s in recipe.get("live", []):
+        t.add_row(s["role"], s["model"], "-", "runs on pixels (needs the images)")
     render.out.print(t)
-    render.out.print(
-        f"vocabulary {recipe['vocab']}, templates {recipe['templates']}, "
-        f"text model {recipe['text_model']}"
-    )
+    if recipe["vocab"]:
+        render.out.print(
+            f"vocabulary {recipe['vocab']}, templates {recipe['templates']}, "
+            f"text model {recipe['text_model']}"
+        )
     settings = ", ".join(f"{k}={v}" for k, v in recipe["settings"].items())
     if settings:
         render.out.print(f"method settings (same preset row): {settings}")
     for n in recipe["notes"]:
         render.out.print(f"[yellow]note[/]: {n}")
+    for s in recipe.get("optional", []):
+        cmd = plain_extract_command(s, recipe["dataset"])
+        how = f": {cmd}" if cmd else ""
+        render.out.print(
+            f"[yellow]optional[/]: {s['feature_set']} ({s['role']}) is read when present, "
+            f"not extracted by this recipe{how}",
+            soft_wrap=True,
+        )
 
 
 def render_job_report(rep, as_json: bool) -> None:
@@ -620,7 +668,7 @@ def demo(out, model, weights, seed, n_train, n_val, with_maskclip, as_json, quie
     segment + eval the val collages (per-class IoU table, label PNGs and overlays) ->
     Trident with tiny random CLIP/DINO/SAM (pipeline check). Re-running resumes.
     """
-    from featurestore.demo import run_demo
+    from methods.demo import run_demo
 
     with render.progress(quiet) as cb:
         result = run_demo(

@@ -66,10 +66,8 @@ def onehot(*rows: int, dim: int = 4) -> torch.Tensor:
 
 
 def test_config_defaults_match_the_fmbseg_recipe() -> None:
-    from featurestore.recipes import FMBSEG_CLIP_PROTOCOL
-
     cfg = FMbSegStage1Config()
-    assert cfg.clip_protocol == FMBSEG_CLIP_PROTOCOL
+    assert cfg.clip_protocol == Protocol("short", 448, crop=224, stride=112)
     assert (cfg.clip_model, cfg.sam_model, cfg.text_model) == ("clip-l14", "sam-h", "clip-l14")
     assert cfg.sam_protocol == Protocol("long", 1024)
     assert (cfg.min_crops, cfg.top_k, cfg.stage, cfg.class_family) == (2, 5, "both", "sclip")

@@ -89,9 +89,21 @@ def test_sam_pre_rounding_align():
     assert halves.halves_layout(7, 1) == [(0, 8, 256, 128), (8, 16, 256, 128)]
     # other modes do not round
     assert Protocol("short", 448).rounded_size(61, 93) == (61, 93)
-    with pytest.raises(ValueError, match="align is used with resize 'trident'"):
+    with pytest.raises(ValueError, match="align is used with resize 'grid'"):
         Protocol("short", 448, align=16)
     with pytest.raises(ValueError, match=">= 0"):
         Protocol("long", 1024, align=-16)
     with pytest.raises(ValueError, match="only SAM backbones"):
         image_geometry(long16, 512, 683, 16)
+
+
+def test_grid_resize_keeps_the_stored_spelling_of_its_old_name() -> None:
+    """``grid`` was ``trident``: old records read back as ``grid``, and keys / records keep
+    the old spelling, so stores made before the rename stay readable and resumable."""
+    new = Protocol("grid", 448, crop=336, stride=224, pad_multiple=56, align=16)
+    old = Protocol("trident", 448, crop=336, stride=224, pad_multiple=56, align=16)
+    assert old == new and old.resize == "grid"
+    assert new.key() == "trident448a16-c336s224-pad56"
+    assert new.to_dict()["resize"] == "trident"
+    assert Protocol.from_dict(new.to_dict()) == new
+    assert new.resized_size(300, 400) == (448, 608)  # 448x597 rounded up to the 16 grid

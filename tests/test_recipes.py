@@ -1,4 +1,5 @@
-"""Extraction recipes: per-dataset presets (EVAL.md §4.2/§4.4), role changes, dry runs, runs."""
+"""Extraction recipes planned from the methods (``methods.plan``): per-dataset presets (EVAL.md
+§4.2/§4.4, now owned by the method modules), model and setting changes, dry runs, runs."""
 
 from __future__ import annotations
 
@@ -17,18 +18,19 @@ from featurestore.errors import OvssError
 from featurestore.extract import ExtractConfig
 from featurestore.images import list_folder_images
 from featurestore.protocol import Protocol
-from featurestore.recipes import (
-    BENCHMARKS,
-    RecipeStep,
-    list_recipes,
-    make_job,
-    plan_job,
-    recipe_for,
-    run_job,
-)
+from featurestore.datasets import list_datasets
+from featurestore.recipes import RecipeStep, make_job, plan_job, recipe_job, run_job
 from featurestore.store import FeatureStore
 from featurestore.text import list_text_sets, load_text_embeddings, parse_vocab
+from ovss_cli.hints import render_error
+from methods.maskclip import SCLIP_PRESETS, SCLIP_WINDOW
+from methods.plan import list_components
+from methods.plan import plan_for as recipe_for
+from methods.proxyclip import PROXYCLIP_PRESETS
+from methods.trident import TRIDENT_PRESETS
 from ovss_cli.main import cli
+
+BENCHMARKS = [d for d in list_datasets() if d != "custom"]
 
 # EVAL.md §4.4, typed again here: S / crop / stride / prob_thd.
 PROXYCLIP_TABLE = {
@@ -95,6 +97,16 @@ def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_benchmarks_are_the_eval_tables() -> None:
     assert set(BENCHMARKS) == set(PROXYCLIP_TABLE) == set(TRIDENT_TABLE) == set(SCLIP_SIZES)
+    # the method modules' tables are the EVAL tables typed above
+    assert {d: (p.size, p.crop, p.stride, p.prob_thd) for d, p in PROXYCLIP_PRESETS.items()} == (
+        PROXYCLIP_TABLE
+    )
+    assert {
+        d: (p.size, p.crop, p.stride, p.prob_thd, p.coarse_thresh, p.cos_fac, p.refine_neg_cos)
+        for d, p in TRIDENT_PRESETS.items()
+    } == TRIDENT_TABLE
+    assert {d: p.size for d, p in SCLIP_PRESETS.items()} == SCLIP_SIZES
+    assert SCLIP_WINDOW == (224, 112)
 
 
 @pytest.mark.parametrize("dataset", list(PROXYCLIP_TABLE))
@@ -116,7 +128,7 @@ def test_trident_presets(dataset: str) -> None:
     size, crop, stride, thd, coarse, cos_fac, neg = TRIDENT_TABLE[dataset]
     r = recipe_for("trident", dataset)
     # Trident's canvas: short side S rounded up to the CLIP-B/16 patch grid (METHODS.md §4.2)
-    win = Protocol("trident", size, crop=crop, stride=stride, pad_multiple=56, align=16)
+    win = Protocol("grid", size, crop=crop, stride=stride, pad_multiple=56, align=16)
     # Cityscapes: SAM on the left and right image halves (EVAL.md §4.4); SAM's image rounded
     # up to the CLIP patch grid first (METHODS.md §4 step 1)
     sam = Protocol(resize="halves" if dataset == "cityscapes" else "long", size=1024, align=16)
@@ -137,6 +149,10 @@ def test_trident_presets(dataset: str) -> None:
     assert r.groups() == [(win, ["clip-b16", "dino-b16"]), (sam, ["sam-b"])]
     assert s["sam_halves"] == (dataset == "cityscapes")
     assert any("halves" in n for n in r.notes) == (dataset == "cityscapes")
+    # the whole-image SAM set of --sam-refine: optional, listed, never extracted
+    assert [s.feature_set for s in r.optional] == (
+        ["sam-b@long1024-a16"] if dataset == "cityscapes" else []
+    )
     assert any("round up to multiples of 16" in n and sam.key() in n for n in r.notes)
     assert sam.key() == ("halves1024-a16" if dataset == "cityscapes" else "long1024-a16")
     # CLIP-H/14 (SAM-H follows): the 14-pixel grid for the canvas and SAM's rounding alike
@@ -157,13 +173,15 @@ def test_maskclip_presets(dataset: str) -> None:
 
 def test_fmbseg_and_prototype_defaults() -> None:
     f = recipe_for("fmbseg", "coco_stuff171")
-    assert [(s.role, s.model, s.protocol.key()) for s in f.steps] == [
+    assert sorted((s.role, s.model, s.protocol.key()) for s in f.steps) == [
         ("clip", "clip-l14", "short448-c224s112"),
-        ("vfm", "dinov2-l14", "short448"),
         ("sam", "sam-h", "long1024"),
+        ("vfm", "dinov2-l14", "short448"),
     ]
-    assert f.templates == "single" and f.text_model == "clip-l14"
+    assert f.templates == "single" and f.kind == "trainer"
     assert f.vocab == "dataset:coco_stuff171/sclip"
+    s1 = recipe_for("fmbseg-stage1", "voc20")
+    assert s1.templates == "single" and s1.text_model == "clip-l14"
     p = recipe_for("prototype", "voc20")
     assert [(s.role, s.model, s.protocol.key()) for s in p.steps] == [
         ("dense", "clip-b16", "short448")
@@ -180,36 +198,56 @@ def test_role_changes_and_protocol_changes() -> None:
     assert h.text_model == "clip-h14"
     hb = recipe_for("trident", "voc21", models=["clip-h14", "sam-b"])
     assert hb.steps[2].model == "sam-b"
-    c = recipe_for("proxyclip", "ade20k", size=512, stride=224)
+    c = recipe_for("proxyclip", "ade20k", overrides={"size": "512", "stride": 224})
     assert c.steps[0].protocol == Protocol("short", 512, crop=336, stride=224, pad_multiple=56)
     assert c.settings["size"] == 512 and any("preset changed" in n for n in c.notes)
-    t = recipe_for("trident", "ade20k", size=640)
+    t = recipe_for("trident", "ade20k", overrides={"size": 640})
     assert t.steps[2].protocol == Protocol(resize="long", size=1024, align=16)  # fixed
-    assert recipe_for("maskclip", "voc20", templates="clip7", text_model="clip-l14").templates == (
-        "clip7"
-    )
+    m = recipe_for("maskclip", "voc20", templates="clip7", text_model="clip-l14")
+    assert (m.templates, m.text_model) == ("clip7", "clip-l14")
+    # --set reaches the config, typed: the SAM follows the CLIP unless set
+    s = recipe_for("trident", "voc21", overrides={"sam_model": "sam-l", "size": "512"})
+    assert s.steps[2].model == "sam-l" and s.steps[0].protocol.size == 512
+    assert recipe_for("trident", "voc21", overrides={"window_attention": "none"}).groups() == [
+        (Protocol("grid", 448, crop=336, stride=224, pad_multiple=56, align=16), ["clip-b16"]),
+        (Protocol("long", 1024, align=16), ["sam-b"]),
+    ]
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"method": "segformer", "dataset": "ade20k"}, "proxyclip, trident, maskclip"),
-        ({"method": "trident", "dataset": "ade21"}, "ade20k, voc21"),
-        ({"method": "trident", "dataset": "custom"}, "no trident preset.*voc21"),
-        ({"method": "maskclip", "dataset": "voc20", "models": ["dino-b8"]}, "no vfm model"),
-        ({"method": "trident", "dataset": "voc20", "models": ["dino-b8", "dino-b16"]}, "two"),
-        ({"method": "proxyclip", "dataset": "voc20", "crop": 336, "stride": 0}, "stride"),
-        ({"method": "proxyclip", "dataset": "voc20", "templates": "x"}, "template set"),
+        ({"name": "segformer", "dataset": "ade20k"}, "not a known method or trainer.*proxyclip"),
+        ({"name": "trident", "dataset": "ade21"}, "ade20k, voc21"),
+        ({"name": "maskclip", "dataset": "voc20", "models": ["dino-b8"]}, "fits none"),
+        ({"name": "trident", "dataset": "voc20", "models": ["dino-b8", "dino-b16"]}, "two"),
+        ({"name": "proxyclip", "dataset": "voc20", "overrides": {"crop": 336, "stride": 0}},
+         "stride"),
+        ({"name": "proxyclip", "dataset": "voc20", "templates": "x"}, "template set"),
+        ({"name": "maskclip", "dataset": "voc20", "overrides": {"size": "abc"}},
+         "size expects an integer"),
+        ({"name": "maskclip", "dataset": "voc20", "overrides": {"pad_multiple": 56}},
+         "no option pad_multiple"),
+        ({"name": "trident", "dataset": "voc20", "models": ["sam-l"],
+          "overrides": {"sam_model": "sam-b"}}, "disagree"),
     ],
-)
+)  # fmt: skip
 def test_recipe_errors(kwargs: dict, match: str) -> None:
     with pytest.raises(OvssError, match=match):
         recipe_for(**kwargs)
 
 
-def test_list_recipes_matches_cli_choices() -> None:
+def test_custom_dataset_plans_the_defaults() -> None:
+    r = recipe_for("trident", "custom")
+    assert r.steps[0].protocol.size == 448 and r.vocab == "dataset:custom/proxyclip"
+    assert any("no preset for custom" in n for n in r.notes)
+    assert recipe_for("trident").vocab is None  # no dataset: no vocabulary
+
+
+def test_components_are_the_cli_choices() -> None:
     opt = next(p for p in cli.commands["extract"].params if p.name == "for_method")
-    assert list(opt.type.choices) == list_recipes()
+    assert list(opt.type.choices) == list_components()
+    assert {"proxyclip", "trident", "maskclip", "fmbseg", "prototype"} <= set(list_components())
 
 
 def test_make_job_rules() -> None:
@@ -218,12 +256,10 @@ def test_make_job_rules() -> None:
     assert job.groups == [(proto, ["dinov2-s14", "clip-l14"])] and job.text_models == ["clip-l14"]
     assert make_job(["dinov2-s14"], proto, vocabs=["a,b"]).text_models == ["clip-b16"]
     assert make_job(["dinov2-s14"], proto).text_models == []
-    job = make_job([], proto, method="trident", dataset="voc20", vocabs=["cat,dog"])
+    job = recipe_job(recipe_for("trident", "voc20"), vocabs=["cat,dog"])
     assert job.vocabs == ["dataset:voc20/proxyclip", "cat,dog"]
-    with pytest.raises(OvssError, match="resize"):
-        make_job([], proto, method="trident", dataset="voc20", protocol_changes={"resize": "x"})
-    with pytest.raises(OvssError, match="needs --dataset"):
-        make_job([], proto, method="trident")
+    assert job.text_models == ["clip-b16"] and job.template_name == "openai80"
+    assert recipe_job(recipe_for("trident")).text_models == []  # no vocabulary, no text set
     with pytest.raises(OvssError, match="nothing to extract"):
         make_job([], proto)
 
@@ -248,7 +284,7 @@ def test_cli_trident_ade20k_dry_run(tmp_path: Path, ade_root: Path) -> None:
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
     assert [(s["role"], s["model"], s["feature_set"]) for s in out["recipe"]["steps"]] == [
-        ("clip", "clip-b16", "clip-b16@trident576a16-c336s224-pad56"),
+        ("clip", "clip-b16", "clip-b16@trident576a16-c336s224-pad56"),  # keys kept
         ("vfm", "dino-b16", "dino-b16@trident576a16-c336s224-pad56"),
         ("sam", "sam-b", "sam-b@long1024-a16"),
     ]
@@ -299,6 +335,15 @@ def test_cli_recipe_overrides_reach_the_plan(tmp_path: Path, ade_root: Path) -> 
               "-s", "x", "--dry-run"],
     )  # fmt: skip
     assert res.exit_code == 1 and "resize" in res.output
+    # --set: typed through the config, one line on a bad value
+    base = ["extract", "--for", "trident", "--dataset", "voc21", "-s", "x", "--dry-run"]
+    res = CliRunner().invoke(cli, [*base, "--set", "vfm_model=dinov2-b14", "--json"])
+    assert res.exit_code == 0, res.output
+    steps = json.loads(res.output)["recipe"]["steps"]
+    assert steps[1]["feature_set"] == "dinov2-b14@trident448a16-c336s224-pad56"
+    res = CliRunner().invoke(cli, [*base, "--set", "size=abc"])
+    assert res.exit_code == 1 and "size expects an integer" in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
 
 
 def test_cli_maskclip_recipe_runs(tmp_path: Path) -> None:
@@ -357,38 +402,45 @@ def test_weights_with_a_text_model_outside_the_call(tmp_path: Path) -> None:
 # -- Trident: the whole-image SAM set of --sam-refine on Cityscapes; store commands that run --
 
 
-def test_trident_cityscapes_notes_the_whole_image_sam_set(tmp_path: Path) -> None:
+def test_trident_cityscapes_lists_the_whole_image_sam_set(tmp_path: Path) -> None:
     r = recipe_for("trident", "cityscapes")
     assert [(s.role, s.protocol.key()) for s in r.steps][2] == ("sam", "halves1024-a16")
-    [note] = [n for n in r.notes if "--sam-refine" in n]
-    assert "sam-b@long1024-a16" in note
-    cmd = note.split(": ", 1)[1]
+    [opt] = r.optional
+    assert (opt.role, opt.feature_set) == ("sam_refine", "sam-b@long1024-a16")
+    assert any("--set sam_refine=on" in n for n in r.notes)
+    # the CLI renders the plain command that makes it, and that command is one it accepts
+    res = CliRunner().invoke(
+        cli, ["extract", "--for", "trident", "--dataset", "cityscapes", "-s", "x", "--dry-run"]
+    )
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if x.startswith("optional"))
+    cmd = line.split("recipe: ", 1)[1]
     assert cmd == (
         "ovss extract --store STORE --model sam-b --resize long --size 1024 --align 16 "
         "--dataset cityscapes --data-root PATH"
     )
-    # the command is one the CLI accepts
     args = cmd.replace("STORE", str(tmp_path / "s.zarr")).replace("PATH", str(tmp_path)).split()
     ctx = cli.commands["extract"].make_context("extract", args[2:])
     assert ctx.params["models"] == ("sam-b",) and ctx.params["resize"] == "long"
     assert ctx.params["size"] == 1024 and ctx.params["dataset"] == "cityscapes"
     assert ctx.params["align"] == 16
     # the same SAM as the recipe's (SAM-H with CLIP-H, 14-pixel grid), and only on Cityscapes
-    assert any(
-        "sam-h@long1024-a14" in n and "--align 14" in n
-        for n in recipe_for("trident", "cityscapes", ["clip-h14"]).notes
-    )
+    h = recipe_for("trident", "cityscapes", ["clip-h14"])
+    assert [s.feature_set for s in h.optional] == ["sam-h@long1024-a14"]
     for ds in BENCHMARKS:
         if ds != "cityscapes":
-            assert not any("--sam-refine" in n for n in recipe_for("trident", ds).notes)
+            assert recipe_for("trident", ds).optional == []
+    # with the refinement on, the set is required (extracted by the recipe)
+    on = recipe_for("trident", "cityscapes", overrides={"sam_refine": "on"})
+    assert "sam-b@long1024-a16" in [s.feature_set for s in on.steps] and on.optional == []
 
 
 @pytest.mark.parametrize(
     ("model", "protocol"),
     [
-        ("dino-b16", Protocol("trident", 64, crop=48, stride=32, align=16)),
-        ("clip-b16", Protocol("trident", 64, crop=48, stride=32, pad_multiple=56, align=16)),
-        ("dino-b16", Protocol("trident", 448, crop=336, stride=224, pad_multiple=56, align=14)),
+        ("dino-b16", Protocol("grid", 64, crop=48, stride=32, align=16)),
+        ("clip-b16", Protocol("grid", 64, crop=48, stride=32, pad_multiple=56, align=16)),
+        ("dino-b16", Protocol("grid", 448, crop=336, stride=224, pad_multiple=56, align=14)),
         ("sam-b", Protocol("halves", 1024)),
         ("sam-b", Protocol("halves", 1024, align=16)),
         ("sam-b", Protocol("long", 1024, align=14)),
@@ -404,8 +456,8 @@ def test_missing_set_command_runs(tmp_path: Path, model: str, protocol: Protocol
     store = FeatureStore.open_or_create(tmp_path / "s.zarr", list_folder_images(imgs))
     with pytest.raises(OvssError) as err:
         store.require(model, protocol)
-    cmd = str(err.value).split("; run: ", 1)[1]
-    if protocol.resize == "trident":
+    cmd = render_error(err.value).split("; run: ", 1)[1]
+    if protocol.resize == "grid":
         assert "--for trident --dataset NAME" in cmd and "--resize" not in cmd
         assert ("--model clip-l14" in cmd) == (protocol.align == 14)
     for placeholder in ("<--data-root PATH or --images DIR>", "<images or --dataset ...>"):
@@ -436,6 +488,6 @@ def test_cli_align_is_sams_pre_rounding_only(tmp_path: Path, ade_root: Path) -> 
     (row,) = json.loads(res.output)
     assert row["feature_set"] == "sam-b@long1024" and row["tokens"] == 2 * 48 * 64  # unchanged
     res = CliRunner().invoke(cli, [*base, "--model", "dinov2-s14", "--align", "16"])
-    assert res.exit_code != 0 and "align is used with resize 'trident'" in res.output
+    assert res.exit_code != 0 and "align is used with resize 'grid'" in res.output
     res = CliRunner().invoke(cli, [*base, "--for", "trident", "--align", "16"])
     assert res.exit_code != 0 and "--for trident sets every protocol itself" in res.output
