@@ -441,12 +441,16 @@ def test_cli_align_from_a_store_label_set_records_text_identity_and_checkpoint_o
 
 def test_default_templates_and_device(monkeypatch):
     from methods.fmbseg import resolve_device
-    from ovss_cli.segment_cmd import default_templates
+    from methods.base import build_config, get_method
 
-    assert default_templates("prototype", {}) == "openai80"
-    assert default_templates("aligned", {}) == "single"  # FMbSeg's one template
-    assert default_templates("fmbseg-stage1", {}) == "single"  # the fmbseg recipe's
-    assert default_templates("fmbseg-stage1", {}, "custom") == "single"
+    def default_templates(method, dataset=None):  # the method's vocabulary defaults
+        cls = get_method(method)
+        return cls.vocabulary_defaults(build_config(cls, dataset)).templates
+
+    assert default_templates("prototype") == "openai80"
+    assert default_templates("aligned") == "single"  # FMbSeg's one template
+    assert default_templates("fmbseg-stage1") == "single"  # the fmbseg recipe's
+    assert default_templates("fmbseg-stage1", "custom") == "single"
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     mps = getattr(torch.backends, "mps", None)
     if torch.cuda.is_available():
