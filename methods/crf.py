@@ -14,7 +14,7 @@ refined probabilities ``Q`` ``(C, H, W)``; labels are ``argmax Q``.
   around each pixel and ``m_b`` the bilateral-weighted (``sxy_b``, ``srgb``) average. The
   approximation: it runs at a working resolution whose longer side is at most ``max_side``
   pixels (spatial widths scaled with it, colours averaged), the bilateral sum is taken over a
-  window of radius ``2 sxy_b`` sampled every ``max(1, round(sxy_b / 3))`` pixels, messages are
+  window of radius ``2 sxy_b`` sampled every ``max(1, round(sxy_b / 5))`` pixels, messages are
   normalised by the sum of their weights (DenseCRF normalises symmetrically), and ``Q`` is
   resized bilinearly back to the image. It agrees with ``pydensecrf`` on most pixels, not
   exactly (see tests/test_crf.py).
@@ -149,7 +149,7 @@ def dense_crf_torch(image: np.ndarray, probs: torch.Tensor, params: CRFParams) -
     g_norm = _gauss_sum(torch.ones(1, h, w), g_taps)
 
     sxy = max(params.bilateral_sxy * s, 0.5)
-    step = max(1, round(sxy / 3))
+    step = max(1, round(sxy / 5))
     radius = int(math.ceil(2 * sxy / step)) * step
     offsets = [
         (dy, dx)

@@ -257,7 +257,7 @@ def token_gradcam(
     Returns:
         ``(T, N)`` float32 (patch columns only, row-major over the grid).
     """
-    emb = image_embeds.detach().float().requires_grad_(True)
+    emb = image_embeds.detach().clone().requires_grad_(True)
     match, captured = blip.itm_match(emb, prompt.input_ids, capture_layers=(layer,))
     probs = captured[layer]
     (grad,) = torch.autograd.grad(match.sum(), probs)
