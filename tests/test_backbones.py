@@ -1,4 +1,5 @@
-"""DINO / DINOv2 backbones: registry, dense-output contract, seeded init and checkpoint loading.
+"""DINO / DINOv2 backbones: registry, dense-output contract, seeded init, checkpoint loading and
+the position-embedding rule; and every registered backbone built tiny (the registry-wide test).
 
 All models are the real timm classes shrunk with ``arch_overrides`` (2 blocks, 64-d), random
 initialised on the CPU; checkpoints are written by the tests in timm's and Meta's layouts.
@@ -7,18 +8,23 @@ initialised on the CPU; checkpoints are written by the tests in timm's and Meta'
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import huggingface_hub.constants
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.layers import GluMlp, LayerScale
 from timm.models.vision_transformer import VisionTransformer
 
 from featurestore.backbones import create_backbone, list_backbones
+from featurestore.backbones.base import tiny_arch_overrides
 from featurestore.backbones.dino import DinoBackbone
 from featurestore.errors import OvssError, WeightsNotFoundError
+from featurestore.protocol import Protocol
 
 DINO_NAMES = [n for n in list_backbones() if n.startswith(("dino-", "dinov2-"))]
 TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2}
@@ -302,3 +308,127 @@ def test_missing_weights_offline_names_the_file() -> None:
     assert "timm/vit_base_patch14_dinov2.lvd142m/model.safetensors" in message
     assert "$OVSS_WEIGHTS" in message and "--weights PATH" in message
     assert "--random-init" in message
+
+
+# --- position-embedding rule ------------------------------------------------------------------
+
+
+def meta_interpolate_pos_encoding(pos_embed: torch.Tensor, w: int, h: int, patch: int):
+    """DINO v1's / DINOv2's (``interpolate_offset=0.1``, no antialias) hub
+    ``interpolate_pos_encoding``, rewritten: input ``(B, 3, w, h)`` (their names: w = rows),
+    ``pos_embed`` ``(1, 1 + N, D)`` with the class position first."""
+    n = pos_embed.shape[1] - 1
+    if n == (w // patch) * (h // patch) and w == h:
+        return pos_embed
+    side = math.sqrt(n)
+    dim = pos_embed.shape[-1]
+    rows, cols = w // patch + 0.1, h // patch + 0.1
+    grid = pos_embed[:, 1:].float().reshape(1, int(side), int(side), dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=(rows / side, cols / side), mode="bicubic")
+    assert (int(rows), int(cols)) == tuple(grid.shape[-2:])
+    return torch.cat((pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, dim)), dim=1)
+
+
+def authors_dino_forward(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """Meta's ``prepare_tokens_with_masks`` + blocks + norm on timm's parameters: the final
+    patch tokens ``(B, gh*gw, D)``."""
+    p = model.patch_embed.patch_size[0]
+    with torch.no_grad():
+        tokens = model.patch_embed(x).flatten(1, 2)  # (B, gh*gw, D), NHWC flattened row-major
+        tokens = torch.cat([model.cls_token.expand(len(x), -1, -1), tokens], dim=1)
+        tokens = tokens + meta_interpolate_pos_encoding(model.pos_embed, x.shape[2], x.shape[3], p)
+        for block in model.blocks:
+            tokens = block(tokens)
+        return model.norm(tokens)[:, 1:]
+
+
+@pytest.mark.parametrize(
+    ("name", "gh", "gw"),
+    [("dinov2-s14", 32, 42), ("dinov2-s14", 20, 20), ("dino-s16", 28, 42), ("dino-b8", 9, 5)],
+)
+def test_no_register_models_follow_the_authors_offset_rule(name: str, gh: int, gw: int) -> None:
+    backbone = tiny(name, seed=4)
+    assert backbone.info.extra["pos_interp"] == "offset"
+    x = batch(backbone, gh, gw, n=1)
+    expected = authors_dino_forward(backbone.model, x)
+    torch.testing.assert_close(backbone.forward_dense(x)["patch"], expected, rtol=0, atol=1e-6)
+    # timm's own rule (size=, antialiased: what ovss cached before) samples elsewhere.
+    old = create_backbone(
+        name, random_init=True, seed=4, arch_overrides=tiny_overrides(name), pos_interp="size-aa"
+    )
+    assert "_pos_embed" not in vars(old.model)  # timm's own code path
+    with torch.no_grad():
+        timm_own = old.model.forward_features(x)[:, 1:]
+    torch.testing.assert_close(old.forward_dense(x)["patch"], timm_own, rtol=0, atol=0)
+    assert (timm_own - expected).abs().max() > 1e-4
+
+
+def test_register_models_keep_timm_size_antialias_rule_as_meta_hub() -> None:
+    """DINOv2 with registers: Meta's hub uses ``size=`` with antialias, exactly timm's."""
+    backbone = tiny("dinov2-s14-reg", seed=4)
+    assert backbone.info.extra["pos_interp"] == "size-aa"
+    x = batch(backbone, 32, 42, n=1)
+    model = backbone.model
+    with torch.no_grad():
+        patches = model.patch_embed(x).flatten(1, 2)
+        grid = model.pos_embed.reshape(1, 37, 37, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(32, 42), mode="bicubic", antialias=True)
+        tokens = patches + grid.permute(0, 2, 3, 1).reshape(1, 32 * 42, -1)
+        prefix = [model.cls_token.expand(1, -1, -1), model.reg_token.expand(1, -1, -1)]
+        tokens = torch.cat([*prefix, tokens], dim=1)
+        for block in model.blocks:
+            tokens = block(tokens)
+        expected = model.norm(tokens)[:, 5:]
+    torch.testing.assert_close(backbone.forward_dense(x)["patch"], expected, rtol=0, atol=1e-6)
+    offset = create_backbone(
+        "dinov2-s14-reg", random_init=True, seed=4, arch_overrides=TINY, pos_interp="offset"
+    )
+    assert not torch.allclose(offset.forward_dense(x)["patch"], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["dinov2-s14", "dino-s16", "dinov2-s14-reg"])
+def test_native_grid_agrees_under_every_rule(name: str) -> None:
+    native = 37 if "14" in name else 14
+    outs = []
+    for rule in ("offset", "size", "size-aa"):
+        bb = create_backbone(
+            name, random_init=True, seed=1, arch_overrides=TINY, pos_interp=rule, layers=(0,)
+        )
+        outs.append(bb.forward_dense(batch(bb, native, native, n=1)))
+    for out in outs[1:]:
+        assert all(torch.equal(out[k], outs[0][k]) for k in out)
+
+
+# --- every registered backbone ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_every_registered_backbone_builds_tiny_and_returns_what_it_declares(name: str) -> None:
+    """Parametrised over the registry: a family added later joins by registering its tiny
+    ``arch_overrides`` (``register_variants(..., tiny=...)``)."""
+    backbone = create_backbone(
+        name, random_init=True, seed=0, arch_overrides=tiny_arch_overrides(name)
+    )
+    assert backbone.info.name == name and backbone.info.weights == "random-init:0"
+    specs = backbone.tensor_specs()
+    assert specs and len({s.name for s in specs}) == len(specs)
+    protocol = Protocol(resize="square", size=4 * backbone.info.patch_size)
+    if name.startswith("sam-"):
+        protocol = Protocol(resize="long", size=backbone.info.extra["img_size"])
+    image = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    geometry = backbone.geometry(protocol, 40, 56)
+    x = torch.stack(backbone.preprocess(image, geometry))
+    grids = [w.grid for w in geometry.windows]
+    out = backbone.forward_dense(x, grids)
+    whole = backbone.preprocess_image(image, geometry)
+    if whole is not None:
+        out.update(backbone.forward_image(whole[None]))
+    assert set(out) == {s.name for s in specs}
+    for spec in specs:
+        if spec.unit == "token":
+            gh, gw = grids[0]
+            assert out[spec.name].shape[1] >= gh * gw, spec.name
+            assert tuple(out[spec.name].shape[2:]) == spec.row_shape, spec.name
+        else:
+            assert tuple(out[spec.name].shape[1:]) == spec.row_shape, spec.name
+        assert torch.isfinite(out[spec.name]).all(), spec.name
