@@ -746,33 +746,36 @@ class ExtractionStep:
     fields: dict[str, str] = field(default_factory=dict)
 
 
-def extraction_steps(requirements: Sequence[Any]) -> list[ExtractionStep]:
-    """The feature sets a method needs, grouped by protocol (one ``extract`` pass each).
-
-    Required cached sets only: optional sets are read when present, and a live model's cached
-    first pass is optional by definition."""
+def extraction_steps(setup: MethodSetup) -> list[ExtractionStep]:
+    """The feature sets a configured method needs from images, one ``extract`` pass per
+    protocol: the groups of the planner (``methods.plan.feature_groups``: required cached sets
+    and the cached first passes of live models), with the tensors, layers, roles and model
+    fields each set's requirements declare."""
     import re
 
-    from methods.base import FeatureRequirement
-
-    steps: dict[Any, ExtractionStep] = {}
     from methods.base import LiveModelRequirement
+    from methods.plan import feature_groups
 
-    for r in requirements:
-        if isinstance(r, LiveModelRequirement) and r.cached is not None:
-            r = r.cached  # from images: the live model's first pass, cached (makes the store)
-        if not isinstance(r, FeatureRequirement) or r.optional:
-            continue
-        st = steps.setdefault(r.protocol, ExtractionStep(r.protocol, [], {}))
-        if r.model not in st.models:
-            st.models.append(r.model)
-            st.roles[r.model] = r.role
-            st.fields[r.model] = r.model_field
-        have = st.tensors.get(r.model, ())
-        st.tensors[r.model] = have + tuple(t for t in r.tensors if t not in have)
-        layers = {int(m.group(1)) for t in r.tensors if (m := re.fullmatch(r"layer(\d+)", t))}
-        st.layers = tuple(sorted(set(st.layers) | layers))
-    return list(steps.values())
+    declared: dict[tuple[str, Any], list] = {}
+    for r in setup.requirements:
+        c = r.cached if isinstance(r, LiveModelRequirement) else r
+        if c is not None:
+            declared.setdefault((c.model, c.protocol), []).append(c)
+    steps = []
+    for protocol, models in feature_groups(setup.cls, setup.config):
+        st = ExtractionStep(protocol, list(models), {})
+        for m in models:
+            reqs = declared.get((m, protocol), [])
+            tensors: tuple[str, ...] = ()
+            for r in reqs:
+                tensors += tuple(t for t in r.tensors if t not in tensors)
+            st.tensors[m] = tensors
+            st.roles[m] = reqs[0].role if reqs else ""
+            st.fields[m] = next((r.model_field for r in reqs if r.model_field), "")
+            layers = {int(x.group(1)) for t in tensors if (x := re.fullmatch(r"layer(\d+)", t))}
+            st.layers = tuple(sorted(set(st.layers) | layers))
+        steps.append(st)
+    return steps
 
 
 def _store_exists(path: str | None) -> bool:
@@ -1029,7 +1032,7 @@ def run_segment(request: SegmentRequest, progress: Progress | None = None) -> Se
         return summary
 
     records = records_from_paths(request.images)
-    steps = extraction_steps(setup.requirements)
+    steps = extraction_steps(setup)
     image_models = [m for st in steps for m in st.models]
     text = text_choice(request, setup, image_models)
     store_path = request.keep_store
@@ -1045,6 +1048,8 @@ def run_segment(request: SegmentRequest, progress: Progress | None = None) -> Se
         store_path = str(Path(tmpdir) / "store.zarr")
     try:
         extracted = _extract_steps(records, store_path, todo, request, progress)
+        if not _store_exists(store_path):  # nothing to extract (a live model runs on pixels)
+            FeatureStore.open_or_create(store_path, records)
         summary = _segment_existing(store_path, request, setup, text, vocabulary, device, progress)
     except BaseException as e:
         if tmpdir is None:
