@@ -12,6 +12,8 @@ Figures (PRODUCT.md "Performance"):
   7. Trident: ``ovss eval --method trident`` images/s from the store, and its cache payoff
      (from pixels ÷ from the store) with a tiny SAM, extrapolated to SAM ViT-B from the
      measured SAM-B encoder (and Trident head) seconds per image (``benchmarks.trident_bench``).
+  8. text embedding: ADE20K x openai80 on CLIP-B/16's text tower, full context ÷ truncated per
+     batch, and the max difference (``benchmarks.text_bench``).
 
 Environment knobs: BENCH_IMAGES (extraction images, default 8), BENCH_MODEL (default
 dinov2-s14), BENCH_SIZE (short side, default 448), BENCH_READ_IMAGES (default 400).
@@ -231,6 +233,7 @@ def main() -> None:
             bench_prototype_index,
         )
         from benchmarks.clip_bench import bench_clip_cache, bench_store_sizes
+        from benchmarks.text_bench import bench_text
         from benchmarks.trident_bench import bench_trident
 
         for name, fn in (
@@ -243,6 +246,7 @@ def main() -> None:
             ("prototype_index", lambda _tmp: bench_prototype_index()),
             ("kmeans", lambda _tmp: bench_kmeans()),
             ("trident", bench_trident),
+            ("text_embedding", bench_text),
         ):
             t = time.perf_counter()
             results[name] = fn(tmp)
@@ -321,6 +325,14 @@ def main() -> None:
             str(b["ratio_sam_b_encoder_and_head"]),
             "",
         )
+    tx = results["text_embedding"]
+    t.add_row(
+        f"text embedding ADE20K x openai80 ({tx['prompts']} prompts, clip-b16 text tower)",
+        f"{tx['truncated_s']} s (truncated per batch, max |diff| {tx['max_abs_diff']:.1e})",
+        f"{tx['full_context_s']} s (full 77-token context; {tx['full_context_timing']})",
+        str(tx["ratio"]),
+        f">= {tx['target']} within {tx['tolerance']:.0e}: {'met' if tx['met'] else 'NOT met'}",
+    )
     for model, row in results["store_size_per_image"]["models"].items():
         t.add_row(
             f"store size {model}", f"{row['mb_per_image']} MiB/image", row["protocol"], "", ""
