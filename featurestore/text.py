@@ -28,7 +28,7 @@ Vocabulary specs (``parse_vocab``, ``ovss extract --vocab``), tried in this orde
 file of the same name wins over a dataset name; the prefixes force one reading):
 
 * ``dataset:NAME[/FAMILY]`` or ``NAME[/FAMILY]`` with NAME a benchmark (or alias): its bundled
-  class file; FAMILY ``sclip`` (default; also ``naclip``) or ``proxyclip`` (also ``trident``);
+  class file; FAMILY ``sclip`` (default) or ``proxyclip``;
 * ``file:PATH`` or a path to an existing file: a class file (one class per line, synonyms
   separated by ``", "`` or ``"; "``, see :func:`featurestore.datasets.read_class_file`);
 * ``list:...`` or any text containing a comma: a comma list. Commas separate classes,
@@ -637,7 +637,7 @@ def _write_set(
         },
         "template_set": template_name,
         "templates": get_templates(template_name),
-        "embedding": "l2n(mean_t l2n(encode_text(t.format(query)))) (METHODS.md §0.1)",
+        "embedding": "l2n(mean_t l2n(encode(t.format(query))))",
         "dim": int(emb.shape[1]),
         "identity": identity,
         "identity_hash": identity_hash(identity),
