@@ -212,8 +212,9 @@ def load_records(images_dir, dataset, data_root, split, limit):
 @click.option(
     "--text-model",
     default=None,
-    help="CLIP whose text tower embeds --vocab (default: every clip-* model of the call, "
-    "else clip-b16). --random-init/--seed/--weights/--arch-override apply to it too.",
+    help="Text encoder that embeds --vocab: a CLIP (clip-b16, openclip:MODEL:TAG) or a kind a "
+    "method registers (KIND:CHECKPOINT) (default: every clip-* model of the call, else "
+    "clip-b16). --random-init/--seed/--weights/--arch-override apply to it too.",
 )
 @image_source_options
 @click.option(
