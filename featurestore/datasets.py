@@ -48,12 +48,12 @@ CLASSNAMES_PACKAGE = "featurestore.data"
 
 FAMILIES: dict[str, str] = {
     "sclip": "sclip",
-    "naclip": "sclip",
     "proxyclip": "proxyclip",
-    "trident": "proxyclip",
 }
-"""Class-file families (lower-case name -> family). ``sclip``: SCLIP/NACLIP files, synonyms
-separated by ``", "``; ``proxyclip``: ProxyCLIP/Trident files, separated by ``"; "``."""
+"""Class-file families (lower-case name -> family), named after the class files they read:
+``sclip``: the SCLIP/NACLIP files, synonyms separated by ``", "``; ``proxyclip``: the
+ProxyCLIP/Trident files, separated by ``"; "``. Which family a method uses is the method's
+own default (``vocabulary_defaults`` in ``methods``), never keyed here by method name."""
 
 _SEPARATORS = {"sclip": ", ", "proxyclip": "; "}
 
@@ -765,8 +765,8 @@ def class_names(
 
     Args:
         name: dataset name or alias.
-        family: ``"sclip"`` (also ``"naclip"``; files split on ``", "``) or ``"proxyclip"``
-            (also ``"trident"``; split on ``"; "``). ``proxyclip`` uses the ProxyCLIP/Trident
+        family: ``"sclip"`` (files split on ``", "``) or ``"proxyclip"`` (split on
+            ``"; "``). ``proxyclip`` uses the ProxyCLIP/Trident
             variant where one exists (voc20, voc21, coco_object) and the SCLIP file otherwise
             (those files contain neither separator, so both parsers agree).
         data_root: required for ``custom``: its ``classes.txt`` is read with

@@ -29,7 +29,6 @@ one library call per command, whether it is a plain call, a ``--vocab`` call or 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -221,8 +220,12 @@ def _fits(
 
     def field_family(f: str) -> str | None:
         rs = by_field[f]
-        m = rs[0].model if rs else next(
-            r.model for r in reqs if isinstance(r, LiveModelRequirement) and r.model_field == f
+        m = (
+            rs[0].model
+            if rs
+            else next(
+                r.model for r in reqs if isinstance(r, LiveModelRequirement) and r.model_field == f
+            )
         )
         try:
             return backbone_traits(m)[0]
@@ -440,7 +443,9 @@ def _job(req: ExtractRequest):
         for k in req.protocol_given:
             v = req.protocol[k]
             if k in overrides and str(overrides[k]) != str(v):
-                raise OvssError(f"--{k.replace('_', '-')} {v} and --set {k}={overrides[k]} disagree")
+                raise OvssError(
+                    f"--{k.replace('_', '-')} {v} and --set {k}={overrides[k]} disagree"
+                )
             overrides[k] = v
         recipe = plan_for(
             name,

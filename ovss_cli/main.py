@@ -416,9 +416,7 @@ def extract_records(
             return []  # the recipe alone, without sizes
         else:
             where = f"--data-root PATH (the {dataset} dataset)" if dataset else "--dataset NAME"
-            raise click.UsageError(
-                f"--for {for_method} needs the images: {where} or --images DIR"
-            )
+            raise click.UsageError(f"--for {for_method} needs the images: {where} or --images DIR")
         return records[:limit] if limit else records
     if not models:
         if not vocabs:

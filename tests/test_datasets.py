@@ -407,7 +407,9 @@ def test_class_name_content_and_families() -> None:
     assert len(voc_s[person]) > 1 and voc_p[person] == ["person"]
     assert len(voc_s[-1]) == 5 and voc_p[-1] == ["tvmonitor"]
     assert class_names("voc20") == voc_s[1:]
-    assert class_names("voc20", family="trident") == voc_p[1:]
+    assert class_names("voc20", family="proxyclip") == voc_p[1:]
+    with pytest.raises(OvssError, match="not a known class-name family"):
+        class_names("voc20", family="trident")  # families name class files, not methods
 
     obj_s, obj_p = class_names("coco_object"), class_names("coco_object", family="proxyclip")
     assert len(obj_s[0]) == 26 and len(obj_p[0]) == 17
@@ -419,7 +421,7 @@ def test_class_name_content_and_families() -> None:
     assert class_names("coco_stuff171")[-1] == ["wood"]
     assert "building-other" in {s for c in class_names("coco_stuff171") for s in c}
     assert class_names("cityscapes")[:2] == [["road"], ["sidewalk"]]
-    assert class_names("voc21", family="NACLIP") == voc_s
+    assert class_names("voc21", family="SCLIP") == voc_s
 
 
 def test_unknown_family() -> None:

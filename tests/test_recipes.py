@@ -14,20 +14,20 @@ from click.testing import CliRunner
 from PIL import Image
 
 import featurestore.backbones.clip as clip_module
+from featurestore.datasets import list_datasets
 from featurestore.errors import OvssError
 from featurestore.extract import ExtractConfig
 from featurestore.images import list_folder_images
 from featurestore.protocol import Protocol
-from featurestore.datasets import list_datasets
 from featurestore.recipes import RecipeStep, make_job, plan_job, recipe_job, run_job
 from featurestore.store import FeatureStore
 from featurestore.text import list_text_sets, load_text_embeddings, parse_vocab
-from ovss_cli.hints import render_error
 from methods.maskclip import SCLIP_PRESETS, SCLIP_WINDOW
 from methods.plan import list_components
 from methods.plan import plan_for as recipe_for
 from methods.proxyclip import PROXYCLIP_PRESETS
 from methods.trident import TRIDENT_PRESETS
+from ovss_cli.hints import render_error
 from ovss_cli.main import cli
 
 BENCHMARKS = [d for d in list_datasets() if d != "custom"]
