@@ -404,8 +404,123 @@ def annotate_caption(
     return AnnotatedCaption(text, cleaned, tokens, occ, dropped)
 
 
+@dataclass
+class CaptionsReport:
+    """What ``ovss captions inspect`` shows.
+
+    Attributes:
+        rows: per caption shown: ``image``, ``caption`` (cleaned), ``concepts`` (``name``,
+            ``tokens``: token indices, ``text``: the spanned characters).
+        summary: counts (captions, images, unknown images, empty captions, captions without a
+            concept, occurrences, occurrences cut by the context), the bank and the matcher.
+        frequencies: ``{concept: occurrences}``, most frequent first.
+        unknown: ``(image key, caption, line)`` of captions whose image is not in the store.
+    """
+
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    frequencies: dict[str, int]
+    unknown: list[tuple[str, str, int]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "summary": self.summary,
+            "frequencies": self.frequencies,
+            "captions": self.rows,
+            "unknown": [{"image": i, "caption": c, "line": n} for i, c, n in self.unknown],
+        }
+
+
+def inspect_captions(
+    captions: str | Path,
+    store: Any = None,
+    concepts: str | Path | None = None,
+    spacy_model: str | None = None,
+    limit: int | None = 20,
+    context_length: int = 77,
+    progress: Any = None,
+) -> CaptionsReport:
+    """Find the concepts of every caption of a file, as SimZSS training would.
+
+    Args:
+        captions: the caption file (``featurestore.captions`` formats).
+        store: a store (or path) to join the captions to; None: every caption is shown
+            under its image key, none counts as unknown.
+        concepts: extra concept file for the bank; spacy_model: see :func:`make_matcher`.
+        limit: captions listed in ``rows`` (None: all); the summary counts all of them.
+        progress: ``(label, done, total)`` callback.
+    """
+    from featurestore.captions import join_captions, read_caption_rows
+    from methods.simzss import get_tokenizer
+
+    if store is not None and not hasattr(store, "image_table"):
+        from featurestore.store import FeatureStore
+
+        store = FeatureStore.open(store)
+    if store is not None:
+        join = join_captions(captions, store)
+        ids = store.image_ids
+        items = [(ids[i], c) for i, c in join.pairs]
+        summary = join.summary()
+        unknown = join.unknown
+    else:
+        from featurestore.captions import file_sha256
+
+        fmt, rows = read_caption_rows(captions)
+        items = [(r.keys[0], r.caption) for r in rows if r.caption]
+        summary = {
+            "captions_file": str(captions),
+            "format": fmt,
+            "sha256": file_sha256(Path(captions).expanduser()),
+            "rows": len(rows),
+            "captions": len(items),
+            "images": len({i for i, _ in items}),
+            "empty_captions": len(rows) - len(items),
+        }
+        unknown = []
+    bank = ConceptBank.build(concepts)
+    matcher = make_matcher(bank, spacy_model)
+    tok = get_tokenizer(context_length)
+    freq: dict[str, int] = {}
+    shown: list[dict[str, Any]] = []
+    none = cut = occ = 0
+    for n, (image, cap) in enumerate(items):
+        a = annotate_caption(cap, matcher, tok, context_length)
+        none += not a.concepts
+        cut += a.truncated
+        occ += len(a.concepts)
+        for o in a.concepts:
+            freq[o.name] = freq.get(o.name, 0) + 1
+        if limit is None or len(shown) < limit:
+            shown.append(
+                {
+                    "image": image,
+                    "caption": a.cleaned,
+                    "concepts": [
+                        {"name": o.name, "tokens": o.tokens, "text": a.cleaned[o.start : o.end]}
+                        for o in a.concepts
+                    ],
+                }
+            )
+        if progress and (n + 1 == len(items) or (n + 1) % 1000 == 0):
+            progress("concepts", n + 1, len(items))
+    summary.update(
+        {
+            "captions_without_concept": none,
+            "concept_occurrences": occ,
+            "occurrences_cut_by_context": cut,
+            "distinct_concepts": len(freq),
+            "concept_bank": f"{len(bank)} concepts ({bank.key()})",
+            "matcher": matcher.name if not spacy_model else f"spacy ({spacy_model})",
+        }
+    )
+    ordered = dict(sorted(freq.items(), key=lambda kv: (-kv[1], kv[0])))
+    return CaptionsReport(shown, summary, ordered, list(unknown))
+
+
 __all__ = [
     "AnnotatedCaption",
+    "CaptionsReport",
     "ConceptBank",
     "ConceptError",
     "ConceptMatch",
@@ -413,6 +528,7 @@ __all__ = [
     "OfflineMatcher",
     "SpacyMatcher",
     "annotate_caption",
+    "inspect_captions",
     "load_spacy",
     "make_matcher",
     "normalize_name",

@@ -22,9 +22,9 @@ and parameter gradients are summed over the ranks: the same step as one process 
 batch [ours: an explicit gradient all-reduce instead of DistributedDataParallel, because the
 shares are not identical losses].
 
-Resuming: a checkpoint (``<out>/last.pt``) is written every ``save_every`` steps and after each
-epoch; the data order of an epoch is a function of (seed, epoch), and the checkpoint holds the
-optimizer state and the epoch's running sums, so a run killed and restarted with the same
+Resuming: a checkpoint (``<out>/last.pt``) is written every ``save_every`` steps and at the end
+(``save_every`` 0: after every epoch); the data order of an epoch is a function of (seed,
+epoch), and the checkpoint holds the optimizer state and the epoch's running sums, so a run killed and restarted with the same
 command ends with the same weights as an uninterrupted one. Provenance: feature set and its
 weights identity, caption file hash and join counts, concept bank hash and matcher, tokenizer,
 every hyperparameter.
@@ -106,8 +106,8 @@ class SimZSSTrainConfig:
         beta1, beta2, eps: AdamW moments and epsilon.
         warmup: fraction of the steps with linear warm-up.
         seed: initialisation and data-order seed.
-        save_every: write the checkpoint every this many steps (0: only after each epoch)
-            [ours: 500].
+        save_every: write the checkpoint every this many steps and after the last one (0:
+            after every epoch) [ours: 500].
         amp: bfloat16 autocast on CUDA devices.
         cache_gb: hold the training tokens in memory when they fit in this many GiB, else
             read them per step [ours: 4].
@@ -544,7 +544,8 @@ def _train(request: TrainRequest, progress: Any, ctx: Any) -> TrainResult:
                     )
                     history.append(rec)
                     running = {}
-                    save(epoch + 1)
+                    if not cfg.save_every or step % cfg.save_every == 0 or step == total:
+                        save(epoch + 1)
                     meter.report_epoch(rec)
                 elif cfg.save_every and step % cfg.save_every == 0:
                     save(epoch)

@@ -246,8 +246,9 @@ def test_lr_schedule_warmup_then_cosine():
 # a toy store: tokens = the sum of the directions of the classes painted in each patch
 
 CLASSES = ["dog", "grass", "car", "tree"]
+PLURAL = {"dog": "dogs", "grass": "grass", "car": "cars", "tree": "trees"}
 D = 8
-PROTO = Protocol("square", 28)
+PROTO = Protocol("short", 28)
 
 
 def _toy_store(tmp_path, n=8, seed=0, name="s.zarr"):
@@ -287,7 +288,7 @@ def _toy_store(tmp_path, n=8, seed=0, name="s.zarr"):
 def _captions(tmp_path, present, extra=()):
     rows = []
     for iid, (a, c) in present.items():
-        rows.append({"image": iid, "caption": f"a photo of a {a} next to some {c}s."})
+        rows.append({"image": iid, "caption": f"a photo of a {a} next to some {PLURAL[c]}."})
         rows.append({"image": iid, "caption": f"{c.capitalize()} and {a}"})
     rows += list(extra)
     p = tmp_path / "caps.jsonl"
@@ -297,7 +298,7 @@ def _captions(tmp_path, present, extra=()):
 
 def _cfg(caps, **kw):
     base = dict(
-        captions=str(caps), model="fake-dino", train_resize="square", train_size=28,
+        captions=str(caps), model="fake-dino", train_resize="short", train_size=28,
         text_width=16, text_layers=1, text_heads=2, context_length=16, epochs=6,
         batch_size=8, lr=0.05 * 256 / 8, save_every=0, seed=0,
     )  # fmt: skip
@@ -321,7 +322,7 @@ def test_training_decreases_loss_and_records_provenance(tmp_path):
     assert ev and ev[-1]["unit"] == "captions" and ev[-1]["items_per_s"] > 0
     ck = read_checkpoint(res.checkpoint)  # weights_only
     prov = ck["provenance"]
-    assert prov["features"]["key"] == "fake-dino@square28"
+    assert prov["features"]["key"] == "fake-dino@short28"
     assert prov["captions"]["sha256"].startswith("sha256:")
     assert prov["concepts"]["matcher"] == "offline" and len(prov["concepts"]["bank_key"]) == 16
     assert prov["config"]["lam"] == 0.05 and "open_clip" in prov["tokenizer"]["name"]
@@ -412,7 +413,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     store, present = _toy_store(tmp_path, n=2)
     req = lambda cfg: TrainRequest(str(store.path), cfg, out_dir=tmp_path / "o", device="cpu")  # noqa: E731
     with pytest.raises(OvssError, match="--captions"):
-        train_simzss(req(SimZSSTrainConfig(model="fake-dino", train_size=28)))
+        train_simzss(req(SimZSSTrainConfig(model="fake-dino", train_resize="short", train_size=28)))
     with pytest.raises(OvssError, match="no caption file"):
         train_simzss(req(_cfg(tmp_path / "missing.json")))
     bad = tmp_path / "bad.json"
@@ -432,3 +433,49 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         train_simzss(req(_cfg(caps, concepts=str(empty))))
     with pytest.raises(OvssError, match="multiple of text_heads"):
         _cfg(caps, text_width=15)
+
+
+def test_segment_with_the_trained_tower_and_its_cached_text_set(tmp_path):
+    from featurestore.text import get_text_embeddings, list_text_sets, parse_vocab
+    from methods.base import ScoringConfig
+    from methods.segment import build_segmenter, segment_image, vocab_from_text
+    from methods.simzss import SimZSSSegmenter, text_model_spec
+
+    store, present = _toy_store(tmp_path)
+    caps = _captions(tmp_path, present)
+    res = train_simzss(
+        # [test choice] λ = 1: on 16 captions the paper's 0.05 leaves the dense side untrained
+        TrainRequest(
+            str(store.path),
+            _cfg(caps, epochs=60, lam=1.0, save_every=1000),
+            out_dir=tmp_path / "o",
+            device="cpu",
+        )
+    )
+    spec = text_model_spec(res.checkpoint)
+    settings = {"checkpoint": res.checkpoint, "size": 28, "crop": 0, "stride": 0}
+    seg = build_segmenter(store, "simzss", None, settings)
+    assert isinstance(seg, SimZSSSegmenter) and seg.config.text_model == spec
+    assert SimZSSSegmenter.vocabulary_defaults(seg.config).text_model == spec
+    vocab = parse_vocab(",".join(CLASSES))
+    te = get_text_embeddings(store.path, spec, vocab, "single")
+    sets = list_text_sets(store.path)
+    assert len(sets) == 1 and sets[0]["key"].startswith("text/simzss-")
+    assert get_text_embeddings(store.path, spec, vocab, "single").key == te.key  # cached
+    v = vocab_from_text(te)
+    fs = store.feature_set("fake-dino@short28")
+    hits = 0
+    for i, iid in enumerate(store.image_ids):
+        cos, canvas = seg.cosine_logits(i, v)
+        assert cos.shape == (4, 28, 28) and tuple(canvas) == (28, 28)
+        labels, _, _ = segment_image(seg, i, v, ScoringConfig())
+        a, c = present[iid]
+        # left patch column holds class a, right column class c (rows of the 2x2 grid: a a / c c)
+        top, bottom = labels[:14].ravel(), labels[14:].ravel()
+        hits += int(np.bincount(top, minlength=4).argmax() == CLASSES.index(a))
+        hits += int(np.bincount(bottom, minlength=4).argmax() == CLASSES.index(c))
+    assert fs.store.n_images == 8 and hits >= 12, hits  # chance: 4 of 16
+    with pytest.raises(OvssError, match="--checkpoint"):
+        build_segmenter(store, "simzss", None, {"size": 28, "crop": 0, "stride": 0})
+    assert SimZSSSegmenter.scoring_presets("voc21")["prob_thd"] > 0
+    assert SimZSSSegmenter.scoring_presets("ade20k") == {}
