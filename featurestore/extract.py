@@ -61,6 +61,9 @@ class ExtractConfig:
         block_mb: target size of one block (= one chunk file per tensor).
         workers: image decoding threads.
         arch_overrides: architecture overrides (tiny test models of the real classes).
+        pos_interp: position-embedding resampling rule at non-native grids (``offset``,
+            ``size``, ``size-aa``; ``featurestore.backbones.posembed``); ``None``: each model's
+            authors' rule. Recorded in the feature set's provenance.
     """
 
     models: list[str]
@@ -79,6 +82,7 @@ class ExtractConfig:
     block_mb: float = DEFAULT_BLOCK_MB
     workers: int = 2
     arch_overrides: dict | None = None
+    pos_interp: str | None = None
 
 
 @dataclass
@@ -229,6 +233,7 @@ def plan(records: Sequence[ImageRecord], cfg: ExtractConfig) -> list[PlanRow]:
                 seed=cfg.seed,
                 layers=cfg.layers,
                 arch_overrides=cfg.arch_overrides,
+                **pos_interp_kwargs(cfg),
             )
         geos = geometries_for(sizes, bb, cfg.protocol)
         specs = bb.tensor_specs()
@@ -268,7 +273,14 @@ def build_backbone(name: str, cfg: ExtractConfig) -> Backbone:
         seed=cfg.seed,
         layers=tuple(cfg.layers),
         arch_overrides=cfg.arch_overrides,
+        **pos_interp_kwargs(cfg),
     )
+
+
+def pos_interp_kwargs(cfg: ExtractConfig) -> dict:
+    """``{"pos_interp": rule}`` when the call names one; else nothing, so every family (also
+    one without a position-embedding rule) builds with its authors' default."""
+    return {} if cfg.pos_interp is None else {"pos_interp": cfg.pos_interp}
 
 
 def extract(
