@@ -68,6 +68,7 @@ from methods.base import (
     ScoringConfig,
     Segmenter,
     Vocab,
+    VocabularyDefaults,
     register_method,
 )
 from methods.crf import CRFParams, crf_labels, resolve_backend
@@ -544,6 +545,14 @@ class PnPOVSS(Segmenter):
         cached = FeatureRequirement("blip", config.model, config.protocol, CACHE_TENSORS, "model")
         return [LiveModelRequirement("blip", config.model, cached=cached, model_field="model")]
 
+    @classmethod
+    def vocabulary_defaults(cls, config: PnPOVSSConfig) -> VocabularyDefaults:
+        """The method prompts BLIP with the class names; the driver's text embeddings (used
+        for score-map bookkeeping only) take one template [ours: ``single``]."""
+        return VocabularyDefaults(
+            text_model=config.text_model, templates="single", family=config.class_family
+        )
+
     def __init__(self, store: Any, config: PnPOVSSConfig, device: str | torch.device = "cpu"):
         super().__init__(store, config, device)
         self.crf_backend = "none" if config.crf == "none" else resolve_backend(config.crf)
@@ -594,12 +603,6 @@ class PnPOVSS(Segmenter):
             )
             blip.model.requires_grad_(False)
             blip.model.to(self.device)
-            if self.config.layer > blip.num_text_layers or self.config.head > blip.num_text_heads:
-                raise OvssError(
-                    f"{self.config.model} has {blip.num_text_layers} text layers of "
-                    f"{blip.num_text_heads} heads: layer {self.config.layer} / head "
-                    f"{self.config.head} do not exist"
-                )
             self._blip = blip
             fs = self.sets.get("blip")
             if fs is not None:
@@ -703,6 +706,12 @@ class PnPOVSS(Segmenter):
         indices), at ``layer`` / ``head`` (1-based; default: the config's)."""
         cfg = self.config
         blip = self.blip
+        layer, head = layer or cfg.layer, head or cfg.head
+        if layer > blip.num_text_layers or head > blip.num_text_heads:
+            raise OvssError(
+                f"{cfg.model} has {blip.num_text_layers} text layers of {blip.num_text_heads} "
+                f"heads: layer {layer} / head {head} do not exist"
+            )
         image = self.load_image(index)
         pixels = self._pixels(image)
         names = [vocab.class_names[c][0] for c in classes]
@@ -712,8 +721,8 @@ class PnPOVSS(Segmenter):
             blip,
             pixels,
             self.prompt(names),
-            (layer or cfg.layer) - 1,
-            (head or cfg.head) - 1,
+            layer - 1,
+            head - 1,
             cfg.rounds,
             cfg.dropout_rule,
             cfg.dropout_k,

@@ -707,6 +707,9 @@ from ovss_cli.align_cmd import align, cluster  # noqa: E402
 
 cli.add_command(align)
 cli.add_command(cluster)
+from ovss_cli.tune_cmd import tune  # noqa: E402
+
+cli.add_command(tune)
 from ovss_cli.captions_cmd import captions  # noqa: E402
 
 cli.add_command(captions)

@@ -57,6 +57,21 @@ METHOD_OPTIONS = [
         "option's type (a wrong one is an error naming the option and the type).",
     ),
     click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Method options from a JSON file (`ovss tune --out`, or a flat object of options); "
+        "equivalent to --set, which wins where both give an option.",
+    ),
+    click.option(
+        "--image-classes",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="pnp-ovss: JSON or CSV file of the classes in each image (image id -> classes); "
+        "same as --set image_classes=FILE. Default: every vocabulary class [ours].",
+    ),
+    click.option(
         "--checkpoint",
         type=click.Path(dir_okay=False),
         default=None,
@@ -160,12 +175,23 @@ METHOD_OPTIONS = [
 ]
 
 
+def _settings(config_file, settings, image_classes) -> dict[str, Any]:
+    """``--config FILE`` options, then ``--set`` (wins), then ``--image-classes``."""
+    from methods.tune import read_config_file
+
+    out: dict[str, Any] = dict(read_config_file(config_file)) if config_file else {}
+    out.update(parse_settings(settings))
+    if image_classes:
+        out["image_classes"] = image_classes
+    return out
+
+
 def _method_fields(kw: dict[str, Any]) -> dict[str, Any]:
     """Pop the shared method options from the command's keyword arguments into request
     fields; options not given are left out (the request's defaults apply)."""
     out = {
         "method": kw.pop("method"),
-        "settings": parse_settings(kw.pop("settings")),
+        "settings": _settings(kw.pop("config_file"), kw.pop("settings"), kw.pop("image_classes")),
         "checkpoint": kw.pop("checkpoint"),
         "sam_refine": kw.pop("sam_refine"),
         "logit_scale": kw.pop("logit_scale"),
