@@ -473,7 +473,11 @@ def test_device_auto_is_the_default_and_listed():
         r = CliRunner().invoke(cli, [*cmd, "--help"])
         assert r.exit_code == 0
         opt = next(p for p in cli.commands[cmd[0]].params if p.name == "device")
-        assert opt.default == "auto" and "auto" in r.output
+        # one default in one place: the option's, or (None here) the library request's
+        assert opt.default in ("auto", None) and "auto" in r.output
+    from methods.segment import MethodRequest
+
+    assert MethodRequest().device == "auto"
 
 
 # ------------------------------------------------------------------------------ DDP (torchrun)
