@@ -11,11 +11,12 @@ Pieces:
 - :func:`patch_labels` — majority label of the pixels under each patch (``min_frac``).
 - :class:`AlignmentModule` — ``block`` / ``mlp`` / ``linear`` variants (``--arch``).
 - :func:`tsupcon_loss`, :func:`supcon_loss`, :func:`proto_loss` — the loss and its ablations.
-- :func:`train_alignment` — SGD + cosine schedule over batches of images from the store, a
-  checkpoint with full provenance after every epoch, resume from the last checkpoint.
+- :class:`FMbSegTrainer` — the ``fmbseg`` trainer (``ovss align --method fmbseg``, the seam
+  of ``methods.train``): SGD + cosine schedule over batches of images from the store, a
+  checkpoint with full provenance after every epoch (``weights_only``-loadable), resume from
+  the last checkpoint, torchrun data parallel. :func:`train_alignment` is the same with class
+  embeddings given (the demo's call).
 - :func:`load_checkpoint` — the module and its provenance back.
-- :func:`text_identity` — the text encoder behind the class embeddings (weights identity,
-  templates, vocabulary key), recorded in the checkpoint with the feature set and labels.
 - :func:`resolve_device` — ``--device auto`` (the ``LOCAL_RANK`` GPU when CUDA exists, else
   Apple MPS when present, else cpu; under torchrun without CUDA: cpu, see
   :func:`setup_distributed`).
@@ -45,33 +46,61 @@ Choices marked **[ours]** are not fixed by the paper (no public code exists):
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import math
 import os
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from typing import Protocol as TypingProtocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed as dist  # noqa: F401  (tests patch ``methods.fmbseg.dist``)
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from featurestore import __version__
 from featurestore.errors import OvssError
 from featurestore.extract import resolve_device  # the shared --device rule (re-exported)
 from featurestore.protocol import Protocol
 from featurestore.store import STATUS_OK, FeatureSet, FeatureStore, ImageFeatures, set_key
+from methods.base import FeatureRequirement, Requirement, VocabularyDefaults
+from methods.train import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    DatasetLabelSource,
+    DistContext,
+    LabelRequest,
+    ProgressFn,
+    StepMeter,
+    StoreLabelSource,
+    TextOptions,
+    Trainer,
+    TrainRequest,
+    TrainResult,
+    checkpoint_provenance,
+    embed_classes,
+    get_loss,
+    list_losses,
+    now_utc,
+    open_labels,
+    read_checkpoint,
+    register_loss,
+    register_trainer,
+    resolve_text,
+    resume_state,
+    save_checkpoint,
+    setup_distributed,
+    text_identity,
+)
 
 __all__ = [
     "ARCHS",
     "LOSSES",
+    "LOSS_FAMILY",
     "AlignConfig",
+    "FMbSegTrainer",
     "AlignmentModule",
     "DatasetLabelSource",
     "LabelSource",
@@ -81,6 +110,7 @@ __all__ = [
     "patch_labels",
     "proto_loss",
     "resolve_device",
+    "setup_distributed",
     "supcon_loss",
     "text_identity",
     "train_alignment",
@@ -88,13 +118,12 @@ __all__ = [
 ]
 
 ARCHS = ("block", "mlp", "linear")
-LOSSES = ("tsupcon", "supcon", "proto")
+#: The loss family of alignment losses: ``fn(z (n, D), y (n,), t (K, D), tau) -> scalar``.
+LOSS_FAMILY = "patch-text"
 IGNORE = -1
 CHECKPOINT_FORMAT = 1
 #: Features of the training images are kept in memory when they fit in this many bytes.
 CACHE_BYTES = 2 << 30
-
-ProgressFn = Callable[[dict[str, Any]], None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,84 +204,6 @@ class LabelSource(TypingProtocol):
     def describe(self) -> dict[str, Any]:
         """JSON-safe provenance of the labels."""
         ...
-
-
-class StoreLabelSource:
-    """Labels from a label set of the store (e.g. pseudo-labels from ``--write-labels``)."""
-
-    def __init__(self, store: FeatureStore, name: str):
-        from featurestore.labelsets import LabelSet
-
-        self.set = LabelSet(store, name)
-        info = self.set.info
-        names = info.get("class_names")
-        if not names:
-            raise OvssError(f"label set '{name}' records no class names; it cannot train")
-        self.class_names = [list(c) if isinstance(c, list) else [str(c)] for c in names]
-        self.name = name
-
-    def labels(self, index: int) -> np.ndarray | None:
-        return self.set.read(index) if self.set.done[index] else None
-
-    def text_defaults(self) -> dict[str, str]:
-        """The CLIP model (role ``clip``) and template set that produced this label set, as
-        recorded by ``ovss segment --write-labels`` (empty when not recorded): Stage 2 aligns
-        to the same text space by default."""
-        rec = self.set.info.get("protocol") or {}
-        out = {}
-        clip = (rec.get("backbones") or {}).get("clip") or {}
-        if clip.get("model"):
-            out["text_model"] = str(clip["model"])
-        if rec.get("templates"):
-            out["templates"] = str(rec["templates"])
-        return out
-
-    def describe(self) -> dict[str, Any]:
-        info = self.set.info
-        return {
-            "kind": "label_set",
-            "name": self.name,
-            "created": info.get("created"),
-            "protocol": info.get("protocol"),
-        }
-
-
-class DatasetLabelSource:
-    """Ground-truth labels of a dataset (e.g. the demo's ``custom`` collages), by image id.
-
-    Args:
-        store: the store; its image ids are matched with the dataset's.
-        dataset: dataset name (``custom`` for the demo).
-        data_root: the dataset root.
-        split: only this split's images get labels (None: the dataset's default split).
-    """
-
-    def __init__(self, store: FeatureStore, dataset: str, data_root: str, split: str | None = None):
-        from featurestore.datasets import class_names, get_dataset, list_dataset_images
-
-        self.spec = get_dataset(dataset, data_root) if dataset == "custom" else get_dataset(dataset)
-        self.dataset, self.data_root, self.split = dataset, str(data_root), split
-        recs = list_dataset_images(dataset, data_root, split)
-        ids = {i: n for n, i in enumerate(store.image_ids)}
-        self.paths = {ids[r.image_id]: r.label_path for r in recs if r.image_id in ids}
-        if not self.paths:
-            raise OvssError(f"no {dataset} {split or ''} image of {data_root} is in the store")
-        self.class_names = [list(c) for c in class_names(dataset, data_root=data_root)]
-
-    def labels(self, index: int) -> np.ndarray | None:
-        from featurestore.labels import load_label
-
-        path = self.paths.get(index)
-        return None if path is None else load_label(self.spec, path)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "kind": "dataset",
-            "dataset": self.dataset,
-            "data_root": self.data_root,
-            "split": self.split,
-            "images": len(self.paths),
-        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,7 +405,11 @@ def supcon_loss(
     return -pos.mean()
 
 
-_LOSS_FNS = {"tsupcon": tsupcon_loss, "supcon": supcon_loss, "proto": proto_loss}
+register_loss("tsupcon", LOSS_FAMILY, "TSupCon (paper Eq. 1-4)")(tsupcon_loss)
+register_loss("supcon", LOSS_FAMILY, "SupCon (L_out), patches + the K text vectors")(supcon_loss)
+register_loss("proto", LOSS_FAMILY, "the prototype term only")(proto_loss)
+#: The alignment losses (``--loss``), from the registry.
+LOSSES = list_losses(LOSS_FAMILY)
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,31 +419,40 @@ _LOSS_FNS = {"tsupcon": tsupcon_loss, "supcon": supcon_loss, "proto": proto_loss
 
 @dataclass
 class AlignConfig:
-    """Hyperparameters of ``ovss align`` (all recorded in the checkpoint).
+    """Hyperparameters of ``ovss align --method fmbseg`` (all recorded in the checkpoint).
 
     Attributes:
-        arch: ``block`` | ``mlp`` | ``linear`` (module variants, METHODS.md §1.2).
-        loss: ``tsupcon`` | ``supcon`` | ``proto``.
-        tau: temperature of every dot product **[ours: 0.1]**; 1 = the paper's Eq. literally.
-        hidden_dim, heads, mlp_ratio: module width D_m **[ours: 512]**, heads **[ours: 8]**,
-            block MLP ratio **[ours: 4]**.
-        epochs: passes over the training images (paper: 10).
-        batch_images: images per optimisation step (paper: 5).
-        lr: initial SGD learning rate **[ours: 0.01]**, cosine-annealed to 0 per step.
-        momentum: SGD momentum (0.9).
-        weight_decay: **[ours: 1e-4]**.
-        min_frac: patch-label purity threshold **[ours: 0.5]**.
-        max_patches_per_image: > 0 samples that many labelled patches per image and step
-            (bounds the O(n²) loss memory) **[ours: 0 = all]**.
-        seed: init, shuffling and sampling seed **[ours: 0]**.
-        tensor: feature tensor read from the store (``patch``).
-        input_norm: standardise each input dimension with the mean/std of the training
-            patches (frozen, saved with the module) **[ours: on]**; without it SGD at lr 0.01
-            barely moves on features dominated by a shared mean direction.
+        arch: Module: Linear + one pre-norm transformer block (self-attention within one
+            window [ours]: the whole image for whole-image features; no positional embedding
+            [ours]) + Linear, a 2-layer GELU MLP, or one Linear.
+        loss: TSupCon (Eq. 1-4), SupCon (L_out) over patches + the K text vectors as samples
+            (averaged over the anchors that have a positive [ours]), or the prototype term
+            only (normalised by the classes in the batch [ours]). Each class is one prototype,
+            l2n(mean of its synonyms' embeddings) [ours].
+        tau: Temperature dividing every dot product [ours]; 1 = the paper's equations
+            literally.
+        hidden_dim: D_m, the module's hidden width [ours].
+        heads: Attention heads of the block [ours].
+        mlp_ratio: Hidden width of the block's MLP, times hidden_dim [ours].
+        epochs: Passes over the training images (paper: 10).
+        batch_images: Images per optimisation step (paper: 5).
+        lr: Initial SGD learning rate [ours], cosine-annealed to 0 per step.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay [ours].
+        min_frac: Patch label = the majority pixel label, ignore counted as a candidate (a
+            mostly ignore patch is ignored; a class wins a tie [ours]); the class must cover
+            this fraction of the patch's pixels [ours].
+        max_patches_per_image: Sample this many labelled patches per image and step (0: all)
+            [ours]; bounds the O(n^2) loss memory.
+        seed: Init, shuffling, sampling and random-init text seed [ours].
+        tensor: Feature tensor read from the store.
+        input_norm: Standardise each input dimension with the mean/std of the training
+            patches (frozen, saved with the module) [ours]; without it SGD at lr 0.01 barely
+            moves on features dominated by a shared mean direction.
     """
 
-    arch: str = "block"
-    loss: str = "tsupcon"
+    arch: str = field(default="block", metadata={"choices": ARCHS})
+    loss: str = field(default="tsupcon", metadata={"choices": LOSSES})
     tau: float = 0.1
     hidden_dim: int = 512
     heads: int = 8
@@ -653,204 +617,260 @@ def _batch_forward(
 
 
 # --------------------------------------------------------------------------------------------
-# distributed data parallel (torchrun)
+# The trainer (``ovss align --method fmbseg``)
+# --------------------------------------------------------------------------------------------
+
+#: The VFM input of Stage 2 (the ``fmbseg`` recipe: DINOv2-L/14, shorter side 448) [ours].
+VFM_MODEL = "dinov2-l14"
+VFM_PROTOCOL = Protocol(resize="short", size=448)
 
 
-@dataclass
-class DistContext:
-    """Where this process stands in a torchrun job (``world == 1``: a plain single process)."""
+@register_trainer
+class FMbSegTrainer(Trainer):
+    """Train an alignment module (FMbSeg Stage 2) on cached VFM patches and pixel labels.
 
-    rank: int = 0
-    world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    owned: bool = False  # this context initialised the process group and destroys it
+    Patch labels = majority pixel label (--min-frac); the module maps patches into CLIP text
+    space and is trained with TSupCon against the frozen class text embeddings (SGD, cosine
+    schedule, batches of images). A checkpoint with full provenance (feature set, label set,
+    vocabulary, text encoder weights / templates, hyperparameters, library versions) is written
+    after every epoch; rerunning the same command resumes from it. Segment with the aligned method
+    and --checkpoint OUT/last.pt.
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.owned and dist.is_initialized():
-            dist.destroy_process_group()
-            self.owned = False
-
-
-def setup_distributed(device: str | torch.device = "cpu") -> DistContext:
-    """Join the torchrun job described by the environment when ``WORLD_SIZE`` > 1.
-
-    The process group (``env://``: ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``)
-    uses gloo for a CPU ``device`` and nccl for CUDA, where ``LOCAL_RANK`` picks the GPU
-    (``auto``: see :func:`resolve_device`, except that with ``WORLD_SIZE`` > 1 and no CUDA
-    ``auto`` is the CPU, never MPS: gloo cannot carry MPS tensors). A group that is already
-    initialised is used as is (and left to its owner to destroy).
-
-    Raises:
-        OvssError: an MPS ``device`` with ``WORLD_SIZE`` > 1.
+    \b
+    [ours] choices (no public code): τ 0.1, lr 0.01, weight decay 1e-4, D_m 512, 8 heads,
+    MLP ratio 4, block attention within a window, one prototype per class = l2n(mean of its
+    synonyms' embeddings), SupCon averaged over anchors with a positive, input
+    standardisation, patch-label majority with ignore as a candidate and --min-frac 0.5.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and str(device).strip().lower() == "auto" and not torch.cuda.is_available():
-        device = "cpu"
-    dev = resolve_device(device)
-    if world <= 1:
-        return DistContext(device=dev)
-    if dev.type == "mps":
-        raise OvssError(
-            "--device mps cannot train under torchrun (gloo has no MPS tensors); use cpu or cuda"
-        )
-    if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(dev)
-    owned = not dist.is_initialized()
-    if owned:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return DistContext(dist.get_rank(), dist.get_world_size(), dev, owned)
 
-
-def _rank_slice(n: int, ctx: DistContext) -> slice:
-    """The contiguous share of rank ``ctx.rank`` of ``n`` items (sizes differ by at most 1;
-    concatenated in rank order the shares give the items back in order)."""
-    base, extra = divmod(n, ctx.world)
-    lo = ctx.rank * base + min(ctx.rank, extra)
-    return slice(lo, lo + base + (ctx.rank < extra))
-
-
-class _GatherRows(torch.autograd.Function):
-    """All ranks' rows concatenated in rank order (every rank gets the same tensor).
-
-    Every rank then evaluates the identical loss of the global batch, so the gradient arriving
-    here is already the full one on each rank: backward keeps this rank's rows, times the world
-    size, which the gradient averaging of DistributedDataParallel divides out again."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:  # type: ignore[override]
-        pad = x.new_zeros((max(sizes), *x.shape[1:]))
-        pad[: len(x)] = x
-        parts = [torch.empty_like(pad) for _ in sizes]
-        dist.all_gather(parts, pad)
-        ctx.sizes, ctx.rank = sizes, dist.get_rank()
-        return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)])
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        lo = sum(ctx.sizes[: ctx.rank])
-        return g[lo : lo + ctx.sizes[ctx.rank]] * len(ctx.sizes), None
-
-
-def _gather_batch(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    n = torch.tensor([len(z)], device=z.device)
-    ns = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(ns, n)
-    sizes = [int(v) for v in ns]
-    with torch.no_grad():
-        y_all = _GatherRows.apply(y, sizes)
-    return _GatherRows.apply(z, sizes), y_all
-
-
-def text_identity(
-    vocab: Any, text_model: str | None = None, store: Any = None, text: Any = None
-) -> dict[str, Any]:
-    """Identity of the text encoder and text set behind ``vocab``'s embeddings (JSON-safe).
-
-    Args:
-        vocab: the ``methods.base.Vocab`` trained against.
-        text_model: the CLIP registry name of its text tower.
-        store: a store (or path) where the text set is looked up when ``text`` is not given
-            (found only when ``vocab.templates`` names the template set and the cached
-            embeddings equal ``vocab``'s).
-        text: the ``featurestore.text.TextEmbeddings`` the vocabulary was made from.
-
-    Returns:
-        ``text_model``, ``templates`` (template-set name), ``text_weights`` (``sha256:...`` of
-        the checkpoint, ``random-init:SEED``, or None when unknown), ``text_arch_overrides``,
-        ``text_set`` (its key in the store) and ``vocabulary_key`` (the vocabulary's
-        16-hex-digit key: sha256 of its synonym lists).
-    """
-    from featurestore.text import Vocabulary, load_text_embeddings
-
-    names = [list(c) for c in vocab.class_names]
-    out: dict[str, Any] = {
-        "text_model": text_model,
-        "templates": getattr(vocab, "templates", "") or None,
-        "text_weights": None,
-        "text_arch_overrides": None,
-        "text_set": None,
-        "vocabulary_key": Vocabulary.from_names(names).key(),
-    }
-    if text is None and store is not None and text_model and out["templates"]:
-        try:
-            te = load_text_embeddings(
-                store, text_model, Vocabulary.from_names(names), out["templates"]
-            )
-            same = tuple(te.embeddings.shape) == tuple(vocab.embeddings.shape) and np.allclose(
-                te.embeddings, vocab.embeddings.float().cpu().numpy(), atol=1e-6
-            )
-            text = te if same else None
-        except OvssError:
-            text = None
-    if text is not None:
-        out.update(
-            text_model=text_model or text.text_model,
-            templates=text.template_set,
-            text_weights=text.weights or None,
-            text_arch_overrides=text.provenance.get("encoder", {}).get("arch_overrides"),
-            text_set=text.key,
-            vocabulary_key=text.provenance.get("vocabulary", {}).get("key")
-            or out["vocabulary_key"],
-        )
-    return out
-
-
-def _provenance(
-    fs: FeatureSet,
-    vocab: Any,
-    source: LabelSource,
-    cfg: AlignConfig,
-    d_in: int,
-    d_out: int,
-    text: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    prov = fs.provenance
-    return {
-        "features": {
-            "key": fs.key,
-            "model": prov["model"],
-            "protocol": prov["protocol"],
-            "weights": prov["backbone"].get("weights"),
-            "tensor": cfg.tensor,
-            "store": fs.store.path,
-        },
-        "vocabulary": {
-            "class_names": [list(c) for c in vocab.class_names],
-            "source": getattr(vocab, "source", ""),
-            "templates": getattr(vocab, "templates", ""),
-            "text_model": getattr(vocab, "text_model", None),
-            **(text or {}),
-        },
-        "labels": source.describe(),
-        "config": dataclasses.asdict(cfg),
-        "dims": {"in": d_in, "out": d_out},
-        "ovss_version": __version__,
+    name = "fmbseg"
+    Config = AlignConfig
+    doc = "FMbSeg Stage 2: alignment module on VFM patches, TSupCon against class text (align)"
+    needs_labels = True
+    segment_method = "aligned"
+    smoke_overrides: ClassVar[dict[str, Any]] = {
+        "arch": "block",
+        "hidden_dim": 8,
+        "heads": 2,
+        "mlp_ratio": 2.0,
+        "epochs": 2,
+        "batch_images": 8,
+        "lr": 0.5,
+        "max_patches_per_image": 16,
     }
 
+    @classmethod
+    def requirements(cls, config: AlignConfig) -> list[Requirement]:
+        """FMbSeg Stage 1's sets (CLIP-L/14 windows, SAM-H; its pseudo-labels are the training
+        labels) and Stage 2's input, DINOv2-L/14 at shorter side 448 [ours] (the training
+        options do not change them: no model field)."""
+        from methods.fmbseg_stage1 import FMbSegStage1Config, FMbSegStage1Segmenter
 
-def _same_run(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between two provenances (a resume must match exactly: the
-    cosine schedule depends on ``epochs``, so a longer run is a new run)."""
-    diff = [k for k in ("features", "vocabulary", "labels", "dims") if a.get(k) != b.get(k)]
-    ca, cb = a["config"], b["config"]
-    diff += [f"config.{k}" for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
-    return diff
+        stage1 = FMbSegStage1Segmenter.requirements(FMbSegStage1Config())
+        vfm = FeatureRequirement("vfm", VFM_MODEL, VFM_PROTOCOL, (config.tensor,))
+        return [dataclasses.replace(r, model_field="") for r in stage1] + [vfm]
 
+    @classmethod
+    def vocabulary_defaults(cls, config: AlignConfig) -> VocabularyDefaults:
+        """The pipeline's text side (``extract --for fmbseg``): Stage 1's CLIP (clip-l14) and
+        the paper's one template (``single``), SCLIP class files."""
+        from methods.fmbseg_stage1 import FMbSegStage1Config, FMbSegStage1Segmenter
 
-def _save_atomic(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+        return FMbSegStage1Segmenter.vocabulary_defaults(FMbSegStage1Config())
+
+    @classmethod
+    def training_text_defaults(cls, config: AlignConfig) -> VocabularyDefaults:
+        """When the label set records no CLIP (e.g. a dataset's GT): clip-b16 with ``single``
+        [ours]."""
+        return VocabularyDefaults(text_model="clip-b16", templates="single", family="sclip")
+
+    def fit(self, request: TrainRequest, progress: ProgressFn | None = None) -> TrainResult:
+        """Train (or resume) an alignment module; returns the result with ``last.pt``.
+
+        ``request.features`` names the VFM feature set (None: ``dinov2-l14@short448``);
+        ``request.labels`` the pixel labels (class k = label k); ``request.vocab`` (optional)
+        class embeddings to use as they are, else the labels' class names are embedded with
+        ``request.text`` (explicit > the label set's recorded CLIP and templates > clip-b16 and
+        ``single``). ``request.out_dir`` default: ``<store>/../align/<feature set>-<arch>-<loss>``.
+        A checkpoint of another run (other features, vocabulary, labels or hyperparameters) in
+        ``out_dir`` is an error unless ``request.restart``; a finished run returns at once.
+
+        The checkpoint dict holds ``module`` (state dict), ``optimizer``, ``epoch``, ``step``,
+        ``history`` (per-epoch mean loss, patch accuracy vs the class prototypes, seconds,
+        images/s) and ``provenance`` (see ``methods.train.checkpoint_provenance``).
+
+        Under torchrun (``WORLD_SIZE`` > 1, see ``methods.train.setup_distributed``) the module
+        is wrapped in DistributedDataParallel and each step's images are split into contiguous
+        per-rank shares; the ranks' aligned patches are gathered so every rank evaluates the
+        loss of the whole step's batch, the same objective (and, up to floating-point summation
+        order, the same gradient) as one process. Only rank 0 reports progress and writes the
+        checkpoint; rank 0 embeds the classes first and every rank stops with its error.
+        """
+        cfg = request.config if request.config is not None else AlignConfig()
+        with setup_distributed(request.device) as ctx:
+            return self._fit(request, cfg, ctx, progress if ctx.rank == 0 else None)
+
+    def _fit(
+        self,
+        request: TrainRequest,
+        cfg: AlignConfig,
+        ctx: DistContext,
+        progress: ProgressFn | None,
+    ) -> TrainResult:
+        store = FeatureStore.open(request.store)
+        source = open_labels(store, request.labels)
+        if source is None:
+            raise OvssError(
+                "fmbseg trains on pixel labels: give a label set of the store or a dataset's GT"
+            )
+        vocab, te, text_model = request.vocab, request.text_embeddings, request.text.text_model
+        if vocab is None:
+            text_model, templates = resolve_text(
+                request.text, source, self.training_text_defaults(cfg)
+            )
+            vocab, te = ctx.rank0_first(
+                lambda: embed_classes(
+                    request.store, source.class_names, text_model, templates, request.text, cfg.seed
+                )
+            )
+        fs = _resolve_features(store, request.features or (VFM_MODEL, VFM_PROTOCOL))
+        if cfg.tensor not in fs.tensor_names:
+            raise OvssError(f"feature set '{fs.key}' has no tensor '{cfg.tensor}'")
+        if len(source.class_names) != vocab.num_classes:
+            raise OvssError(
+                f"the labels have {len(source.class_names)} classes but the vocabulary has "
+                f"{vocab.num_classes}: embed the labels' classes"
+            )
+        dev = ctx.device
+        protos = _class_prototypes(vocab).to(dev)
+        d_in = int(np.prod(next(s.row_shape for s in fs.specs if s.name == cfg.tensor)))
+        d_out = int(protos.shape[1])
+        prov = checkpoint_provenance(
+            self.name,
+            cfg,
+            features=fs,
+            tensor=cfg.tensor,
+            vocabulary={
+                "class_names": [list(c) for c in vocab.class_names],
+                "source": getattr(vocab, "source", ""),
+                "templates": getattr(vocab, "templates", ""),
+                "text_model": getattr(vocab, "text_model", None),
+                **text_identity(vocab, text_model, store, te),
+            },
+            labels=source.describe(),
+            dims={"in": d_in, "out": d_out},
+        )
+        out = (
+            Path(request.out_dir)
+            if request.out_dir
+            else Path(request.store).parent
+            / "align"
+            / (f"{fs.key.replace('@', '_')}-{cfg.arch}-{cfg.loss}")
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_path = out / CHECKPOINT_NAME
+
+        torch.manual_seed(cfg.seed)
+        module = AlignmentModule(d_in, d_out, cfg.arch, cfg.hidden_dim, cfg.heads, cfg.mlp_ratio)
+        module.to(dev)
+        opt = torch.optim.SGD(
+            module.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        data = prepare_training_data(fs, source, cfg, progress)
+        if cfg.input_norm:
+            module.set_input_stats(data.mean.to(dev), data.std.to(dev))
+        steps_per_epoch = math.ceil(len(data.indices) / cfg.batch_images)
+        total = steps_per_epoch * cfg.epochs
+        start_epoch, step, history = 0, 0, []
+        ck = resume_state(ckpt_path, prov, request.restart, map_location=dev)
+        if ck is not None:
+            module.load_state_dict(ck["module"])
+            opt.load_state_dict(ck["optimizer"])
+            start_epoch, step, history = int(ck["epoch"]), int(ck["step"]), list(ck["history"])
+        model: nn.Module = module
+        if ctx.world > 1:
+            model = DistributedDataParallel(
+                module, device_ids=[dev.index] if dev.type == "cuda" else None
+            )
+        created = now_utc()
+        loss_fn = get_loss(cfg.loss, LOSS_FAMILY)
+        meter = StepMeter(progress, cfg.epochs, total, unit="images")
+
+        def lr_at(s: int) -> float:
+            return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(s, total) / total))
+
+        for epoch in range(start_epoch, cfg.epochs):
+            meter.start_epoch()
+            module.train()
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            order = [data.indices[j] for j in torch.randperm(len(data.indices), generator=gen)]
+            losses, correct, seen = [], 0, 0
+            for b in range(steps_per_epoch):
+                batch = order[b * cfg.batch_images : (b + 1) * cfg.batch_images]
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step)
+                masks = _patch_selection(data, batch, cfg, gen)
+                share = ctx.rank_slice(len(batch))
+                z, y = _batch_forward(model, fs, data, batch[share], masks[share], cfg, dev, d_in)
+                z, y = ctx.gather_rows(z, y)
+                if len(z) == 0:
+                    step += 1
+                    continue
+                loss = loss_fn(z, y, protos, cfg.tau)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                losses.append(float(loss.detach()))
+                with torch.no_grad():
+                    correct += int(((z @ protos.T).argmax(1) == y).sum())
+                    seen += len(y)
+                meter.step(epoch + 1, step, losses[-1], lr_at(step), len(batch))
+            history.append(
+                meter.end_epoch(
+                    {
+                        "epoch": epoch + 1,
+                        "loss": float(np.mean(losses)) if losses else None,
+                        "patch_acc": correct / max(seen, 1),
+                    }
+                )
+            )
+            ctx.barrier()
+            if ctx.rank == 0:
+                save_checkpoint(
+                    {
+                        "format": CHECKPOINT_FORMAT,
+                        "trainer": self.name,
+                        "module": module.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "epoch": epoch + 1,
+                        "step": step,
+                        "history": history,
+                        "provenance": {**prov, "created": created},
+                        "train_images": len(data.indices),
+                        "world_size": ctx.world,
+                    },
+                    ckpt_path,
+                )
+            ctx.barrier()
+            meter.report_epoch(history[-1])
+        return TrainResult(
+            trainer=self.name,
+            checkpoint=str(ckpt_path),
+            epochs_done=cfg.epochs,
+            steps_done=step,
+            history=history,
+            provenance=prov,
+            summary={"train_images": len(data.indices)},
+            rank=ctx.rank,
+            world_size=ctx.world,
+            segment_method=self.segment_method,
+        )
 
 
 def train_alignment(
     store_path: str,
-    features: str | tuple[str, Protocol],
+    features: str | tuple[str, Protocol] | None,
     label_source: str | LabelSource,
     vocab: Any,
     cfg: AlignConfig | None = None,
@@ -861,216 +881,59 @@ def train_alignment(
     text_model: str | None = None,
     text: Any = None,
 ) -> Path:
-    """Train an alignment module from the store; returns the checkpoint path (``last.pt``).
+    """``FMbSegTrainer().fit`` with class embeddings given; returns the checkpoint path.
 
     Args:
         store_path: the feature store.
         features: feature set key (``dinov2-l14@short448``), a model name with a single set in
             the store, or ``(model, Protocol)``.
         label_source: a label set name in the store or a :class:`LabelSource` (e.g.
-            :class:`DatasetLabelSource` for a dataset's GT, as the demo does).
+            ``DatasetLabelSource`` for a dataset's GT, as the demo does).
         vocab: a ``methods.base.Vocab`` whose classes are the label indices (class k = label k);
             its embeddings ``(Q, D_t)`` are frozen text prototypes.
         cfg: hyperparameters (:class:`AlignConfig`).
         progress: called with dicts ``{"stage", "epoch", "step", "steps", "loss", "lr", ...}``.
         out_dir: where ``last.pt`` lives (default ``<store>/../align/<feature set>-<arch>-<loss>``).
         device: torch device for the module (features are moved there per batch).
-        resume: continue from ``out_dir/last.pt`` when it was made by the same run (same
-            features, vocabulary, labels and hyperparameters); a finished run returns at once;
-            False starts over. A mismatching checkpoint is an error unless ``resume=False``.
+        resume: continue from ``out_dir/last.pt`` when it was made by the same run; False starts
+            over.
         text_model: recorded in the checkpoint (the CLIP text model of ``vocab``).
-        text: the ``featurestore.text.TextEmbeddings`` behind ``vocab``: the text encoder's
-            identity (weights ``sha256:...`` / ``random-init:SEED``, templates, vocabulary key,
-            text set) is recorded from it; without it the store's text set of ``text_model``
-            and ``vocab.templates`` is used when its embeddings equal ``vocab``'s (see
-            :func:`text_identity`).
-
-    Returns:
-        The checkpoint path. Its dict holds ``module`` (state dict), ``optimizer``, ``epoch``,
-        ``step``, ``history`` (per-epoch mean loss, patch accuracy vs the class prototypes,
-        seconds) and ``provenance`` (feature set, vocabulary, label set, hyperparameters).
-
-    Under torchrun (``WORLD_SIZE`` > 1, see :func:`setup_distributed`) the module is wrapped in
-    DistributedDataParallel and each step's images are split into contiguous per-rank shares;
-    the ranks' aligned patches are gathered so every rank evaluates the loss of the whole
-    step's batch, the same objective (and, up to floating-point summation order, the same
-    gradient) as one process. Only rank 0 reports progress and writes the checkpoint.
+        text: the ``featurestore.text.TextEmbeddings`` behind ``vocab`` (its identity is
+            recorded; without it the store's matching text set is looked up, see
+            ``methods.train.text_identity``).
     """
-    ctx = setup_distributed(device)
-    try:
-        return _train_alignment(
-            store_path,
-            features,
-            label_source,
-            vocab,
-            cfg,
-            progress,
-            out_dir,
-            ctx,
-            resume,
-            text_model,
-            text,
-        )
-    finally:
-        ctx.close()
-
-
-def _train_alignment(
-    store_path: str,
-    features: str | tuple[str, Protocol],
-    label_source: str | LabelSource,
-    vocab: Any,
-    cfg: AlignConfig | None,
-    progress: ProgressFn | None,
-    out_dir: str | os.PathLike | None,
-    ctx: DistContext,
-    resume: bool,
-    text_model: str | None,
-    text: Any = None,
-) -> Path:
-    cfg = cfg or AlignConfig()
-    if ctx.rank != 0:
-        progress = None
-    store = FeatureStore.open(store_path)
-    fs = _resolve_features(store, features)
-    if cfg.tensor not in fs.tensor_names:
-        raise OvssError(f"feature set '{fs.key}' has no tensor '{cfg.tensor}'")
-    source = (
-        StoreLabelSource(store, label_source) if isinstance(label_source, str) else label_source
+    labels = LabelRequest(set_name=label_source) if isinstance(label_source, str) else label_source
+    request = TrainRequest(
+        store=str(store_path),
+        config=cfg,
+        features=features,
+        labels=labels,
+        vocab=vocab,
+        text_embeddings=text,
+        text=TextOptions(text_model=text_model),
+        out_dir=out_dir,
+        restart=not resume,
+        device=device,
     )
-    if len(source.class_names) != vocab.num_classes:
-        raise OvssError(
-            f"the labels have {len(source.class_names)} classes but the vocabulary has "
-            f"{vocab.num_classes}: embed the labels' classes"
-        )
-    dev = ctx.device
-    protos = _class_prototypes(vocab).to(dev)
-    d_in = int(np.prod(next(s.row_shape for s in fs.specs if s.name == cfg.tensor)))
-    d_out = int(protos.shape[1])
-    ident = text_identity(vocab, text_model, store, text)
-    prov = _provenance(fs, vocab, source, cfg, d_in, d_out, ident)
-    out = (
-        Path(out_dir)
-        if out_dir
-        else Path(store_path).parent
-        / "align"
-        / (f"{fs.key.replace('@', '_')}-{cfg.arch}-{cfg.loss}")
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "last.pt"
-
-    torch.manual_seed(cfg.seed)
-    module = AlignmentModule(d_in, d_out, cfg.arch, cfg.hidden_dim, cfg.heads, cfg.mlp_ratio)
-    module.to(dev)
-    opt = torch.optim.SGD(
-        module.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
-    data = prepare_training_data(fs, source, cfg, progress)
-    if cfg.input_norm:
-        module.set_input_stats(data.mean.to(dev), data.std.to(dev))
-    steps_per_epoch = math.ceil(len(data.indices) / cfg.batch_images)
-    total = steps_per_epoch * cfg.epochs
-    start_epoch, step, history = 0, 0, []
-    if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
-        diff = _same_run(ck["provenance"], prov)
-        if diff:
-            raise OvssError(
-                f"{ckpt_path} was trained with other {', '.join(diff)}; pass --restart (or "
-                "another --out) to train from scratch"
-            )
-        module.load_state_dict(ck["module"])
-        opt.load_state_dict(ck["optimizer"])
-        start_epoch, step, history = int(ck["epoch"]), int(ck["step"]), list(ck["history"])
-    model: nn.Module = module
-    if ctx.world > 1:
-        model = DistributedDataParallel(
-            module, device_ids=[dev.index] if dev.type == "cuda" else None
-        )
-    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-    def lr_at(s: int) -> float:
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(s, total) / total))
-
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        module.train()
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        order = [data.indices[j] for j in torch.randperm(len(data.indices), generator=gen)]
-        losses, correct, seen = [], 0, 0
-        for b in range(steps_per_epoch):
-            batch = order[b * cfg.batch_images : (b + 1) * cfg.batch_images]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            masks = _patch_selection(data, batch, cfg, gen)
-            share = _rank_slice(len(batch), ctx)
-            z, y = _batch_forward(model, fs, data, batch[share], masks[share], cfg, dev, d_in)
-            if ctx.world > 1:
-                z, y = _gather_batch(z, y)
-            if len(z) == 0:
-                step += 1
-                continue
-            loss = _LOSS_FNS[cfg.loss](z, y, protos, cfg.tau)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            losses.append(float(loss.detach()))
-            with torch.no_grad():
-                correct += int(((z @ protos.T).argmax(1) == y).sum())
-                seen += len(y)
-            if progress:
-                progress(
-                    {
-                        "stage": "train",
-                        "epoch": epoch + 1,
-                        "epochs": cfg.epochs,
-                        "step": step,
-                        "steps": total,
-                        "loss": losses[-1],
-                        "lr": lr_at(step),
-                    }
-                )
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "loss": float(np.mean(losses)) if losses else None,
-                "patch_acc": correct / max(seen, 1),
-                "seconds": round(time.perf_counter() - t0, 3),
-            }
-        )
-        ctx.barrier()
-        if ctx.rank == 0:
-            _save_atomic(
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "module": module.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "history": history,
-                    "provenance": {**prov, "created": created},
-                    "train_images": len(data.indices),
-                    "world_size": ctx.world,
-                },
-                ckpt_path,
-            )
-        ctx.barrier()
-        if progress:
-            progress({"stage": "epoch", **history[-1], "epochs": cfg.epochs})
-    return ckpt_path
+    return Path(FMbSegTrainer().fit(request, progress).checkpoint)
 
 
 def load_checkpoint(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[AlignmentModule, dict[str, Any]]:
-    """The trained module (eval mode) and the checkpoint dict (without weights)."""
+    """The trained module (eval mode) and the checkpoint dict (without weights).
+
+    Loaded with ``weights_only=True`` (``methods.train.read_checkpoint``): a file holding
+    pickled objects is refused with a one-line error.
+    """
     p = Path(path)
     if not p.is_file():
-        raise OvssError(f"no alignment checkpoint at {p}; train one with 'ovss align'")
-    ck = torch.load(p, map_location=device, weights_only=False)
+        raise CheckpointError(f"no alignment checkpoint at {p}", str(p), "missing")
+    ck = read_checkpoint(p, device)
     if ck.get("format") != CHECKPOINT_FORMAT:
-        raise OvssError(f"{p} is not an ovss alignment checkpoint (format {ck.get('format')})")
+        raise CheckpointError(
+            f"{p} is not an ovss alignment checkpoint (format {ck.get('format')})", str(p), "format"
+        )
     prov = ck["provenance"]
     c = prov["config"]
     module = AlignmentModule(

@@ -1,8 +1,8 @@
 """The trainer seam: ``ovss align --method NAME`` for every method that trains something.
 
 A trainer is **one module** with a :class:`Trainer` subclass registered with
-``@register_trainer`` (add the module to :func:`_import_trainers` to have it loaded by the
-registry, or import it before the CLI runs). The subclass declares:
+``@register_trainer`` (one import line in ``methods/__init__.py`` loads it with the registry;
+a module imported before the CLI runs registers itself the same way). The subclass declares:
 
 - ``name`` (``ovss align --method NAME``, ``extract --for NAME``) and ``doc`` (one line for
   ``ovss methods``); its class docstring is the long help of ``ovss align --method NAME``.
@@ -10,10 +10,11 @@ registry, or import it before the CLI runs). The subclass declares:
   ``Attributes:`` section. ``ovss align --method NAME --help`` lists one generated option per
   field (``methods.config``); the whole config is recorded in every checkpoint.
 - ``requirements(config)``: the feature sets it needs (``extract --for NAME`` plans them).
-- ``presets(dataset)``, ``vocabulary_defaults(config)`` (text model / templates when neither
-  the user nor the label set says), ``needs_labels``, ``segment_method`` (the method that
-  segments with its checkpoint), ``smoke_overrides`` (config values for a two-step run on a toy
-  store; the registry tests train every trainer with them).
+- ``presets(dataset)``, ``vocabulary_defaults(config)`` (the text side ``extract --for NAME``
+  plans), ``training_text_defaults(config)`` (text model / templates ``fit`` uses when neither
+  the user nor the label set says; default: ``vocabulary_defaults``), ``needs_labels``, ``segment_method`` (the method that
+  segments with its checkpoint), ``smoke_overrides`` / ``smoke_config`` (config values for a
+  two-step run on a toy store; the registry tests train every trainer with them).
 - ``fit(request, progress) -> TrainResult``: ``request`` is a :class:`TrainRequest` (store,
   feature set, label source, text options, output folder, restart, device, the typed config).
 
@@ -235,6 +236,20 @@ class Trainer(Component):
             owner=f"trainer {cls.name}",
         )
 
+    @classmethod
+    def training_text_defaults(cls, config: Any) -> VocabularyDefaults:
+        """Text model and templates ``fit`` embeds the labels' classes with when neither the
+        user nor the label set says. Default: :meth:`vocabulary_defaults`."""
+        return cls.vocabulary_defaults(config)
+
+    @classmethod
+    def smoke_config(cls, workdir: Path, store: Any) -> dict[str, Any]:
+        """Config values for a two-step run (two epochs of one step) on a toy store of a few
+        images holding the required feature sets: the registry tests call it. Default:
+        ``smoke_overrides``; a trainer that needs input files (captions...) writes tiny ones
+        under ``workdir`` and returns their paths in its values."""
+        return dict(cls.smoke_overrides)
+
     def fit(self, request: TrainRequest, progress: ProgressFn | None = None) -> TrainResult:
         """Train (or resume) and write the checkpoint; see :class:`TrainRequest`."""
         raise NotImplementedError
@@ -248,6 +263,9 @@ def register_trainer(cls: type[Trainer]) -> type[Trainer]:
 
 
 def _import_trainers() -> None:
+    """Load the registry: the package ``__init__`` imports every trainer module (one line
+    each); ``fmbseg``, the default of ``ovss align``, is imported here as well."""
+    import methods  # noqa: F401
     from methods import fmbseg  # noqa: F401
 
 
@@ -822,8 +840,7 @@ def resume_state(
     diff = differing(ck.get("provenance") or {}, provenance, keys)
     if diff:
         raise CheckpointError(
-            f"{p} was trained with other {', '.join(diff)}; pass --restart (or another --out) "
-            "to train from scratch",
+            f"{p} was trained with other {', '.join(diff)}",
             str(p),
             "mismatch",
             tuple(diff),

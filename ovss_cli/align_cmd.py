@@ -1,14 +1,34 @@
-"""``ovss align`` (FMbSeg Stage 2 training) and ``ovss cluster`` (k-means masks / codebooks)."""
+"""``ovss align`` (every registered trainer; FMbSeg Stage 2 by default) and ``ovss cluster``
+(k-means masks / codebooks).
+
+``ovss align`` resolves ``--method`` first and then offers that trainer's options, generated
+from its ``Config`` dataclass (``ovss_cli.common.config_options``): ``ovss align --method X
+--help`` lists X's options. The command parses, builds a ``methods.train.TrainRequest``, calls
+the trainer's ``fit`` and renders the result.
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import click
 
 from ovss_cli import render
-from ovss_cli.common import parse_overrides, user_errors
+from ovss_cli.common import (
+    collect_config,
+    config_options,
+    json_option,
+    parse_overrides,
+    parse_settings,
+    quiet_option,
+    user_errors,
+)
+from ovss_cli.hints import hint_for
+
+#: ``ovss align`` without ``--method`` trains this trainer.
+DEFAULT_TRAINER = "fmbseg"
 
 
 def _text_options(fn):
@@ -16,14 +36,16 @@ def _text_options(fn):
         click.option(
             "--text-model",
             default=None,
-            help="CLIP model whose text tower embeds the classes (align default: the CLIP "
-            "recorded by the --labels set, else clip-b16; cluster default: the checkpoint's).",
+            help="Text encoder that embeds the classes (align default: the CLIP recorded by "
+            "the --labels set, else the trainer's, clip-b16 for fmbseg; cluster default: the "
+            "checkpoint's).",
         ),
         click.option(
             "--templates",
             default=None,
-            help="Prompt template set (default single: the paper's one template 'a photo of "
-            "a {}.'; align with --labels: the set recorded by the label set).",
+            help="Prompt template set (align default: the set recorded by the --labels set, "
+            "else the trainer's: fmbseg uses the paper's one template 'a photo of a {}.', "
+            "single; cluster default: the checkpoint's).",
         ),
         click.option(
             "--text-random-init",
@@ -39,7 +61,7 @@ def _text_options(fn):
         click.option(
             "--text-weights",
             type=click.Path(dir_okay=False),
-            help="Checkpoint of the CLIP text tower (else the usual resolution).",
+            help="Checkpoint of the text tower (else the usual resolution).",
         ),
     ]
     for o in reversed(opts):
@@ -72,155 +94,181 @@ def _embed(store_path, class_names, text_model, templates, random_init, arch, we
     return vocab_from_text(te, source=vocab.describe()), te
 
 
-def _rank0_first(ctx, fn):
-    """``fn()`` on rank 0 first (it fills the store's text cache), then on the other ranks.
-
-    With ``ctx.world`` > 1 rank 0 broadcasts ``None`` or its error message in place of a
-    barrier, so a failure there raises the same one-line ``OvssError`` on every rank instead of
-    leaving the others waiting until the collective times out.
-    """
-    if ctx.world <= 1:
-        return fn()
-    import torch.distributed as dist
-
-    from featurestore.errors import OvssError
-
-    msg: list[str | None] = [None]
-    if ctx.rank == 0:
-        try:
-            out = fn()
-        except OvssError as e:
-            msg[0] = str(e)
-        except Exception as e:
-            msg[0] = f"rank 0 failed to embed the classes: {type(e).__name__}: {e}"
-            dist.broadcast_object_list(msg, src=0)
-            raise
-        dist.broadcast_object_list(msg, src=0)
-        if msg[0] is not None:
-            raise OvssError(msg[0])
-        return out
-    dist.broadcast_object_list(msg, src=0)
-    if msg[0] is not None:
-        raise OvssError(msg[0])
-    return fn()
+# -- ovss align ----------------------------------------------------------------------------------
 
 
-@click.command()
-@click.option("--store", "-s", "store_path", required=True, help="Feature store to train from.")
-@click.option(
-    "--method",
-    type=click.Choice(["fmbseg"]),
-    default="fmbseg",
-    show_default=True,
-    help="Alignment method (FMbSeg Stage 2, METHODS.md §1.2).",
-)
-@click.option(
-    "--features",
-    required=True,
-    help="VFM feature set: a key (dinov2-l14@short448) or a model with one set in the store.",
-)
-@click.option(
-    "--labels",
-    "label_set",
-    help="Label set of the store with the pixel labels, e.g. Stage-1 pseudo-labels from "
-    "`ovss segment --method fmbseg-stage1 --write-labels NAME`; its class names are embedded.",
-)
-@click.option(
-    "--gt-dataset",
-    help="Train on a dataset's ground truth instead of a label set (e.g. 'custom' for the demo).",
-)
-@click.option("--data-root", type=click.Path(file_okay=False), help="Root of --gt-dataset.")
-@click.option("--split", default=None, help="Split of --gt-dataset used for training.")
-@click.option(
-    "--loss",
-    type=click.Choice(["tsupcon", "supcon", "proto"]),
-    default="tsupcon",
-    show_default=True,
-    help="TSupCon (Eq. 1-4), SupCon (L_out) over patches + the K text vectors as samples "
-    "(averaged over the anchors that have a positive [ours]), or the prototype term ℓt only "
-    "(normalised by the classes in the batch [ours]). Each class is one prototype, "
-    "l2n(mean of its synonyms' embeddings) [ours].",
-)
-@click.option(
-    "--arch",
-    type=click.Choice(["block", "mlp", "linear"]),
-    default="block",
-    show_default=True,
-    help="Module: Linear + one pre-norm transformer block (self-attention within one window "
-    "[ours]: the whole image for whole-image features; no positional embedding [ours]) + "
-    "Linear, a 2-layer GELU MLP, or one Linear.",
-)
-@click.option(
-    "--tau",
-    type=float,
-    default=0.1,
-    show_default=True,
-    help="Temperature dividing every dot product [ours]; 1 = the paper's equations literally.",
-)
-@click.option("--epochs", type=int, default=10, show_default=True, help="Epochs (paper: 10).")
-@click.option(
-    "--batch-images", type=int, default=5, show_default=True, help="Images per step (paper: 5)."
-)
-@click.option(
-    "--lr",
-    type=float,
-    default=0.01,
-    show_default=True,
-    help="SGD learning rate [ours], cosine-annealed to 0 per step.",
-)
-@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True, help="[ours].")
-@click.option(
-    "--min-frac",
-    type=float,
-    default=0.5,
-    show_default=True,
-    help="Patch label = the majority pixel label, ignore counted as a candidate (a mostly "
-    "ignore patch is ignored; a class wins a tie [ours]); the class must cover this fraction "
-    "of the patch's pixels [ours].",
-)
-@click.option(
-    "--max-patches-per-image",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Sample this many labelled patches per image and step (0: all) [ours]; bounds the "
-    "O(n²) loss memory.",
-)
-@click.option("--hidden-dim", type=int, default=512, show_default=True, help="D_m [ours].")
-@click.option("--heads", type=int, default=8, show_default=True, help="Block heads [ours].")
-@click.option(
-    "--mlp-ratio",
-    type=float,
-    default=4.0,
-    show_default=True,
-    help="Hidden width of the block's MLP, × --hidden-dim [ours].",
-)
-@click.option(
-    "--no-input-norm",
-    is_flag=True,
-    help="Do not standardise input dimensions with the training patches' mean/std [ours: on].",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Init/shuffle/text seed.")
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False),
-    help="Checkpoint folder (default <store dir>/align/<features>-<arch>-<loss>).",
-)
-@click.option("--restart", is_flag=True, help="Ignore an existing last.pt and start over.")
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    help=DEVICE_HELP + " Under torchrun cuda = the GPU of LOCAL_RANK, and auto without CUDA = "
-    "cpu (gloo cannot carry MPS tensors; mps is refused there).",
-)
-@_text_options
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@user_errors
-def align(
+def _request_params(trainers: list[str]) -> list:
+    """The options every trainer shares (store, features, labels, output, device, text)."""
+    opts = [
+        click.option(
+            "--store", "-s", "store_path", required=True, help="Feature store to train from."
+        ),
+        click.option(
+            "--method",
+            type=click.Choice(trainers),
+            default=DEFAULT_TRAINER,
+            show_default=True,
+            help="Trainer; `ovss align --method NAME --help` lists its options.",
+        ),
+        click.option(
+            "--features",
+            help="Feature set trained on: a key (dinov2-l14@short448) or a model with one set "
+            "in the store (default: the trainer's; fmbseg: dinov2-l14@short448).",
+        ),
+        click.option(
+            "--labels",
+            "label_set",
+            help="Label set of the store with the pixel labels, e.g. Stage-1 pseudo-labels "
+            "from `ovss segment --method fmbseg-stage1 --write-labels NAME`; its class names "
+            "are embedded (with the CLIP and templates it records, unless given).",
+        ),
+        click.option(
+            "--gt-dataset",
+            help="Train on a dataset's ground truth instead of a label set (e.g. 'custom' for "
+            "the demo).",
+        ),
+        click.option("--data-root", type=click.Path(file_okay=False), help="Root of --gt-dataset."),
+        click.option("--split", default=None, help="Split of --gt-dataset used for training."),
+        click.option(
+            "--set",
+            "settings",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="A trainer option by its field name (typed like the option; the named options "
+            "win).",
+        ),
+        click.option(
+            "--out",
+            "out_dir",
+            type=click.Path(file_okay=False),
+            help="Checkpoint folder (fmbseg default: <store dir>/align/<features>-<arch>-<loss>).",
+        ),
+        click.option("--restart", is_flag=True, help="Ignore an existing last.pt and start over."),
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            help=DEVICE_HELP + " Under torchrun cuda = the GPU of LOCAL_RANK, and auto without "
+            "CUDA = cpu (gloo cannot carry MPS tensors; mps is refused there).",
+        ),
+        _text_options,
+        json_option,
+        quiet_option,
+    ]
+    return opts
+
+
+def _harvest(decorators: list) -> list[click.Parameter]:
+    """The click parameters a list of option decorators would add, in the order given."""
+
+    def f() -> None:
+        pass
+
+    for d in reversed(decorators):
+        f = d(f)
+    return list(reversed(getattr(f, "__click_params__", [])))
+
+
+_DATA_PARALLEL_HELP = """\b
+Data parallel: `torchrun --nproc-per-node N $(which ovss) align ...` (WORLD_SIZE > 1)
+trains with DistributedDataParallel (gloo on cpu, nccl on cuda; LOCAL_RANK picks the GPU).
+Each step's items are split among the ranks, whose outputs are gathered into one loss: the
+same global batch and objective as one process. Rank 0 alone prints, reports progress and
+writes the checkpoint; a checkpoint is loaded with weights_only (no pickled objects)."""
+
+
+class AlignCommand(click.Command):
+    """``ovss align``: its options are those of the trainer ``--method`` names (read from the
+    arguments before parsing), so ``--method X --help`` shows X's options. Parameters and help
+    are built on first use (the trainer registry imports torch)."""
+
+    def __init__(self) -> None:
+        super().__init__("align", callback=user_errors(_align))
+        self.short_help = "Train a method's module on cached features (default: FMbSeg Stage 2)."
+
+    @property
+    def params(self) -> list[click.Parameter]:  # type: ignore[override]
+        if self._params is None:
+            self.configure(DEFAULT_TRAINER)
+        return self._params
+
+    @params.setter
+    def params(self, value: list[click.Parameter]) -> None:
+        self._params = value or None
+
+    @property
+    def help(self) -> str:  # type: ignore[override]
+        if self._help is None:
+            self.configure(DEFAULT_TRAINER)
+        return self._help
+
+    @help.setter
+    def help(self, value: str | None) -> None:
+        self._help = value
+
+    def configure(self, name: str) -> None:
+        """Set the parameters and help of trainer ``name``."""
+        import inspect
+
+        from methods.train import get_trainer, list_trainers
+
+        _register_hints()
+        trainers = list_trainers()
+        cls = get_trainer(name)
+        shared = _harvest(_request_params(trainers))
+        taken = {o for p in shared for o in getattr(p, "opts", [])}
+        clash = tuple(
+            f.name for f in _config_fields(cls.Config) if "--" + f.name.replace("_", "-") in taken
+        )
+        self._params = shared + _harvest([config_options(cls.Config, exclude=clash)])
+        listing = "\n".join(f"  {n}: {get_trainer(n).doc}" for n in trainers)
+        own = inspect.cleandoc(cls.__doc__ or cls.doc)
+        hidden = f" (settable with --set: {', '.join(clash)})" if clash else ""
+        self._help = (
+            f"Train with trainer '{name}'{hidden}; --method NAME --help lists another "
+            f"trainer's options.\n\n\b\nTrainers:\n{listing}\n\n{own}\n\n{_DATA_PARALLEL_HELP}"
+        )
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        from methods.train import list_trainers
+
+        name = _method_in(list(args))
+        self.configure(name if name in list_trainers() else DEFAULT_TRAINER)
+        return super().make_context(info_name, args, parent=parent, **extra)
+
+
+def _register_hints() -> None:
+    """The CLI's hint for checkpoint errors (registered when the trainers are first used)."""
+    from methods.train import CheckpointError
+
+    @hint_for(CheckpointError)
+    def _checkpoint_hint(e: CheckpointError) -> str | None:
+        if e.reason == "mismatch":
+            return "pass --restart (or another --out) to train from scratch"
+        if e.reason == "missing":
+            return "train one with `ovss align`"
+        return None
+
+
+def _config_fields(config_cls: type):
+    from methods.config import config_fields
+
+    return config_fields(config_cls)
+
+
+def _method_in(args: list[str]) -> str:
+    """The value of ``--method`` in raw arguments (the default when absent)."""
+    for i, a in enumerate(args):
+        if a == "--":
+            break
+        if a == "--method" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--method="):
+            return a.split("=", 1)[1]
+    return DEFAULT_TRAINER
+
+
+def _align(
     store_path,
     method,
     features,
@@ -228,21 +276,7 @@ def align(
     gt_dataset,
     data_root,
     split,
-    loss,
-    arch,
-    tau,
-    epochs,
-    batch_images,
-    lr,
-    momentum,
-    weight_decay,
-    min_frac,
-    max_patches_per_image,
-    hidden_dim,
-    heads,
-    mlp_ratio,
-    no_input_norm,
-    seed,
+    settings,
     out_dir,
     restart,
     device,
@@ -253,140 +287,109 @@ def align(
     text_weights,
     as_json,
     quiet,
+    **config_kwargs,
 ):
-    """Train an alignment module (FMbSeg Stage 2) on cached VFM patches and pixel labels.
+    from methods.train import LabelRequest, TextOptions, TrainRequest, get_trainer
 
-    Patch labels = majority pixel label (--min-frac); the module maps patches into CLIP text
-    space and is trained with TSupCon against the frozen class text embeddings (SGD, cosine
-    schedule, batches of images). A checkpoint with full provenance (feature set, label set,
-    vocabulary, text encoder weights / templates, hyperparameters) is written after every
-    epoch; rerunning the same command resumes from it. Segment with
-    `ovss segment --method aligned --checkpoint OUT/last.pt`.
-
-    \b
-    [ours] choices (no public code): τ 0.1, lr 0.01, weight decay 1e-4, D_m 512, 8 heads,
-    MLP ratio 4, block attention within a window, one prototype per class = l2n(mean of its
-    synonyms' embeddings), SupCon averaged over anchors with a positive, input
-    standardisation, patch-label majority with ignore as a candidate and --min-frac 0.5.
-
-    \b
-    Data parallel: `torchrun --nproc-per-node N $(which ovss) align ...` (WORLD_SIZE > 1)
-    trains with DistributedDataParallel (gloo on cpu, nccl on cuda; LOCAL_RANK picks the GPU).
-    Each step's --batch-images images are split among the ranks, whose aligned patches are
-    gathered into one loss: the same global batch and objective as one process. Rank 0 alone
-    prints, reports progress and writes the checkpoint.
-    """
-    import torch
-
-    from featurestore.store import FeatureStore
-    from methods.fmbseg import (
-        AlignConfig,
-        DatasetLabelSource,
-        StoreLabelSource,
-        setup_distributed,
-        train_alignment,
-    )
-
-    if bool(label_set) == bool(gt_dataset):
-        raise click.UsageError("give exactly one of --labels NAME or --gt-dataset DATASET")
+    trainer = get_trainer(method)
+    overrides = {**parse_settings(settings), **collect_config(config_kwargs)}
+    config = trainer.build_config(None, overrides)
+    if label_set and gt_dataset:
+        raise click.UsageError("give one of --labels NAME or --gt-dataset DATASET, not both")
+    if trainer.needs_labels and not (label_set or gt_dataset):
+        raise click.UsageError(
+            f"{method} trains on pixel labels: give --labels NAME or --gt-dataset DATASET"
+        )
     if gt_dataset and not data_root:
         raise click.UsageError("--gt-dataset needs --data-root")
-    ctx = setup_distributed(device)  # resolves auto (cpu, not mps, under torchrun w/o CUDA)
-    device = str(ctx.device)
-    try:
-        store = FeatureStore.open(store_path)
-        source = (
-            StoreLabelSource(store, label_set)
-            if label_set
-            else DatasetLabelSource(store, gt_dataset, data_root, split)
-        )
-        # default text space: the CLIP (and templates) that wrote the label set, else clip-b16
-        recorded = source.text_defaults() if label_set else {}
-        text_model = text_model or recorded.get("text_model", "clip-b16")
-        templates = templates or recorded.get("templates", "single")
-        vocab, te = _rank0_first(
-            ctx,
-            lambda: _embed(
-                store_path,
-                source.class_names,
-                text_model,
-                templates,
-                text_random_init,
-                text_arch_override,
-                text_weights,
-                seed,
-            ),
-        )
-        cfg = AlignConfig(
-            arch=arch,
-            loss=loss,
-            tau=tau,
-            hidden_dim=hidden_dim,
-            heads=heads,
-            mlp_ratio=mlp_ratio,
-            epochs=epochs,
-            batch_images=batch_images,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            min_frac=min_frac,
-            max_patches_per_image=max_patches_per_image,
-            seed=seed,
-            input_norm=not no_input_norm,
-        )
-        with _loss_progress(quiet or ctx.rank != 0) as cb:
-            path = train_alignment(
-                store_path,
-                features,
-                source,
-                vocab,
-                cfg,
-                progress=cb,
-                out_dir=out_dir,
-                device=device,
-                resume=not restart,
-                text_model=text_model,
-                text=te,
-            )
-    finally:
-        ctx.close()
-    if ctx.rank != 0:
+    labels = (
+        LabelRequest(set_name=label_set, dataset=gt_dataset, data_root=data_root, split=split)
+        if (label_set or gt_dataset)
+        else None
+    )
+    request = TrainRequest(
+        store=store_path,
+        config=config,
+        features=features,
+        labels=labels,
+        text=TextOptions(
+            text_model=text_model,
+            templates=templates,
+            random_init=text_random_init,
+            arch_overrides=parse_overrides(text_arch_override),
+            weights=text_weights,
+        ),
+        out_dir=out_dir,
+        restart=restart,
+        device=device,
+    )
+    with _TrainProgress(quiet) as cb:
+        result = trainer().fit(request, cb)
+    if result.rank != 0:
         return
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    result = {
-        "checkpoint": str(path),
-        "epochs_done": ck["epoch"],
-        "train_images": ck["train_images"],
-        "history": ck["history"],
-        "features": ck["provenance"]["features"]["key"],
-        "labels": ck["provenance"]["labels"],
-        "text": {
-            k: ck["provenance"]["vocabulary"].get(k)
-            for k in ("text_model", "templates", "text_weights", "vocabulary_key")
-        },
-        "segment_with": f"ovss segment --store {store_path} --method aligned "
-        f"--checkpoint {path} ...",
-    }
+    out = result.to_dict()
+    if result.segment_method:
+        out["segment_with"] = (
+            f"ovss segment --store {store_path} --method {result.segment_method} "
+            f"--checkpoint {result.checkpoint} ..."
+        )
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(out, indent=2))
     else:
-        last = result["history"][-1] if result["history"] else {}
+        last = out["history"][-1] if out["history"] else {}
         render.kv(
-            "align",
-            {**{k: v for k, v in result.items() if k != "history"}, "last epoch": last},
-            False,
+            "align", {**{k: v for k, v in out.items() if k != "history"}, "last epoch": last}, False
         )
 
 
-class _loss_progress:
-    """A rich bar for training steps showing the current loss and learning rate."""
+align = AlignCommand()
+
+
+class _TrainProgress:
+    """Training progress on stderr: a rich bar (loss, lr, items/s) on a terminal, plain lines
+    otherwise (every epoch, and a step line at most every 10 s). Started by the first event,
+    so ranks that report nothing print nothing."""
+
+    EVERY_S = 10.0
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
+        self.bar = None
+        self.tasks: dict[str, Any] = {}
+        self.last = 0.0
 
     def __enter__(self):
-        if self.quiet:
-            return None
+        return None if self.quiet else self.event
+
+    def event(self, ev: dict[str, Any]) -> None:
+        from methods.train import format_event
+
+        stage = ev["stage"]
+        if not render.err.is_terminal:
+            now = time.monotonic()
+            if (
+                stage == "epoch"
+                or (stage == "train" and now - self.last >= self.EVERY_S)
+                or (stage not in ("train", "epoch") and ev.get("done") == ev.get("total"))
+            ):
+                self.last = now
+                click.echo(format_event(ev), err=True)
+            return
+        if self.bar is None:
+            self.bar = self._start()
+        if stage == "epoch":
+            self.bar.console.log(format_event(ev))
+            return
+        done, total = (ev["step"], ev["steps"]) if stage == "train" else (ev["done"], ev["total"])
+        info = ""
+        if stage == "train":
+            lr = f" lr {ev['lr']:.2e}" if ev.get("lr") is not None else ""
+            info = f"loss {ev['loss']:.4f}{lr} {ev.get('items_per_s', 0):.1f} {ev.get('unit')}/s"
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=total, completed=done, info=info)
+        self.bar.update(self.tasks[stage], completed=done, total=total, info=info)
+
+    def _start(self):
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -396,7 +399,7 @@ class _loss_progress:
             TimeRemainingColumn,
         )
 
-        self.bar = Progress(
+        bar = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
@@ -405,30 +408,15 @@ class _loss_progress:
             TimeRemainingColumn(),
             console=render.err,
         )
-        self.bar.__enter__()
-        self.tasks: dict[str, Any] = {}
-
-        def cb(ev: dict[str, Any]) -> None:
-            stage = ev["stage"]
-            if stage == "epoch":
-                self.bar.console.log(
-                    f"epoch {ev['epoch']}/{ev['epochs']}: loss {ev['loss']:.4f}, "
-                    f"patch acc {ev['patch_acc']:.3f}, {ev['seconds']:.1f} s"
-                )
-                return
-            done, total = (
-                (ev["step"], ev["steps"]) if stage == "train" else (ev["done"], ev["total"])
-            )
-            info = f"loss {ev['loss']:.4f} lr {ev['lr']:.2e}" if stage == "train" else ""
-            if stage not in self.tasks:
-                self.tasks[stage] = self.bar.add_task(stage, total=total, completed=done, info=info)
-            self.bar.update(self.tasks[stage], completed=done, total=total, info=info)
-
-        return cb
+        bar.__enter__()
+        return bar
 
     def __exit__(self, *exc) -> None:
-        if not self.quiet:
+        if self.bar is not None:
             self.bar.__exit__(*exc)
+
+
+# -- ovss cluster --------------------------------------------------------------------------------
 
 
 @click.command()

@@ -32,6 +32,7 @@ from methods.fmbseg import (
     train_alignment,
     tsupcon_loss,
 )
+from methods.train import read_checkpoint
 from ovss_cli.main import cli
 
 torch.set_num_threads(1)
@@ -440,8 +441,8 @@ def test_cli_align_from_a_store_label_set_records_text_identity_and_checkpoint_o
 
 
 def test_default_templates_and_device(monkeypatch):
-    from methods.fmbseg import resolve_device
     from methods.base import build_config, get_method
+    from methods.fmbseg import resolve_device
 
     def default_templates(method, dataset=None):  # the method's vocabulary defaults
         cls = get_method(method)
@@ -526,13 +527,13 @@ def test_ddp_two_gloo_ranks_match_single_process(tmp_path):
     args = (2, port, str(store.path), str(root), vocab.embeddings, cfg, str(tmp_path / "ddp"))
     mp.spawn(_ddp_worker, args=args, nprocs=2, join=True)
     _, meta = load_checkpoint(tmp_path / "ddp" / "last.pt")
-    ck = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)
+    ck = read_checkpoint(tmp_path / "ddp" / "last.pt")
     assert meta["epoch"] == 3 and ck["world_size"] == 2
     assert all(math.isfinite(h["loss"]) for h in meta["history"])
 
     src = DatasetLabelSource(store, "custom", str(root), "train")
     one = train_alignment(str(store.path), key, src, vocab, cfg, out_dir=tmp_path / "one")
-    ck1 = torch.load(one, weights_only=False)
+    ck1 = read_checkpoint(one)
     for h2, h1 in zip(meta["history"], ck1["history"], strict=True):
         assert h2["loss"] == pytest.approx(h1["loss"], rel=1e-5)
         assert h2["patch_acc"] == pytest.approx(h1["patch_acc"], rel=1e-5)
