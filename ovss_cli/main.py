@@ -284,6 +284,16 @@ def load_records(images_dir, dataset, data_root, split, limit):
     "recorded in provenance.",
 )
 @click.option(
+    "--pos-interp",
+    "pos_interp",
+    default=None,
+    metavar="RULE",
+    help="How absolute position embeddings are resampled to a window's patch grid: offset "
+    "(scale factor (g + 0.1) / g0, the authors'), size (exact output size) or size-aa (with "
+    "antialiasing). Default: each model's authors' rule (offset for CLIP, DINO and DINOv2; "
+    "size-aa for DINOv2 with registers). Recorded in provenance.",
+)
+@click.option(
     "--dry-run", is_flag=True, help="Show images, windows, tokens and bytes; write nothing."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -321,6 +331,7 @@ def extract(
     block_mb,
     workers,
     arch_override,
+    pos_interp,
     dry_run,
     as_json,
     quiet,
@@ -375,6 +386,7 @@ def extract(
             "block_mb": block_mb,
             "workers": workers,
             "arch_overrides": parse_overrides(arch_override),
+            "pos_interp": pos_interp,
         },
     )
     if dry_run:
@@ -707,9 +719,6 @@ from ovss_cli.align_cmd import align, cluster  # noqa: E402
 
 cli.add_command(align)
 cli.add_command(cluster)
-from ovss_cli.tune_cmd import tune  # noqa: E402
-
-cli.add_command(tune)
 from ovss_cli.captions_cmd import captions  # noqa: E402
 
 cli.add_command(captions)
