@@ -100,9 +100,13 @@ class ModelReport:
 
 @dataclass
 class ExtractReport:
+    """What :func:`extract` did; ``notes``: what it did on the side, one line each (the
+    leftovers of an interrupted creation it removed)."""
+
     store: str
     shard: tuple[int, int]
     models: list[ModelReport]
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -308,7 +312,8 @@ def extract(
             store = FeatureStore.open_or_create(cfg.store, records)
         reports.append(_extract_model(store, records, backbone, cfg, shard, device, progress))
         del backbone
-    return ExtractReport(store=cfg.store, shard=shard, models=reports)
+    notes = list(store.notes) if store is not None else []
+    return ExtractReport(store=cfg.store, shard=shard, models=reports, notes=notes)
 
 
 def _extract_model(

@@ -95,7 +95,10 @@ def export_hdf5(store_path: str, out_path: str, progress=None) -> dict:
     if is_hdf5_path(store_path):
         raise StoreError("the source is already an HDF5 file")
     out = Path(out_path)
+    if not out.parent.is_dir():
+        raise StoreError(f"cannot write {out}: the folder {out.parent} does not exist")
     tmp = out.with_name(out.name + ".partial")
+    finished = set(store.feature_sets())  # unfinished or damaged entries are not exported
     n_arrays = 0
     n_bytes = 0
 
@@ -128,6 +131,14 @@ def export_hdf5(store_path: str, out_path: str, progress=None) -> dict:
             copy_group(sub, dst.create_group(name))
 
     with h5py.File(tmp, "w") as f:
-        copy_group(store.root, f)
+        copy_attrs(store.root, f)
+        for name, sub in store.root.groups():
+            if name == "features":
+                dst = f.create_group("features")
+                copy_attrs(sub, dst)
+                for key in sorted(finished):
+                    copy_group(sub[key], dst.create_group(key))
+            else:
+                copy_group(sub, f.create_group(name))
     tmp.replace(out)
     return {"store": store_path, "out": str(out), "arrays": n_arrays, "bytes": n_bytes}

@@ -32,7 +32,8 @@ def _disk_bytes(path: str) -> int | None:
 
 def store_info(path: str) -> dict:
     """A JSON-safe summary: image table, and per feature set its provenance, tensors,
-    completeness (done / pending / failed images) and size."""
+    completeness (done / pending / failed images) and size; ``unfinished_sets`` lists the
+    entries whose creation did not finish (the next extraction of that set makes it anew)."""
     store = FeatureStore.open(path)
     table = store.image_table()
     sources = sorted(
@@ -72,6 +73,7 @@ def store_info(path: str) -> dict:
         "images": store.n_images,
         "sources": sources,
         "feature_sets": sets,
+        "unfinished_sets": store.unfinished_feature_sets(),
         "text_sets": list_text_sets(store),
         "label_sets": list_label_sets(store),
         "disk_bytes": _disk_bytes(path),
@@ -80,8 +82,20 @@ def store_info(path: str) -> dict:
 
 @dataclass
 class VerifyReport:
+    """What :func:`verify_store` found.
+
+    Attributes:
+        store: the store path.
+        problems: one line per problem, its location first (``<set>/<tensor>: block 3 ...``).
+        findings: the same problems as facts: ``kind``, ``set``, ``tensor``, ``block`` (-1:
+            none), ``message`` (``--json`` lists them).
+        notes: facts that are not problems (failed images, sets without checksums).
+        checked_sets, checked_blocks: how much was checked.
+    """
+
     store: str
     problems: list[str] = field(default_factory=list)
+    findings: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     checked_sets: int = 0
     checked_blocks: int = 0
@@ -90,23 +104,77 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.problems
 
+    def add(self, kind: str, message: str, set_: str = "", tensor: str = "", block: int = -1):
+        where = f"{set_}/{tensor}" if tensor else set_ or "store"
+        self.problems.append(f"{where}: {message}")
+        self.findings.append(
+            {"kind": kind, "set": set_, "tensor": tensor, "block": block, "message": message}
+        )
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["ok"] = self.ok
         return d
 
 
-def verify_store(path: str, scan_values: bool = True) -> VerifyReport:
-    """Check a store's integrity.
+#: The kinds of ``VerifyReport.findings``.
+FINDING_KINDS = (
+    "image_table",  # a column missing, or the table changed since creation (its digest)
+    "unfinished_set",  # an entry of features/ without readable metadata or provenance
+    "provenance",  # a field missing, edited (its digest), or disagreeing with the set's name
+    "geometry",  # geometry disagreeing with the image table, the protocol or the token counts
+    "layout",  # arrays whose shape or dtype disagree with the provenance
+    "pending",  # images not extracted yet
+    "missing_chunk",  # a finished block's chunk file is missing
+    "chunk_size",  # a finished block's chunk file has the wrong size (truncated or padded)
+    "checksum",  # a finished block's bytes differ from what was written
+    "nonfinite",  # NaN/inf values in a finished block
+)
 
-    Finds: pending (missing) images, finished blocks whose chunk file is missing or has the
-    wrong size (partial/corrupt), array shapes/dtypes that disagree with the provenance,
-    geometry that disagrees with the token counts, and NaN/inf values (``scan_values``).
-    Failed (unreadable) images are reported as notes, not problems: that outcome is defined.
+
+def verify_store(path: str, scan_values: bool = True) -> VerifyReport:
+    """Check a store's integrity; every finding has a location (set, tensor, block).
+
+    Checks: the image table (its columns and the digest recorded at creation, so an edited
+    size or id is found); entries of ``features/`` that are unfinished or lost their metadata;
+    each set's provenance (complete, unedited: its recorded digest, and naming the set's own
+    key); its geometry (covering the image table, token counts agreeing with the window grids,
+    and, for backbones with the default geometry rule, exactly what the protocol implies for
+    the recorded image sizes); array shapes and dtypes against the provenance; pending images;
+    and per finished block the chunk files (present, of the right size) and, with
+    ``scan_values`` (one read of every chunk), their checksum (recorded when the block was
+    written: any byte change, including swapped chunks) and NaN/inf values. Failed
+    (unreadable) images are notes, not problems: that outcome is defined.
     """
+    from featurestore.protocol import Protocol, image_geometry
+    from featurestore.store import (
+        chunk_checksum,
+        image_table_digest,
+        json_digest,
+        plan_layout,
+        set_key,
+    )
+
     store = FeatureStore.open(path)
     rep = VerifyReport(store=path)
     n = store.n_images
+    table = store.image_table()
+    lengths = {k: len(v) for k, v in table.items()}
+    if any(v != n for v in lengths.values()):
+        rep.add("image_table", f"image table columns have different lengths ({lengths})")
+    recorded = store.root.attrs.get("images_sha256")
+    if recorded and image_table_digest(table) != recorded:
+        rep.add("image_table", "the image table changed since the store was made")
+    elif not recorded:
+        rep.notes.append("the image table has no recorded digest (made by an older version)")
+    sizes = np.asarray(table["size"])
+    for key in store.unfinished_feature_sets():
+        rep.add(
+            "unfinished_set",
+            "no readable metadata or provenance (an interrupted creation or damage); the next "
+            "extraction of this set makes it anew",
+            key,
+        )
     for key in store.feature_sets():
         rep.checked_sets += 1
         try:
@@ -114,46 +182,70 @@ def verify_store(path: str, scan_values: bool = True) -> VerifyReport:
             prov = fs.provenance
             geo = fs.geometry
         except Exception as e:  # malformed metadata is itself the finding
-            rep.problems.append(f"{key}: unreadable metadata ({e})")
+            rep.add("provenance", f"unreadable metadata ({e})", key)
             continue
-        for k in ("model", "protocol", "backbone", "tensors", "dtype", "layout"):
-            if k not in prov:
-                rep.problems.append(f"{key}: provenance lacks '{k}'")
+        lacking = [
+            k
+            for k in ("model", "protocol", "backbone", "tensors", "dtype", "layout")
+            if k not in prov
+        ]
+        for k in lacking:
+            rep.add("provenance", f"provenance lacks '{k}'", key)
+        if lacking:
+            continue
+        digest = fs.group.attrs.get("provenance_sha256")
+        if digest and json_digest(prov) != digest:
+            rep.add("provenance", "the provenance was edited after the set was made", key)
+        try:
+            protocol = Protocol.from_dict(prov["protocol"])
+            named = set_key(prov["model"], protocol)
+        except Exception as e:  # noqa: BLE001 - an unreadable protocol is the finding
+            rep.add("provenance", f"unreadable protocol ({e})", key)
+            continue
+        if named != key:
+            rep.add("provenance", f"the provenance describes '{named}', not this set", key)
         if len(geo["row_count_token"]) != n or len(geo["win_start"]) != n + 1:
-            rep.problems.append(
-                f"{key}: geometry covers {len(geo['row_count_token'])} images, the image table {n}"
+            rep.add(
+                "geometry",
+                f"geometry covers {len(geo['row_count_token'])} images, the image table {n}",
+                key,
             )
             continue
         grids = geo["win_grid"]
-        tok_from_grid = np.zeros(n, dtype=np.int64)
         ws = geo["win_start"]
         per_win = grids[:, 0].astype(np.int64) * grids[:, 1] if len(grids) else np.zeros(0)
         csum = np.concatenate([[0], np.cumsum(per_win)]).astype(np.int64)
         tok_from_grid = csum[ws[1:]] - csum[ws[:-1]]
         if not np.array_equal(tok_from_grid, geo["row_count_token"]):
-            rep.problems.append(f"{key}: token counts disagree with the window grids")
+            rep.add("geometry", "token counts disagree with the window grids", key)
+        _check_implied_geometry(rep, key, fs, prov, protocol, sizes, image_geometry, plan_layout)
         sdt = _storage_dtype(fs.dtype)
         nb = fs.n_blocks
         for spec in fs.specs:
             if spec.name not in fs.group:
-                rep.problems.append(f"{key}: tensor '{spec.name}' is missing")
+                rep.add("layout", "tensor is missing", key, spec.name)
                 continue
             arr = fs.group[spec.name]
             want = (nb * fs.block_rows(spec.unit), *spec.row_shape)
             if tuple(arr.shape) != want:
-                rep.problems.append(f"{key}/{spec.name}: shape {tuple(arr.shape)}, expected {want}")
+                rep.add("layout", f"shape {tuple(arr.shape)}, expected {want}", key, spec.name)
             if np.dtype(arr.dtype) != sdt:
-                rep.problems.append(f"{key}/{spec.name}: dtype {arr.dtype}, expected {sdt}")
+                rep.add("layout", f"dtype {arr.dtype}, expected {sdt}", key, spec.name)
         status = fs.status()
         pending = int((status == STATUS_PENDING).sum())
         failed = int((status == STATUS_FAILED).sum())
         if pending:
-            rep.problems.append(
-                f"{key}: {pending} of {n} images not extracted (rerun the extraction that "
-                "made it to resume)"
+            rep.add(
+                "pending",
+                f"{pending} of {n} images not extracted (rerun the extraction that made it "
+                "to resume)",
+                key,
             )
         if failed:
             rep.notes.append(f"{key}: {failed} images failed to decode and were skipped")
+        sums = fs.group["checksum"][...] if "checksum" in fs.group else None
+        if sums is None:
+            rep.notes.append(f"{key}: no checksums recorded (made by an older version)")
         done = fs.done_blocks()
         for b in range(nb):
             if not done[b]:
@@ -161,32 +253,99 @@ def verify_store(path: str, scan_values: bool = True) -> VerifyReport:
             rep.checked_blocks += 1
             imgs = fs.block_images(b)
             any_ok = bool((status[imgs.start : imgs.stop] == STATUS_OK).any())
-            for spec in fs.specs:
+            for t, spec in enumerate(fs.specs):
+                if spec.name not in fs.group:
+                    continue
                 rows = fs.block_rows(spec.unit)
                 used = int(geo[f"row_count_{spec.unit}"][imgs.start : imgs.stop].sum())
                 path_ = fs._chunk_path(spec.name, b)
                 expected = rows * int(np.prod(spec.row_shape)) * sdt.itemsize
                 if path_ is not None:
                     if not Path(path_).exists():
-                        if any_ok and used:
-                            rep.problems.append(
-                                f"{key}/{spec.name}: block {b} is marked done but "
-                                "its chunk is missing"
+                        if any_ok and used and (sums is None or sums[b, t] != _zeros_crc(expected)):
+                            rep.add(
+                                "missing_chunk",
+                                f"block {b} is marked done but its chunk is missing",
+                                key,
+                                spec.name,
+                                b,
                             )
                         continue
                     size = Path(path_).stat().st_size
                     if size != expected:
-                        rep.problems.append(
-                            f"{key}/{spec.name}: block {b} chunk has {size} bytes, "
-                            f"expected {expected} (partial or corrupt)"
+                        rep.add(
+                            "chunk_size",
+                            f"block {b} chunk has {size} bytes, expected {expected} "
+                            "(partial or corrupt)",
+                            key,
+                            spec.name,
+                            b,
                         )
                         continue
-                if scan_values and used:
-                    data = fs._read_chunk(spec, b)
+                if not scan_values:
+                    continue
+                data = fs._read_chunk(spec, b)
+                if sums is not None and chunk_checksum(data) != int(sums[b, t]):
+                    rep.add(
+                        "checksum",
+                        f"block {b} differs from what was written (checksum mismatch)",
+                        key,
+                        spec.name,
+                        b,
+                    )
+                if used:
                     vals = fs._decode(data[:used]) if fs.dtype == "bfloat16" else data[:used]
                     if not np.isfinite(vals).all():
                         bad = int((~np.isfinite(vals)).sum())
-                        rep.problems.append(
-                            f"{key}/{spec.name}: block {b} holds {bad} NaN/inf values"
+                        rep.add(
+                            "nonfinite", f"block {b} holds {bad} NaN/inf values", key, spec.name, b
                         )
     return rep
+
+
+def _zeros_crc(nbytes: int) -> int:
+    """Checksum of an all-zero chunk (Zarr does not write those: a missing file reads as it)."""
+    import zlib
+
+    return zlib.crc32(bytes(nbytes)) & 0xFFFFFFFF
+
+
+def _check_implied_geometry(rep, key, fs, prov, protocol, sizes, image_geometry, plan_layout):
+    """Geometry and block layout recomputed from the image sizes and the protocol, for
+    backbones with the default geometry rule (SAM has its own: only the counts are checked)."""
+    backbone = prov.get("backbone", {})
+    patch = backbone.get("patch_size")
+    if backbone.get("family") == "sam" or protocol.sam_only or not patch:
+        return
+    geo = fs.geometry
+    try:
+        geos = []
+        for h, w in np.asarray(sizes).tolist():
+            if h <= 0 or w <= 0:
+                from featurestore.protocol import ImageGeometry
+
+                geos.append(ImageGeometry(original=(h, w), resized=(0, 0)))
+            else:
+                geos.append(image_geometry(protocol, h, w, int(patch)))
+    except ValueError as e:
+        rep.add("geometry", f"the protocol cannot be applied to the image table ({e})", key)
+        return
+    wins = [w for g in geos for w in g.windows]
+    implied = {
+        "resized": np.array([g.resized for g in geos], dtype=np.int64).reshape(-1, 2),
+        "win_box": np.array([w.box for w in wins], dtype=np.int64).reshape(-1, 4),
+        "win_pad": np.array([w.pad for w in wins], dtype=np.int64).reshape(-1, 4),
+        "win_grid": np.array([w.grid for w in wins], dtype=np.int64).reshape(-1, 2),
+    }
+    for name, want in implied.items():
+        have = np.asarray(geo[name]).astype(np.int64)
+        if have.shape != want.shape or not np.array_equal(have, want):
+            rep.add(
+                "geometry",
+                f"geometry '{name}' is not what the protocol implies for the image sizes",
+                key,
+            )
+            return
+    layout = plan_layout(geos, fs.specs, fs.dtype, prov["layout"].get("target_block_mb", 32.0))
+    if not np.array_equal(layout.block_start, geo["block_start"]):
+        rep.add("geometry", "the block layout is not what the image table implies", key)

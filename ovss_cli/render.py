@@ -122,6 +122,8 @@ def extract_report(rep, as_json: bool) -> None:
             f"{m.images_per_s:.2f}",
         )
     out.print(t)
+    for note in getattr(rep, "notes", []):
+        err.print(f"[yellow]note[/]: {note}", soft_wrap=True)
     for m in rep.models:
         for image_id, msg in m.failures.items():
             err.print(f"[yellow]skipped[/] {image_id}: {msg}")
@@ -180,6 +182,11 @@ def store_info(info: dict, as_json: bool) -> None:
             human_bytes(s["bytes"]),
         )
     out.print(t)
+    for key in info.get("unfinished_sets", []):
+        out.print(
+            f"[yellow]unfinished[/]: {key} (its creation was interrupted; the next extraction "
+            "of it makes it anew)"
+        )
     if info.get("text_sets"):
         tt = Table(title="text sets (class embeddings)")
         for c in ("key", "source", "templates", "classes", "queries", "dim", "weights"):

@@ -11,13 +11,14 @@ from featurestore.errors import (
     FeatureSetExistsError,
     MissingFeatureSetError,
     StoreError,
+    StoreImagesMismatchError,
     StoreNotFoundError,
 )
 from featurestore.hdf5 import export_hdf5
 from featurestore.images import ImageRecord
 from featurestore.inspect import store_info, verify_store
 from featurestore.protocol import Protocol, image_geometry
-from featurestore.store import STATUS_OK, FeatureStore, plan_layout
+from featurestore.store import CRASH_ENV, STATUS_OK, FeatureStore, plan_layout
 from ovss_cli.hints import render_error
 
 D = 8
@@ -215,3 +216,219 @@ def test_hdf5_export_reads_back(tmp_path):
         np.testing.assert_array_equal(a.win_box, b.win_box)
     assert [f.index for f in hfs.iter_images()] == sorted(truth)
     assert store_info(str(out))["feature_sets"][0]["images_done"] == len(SIZES)
+
+
+# -- crash safety: a kill -9 at each step of creation, then a rerun ---------------------------
+
+CRASH_POINTS = (
+    "store-image-table",  # half the images probed and hashed
+    "store-before-rename",  # the store built aside, not yet in place
+    "set-arrays",  # the tensors of a new set created, status/provenance not yet
+    "set-before-rename",  # the set built aside, not yet in features/
+    "block-before-status",  # a block's data and checksums on disk, its status not
+    "overwrite-after-rename",  # the replaced set moved out, not yet deleted
+)
+
+
+def _deterministic_fill(fs, geos):
+    """Every pending block written with values that depend only on the block (no torch)."""
+    done = fs.done_blocks()
+    for b in range(fs.n_blocks):
+        if done[b]:
+            continue
+        bufs = fs.new_block_buffers(b)
+        rng = np.random.default_rng(b)
+        for s in SPECS:
+            bufs[s.name][...] = rng.standard_normal(bufs[s.name].shape).astype(np.float16)
+        n = len(fs.block_images(b))
+        fs.write_block(b, bufs, np.full(n, STATUS_OK, np.uint8), [""] * n)
+
+
+def _build(path, recs, info=INFO, overwrite=False):
+    store = FeatureStore.open_or_create(path, recs)
+    geos = geometries_for(store.root["images/size"][...], PROTOCOL, 7)
+    fs = store.create_feature_set(
+        "fake", PROTOCOL, info, SPECS, geos, target_block_mb=0.0005, overwrite=overwrite
+    )
+    _deterministic_fill(fs, geos)
+    return store
+
+
+def _build_shard(path, recs, i, n):
+    """One of ``n`` concurrent writers: creates (or opens) the store and set, writes b % n == i."""
+    store = FeatureStore.open_or_create(path, recs)
+    geos = geometries_for(store.root["images/size"][...], PROTOCOL, 7)
+    fs = store.create_feature_set("fake", PROTOCOL, INFO, SPECS, geos, target_block_mb=0.0005)
+    done = fs.done_blocks()
+    for b in range(fs.n_blocks):
+        if b % n != i or done[b]:
+            continue
+        bufs = fs.new_block_buffers(b)
+        rng = np.random.default_rng(b)
+        for s in SPECS:
+            bufs[s.name][...] = rng.standard_normal(bufs[s.name].shape).astype(np.float16)
+        k = len(fs.block_images(b))
+        fs.write_block(b, bufs, np.full(k, STATUS_OK, np.uint8), [""] * k)
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_concurrent_writers_make_the_store_of_one(tmp_path, n):
+    """n processes started together on a store that does not exist yet: one creates it (and
+    the set), all write their blocks; the result equals a single writer's, file for file."""
+    import multiprocessing as mp
+
+    recs = make_records(tmp_path)
+    clean = _build(tmp_path / "clean.zarr", recs)
+    ctx = mp.get_context("fork")
+    procs = [
+        ctx.Process(target=_build_shard, args=(tmp_path / "s.zarr", recs, i, n)) for i in range(n)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * n
+    assert _snapshot(tmp_path / "s.zarr") == _snapshot(clean.path)
+
+
+def _killed_at(point, fn, *args, **kwargs):
+    """Run ``fn`` in a forked child that SIGKILLs itself at ``point``; returns its exit code."""
+    import multiprocessing as mp
+    import os
+
+    def child():
+        os.environ[CRASH_ENV] = point
+        fn(*args, **kwargs)
+        os._exit(0)
+
+    p = mp.get_context("fork").Process(target=child)
+    p.start()
+    p.join(60)
+    return p.exitcode
+
+
+def _snapshot(root):
+    """Every file of a store: bytes, except zarr.json files compared without timestamps."""
+    import json
+    from pathlib import Path
+
+    def strip(v):
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items() if k not in ("created", "provenance_sha256")}
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        return v
+
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file():
+            rel = str(p.relative_to(root))
+            out[rel] = strip(json.loads(p.read_text())) if p.name == "zarr.json" else p.read_bytes()
+    return out
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_kill_at_each_creation_step_then_rerun_is_identical(tmp_path, point):
+    recs = make_records(tmp_path)
+    clean = _build(tmp_path / "clean.zarr", recs)
+    path = tmp_path / "s.zarr"
+    if point == "overwrite-after-rename":  # a finished store whose set is being replaced
+        _build(path, recs, info=dict(INFO, weights="random-init:1"))
+        code = _killed_at(point, _build, path, recs, overwrite=True)
+    else:
+        code = _killed_at(point, _build, path, recs)
+    assert code == -9  # it really died there
+    leftovers = sorted(p.name for p in tmp_path.glob(".s.zarr.ovss-*-*"))
+    if point != "block-before-status":
+        assert leftovers, "the kill left work in progress beside the store"
+    store = _build(path, recs)
+    assert not list(tmp_path.glob(".s.zarr.ovss-*-*"))  # leftovers removed on rerun ...
+    if leftovers:
+        assert store.notes, "... with a note"
+    assert _snapshot(path) == _snapshot(clean.path)
+    assert verify_store(str(path)).ok
+
+
+def test_unfinished_set_is_listed_recreated_and_named(tmp_path):
+    """A set without provenance (an interrupted in-place creation by an older version, or a
+    lost zarr.json) is unfinished: listed apart, never crashing info, made anew on rerun."""
+    import json
+
+    recs = make_records(tmp_path)
+    store = _build(tmp_path / "s.zarr", recs)
+    meta = tmp_path / "s.zarr" / "features" / "fake@short32-c28s14" / "zarr.json"
+    d = json.loads(meta.read_text())
+    del d["attributes"]["provenance"]
+    meta.write_text(json.dumps(d))
+    assert store.feature_sets() == [] and store.unfinished_feature_sets() == ["fake@short32-c28s14"]
+    info = store_info(store.path)
+    assert info["feature_sets"] == [] and info["unfinished_sets"] == ["fake@short32-c28s14"]
+    with pytest.raises(MissingFeatureSetError) as err:
+        store.require("fake", PROTOCOL)
+    assert err.value.reason == "incomplete" and "rerun the extraction" in render_error(err.value)
+    meta.unlink()  # even without any metadata
+    assert store.unfinished_feature_sets() == ["fake@short32-c28s14"]
+    again = _build(tmp_path / "s.zarr", recs)
+    assert again.feature_sets() == ["fake@short32-c28s14"]
+    assert any("unfinished" in n for n in again.notes)
+    assert verify_store(again.path).ok
+
+
+def test_disk_full_during_creation_leaves_nothing_a_rerun_trips_on(tmp_path, monkeypatch):
+    import errno
+
+    import featurestore.store as store_mod
+
+    recs = make_records(tmp_path)
+    real = store_mod._write_geometry
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_mod, "_write_geometry", full)
+    with pytest.raises(OSError):
+        _build(tmp_path / "s.zarr", recs)
+    monkeypatch.setattr(store_mod, "_write_geometry", real)
+    store = _build(tmp_path / "s.zarr", recs)
+    assert store.feature_sets() == ["fake@short32-c28s14"] and verify_store(store.path).ok
+    assert not list(tmp_path.glob(".s.zarr.ovss-*-*"))
+
+
+def test_os_errors_are_one_line_through_the_cli(tmp_path):
+    """A read-only location (the lock file cannot be made) and an export into a missing
+    folder end as one line, no traceback."""
+    import click
+    from click.testing import CliRunner
+
+    from ovss_cli.common import user_errors
+
+    recs = make_records(tmp_path)
+
+    @click.command()
+    @click.argument("where")
+    @user_errors
+    def make(where):
+        FeatureStore.open_or_create(where, recs)
+
+    res = CliRunner().invoke(make, ["/proc/ovss-test.zarr"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1 and "/proc" in res.output
+    store = _build(tmp_path / "s.zarr", recs)
+    with pytest.raises(StoreError, match="does not exist"):
+        export_hdf5(store.path, str(tmp_path / "no" / "such" / "x.h5"))
+
+
+def test_changed_image_is_refused_on_resume(tmp_path):
+    import os
+
+    recs = make_records(tmp_path)
+    _build(tmp_path / "s.zarr", recs)
+    path = recs[2].path
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same content: fine
+    FeatureStore.open_or_create(tmp_path / "s.zarr", recs)
+    Image.fromarray(np.full((20, 20, 3), 7, dtype=np.uint8)).save(path)  # other pixels
+    with pytest.raises(StoreImagesMismatchError) as err:
+        FeatureStore.open_or_create(tmp_path / "s.zarr", recs)
+    assert err.value.reason == "content" and err.value.paths == (path,)
+    assert path in str(err.value)
