@@ -200,13 +200,14 @@ def recipe_job(
     recipe: Recipe, vocabs: Sequence[str] = (), data_root: str | os.PathLike | None = None
 ) -> ExtractJob:
     """The job of a recipe: its passes, its vocabulary (if any) first, then any extra
-    ``vocabs``, embedded with the recipe's text model and templates."""
+    ``vocabs``, embedded with the recipe's text model and templates (not at all when the
+    recipe names no text model: a text tower that is still to be trained)."""
     all_vocabs = [*([recipe.vocab] if recipe.vocab else []), *vocabs]
     return ExtractJob(
         groups=recipe.groups(),
         vocabs=all_vocabs,
         template_name=recipe.templates,
-        text_models=[recipe.text_model] if all_vocabs else [],
+        text_models=[recipe.text_model] if all_vocabs and recipe.text_model else [],
         data_root=str(data_root) if data_root is not None else None,
         recipe=recipe,
     )
