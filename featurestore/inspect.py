@@ -132,7 +132,11 @@ FINDING_KINDS = (
 )
 
 
-def verify_store(path: str, scan_values: bool = True) -> VerifyReport:
+#: Findings of a finished block that ``fix`` repairs by marking the block pending again.
+BLOCK_KINDS = ("missing_chunk", "chunk_size", "checksum", "nonfinite")
+
+
+def verify_store(path: str, scan_values: bool = True, fix: bool = False) -> VerifyReport:
     """Check a store's integrity; every finding has a location (set, tensor, block).
 
     Checks: the image table (its columns and the digest recorded at creation, so an edited
@@ -145,6 +149,10 @@ def verify_store(path: str, scan_values: bool = True) -> VerifyReport:
     ``scan_values`` (one read of every chunk), their checksum (recorded when the block was
     written: any byte change, including swapped chunks) and NaN/inf values. Failed
     (unreadable) images are notes, not problems: that outcome is defined.
+
+    ``fix`` marks every block with a block finding pending again (its status chunk), so the
+    next run of the same extraction recomputes exactly those blocks; the findings are still
+    reported (a note says what was marked).
     """
     from featurestore.protocol import Protocol, image_geometry
     from featurestore.store import (
@@ -300,7 +308,28 @@ def verify_store(path: str, scan_values: bool = True) -> VerifyReport:
                         rep.add(
                             "nonfinite", f"block {b} holds {bad} NaN/inf values", key, spec.name, b
                         )
+    if fix:
+        _mark_pending(store, rep)
     return rep
+
+
+def _mark_pending(store: FeatureStore, rep: VerifyReport) -> None:
+    bad: dict[str, set[int]] = {}
+    for f in rep.findings:
+        if f["kind"] in BLOCK_KINDS and f["block"] >= 0:
+            bad.setdefault(f["set"], set()).add(int(f["block"]))
+    if not bad:
+        return
+    writable = FeatureStore.open(store.path, mode="a")
+    for key, blocks in sorted(bad.items()):
+        fs = writable.feature_set(key)
+        width = fs.group["status"].shape[1]
+        for b in sorted(blocks):
+            fs.group["status"][b] = np.zeros(width, dtype=np.uint8)
+        rep.notes.append(
+            f"{key}: marked block(s) {', '.join(map(str, sorted(blocks)))} pending; rerun the "
+            "extraction that made the set to recompute them"
+        )
 
 
 def _zeros_crc(nbytes: int) -> int:

@@ -601,17 +601,30 @@ def store_ls(store_path, images):
 
 @store.command("verify")
 @click.argument("store_path", metavar="STORE")
-@click.option("--no-values", is_flag=True, help="Skip the NaN/inf scan of every value.")
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.option(
+    "--no-values",
+    is_flag=True,
+    help="Skip reading the data: no checksum or NaN/inf check (metadata and chunk sizes only).",
+)
+@click.option(
+    "--fix",
+    is_flag=True,
+    help="Mark every damaged block pending again, so rerunning the extraction that made the "
+    "set recomputes exactly those blocks.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print as JSON (each finding with its location)."
+)
 @user_errors
-def store_verify(store_path, no_values, as_json):
-    """Check a store: missing/partial images, shapes, dtypes, provenance, NaN/inf.
+def store_verify(store_path, no_values, fix, as_json):
+    """Check a store: the image table, unfinished sets, provenance, geometry, shapes, dtypes,
+    pending images, and per finished block its chunk files, checksums and NaN/inf.
 
-    Exits with status 1 when a problem is found.
+    Exits with status 1 when a problem is found (also with --fix, which repairs by marking).
     """
     from featurestore.inspect import verify_store
 
-    rep = verify_store(store_path, scan_values=not no_values)
+    rep = verify_store(store_path, scan_values=not no_values, fix=fix)
     render.verify(rep, as_json)
     if not rep.ok:
         sys.exit(1)

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from featurestore.inspect import FINDING_KINDS, store_info, verify_store
+from ovss_cli.main import cli
 from tests.test_store import INFO, PROTOCOL, SPECS, _build, make_records
 
 KEY = "fake@short32-c28s14"
@@ -169,8 +170,6 @@ def test_pending_images(tmp_path):
 
 
 def test_verify_cli_json_lists_findings_and_exits_1(store):
-    from ovss_cli.main import cli
-
     chunk(store, "patch", 1).write_bytes(b"\0" * 3)
     res = CliRunner().invoke(cli, ["store", "verify", store.path, "--json"])
     assert res.exit_code == 1
@@ -181,3 +180,23 @@ def test_verify_cli_json_lists_findings_and_exits_1(store):
     ]
     res = CliRunner().invoke(cli, ["store", "info", store.path])
     assert res.exit_code == 0
+
+
+def test_fix_marks_bad_blocks_pending_and_a_rerun_recomputes_exactly_those(store, tmp_path):
+    from tests.test_store import _snapshot
+
+    clean = _snapshot(store.path)
+    good = chunk(store, "patch", 0)
+    good_mtime = good.stat().st_mtime_ns
+    p = chunk(store, "cls", 2)
+    data = bytearray(p.read_bytes())
+    data[0] ^= 0xFF
+    p.write_bytes(bytes(data))
+    res = CliRunner().invoke(cli, ["store", "verify", store.path, "--fix"])
+    assert res.exit_code == 1 and "marked block(s) 2 pending" in res.output
+    fs = store.feature_set(KEY)
+    assert fs.done_blocks().tolist() == [b != 2 for b in range(fs.n_blocks)]
+    again = _build(Path(store.path), make_records(tmp_path), info=GEO_INFO)
+    assert verify_store(again.path).ok
+    assert _snapshot(store.path) == clean  # the block recomputed, byte for byte
+    assert good.stat().st_mtime_ns == good_mtime  # and only that block
