@@ -339,6 +339,7 @@ def _extract_model(
         target_block_mb=cfg.block_mb,
         overwrite=cfg.overwrite,
         static=backbone.static_tensors(),
+        default_geometry=type(backbone).geometry is Backbone.geometry,
     )
     done = fs.done_blocks()
     mine = [b for b in range(fs.n_blocks) if b % shard[1] == shard[0]]

@@ -340,11 +340,11 @@ def _zeros_crc(nbytes: int) -> int:
 
 
 def _check_implied_geometry(rep, key, fs, prov, protocol, sizes, image_geometry, plan_layout):
-    """Geometry and block layout recomputed from the image sizes and the protocol, for
-    backbones with the default geometry rule (SAM has its own: only the counts are checked)."""
-    backbone = prov.get("backbone", {})
-    patch = backbone.get("patch_size")
-    if backbone.get("family") == "sam" or protocol.sam_only or not patch:
+    """Geometry and block layout recomputed from the image sizes and the protocol, for sets
+    whose backbone follows the default geometry rule (recorded at creation; SAM and BLIP have
+    their own rule, sets of older versions record none: only the counts are checked)."""
+    patch = prov.get("backbone", {}).get("patch_size")
+    if prov["layout"].get("geometry_rule") != "default" or protocol.sam_only or not patch:
         return
     geo = fs.geometry
     try:

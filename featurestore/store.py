@@ -515,8 +515,13 @@ class FeatureStore:
         target_block_mb: float = DEFAULT_BLOCK_MB,
         overwrite: bool = False,
         static: dict[str, np.ndarray] | None = None,
+        default_geometry: bool = False,
     ) -> FeatureSet:
         """Create (or, with identical provenance, reopen for resuming) a feature set.
+
+        ``default_geometry``: the geometries follow ``featurestore.protocol.image_geometry``
+        with the backbone's ``patch_size`` (recorded in the layout, so ``store verify`` can
+        recompute them from the image sizes); False for backbones with a rule of their own.
 
         An existing set with different provenance is an error unless ``overwrite``; with
         ``overwrite`` only that set is replaced (never the store): it is renamed out of the
@@ -581,6 +586,7 @@ class FeatureStore:
                 "block_rows": layout.block_rows,
                 "max_block_images": layout.max_block_images,
                 "target_block_mb": target_block_mb,
+                "geometry_rule": "default" if default_geometry else "own",
             }
             feats = self.root.require_group("features")
             if not self._is_local():  # remote: built in place, the provenance written last

@@ -248,7 +248,14 @@ def _build(path, recs, info=INFO, overwrite=False):
     store = FeatureStore.open_or_create(path, recs)
     geos = geometries_for(store.root["images/size"][...], PROTOCOL, 7)
     fs = store.create_feature_set(
-        "fake", PROTOCOL, info, SPECS, geos, target_block_mb=0.0005, overwrite=overwrite
+        "fake",
+        PROTOCOL,
+        info,
+        SPECS,
+        geos,
+        target_block_mb=0.0005,
+        overwrite=overwrite,
+        default_geometry="patch_size" in info,
     )
     _deterministic_fill(fs, geos)
     return store
