@@ -167,11 +167,13 @@ def dense_crf_torch(image: np.ndarray, probs: torch.Tensor, params: CRFParams) -
     b_norm = torch.stack(weights).sum(0).clamp_min(1e-12)
 
     q = torch.softmax(-unary, dim=0)
+    r = radius
     for _ in range(params.iterations):
         m_g = _gauss_sum(q, g_taps) / g_norm
         m_b = torch.zeros_like(q)
+        qpad = F.pad(q, (r, r, r, r))  # zeros outside: out-of-image neighbours weigh 0 anyway
         for (dy, dx), wgt in zip(offsets, weights, strict=True):
-            m_b += wgt * _shift(q, dy, dx)
+            m_b.addcmul_(wgt, qpad[:, r + dy : r + dy + h, r + dx : r + dx + w])
         m_b /= b_norm
         q = torch.softmax(-unary + params.gauss_compat * m_g + params.bilateral_compat * m_b, dim=0)
     if (h, w) != (h0, w0):

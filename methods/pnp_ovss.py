@@ -33,8 +33,10 @@ min-max normalised and ``keep = norm >= threshold``; the *raw* summed map times 
 channel ``1[no class > 0]`` first; each channel Gaussian-blurred with ``σ = blur_sigma × max(H,
 W)`` pixels (``scipy.ndimage.gaussian_filter``, ``reflect`` borders, as the release) and min-max
 normalised (an all-constant channel becomes 0 [ours], the release divides by zero); DenseCRF
-(``methods.crf``) on the softmax of those channels; argmax. Background pixels get the
-vocabulary's class named ``background`` when it has one, else 255 (ignore) [ours].
+(``methods.crf``) on the softmax of those channels; argmax. The background channel exists only
+when the vocabulary has a class named ``background`` (VOC-style; its pixels get that class);
+otherwise every pixel gets one of the image's classes, as the release does on context datasets
+(it adds the channel there only for images of fewer than 3 classes [not reproduced]).
 
 Choices marked [ours] (the paper or the release is silent or differs):
 
@@ -402,10 +404,15 @@ def threshold_maps(maps: torch.Tensor, threshold: float) -> torch.Tensor:
     return (flat * keep).reshape(maps.shape)
 
 
-def image_scores(masked: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``(K, g, g)`` masked maps -> ``(1 + K, H, W)``: background ``1[max_k == 0]`` first,
-    then the maps resized bilinearly with ``align_corners=True`` (as the release)."""
+def image_scores(
+    masked: torch.Tensor, size: tuple[int, int], background: bool = True
+) -> torch.Tensor:
+    """``(K, g, g)`` masked maps resized bilinearly with ``align_corners=True`` (as the
+    release) to ``(K, H, W)``, with ``background`` a first channel ``1[max_k == 0]``
+    (``(1 + K, H, W)``)."""
     up = F.interpolate(masked[None].float(), size=size, mode="bilinear", align_corners=True)[0]
+    if not background:
+        return up
     bg = (up.amax(0) <= 0).float()
     return torch.cat([bg[None], up], dim=0)
 
@@ -435,15 +442,18 @@ def maps_to_labels(
     crf_backend: str,
     crf_params: CRFParams,
     timings: dict[str, float] | None = None,
+    background: bool = True,
 ) -> tuple[np.ndarray, torch.Tensor]:
     """Summed class maps ``(K, g, g)`` -> local labels ``(H, W)`` (0 = background, k + 1 =
-    class k) and the thresholded maps; ``crf_backend`` ``none`` skips the CRF."""
+    class k) and the thresholded maps; ``crf_backend`` ``none`` skips the CRF. Without
+    ``background`` there is no background channel: every pixel gets a class (as the release
+    on context datasets)."""
     import time
 
     h, w = image.shape[:2]
     t = time.perf_counter()
     masked = threshold_maps(maps, threshold)
-    scores = image_scores(masked, (h, w))
+    scores = image_scores(masked, (h, w), background)
     scores = blur_scores(scores, blur_sigma * max(h, w))
     t_blur = time.perf_counter() - t
     t = time.perf_counter()
@@ -451,6 +461,8 @@ def maps_to_labels(
         labels = scores.argmax(0).numpy().astype(np.int64)
     else:
         labels = crf_labels(image, scores, crf_params, crf_backend)
+    if not background:
+        labels = labels + 1
     if timings is not None:
         timings["threshold + resize + blur"] = timings.get("threshold + resize + blur", 0) + t_blur
         timings["crf"] = timings.get("crf", 0) + time.perf_counter() - t
@@ -773,6 +785,7 @@ class PnPOVSS(Segmenter):
             self.crf_backend,
             self.config.crf_params,
             self.timings,
+            background=bg is not None,
         )
         lut = np.array([IGNORE if bg is None else bg] + classes, dtype=np.int64)
         labels = lut[local]

@@ -263,7 +263,7 @@ def tune(request: TuneRequest, progress: Progress | None = None) -> TuneResult:
     from featurestore.backbones import create_backbone
     from featurestore.store import FeatureStore
     from methods.base import build_config, get_method
-    from methods.pnp_ovss import PnPOVSS, maps_to_labels
+    from methods.pnp_ovss import PnPOVSS, background_index, maps_to_labels
 
     cls = get_method(request.method)
     if not issubclass(cls, PnPOVSS):
@@ -293,6 +293,7 @@ def tune(request: TuneRequest, progress: Progress | None = None) -> TuneResult:
     if not indices:
         raise OvssError(f"no image of {request.store} can be scored (all skipped: {seg.skipped})")
     ids = [store.image_ids[i] for i in indices]
+    has_background = background_index(vocab) is not None
     max_reward = sum(len(classes[i]) for i in indices)
 
     blip = seg.blip
@@ -331,6 +332,7 @@ def tune(request: TuneRequest, progress: Progress | None = None) -> TuneResult:
                 params["blur_sigma"],
                 seg.crf_backend,
                 config.crf_params,
+                background=has_background,
             )
             total += reward.reward(images[i], local, classes[i])
         row = {

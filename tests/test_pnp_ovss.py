@@ -310,10 +310,11 @@ def test_store_run_uses_the_cache_and_reports_the_tiny_image(store: Path) -> Non
         assert (live[i] == cached[i]).mean() > 0.99
 
 
-def test_without_a_background_class_unlabelled_pixels_are_ignore(store: Path) -> None:
+def test_without_a_background_class_every_pixel_gets_a_class(store: Path) -> None:
     out, _ = labels_of(store, vocab_of(["cat", "sky"]), threshold=0.9, crf="none")
-    values = set(np.unique(out[0]))
-    assert values <= {0, 1, 255} and 255 in values
+    assert set(np.unique(out[0])) <= {0, 1}
+    with_bg, _ = labels_of(store, vocab_of(["background", "cat", "sky"]), threshold=0.9, crf="none")
+    assert 0 in set(np.unique(with_bg[0]))  # T = 0.9 leaves pixels no class survives
 
 
 def test_image_classes_restrict_the_prompt(store: Path, tmp_path: Path) -> None:
