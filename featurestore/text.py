@@ -60,12 +60,12 @@ from featurestore.text_encoders import (  # noqa: F401 (re-exported: the text en
     TextEncoder,
     TextEncoderKind,
     TextEncoderOptions,
-    _clip_factory,
     create_text_encoder,
     file_identity,
     identity_hash,
     jsonable,
     list_text_encoders,
+    load_clip_tower,
     lookup_text_encoder,
     register_text_encoder,
 )
@@ -588,8 +588,17 @@ def store_text_embeddings(
             }
         )
     identity = jsonable(identity)
-    layout = _layout(text_model)
-    name = f"{layout.kind.slug}-{identity_hash(identity)}" if layout.keyed else layout.store_name
+    spec = _spec_of(text_model)
+    try:
+        kind: TextEncoderKind | None = lookup_text_encoder(spec)
+    except OvssError:
+        kind = None
+    if kind is not None and kind.keyed_by_identity:
+        name = f"{kind.slug}-{identity_hash(identity)}"
+    elif kind is None and isinstance(text_model, TextEncoder) and text_model.kind != "clip":
+        name = _layout(text_model).store_name
+    else:
+        name = spec
     key = f"{TEXT_GROUP}/{name}/{vocab.key()}-{template_name}"
     return _write_set(
         store, key, _spec_of(text_model), vocab, template_name, embeddings, provenance, identity,
@@ -826,13 +835,10 @@ def load_text_encoder(
     """``(open_clip model, tokenizer, provenance dict)`` of a CLIP tower (``clip-*`` or
     ``openclip:...``), through ``featurestore.backbones.clip.load_open_clip`` (same weights
     rules as ``ovss extract``). Other kinds: :func:`create_text_encoder`."""
-    enc = _clip_factory(
-        text_model,
-        TextEncoderOptions(
-            None if weights is None else str(weights), random_init, seed, arch_overrides
-        ),
+    opts = TextEncoderOptions(
+        None if weights is None else str(weights), random_init, seed, arch_overrides
     )
-    return enc.model, enc.tokenizer, dict(enc.info)
+    return load_clip_tower(text_model, opts)
 
 
 @dataclass

@@ -169,14 +169,23 @@ def register_text_encoder(
         help: one line for listings.
 
     Raises:
-        OvssError: the key is already registered to another factory.
+        OvssError: the key is already registered to another factory (the same function of a
+            re-imported module replaces the old entry).
     """
     old = _KINDS.get(kind_or_prefix)
-    if old is not None and old.factory is not factory:
-        raise OvssError(f"text encoder kind '{kind_or_prefix}' is already registered")
+    if old is not None and _qualname(old.factory) != _qualname(factory):
+        raise OvssError(
+            f"text encoder kind '{kind_or_prefix}' is already registered (by "
+            f"{_qualname(old.factory)})"
+        )
     _KINDS[kind_or_prefix] = TextEncoderKind(
         kind_or_prefix, factory, identify, keyed_by_identity, help
     )
+
+
+def _qualname(fn: Any) -> str:
+    """``module.qualname`` of a factory: a re-imported module registers the same one again."""
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
 def _ensure_builtins() -> None:
@@ -300,6 +309,13 @@ def _clip_identify(spec: str, opts: TextEncoderOptions) -> dict:
 
 
 def _clip_factory(spec: str, opts: TextEncoderOptions) -> ClipTextEncoder:
+    model, tokenizer, prov = load_clip_tower(spec, opts)
+    return ClipTextEncoder(spec, model, tokenizer, prov, device=opts.device)
+
+
+def load_clip_tower(spec: str, opts: TextEncoderOptions) -> tuple[Any, Any, dict]:
+    """``(open_clip model, tokenizer, provenance dict)`` of a CLIP spec, on the CPU (or the meta
+    device when called under ``torch.device("meta")`` with ``random_init``)."""
     from dataclasses import asdict
 
     try:
@@ -317,7 +333,7 @@ def _clip_factory(spec: str, opts: TextEncoderOptions) -> ClipTextEncoder:
     )
     prov = asdict(info) if hasattr(info, "__dataclass_fields__") else dict(info)
     prov["arch_overrides"] = jsonable(opts.arch_overrides) if opts.arch_overrides else None
-    return ClipTextEncoder(spec, model, tokenizer, prov, device=opts.device)
+    return model, tokenizer, prov
 
 
 @dataclass

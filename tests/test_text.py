@@ -45,6 +45,7 @@ from featurestore.text import (
     list_text_encoders,
     list_text_sets,
     load_text_embeddings,
+    load_text_encoder,
     lookup_text_encoder,
     parse_vocab,
     register_text_encoder,
@@ -468,7 +469,7 @@ def test_registry_knows_clip_and_registered_kinds(toy_kind) -> None:
     assert lookup_text_encoder("toyckpt:/a/b.pt").key == "toyckpt:"
     assert not lookup_text_encoder("clip-b16").keyed_by_identity
     with pytest.raises(OvssError, match="not a known text encoder.*clip-b16.*toyckpt:"):
-        lookup_text_encoder("simzss:/x.pt")
+        lookup_text_encoder("nosuchkind:/x.pt")
     with pytest.raises(OvssError, match="already registered"):
         register_text_encoder("toyckpt:", lambda s, o: None)
     enc = create_text_encoder("clip-b16", random_init=True, seed=3, arch_overrides=TINY_CLIP)
@@ -654,3 +655,26 @@ def test_vocabulary_progress_names_the_model(store: FeatureStore) -> None:
     [row] = list_text_sets(store)
     te = load_text_embeddings(store, "clip-b16", parse_vocab("sky;clouds,tree"), "clip7")
     assert "truncated" in te.provenance["encoder"]["context"] and row["identity"]
+
+
+def test_store_text_embeddings_of_a_checkpoint_kind(
+    store: FeatureStore, tmp_path: Path, toy_kind
+) -> None:
+    ck = tmp_path / "a.ckpt"
+    ck.write_text("4")
+    vocab = parse_vocab("sky,tree")
+    emb = np.eye(2, 8, dtype=np.float32)
+    ident = _identify_toy(f"toyckpt:{ck}", TextEncoderOptions())
+    key = store_text_embeddings(store, f"toyckpt:{ck}", vocab, "single", emb, {}, identity=ident)
+    assert key == text_set_key(f"toyckpt:{ck}", vocab, "single") and "/toyckpt-" in key
+    got = get_text_embeddings(store, f"toyckpt:{ck}", vocab, "single")
+    assert toy_kind.builds == 0  # found by identity, nothing built
+    np.testing.assert_array_equal(got.embeddings, emb)
+
+
+def test_load_text_encoder_on_meta_builds_no_weights() -> None:
+    """The dry run tells a text tower's width without weights (``recipes.plan_job``)."""
+    with torch.device("meta"):
+        model, tokenizer, prov = load_text_encoder("clip-b16", random_init=True)
+    assert model.text_projection.shape == (512, 512) and model.text_projection.is_meta
+    assert prov["weights"] == "random-init:0" and callable(tokenizer)
