@@ -15,6 +15,7 @@ trainer module below, and each registers itself (``@register_method`` /
 from methods import aligned  # noqa: F401
 from methods import fmbseg_stage1  # noqa: F401
 from methods import maskclip  # noqa: F401
+from methods import pixelclip  # noqa: F401
 from methods import pnp_ovss  # noqa: F401
 from methods import prototype_method  # noqa: F401
 from methods import proxyclip  # noqa: F401
@@ -24,4 +25,5 @@ from methods import trident  # noqa: F401
 # -- trainers (one import per line) --
 from methods import train  # noqa: F401
 from methods import fmbseg  # noqa: F401
+from methods import pixelclip_train  # noqa: F401
 from methods import simzss_train  # noqa: F401
