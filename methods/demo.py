@@ -99,6 +99,7 @@ def run_demo(
     # Trident's tiny models live in their own store: its text set (a tiny CLIP text tower) would
     # clash with the main store's full-size one under the same model name.
     stages.update(_trident(str(out / "trident.zarr"), records, ds, out, seed, progress, timings))
+    stages.update(_pnp_ovss(str(out / "pnp.zarr"), ds, out, seed, progress, timings))
     info = store_info(store_path)
     weights_id = info["feature_sets"][0]["weights"] if info["feature_sets"] else "?"
     return {
@@ -303,6 +304,95 @@ def _trident(store_path, records, ds, out: Path, seed: int, progress, timings) -
     )
     timings["trident segment + eval"] = time.perf_counter() - t
     return {"trident_eval": _eval_summary(res, v)}
+
+
+#: PnP-OVSS in the demo: a tiny random-init BLIP ITM (the real transformers classes, 64 px
+#: input: 4 x 4 patches) and the tiny CLIP of Trident, two val collages, the torch CRF (the
+#: pydensecrf2 package is optional). Numbers meaningless; the pipeline is the real one.
+PNP_SETTINGS = {
+    "size": 64,
+    "layer": 2,
+    "head": 2,
+    "rounds": 2,
+    "crf": "torch",
+    "crf_max_side": 48,
+}
+
+
+def _pnp_ovss(store_path, ds, out: Path, seed: int, progress, timings) -> dict:
+    """PnP-OVSS (BLIP GradCAM + Saliency DropOut + blur + CRF) and a 2-trial ``ovss tune``."""
+    from featurestore.backbones.blip import TINY as BLIP_TINY
+    from featurestore.text import get_text_embeddings, parse_vocab
+    from methods.base import build_config, get_method
+    from methods.evaluate import evaluate_store
+    from methods.segment import segment_store, vocab_from_text
+    from methods.tune import TuneRequest, tune
+
+    t = time.perf_counter()
+    val = list_dataset_images("custom", ds.root, "val")[:2]
+    cls = get_method("pnp-ovss")
+    (req,) = cls.requirements(build_config(cls, None, PNP_SETTINGS))
+    cfg = ExtractConfig(
+        models=[req.model],
+        protocol=req.cached.protocol,
+        store=store_path,
+        random_init=True,
+        seed=seed,
+        arch_overrides=BLIP_TINY,
+    )
+    extract(val, cfg, progress=progress)
+    vocab = parse_vocab("custom", data_root=ds.root)
+    tiny_clip = TRIDENT_TINY["clip-b16"]
+    te = get_text_embeddings(
+        store_path,
+        "clip-b16",
+        vocab,
+        "single",
+        random_init=True,
+        seed=seed,
+        arch_overrides=tiny_clip,
+    )
+    v = vocab_from_text(te, source=vocab.describe())
+    seg = segment_store(
+        store_path,
+        "pnp-ovss",
+        v,
+        str(out / "segment_pnp_ovss"),
+        dataset="custom",
+        overrides=PNP_SETTINGS,
+        progress=progress,
+    )
+    res = evaluate_store(
+        store_path, "custom", str(ds.root), "pnp-ovss", v, split="val", overrides=PNP_SETTINGS
+    )
+    timings["pnp-ovss extract + segment + eval (tiny BLIP)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    tuned = tune(
+        TuneRequest(
+            store=store_path,
+            vocab_spec="custom",
+            settings=PNP_SETTINGS,
+            trials=2,
+            sample=2,
+            layers=(2,),  # one (layer, head): its maps are computed once for both trials
+            heads=(2,),
+            seed=seed,
+            clip_model="clip-b16",
+            random_init=True,
+            clip_seed=seed,
+            clip_arch_overrides=tiny_clip,
+            data_root=str(ds.root),
+            log=str(out / "tune_pnp_ovss.jsonl"),
+            out=str(out / "tune_pnp_ovss_best.json"),
+        ),
+        progress,
+    )
+    timings["pnp-ovss tune (2 trials)"] = time.perf_counter() - t
+    return {
+        "pnp_ovss_eval": _eval_summary(res, v),
+        "pnp_ovss": {"crf_backend": seg.live_model.get("crf_backend"), "out_dir": seg.out_dir},
+        "pnp_ovss_tune": {"best": tuned.best, "config": tuned.out},
+    }
 
 
 def _maskclip(store_path, ds, out: Path, seed: int, progress, timings) -> dict:

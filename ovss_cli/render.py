@@ -278,6 +278,13 @@ def demo(result: dict, as_json: bool) -> None:
             f"trident (tiny random CLIP/DINO/SAM, SAM refinement on; numbers meaningless, "
             f"pipeline real): mIoU {st['trident_eval']['mIoU']}"
         )
+    if st.get("pnp_ovss_eval"):
+        pe, pt = st["pnp_ovss_eval"], st.get("pnp_ovss_tune", {}).get("best", {})
+        out.print(
+            f"pnp-ovss (tiny random BLIP + CLIP, {st['pnp_ovss']['crf_backend']} CRF; numbers "
+            f"meaningless, pipeline real) on {pe['images']} val collages: mIoU {pe['mIoU']}; "
+            f"tune: best reward {pt.get('reward')}/{pt.get('max_reward')}"
+        )
     if st.get("maskclip_eval"):
         out.print(f"maskclip on the same val collages: mIoU {st['maskclip_eval']['mIoU']}")
     for stage, secs in result["timings"].items():
