@@ -14,6 +14,9 @@ Figures (PRODUCT.md "Performance"):
      measured SAM-B encoder (and Trident head) seconds per image (``benchmarks.trident_bench``).
   8. text embedding: ADE20K x openai80 on CLIP-B/16's text tower, full context ÷ truncated per
      batch, and the max difference (``benchmarks.text_bench``).
+  9. PnP-OVSS: seconds per image of each stage (encoder, cross-attention + backward per round,
+     blur, CRF torch vs pydensecrf2), tiny and full-size random-init BLIP-L, cached first pass vs
+     none (``benchmarks.pnp_bench``; BENCH_PNP_FULL=0 skips the full-size model).
 
 Environment knobs: BENCH_IMAGES (extraction images, default 8), BENCH_MODEL (default
 dinov2-s14), BENCH_SIZE (short side, default 448), BENCH_READ_IMAGES (default 400).
@@ -233,6 +236,7 @@ def main() -> None:
             bench_prototype_index,
         )
         from benchmarks.clip_bench import bench_clip_cache, bench_store_sizes
+        from benchmarks.pnp_bench import bench_pnp
         from benchmarks.text_bench import bench_text
         from benchmarks.trident_bench import bench_trident
 
@@ -247,6 +251,7 @@ def main() -> None:
             ("kmeans", lambda _tmp: bench_kmeans()),
             ("trident", bench_trident),
             ("text_embedding", bench_text),
+            ("pnp_ovss", bench_pnp),
         ):
             t = time.perf_counter()
             results[name] = fn(tmp)
@@ -333,6 +338,16 @@ def main() -> None:
         str(tx["ratio"]),
         f">= {tx['target']} within {tx['tolerance']:.0e}: {'met' if tx['met'] else 'NOT met'}",
     )
+    for name, row in results["pnp_ovss"]["models"].items():
+        t.add_row(
+            f"pnp-ovss per image ({name} BLIP, 4 rounds, 375x500, 20 classes)",
+            f"{row['s_per_image_cached']} s (cached first pass; round: encoder "
+            f"{row['encoder_s']} s + cam {row['cam_round_s']} s; blur {row['blur_s']} s; "
+            f"CRF torch {row['crf_torch_s']} s vs pydensecrf {row['crf_pydensecrf_s']} s)",
+            f"{row['dropout_live_s']} s rounds live vs {row['dropout_cached_s']} s cached",
+            str(row["cache_saving"]),
+            "",
+        )
     for model, row in results["store_size_per_image"]["models"].items():
         t.add_row(
             f"store size {model}", f"{row['mb_per_image']} MiB/image", row["protocol"], "", ""
