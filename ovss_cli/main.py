@@ -255,8 +255,9 @@ def load_records(images_dir, dataset, data_root, split, limit):
 )
 @click.option(
     "--weights",
-    type=click.Path(dir_okay=False),
-    help="Checkpoint file (else $OVSS_WEIGHTS, library caches, hub when online).",
+    type=click.Path(),
+    help="Checkpoint file, or a Hugging Face model folder for BLIP (else $OVSS_WEIGHTS, "
+    "library caches, hub when online).",
 )
 @click.option(
     "--random-init",

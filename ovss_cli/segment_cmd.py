@@ -134,9 +134,10 @@ METHOD_OPTIONS = [
     ),
     click.option(
         "--weights",
-        type=click.Path(dir_okay=False),
+        type=click.Path(),
         default=None,
-        help="Checkpoint of the image backbone of --images (methods reading one model), also "
+        help="Checkpoint of the image backbone of --images (methods reading one model; a "
+        "Hugging Face folder for BLIP), also "
         "used for the text tower when that is the same CLIP, or when no image model is "
         "built [ours]. Else the usual resolution ($OVSS_WEIGHTS, caches, hub).",
     ),
