@@ -564,6 +564,8 @@ class SimZSSConfig:
 
 #: The feature model of the released setup (planning without a checkpoint).
 DEFAULT_MODEL = "dinov2-b14-reg"
+#: The training set of the released setup: whole images at 224 [ours: square, no augmentation].
+TRAIN_RESIZE, TRAIN_SIZE = "square", 224
 
 
 @register_method
@@ -579,12 +581,19 @@ class SimZSSSegmenter(Segmenter):
 
     @classmethod
     def requirements(cls, config: SimZSSConfig) -> list[FeatureRequirement]:
+        """The evaluation set; without a checkpoint (planning: ``extract --for simzss``) also
+        the training set of the trainer's defaults (whole image, square 224, CLS + patches),
+        so one extraction serves training and evaluation."""
         proto = Protocol("short", config.size, crop=config.crop, stride=config.stride)
-        return [
-            FeatureRequirement(
-                "vfm", config.model or DEFAULT_MODEL, proto, ("patch",), model_field="model"
+        model = config.model or DEFAULT_MODEL
+        reqs = [FeatureRequirement("vfm", model, proto, ("patch",), model_field="model")]
+        if not config.checkpoint:
+            train = Protocol(TRAIN_RESIZE, TRAIN_SIZE)
+            reqs.insert(
+                0,
+                FeatureRequirement("train", model, train, ("patch", "cls"), model_field="model"),
             )
-        ]
+        return reqs
 
     @classmethod
     def vocabulary_defaults(cls, config: SimZSSConfig) -> VocabularyDefaults:

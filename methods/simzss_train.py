@@ -47,8 +47,11 @@ from featurestore.store import STATUS_OK, FeatureSet, FeatureStore
 from methods.base import FeatureRequirement, VocabularyDefaults
 from methods.simzss import (
     CHECKPOINT_FORMAT,
+    DEFAULT_MODEL,
     LOGIT_SCALE_INIT,
     TOKENIZER,
+    TRAIN_RESIZE,
+    TRAIN_SIZE,
     ConceptBatch,
     TextTower,
     get_tokenizer,
@@ -116,9 +119,9 @@ class SimZSSTrainConfig:
     captions: str = ""
     concepts: str = ""
     spacy_model: str = ""
-    model: str = "dinov2-b14-reg"
-    train_resize: str = field(default="square", metadata={"choices": ("square", "short")})
-    train_size: int = 224
+    model: str = DEFAULT_MODEL
+    train_resize: str = field(default=TRAIN_RESIZE, metadata={"choices": ("square", "short")})
+    train_size: int = TRAIN_SIZE
     eval_size: int = 448
     eval_crop: int = 448
     eval_stride: int = 224
