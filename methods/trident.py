@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from featurestore.errors import OvssError, ProvenanceMismatchError
+from featurestore.errors import MissingFeatureSetError, OvssError, ProvenanceMismatchError
 from featurestore.protocol import Protocol, half_columns
 from featurestore.store import set_key
 from methods.base import FeatureRequirement, Segmenter, Vocab, register_method
@@ -1074,11 +1074,14 @@ class TridentSegmenter(Segmenter):
         """A message per role: the window/SAM sets come from one ``--for trident`` call, the
         whole-image refinement set does not."""
         if requirement.role == "sam_refine":
-            return ProvenanceMismatchError(
+            message = (
                 "trident --sam-refine with SAM halves decodes against the whole image "
                 "as the reference does (refine_sam=whole; --set refine_sam=halves "
                 f"refines each half with its own embedding instead): {error}"
             )
+            if isinstance(error, MissingFeatureSetError):  # keeps the facts the CLI renders
+                return error.with_message(message, role=requirement.role)
+            return ProvenanceMismatchError(message)
         return self._extract_hint(self.store, self.config, error)
 
     @staticmethod
@@ -1110,11 +1113,14 @@ class TridentSegmenter(Segmenter):
                     f"\n(the store has {key}, SAM on the original image rather than on the "
                     "image rounded up to the CLIP patch grid: --set sam_round_up=off reads it)"
                 )
-        return ProvenanceMismatchError(
+        message = (
             f"{e}\nTrident reads CLIP and {config.vfm_model} windows and {config.sam_model} "
             f"per image; extract them together with: ovss extract --store {store.path} "
             f"--for trident --dataset NAME{extra}{hint}"
         )
+        if isinstance(e, MissingFeatureSetError):  # keeps the facts the CLI renders
+            return e.with_message(message)
+        return ProvenanceMismatchError(message)
 
     # -- reading ---------------------------------------------------------------------------------
     def _windows(self, index: int) -> tuple[Any, list[torch.Tensor], list[torch.Tensor] | None]:
