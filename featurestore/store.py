@@ -271,7 +271,9 @@ class FeatureStore:
                 store.notes = notes
                 return store
             if target.exists() and (not target.is_dir() or any(target.iterdir())):
-                raise StoreError(f"{path} exists and is not an ovss store (choose another --store)")
+                raise StoreError(
+                    f"{path} exists and is not an ovss store (choose another location)"
+                )
             tmp = _aside(path, "new")
             root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
             cls(root, str(tmp))._write_image_table(records)
