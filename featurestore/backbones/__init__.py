@@ -7,6 +7,8 @@ from featurestore.backbones.base import (
     create_backbone,
     list_backbones,
     register_backbone,
+    register_variants,
+    tiny_arch_overrides,
 )
 
 __all__ = [
@@ -16,4 +18,6 @@ __all__ = [
     "create_backbone",
     "list_backbones",
     "register_backbone",
+    "register_variants",
+    "tiny_arch_overrides",
 ]
