@@ -298,7 +298,9 @@ def toy_trainer(tmp_path):
 
 
 def test_toy_trainer_in_one_module_appears_in_align_and_trains(tmp_path, toy_trainer):
-    assert "toy" in tr.list_trainers()
+    from methods.plan import list_components
+
+    assert "toy" in tr.list_trainers() and "toy" in list_components()  # extract --for toy
     r = CliRunner().invoke(cli, ["align", "--method", "toy", "--help"])
     assert r.exit_code == 0, r.output
     assert "--probe-scale" in r.output and "multiplies the logits [ours]" in r.output
