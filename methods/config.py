@@ -85,6 +85,9 @@ _ATTR_LINE = re.compile(
 )
 
 
+_NAME_LIST = re.compile(r"^\s*[A-Za-z_][A-Za-z0-9_]*(?:\s*,\s*[A-Za-z_][A-Za-z0-9_]*)*\s*,\s*$")
+
+
 def parse_attribute_docs(doc: str | None) -> dict[str, str]:
     """``{field: help}`` from the ``Attributes:`` section of a Google-style docstring.
 
@@ -106,8 +109,13 @@ def parse_attribute_docs(doc: str | None) -> dict[str, str]:
             for name in current:
                 out[name] = joined
 
+    pending = ""  # a field list wrapped over lines: "a, b,\n    c: text"
     for line in lines:
         stripped = line.strip()
+        if pending and stripped:
+            line = pending + " " + stripped
+            stripped = line.strip()
+            pending = ""
         if not in_section:
             if stripped == "Attributes:":
                 in_section = True
@@ -118,6 +126,9 @@ def parse_attribute_docs(doc: str | None) -> dict[str, str]:
         indent = len(line) - len(line.lstrip())
         if indent <= section_indent:  # the next section or the end of the docstring
             break
+        if _NAME_LIST.match(line) and (base_indent is None or indent <= base_indent):
+            pending = line.rstrip()
+            continue
         m = _ATTR_LINE.match(line)
         if m and (base_indent is None or len(m.group(1)) <= base_indent):
             flush()
