@@ -758,6 +758,11 @@ class PixelCLIPConfig:
             tower, ``pixelclip:<checkpoint>``).
         templates: template set of the class embeddings (pixelclip8: CLIP's 7 + "A photo of a
             {} in the scene").
+        model, trainable_blocks, masks, mask_set: without a checkpoint (extract --for
+            pixelclip) the training recipe is planned: the CLIP, K trained blocks (0 = all, on
+            pixels; 1 = the cached square<size> set), the mask source (dino, sam, sa1b) and a
+            mask set that exists already (then no DINO set is planned); with a checkpoint
+            they come from it.
     """
 
     checkpoint: str = ""
@@ -765,6 +770,10 @@ class PixelCLIPConfig:
     eval_grid: int = EVAL_GRID
     text_model: str | None = None
     templates: str = "pixelclip8"
+    model: str = DEFAULT_MODEL
+    trainable_blocks: int = 0
+    masks: str = "dino"
+    mask_set: str = ""
 
     def __post_init__(self) -> None:
         if self.checkpoint and self.text_model is None:
@@ -804,8 +813,21 @@ class PixelCLIPSegmenter(Segmenter):
 
     @classmethod
     def requirements(cls, config: PixelCLIPConfig) -> list[Any]:
-        if not config.checkpoint:
-            return [LiveModelRequirement("clip", DEFAULT_MODEL)]
+        if not config.checkpoint:  # planning: the training recipe
+            from methods.pixelclip_train import PixelCLIPTrainer
+
+            tcfg = PixelCLIPTrainer.build_config(
+                None,
+                {
+                    "model": config.model,
+                    "trainable_blocks": config.trainable_blocks,
+                    "masks": config.masks,
+                    "mask_set": config.mask_set,
+                    "size": config.size,
+                    "sa1b_dir": "-" if config.masks == "sa1b" else "",
+                },
+            )
+            return PixelCLIPTrainer.requirements(tcfg)
         prov = checkpoint_provenance(config.checkpoint)
         base = prov["base_clip"]
         k, depth = int(prov["trainable_blocks"]), int(prov["depth"])

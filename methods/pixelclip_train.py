@@ -256,6 +256,12 @@ def resolve_blocks(config: PixelCLIPTrainConfig, depth: int) -> int:
     k = config.trainable_blocks or depth
     if k > depth:
         raise OvssError(f"pixelclip: trainable_blocks {k} > the {depth} blocks of {config.model}")
+    if 1 < k < depth:
+        raise OvssError(
+            f"pixelclip: trainable_blocks {k} would read block {depth - k - 1}'s output from the "
+            "store, but CLIP sets cache the class token only at the last block's input; use 1 "
+            "(the store) or 0 (all blocks, on pixels)"
+        )
     return k
 
 
@@ -844,7 +850,7 @@ class PixelCLIPTrainer(Trainer):
     def requirements(cls, config: PixelCLIPTrainConfig) -> list[Any]:
         reqs: list[Any] = []
         depth = clip_depth(config.model, parse_arch(config.clip_arch))
-        k = config.trainable_blocks or depth
+        k = resolve_blocks(config, depth)
         if k < depth:
             reqs.append(
                 FeatureRequirement(
