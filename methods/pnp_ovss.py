@@ -64,6 +64,7 @@ import torch.nn.functional as F
 
 from featurestore.errors import OvssError
 from featurestore.protocol import Protocol
+from featurestore.store import STATUS_OK
 from methods.base import (
     FeatureRequirement,
     LiveModelRequirement,
@@ -687,7 +688,7 @@ class PnPOVSS(Segmenter):
     def first_pass(self, index: int) -> torch.Tensor | None:
         """``(1, 1 + N, D)`` cached round-0 embeddings of image ``index``, or None."""
         fs = self.sets.get("blip")
-        if fs is None or fs.status()[index] == 0:
+        if fs is None or fs.status()[index] != STATUS_OK:
             return None
         t = fs.read(index, list(CACHE_TENSORS)).tensors
         emb = np.concatenate([t["image_cls"][:1], t["image_embeds"]], axis=0)
