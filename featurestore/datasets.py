@@ -878,16 +878,76 @@ def voc_colour_map(labels: np.ndarray) -> np.ndarray:
     return rgb.astype(np.uint8)
 
 
+# The published display colours (mmsegmentation's dataset tables), transcribed as RRGGBB hex, one
+# class per entry in the datasets' class order. Pascal Context's 60-class table is the first 60
+# entries of the ADE20K one (background first), as in mmsegmentation.
+_ADE20K_HEX = (
+    "787878 b47878 06e6e6 503232 04c803 787850 8c8c8c cc05ff e6e6e6 04fa07 e005ff ebff07 96053d",
+    "787846 08ff33 ff0652 8fff8c ccff04 ff3307 cc4603 0066c8 3de6fa ff0633 0b66ff ff0747 ff09e0",
+    "0907e6 dcdcdc ff095c 7009ff 08ffd6 07ffe0 ffb806 0aff47 ff290a 07ffff e0ff08 6608ff ff3d06",
+    "ffc207 ff7a08 00ff14 ff0829 ff0599 0633ff eb0cff a09614 00a3ff 8c8c8c fa0a0f 14ff00 1fff00",
+    "ff1f00 ffe000 99ff00 0000ff ff4700 00ebff 00adff 1f00ff 0bc8c8 ff5200 00fff5 003dff 00ff70",
+    "00ff85 ff0000 ffa300 ff6600 c2ff00 008fff 33ff00 0052ff 00ff29 00ffad 0a00ff adff00 00ff99",
+    "ff5c00 ff00ff ff00f5 ff0066 ffad00 ff0014 ffb8b8 001fff 00ff3d 0047ff ff00cc 00ffc2 00ff52",
+    "000aff 0070ff 3300ff 00c2ff 007aff 00ffa3 ff9900 00ff0a ff7000 8fff00 5200ff a3ff00 ffeb00",
+    "08b8aa 8500ff 00ff5c b800ff ff001f 00b8ff 00d6ff ff0070 5cff00 00e0ff 70e0ff 46b8a0 a300ff",
+    "9900ff 47ff00 ff00a3 ffcc00 ff008f 00ffeb 85ff00 ff00eb f500ff ff007a fff500 0abed4 d6ff00",
+    "00ccff 1400ff ffff00 0099ff 0029ff 00ffcc 2900ff 29ff00 ad00ff 00f5ff 4700ff 7a00ff 00ffb8",
+    "005cff b8ff00 0085ff ffd600 19c2c2 66ff00 5c00ff",
+)
+_COCO_STUFF_HEX = (
+    "00c040 00c040 004060 80c0c0 004040 00c0e0 00c0c0 80c040 00c060 80c040 8020c0 0000e0 000040",
+    "00a0c0 800060 8000c0 0020c0 8080e0 0000c0 80a0c0 808000 800020 802000 800080 408020 00a000",
+    "000000 c080a0 002000 008080 4080a0 80a000 008000 c08020 806080 000080 400020 00e080 800000",
+    "c000a0 006080 808080 4000a0 80e080 808040 c00020 806000 8000c0 008020 40e000 000040 8080a0",
+    "406000 0080c0 0080a0 c0e000 008040 808020 c02080 0040c0 000020 40a080 804040 8000a0 402080",
+    "80c0c0 0000a0 c0a080 80c000 800060 c02000 804080 408060 40a000 004000 c080e0 402000 00c080",
+    "4080e0 c0a000 00c000 c08060 c06080 004080 400060 40e080 804000 c000e0 406080 80c080 4000e0",
+    "c0e080 80c040 c00060 c06000 8040c0 008060 00e000 404040 8080e0 006000 40c0c0 0080e0 80e000",
+    "40c040 808060 802080 4000c0 004060 00a080 c00040 8040e0 002080 c080c0 0040e0 80a080 c08000",
+    "804020 802040 c00080 40c020 00a040 400000 c0c0a0 002040 408080 40c0a0 80a040 408000 c0c020",
+    "8060c0 400080 404020 00e0c0 c00000 c040a0 0060c0 c08080 4040a0 80e0c0 c08040 c04020 806040",
+    "c000c0 00c020 40e040 400040 80c0a0 406040 4080c0 00c0a0 c0e040 408040 80c020 c020c0 4040c0",
+    "004020 40a0c0 c04040 8040a0 4020c0 c0c0c0 0040a0 c0a0c0 c0c000 804060 c02040 c04080 40c060",
+    "40a040 404000",
+)
+
+
+def _hex_colours(table: tuple[str, ...]) -> np.ndarray:
+    """(K, 3) uint8 colours of a table of space-separated RRGGBB words."""
+    words = " ".join(table).split()
+    return np.array([[int(w[i : i + 2], 16) for i in (0, 2, 4)] for w in words], dtype=np.uint8)
+
+
+def _official_colours(name: str) -> np.ndarray | None:
+    """The published colour table of dataset ``name`` (K, 3), or None (VOC rule)."""
+    if name == "cityscapes":
+        return np.asarray(_CITYSCAPES_COLOURS, dtype=np.uint8)
+    if name == "ade20k":
+        return _hex_colours(_ADE20K_HEX)
+    if name == "context60":
+        return _hex_colours(_ADE20K_HEX)[:60]
+    if name == "context59":
+        return _hex_colours(_ADE20K_HEX)[1:60]
+    if name == "coco_stuff171":
+        return _hex_colours(_COCO_STUFF_HEX)
+    return None
+
+
 def palette(name: str, n: int) -> np.ndarray:
     """Display colours for ``n`` classes of dataset ``name``: (n, 3) uint8, deterministic.
 
-    - Datasets with a scored background (voc21, context60, coco_object): the VOC colour map,
-      class i -> VOC colour i (background black, aeroplane (128, 0, 0), ...).
-    - cityscapes: the official Cityscapes colours for the 19 classes (VOC colour i+1 beyond).
-    - Every other dataset (voc20, context59, ade20k, coco_stuff171, custom): VOC colour i+1, so
-      no class is black and voc20/context59 keep the colours of voc21/context60.
+    - ade20k, coco_stuff171, context60, context59, cityscapes: the datasets' published colour
+      tables (mmsegmentation's ADE20K, COCO-Stuff and Pascal Context tables, the official
+      Cityscapes trainId colours); context59 is context60 without its background colour.
+    - voc21, coco_object (a scored background): the VOC colour map, class i -> VOC colour i
+      (background black, aeroplane (128, 0, 0), ...); voc20 and custom: VOC colour i+1, so
+      no class is black and voc20 keeps the colours of voc21.
 
-    All colours within one palette are distinct.
+    All colours within one palette are distinct: a colour a published table repeats (ADE20K
+    gives skyscraper the colour of road; COCO-Stuff repeats 9 colours, e.g. person and
+    bicycle) is replaced, and classes beyond a table get, the first VOC colours (1, 2, ...)
+    not already in the palette [ours].
 
     Raises:
         OvssError: unknown dataset, or ``n`` outside 0..:data:`MAX_PALETTE_SIZE`.
@@ -895,13 +955,24 @@ def palette(name: str, n: int) -> np.ndarray:
     spec = get_dataset(name)
     if not 0 <= n <= MAX_PALETTE_SIZE:
         raise OvssError(f"palette size must be in 0..{MAX_PALETTE_SIZE}, got {n}")
-    if spec.name != "cityscapes":
+    table = _official_colours(spec.name)
+    if table is None:
         offset = 0 if spec.has_background else 1
         return voc_colour_map(np.arange(n, dtype=np.int64) + offset)
-    fixed = np.asarray(_CITYSCAPES_COLOURS[:n], dtype=np.uint8).reshape(-1, 3)
-    if n <= len(fixed):
-        return fixed
-    # beyond the 19 official colours: VOC colours 1, 2, ... that are not already used
-    taken = {tuple(c) for c in fixed.tolist()}
-    extra = [c for c in voc_colour_map(np.arange(1, n + 1)).tolist() if tuple(c) not in taken]
-    return np.concatenate([fixed, np.asarray(extra[: n - len(fixed)], dtype=np.uint8)])
+    table = table[:n]
+    keep = [
+        i
+        for i, c in enumerate(map(tuple, table.tolist()))
+        if c not in {tuple(x) for x in table[:i].tolist()}
+    ]
+    taken = {tuple(c) for c in table[keep].tolist()}
+    spare = iter(
+        c
+        for c in voc_colour_map(np.arange(1, 2 * n + len(table) + 2)).tolist()
+        if tuple(c) not in taken
+    )
+    out = np.zeros((n, 3), dtype=np.uint8)
+    kept = set(keep)
+    for i in range(n):
+        out[i] = table[i] if i in kept else next(spare)
+    return out

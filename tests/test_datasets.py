@@ -583,3 +583,20 @@ def test_describe_datasets(tmp_path: Path) -> None:
     assert found["ade20k"].dataset_dir == str(tmp_path / "ADEChallengeData2016")
     assert found["voc21"].present is False and found["voc21"].dataset_dir is None
     assert found["custom"].present is True and found["custom"].num_classes == 3
+
+
+def test_published_palettes_known_entries() -> None:
+    ade = palette("ade20k", 150)
+    assert ade[0].tolist() == [120, 120, 120]  # wall
+    assert ade[2].tolist() == [6, 230, 230]  # sky
+    assert ade[12].tolist() == [150, 5, 61]  # person
+    assert ade[149].tolist() == [92, 0, 255]  # flag
+    # the table repeats road's colour for skyscraper: replaced by an unused VOC colour
+    assert ade[6].tolist() == [140, 140, 140] and ade[48].tolist() != [140, 140, 140]
+    np.testing.assert_array_equal(palette("context60", 60)[:48], ade[:48])
+    assert palette("context59", 59)[0].tolist() == [180, 120, 120]  # aeroplane
+    coco = palette("coco_stuff171", 171)
+    assert coco[0].tolist() == [0, 192, 64] and coco[170].tolist() == [64, 64, 0]
+    assert coco[1].tolist() != [0, 192, 64]  # bicycle repeats person's colour in the table
+    assert palette("cityscapes", 19)[13].tolist() == [0, 0, 142]  # car
+    assert palette("ade20k", 160).shape == (160, 3)  # beyond the table: spare VOC colours
