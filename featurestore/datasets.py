@@ -49,13 +49,23 @@ CLASSNAMES_PACKAGE = "featurestore.data"
 FAMILIES: dict[str, str] = {
     "sclip": "sclip",
     "proxyclip": "proxyclip",
+    "clearclip": "clearclip",
 }
 """Class-file families (lower-case name -> family), named after the class files they read:
 ``sclip``: the SCLIP/NACLIP files, synonyms separated by ``", "``; ``proxyclip``: the
-ProxyCLIP/Trident files, separated by ``"; "``. Which family a method uses is the method's
-own default (``vocabulary_defaults`` in ``methods``), never keyed here by method name."""
+ProxyCLIP/Trident files, separated by ``"; "``; ``clearclip``: the ClearCLIP files, split on
+``","`` (none has a synonym; VOC21 and COCO-Object name their background ``background``).
+Which family a method uses is the method's own default (``vocabulary_defaults`` in
+``methods``), never keyed here by method name."""
 
-_SEPARATORS = {"sclip": ", ", "proxyclip": "; "}
+_SEPARATORS = {"sclip": ", ", "proxyclip": "; ", "clearclip": ","}
+
+_CLEARCLIP_FILES = {
+    "voc21": "clearclip/voc21.txt",
+    "coco_object": "clearclip/coco_object.txt",
+    "voc20": "proxyclip_trident/voc20.txt",
+}
+"""The ClearCLIP files that differ from the SCLIP family (its others are byte-identical)."""
 
 
 @dataclass(frozen=True)
@@ -765,10 +775,12 @@ def class_names(
 
     Args:
         name: dataset name or alias.
-        family: ``"sclip"`` (files split on ``", "``) or ``"proxyclip"`` (split on
-            ``"; "``). ``proxyclip`` uses the ProxyCLIP/Trident
-            variant where one exists (voc20, voc21, coco_object) and the SCLIP file otherwise
-            (those files contain neither separator, so both parsers agree).
+        family: ``"sclip"`` (files split on ``", "``), ``"proxyclip"`` (split on
+            ``"; "``) or ``"clearclip"`` (split on ``","``). ``proxyclip`` uses the
+            ProxyCLIP/Trident variant where one exists (voc20, voc21, coco_object) and the SCLIP
+            file otherwise (those files contain neither separator, so both parsers agree);
+            ``clearclip`` its own voc21 / coco_object files, the ProxyCLIP voc20 and the
+            SCLIP file otherwise (no comma in those).
         data_root: required for ``custom``: its ``classes.txt`` is read with
             :func:`read_class_file` (``family`` is then ignored).
 
@@ -791,6 +803,8 @@ def class_names(
     file_name = spec.class_file
     if fam == "proxyclip" and spec.class_file_proxyclip is not None:
         file_name = spec.class_file_proxyclip
+    if fam == "clearclip":
+        file_name = _CLEARCLIP_FILES.get(spec.name, file_name)
     names = _parse_lines(_read_bundled(file_name), _SEPARATORS[fam])
     if len(names) != spec.num_classes:  # guards the packaged data, never the user's input
         raise OvssError(
