@@ -562,6 +562,18 @@ def mask_loss(
 # --------------------------------------------------------------------------------------------
 
 
+def split_trained(
+    flat: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """A checkpoint's ``model`` (flat: ``visual.<name>``, ``prompts``, ``decoder.<name>``) ->
+    ``(visual state, prompts (k, l, W), decoder state)``."""
+    visual = {n[7:]: v for n, v in flat.items() if n.startswith("visual.")}
+    decoder = {n[8:]: v for n, v in flat.items() if n.startswith("decoder.")}
+    if "prompts" not in flat:
+        raise OvssError("the checkpoint holds no learned prompts")
+    return visual, flat["prompts"], decoder
+
+
 def parse_arch(text: str) -> dict | None:
     """A JSON object of open_clip architecture overrides ('' = none)."""
     if not text:
@@ -663,7 +675,7 @@ class PixelCLIPTextEncoder(_encoder_base()):  # type: ignore[misc]
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.slot = placeholder_id(tokenizer)
-        self.prompts = ck["trained"]["prompts"].to(self.device)
+        self.prompts = split_trained(ck["model"])[1].to(self.device)
         self.dim = int(self.model.text_projection.shape[-1])
 
     def identity(self) -> dict:
@@ -736,7 +748,7 @@ def build_dense_clip(
     model, _, info = load_base_clip(prov["base_clip"])
     check_base_weights(prov, info, path)
     dense = DenseCLIP(model.visual, int(prov["trainable_blocks"]), prov.get("pos_interp", "offset"))
-    dense.load_trained_state(ck["trained"]["visual"])
+    dense.load_trained_state(split_trained(ck["model"])[0])
     return dense.to(device).eval()
 
 
@@ -941,6 +953,7 @@ __all__ = [
     "mask_pool",
     "prepare_clusters",
     "sinkhorn",
+    "split_trained",
     "squash_normalise",
     "store_protocol",
     "text_model_spec",

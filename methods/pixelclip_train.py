@@ -71,6 +71,7 @@ from methods.pixelclip import (
     mask_loss,
     parse_arch,
     prepare_clusters,
+    split_trained,
     squash_normalise,
     store_protocol,
     text_model_spec,
@@ -564,21 +565,23 @@ class PixelCLIPModel:
             stats["masks"] = int(m)
         return float(val), stats
 
-    def trained(self) -> dict[str, Any]:
-        """What the checkpoint keeps of the model (trained tensors only, CPU)."""
-        return {
-            "visual": self.student.trained_state(),
-            "prompts": self.text.prompts.detach().cpu().clone(),
-            "decoder": {k: v.detach().cpu().clone() for k, v in self.decoder.state_dict().items()},
+    def trained(self) -> dict[str, torch.Tensor]:
+        """What the checkpoint keeps of the model: the trained tensors only (CPU), flat:
+        ``visual.<name>`` (the student's), ``prompts`` ``(k, l, W)``, ``decoder.<name>``."""
+        out = {f"visual.{n}": v for n, v in self.student.trained_state().items()}
+        out["prompts"] = self.text.prompts.detach().cpu().clone()
+        out |= {
+            f"decoder.{n}": v.detach().cpu().clone() for n, v in self.decoder.state_dict().items()
         }
+        return out
 
     def load(self, ck: dict[str, Any]) -> None:
-        t = ck["trained"]
-        self.student.load_trained_state(t["visual"])
+        visual, prompts, decoder = split_trained(ck["model"])
+        self.student.load_trained_state(visual)
         self.teacher.load_trained_state(ck["teacher"])
         with torch.no_grad():
-            self.text.prompts.copy_(t["prompts"])
-        self.decoder.load_state_dict(t["decoder"])
+            self.text.prompts.copy_(prompts)
+        self.decoder.load_state_dict(decoder)
         self.opt.load_state_dict(ck["optimizer"])
 
 
@@ -721,12 +724,15 @@ def _train(request: TrainRequest, progress: Any, ctx: Any) -> TrainResult:
         step, history = int(ck["step"]), list(ck["history"])
     created = now_utc()
     total = cfg.iterations
-    meter = StepMeter(progress, 1, total, unit="images")
+    spe = math.ceil(len(data.indices) / cfg.batch_size)  # steps of one pass over the images
+    epochs = math.ceil(total / spe)
+    meter = StepMeter(progress, epochs, total, unit="images")
     records = store.image_records()
     p = model.student.patch_size
     grid = (cfg.size // p, cfg.size // p)
     use_amp = cfg.amp and dev.type == "cuda"
     running: dict[str, float] = dict((ck or {}).get("running") or {})
+    losses: list[float] = list((ck or {}).get("losses") or [])
 
     def save() -> None:
         ctx.barrier()
@@ -734,11 +740,12 @@ def _train(request: TrainRequest, progress: Any, ctx: Any) -> TrainResult:
             save_checkpoint(
                 {
                     "format": CHECKPOINT_FORMAT,
-                    "trained": model.trained(),
+                    "model": model.trained(),
                     "teacher": model.teacher.trained_state(),
                     "optimizer": model.opt.state_dict(),
                     "step": step,
                     "history": history,
+                    "losses": losses,
                     "running": running,
                     "provenance": {**prov, "created": created},
                     "world_size": ctx.world,
@@ -748,6 +755,7 @@ def _train(request: TrainRequest, progress: Any, ctx: Any) -> TrainResult:
         ctx.barrier()
 
     mean, std = list(info.mean), list(info.std)
+    meter.start_epoch()
     while step < total:
         order = batch_order(len(data.indices), cfg.batch_size, step, cfg.seed)
         share = ctx.rank_slice(len(order))
@@ -780,26 +788,33 @@ def _train(request: TrainRequest, progress: Any, ctx: Any) -> TrainResult:
         lr = lr_at(step, total, cfg.lr, cfg.min_lr)
         loss, stats = model.step(s_in, t_in, masks, grid, lr, ctx.world, use_amp)
         step += 1
+        losses.append(loss)
         running["loss"] = running.get("loss", 0.0) + loss
         running["steps"] = running.get("steps", 0) + 1
         running["masks"] = running.get("masks", 0) + stats["masks"]
-        history.append({"step": step, "loss": loss, "masks": stats["masks"]})
-        meter.step(1, step, loss, lr, len(order))
-        if (cfg.save_every and step % cfg.save_every == 0) or step == total:
+        epoch = (step - 1) // spe + 1
+        meter.step(epoch, step, loss, lr, len(order))
+        if step % spe == 0 or step == total:
+            n = max(running["steps"], 1)
+            rec = meter.end_epoch(
+                {
+                    "epoch": epoch,
+                    "loss": running["loss"] / n,
+                    "masks_per_step": running["masks"] / n,
+                }
+            )
+            history.append(rec)
+            running = {}
+            if not cfg.save_every or step % cfg.save_every == 0 or step == total:
+                save()
+            meter.report_epoch(rec)
+            meter.start_epoch()
+        elif cfg.save_every and step % cfg.save_every == 0:
             save()
-    n = max(running.get("steps", 0), 1)
-    rec = meter.end_epoch(
-        {
-            "epoch": 1,
-            "loss": running.get("loss", 0.0) / n,
-            "masks_per_step": running.get("masks", 0) / n,
-        }
-    )
-    meter.report_epoch(rec)
     return TrainResult(
         trainer="pixelclip",
         checkpoint=str(ckpt_path),
-        epochs_done=1,
+        epochs_done=epochs,
         steps_done=step,
         history=history,
         provenance=prov,
@@ -809,8 +824,9 @@ def _train(request: TrainRequest, progress: Any, ctx: Any) -> TrainResult:
             "input": "store" if on_store else "pixels",
             "trainable_blocks": k,
             "text_model": text_model_spec(ckpt_path),
-            "first_loss": history[0]["loss"] if history else None,
-            "last_loss": history[-1]["loss"] if history else None,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "losses": losses,
         },
         rank=ctx.rank,
         world_size=ctx.world,
@@ -840,11 +856,29 @@ class PixelCLIPTrainer(Trainer):
     segment_method = "pixelclip"
     smoke_overrides = {
         "random_init": True,
+        "clip_arch": '{"embed_dim": 32, "vision_cfg": {"layers": 2, "width": 64, "heads": 2}, '
+        '"text_cfg": {"layers": 2, "width": 64, "heads": 2}}',
         "iterations": 2,
-        "batch_size": 2,
         "num_classes": 4,
+        "size": 64,
+        "mask_size": 32,
         "augment": False,
+        "save_every": 0,
+        "mask_set": "smoke-masks",
     }
+
+    @classmethod
+    def smoke_config(cls, workdir: Path, store: Any) -> dict[str, Any]:
+        """The smoke values plus a two-mask set (left / right halves) written into ``store``;
+        one pass over the images per step (two epochs of one step)."""
+        from featurestore.labelsets import create_label_set
+
+        ls = create_label_set(store, "smoke-masks", {"class_names": [["a"], ["b"]]}, overwrite=True)
+        for i, (h, w) in enumerate(np.asarray(store.root["images/size"][...]).tolist()):
+            lab = np.zeros((h, w), np.uint8)
+            lab[:, w // 2 :] = 1
+            ls.write(i, lab)
+        return {**cls.smoke_overrides, "batch_size": int(store.n_images)}
 
     @classmethod
     def requirements(cls, config: PixelCLIPTrainConfig) -> list[Any]:
