@@ -43,6 +43,7 @@ from methods.sam_cache import (
     sam_static,
     trident_sam_inputs,
 )
+from ovss_cli.hints import render_error
 
 SAM_NAMES = [n for n in list_backbones() if n.startswith("sam-")]
 TINY = {
@@ -944,5 +945,6 @@ def test_aligned_store_is_sam_predictor_on_the_rounded_image(
 
 
 def test_aligned_set_command_names_align(aligned_store: FeatureStore) -> None:
-    with pytest.raises(ProvenanceMismatchError, match="--resize long --size 256 --align 14 "):
+    with pytest.raises(ProvenanceMismatchError) as err:
         aligned_store.require("sam-b", Protocol(resize="long", size=IMG, align=14))
+    assert "--resize long --size 256 --align 14 " in render_error(err.value)
