@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from featurestore import __version__
 from featurestore.errors import OvssError
@@ -28,6 +27,13 @@ from methods.base import (
     build_config,
     config_to_dict,
     get_method,
+)
+from methods.overlay import (  # save_label_png / save_overlay: re-exported for callers
+    OverlayStyle,
+    ground_truth_lookup,
+    save_comparison,
+    save_label_png,
+    save_overlay,
 )
 
 Progress = Callable[[str, int, int], None]
@@ -116,41 +122,6 @@ def iter_segmentations(
 # --------------------------------------------------------------------------------------------
 
 
-def save_label_png(labels: np.ndarray, palette: np.ndarray, path: Path) -> None:
-    """Label indices as a palette PNG (values are the class indices; 255 stays 255)."""
-    im = Image.fromarray(labels.astype(np.uint8), mode="P")
-    flat = np.zeros((256, 3), dtype=np.uint8)
-    flat[: len(palette)] = palette[:256]
-    im.putpalette(flat.reshape(-1).tolist())
-    im.save(path)
-
-
-def save_overlay(
-    image: np.ndarray,
-    labels: np.ndarray,
-    palette: np.ndarray,
-    class_names: Sequence[str],
-    path: Path,
-    alpha: float = 0.5,
-) -> None:
-    """The image blended with the label colours, plus a legend of the classes present."""
-    colours = palette[np.clip(labels, 0, len(palette) - 1)]
-    blend = (image.astype(np.float32) * (1 - alpha) + colours * alpha).astype(np.uint8)
-    present = [int(c) for c in np.unique(labels) if c < len(class_names)]
-    row_h = 16
-    legend_w = 12 + 7 * max([len(class_names[c]) for c in present] + [4])
-    h = max(blend.shape[0], row_h * len(present) + 8)
-    canvas = Image.new("RGB", (blend.shape[1] + legend_w, h), (255, 255, 255))
-    canvas.paste(Image.fromarray(blend), (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    x0 = blend.shape[1] + 4
-    for k, c in enumerate(present):
-        y = 4 + k * row_h
-        draw.rectangle([x0, y, x0 + 10, y + 10], fill=tuple(int(v) for v in palette[c]))
-        draw.text((x0 + 14, y - 1), class_names[c], fill=(0, 0, 0))
-    canvas.save(path)
-
-
 @dataclass
 class SegmentSummary:
     """What a segmentation run did.
@@ -206,12 +177,17 @@ def segment_store(
     write_labels: str | None = None,
     overwrite_labels: bool = False,
     segmenter: Segmenter | None = None,
+    style: OverlayStyle | None = None,
+    side_by_side: bool = False,
+    data_root: str | None = None,
 ) -> SegmentSummary:
     """Segment every finished image of a store, write the output files under ``out_dir`` and,
     with ``write_labels``, the label maps into the store as a label set of that name.
     ``segmenter``: an already configured method over this store (then ``method``, ``dataset``
     and ``overrides`` are not used to build one; its store must be writable for
-    ``write_labels``)."""
+    ``write_labels``). ``style``: how overlays are drawn (``methods.overlay.OverlayStyle``);
+    ``side_by_side``: also write ``<id>_compare.png`` (image | prediction | ground truth, the
+    ground truth where ``dataset`` and ``data_root`` give one for the image id)."""
     from featurestore.datasets import palette as dataset_palette
     from featurestore.images import load_image_rgb
 
@@ -237,7 +213,9 @@ def segment_store(
         )
     names = [syn[0] for syn in vocab.class_names]
     pal = dataset_palette(dataset or "custom", max(len(names), 1))
+    style = style or OverlayStyle()
     out = Path(out_dir) if out_dir else None
+    gt_of = ground_truth_lookup(dataset, data_root) if side_by_side and out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
     paths = store.image_table()["path"]
@@ -254,12 +232,18 @@ def segment_store(
             stem = ids[i].replace("/", "__")
             save_label_png(labels, pal, out / f"{stem}.png")
             files.append(f"{stem}.png")
-            if overlays:
+            if overlays or side_by_side:
                 try:
                     img = load_image_rgb(str(paths[i]))
-                    save_overlay(img, labels, pal, names, out / f"{stem}_overlay.png")
                 except OvssError:
-                    pass  # the image moved since extraction: labels are still written
+                    img = None  # the image moved since extraction: labels are still written
+                if img is not None and overlays:
+                    save_overlay(img, labels, pal, names, out / f"{stem}_overlay.png", style=style)
+                if img is not None and side_by_side:
+                    gt = gt_of(ids[i]) if gt_of else None
+                    save_comparison(
+                        img, labels, gt, pal, names, out / f"{stem}_compare.png", style, ids[i]
+                    )
             if score_maps:
                 probs = class_probabilities(cos, labels.shape, vocab, scoring)
                 np.save(out / f"{stem}_scores.npy", probs.numpy().astype(np.float16))
@@ -473,6 +457,9 @@ class SegmentRequest(MethodRequest):
         data_root: the ``custom`` dataset's root (its ``classes.txt``).
         out_dir: folder for label PNGs, overlays, score maps and ``segment.json``.
         overlays: write colour overlays with a legend (default on).
+        overlay_style: how overlays are drawn (alpha, legend; ``methods.overlay.OverlayStyle``).
+        side_by_side: also write ``<id>_compare.png``: image | prediction | ground truth (the
+            ground truth when ``dataset`` and ``data_root`` give a label for the image id).
         score_maps: also write per-class probability maps (``.npy``, float16).
         write_labels: store the label maps in the store as a label set of this name.
         overwrite_labels: replace an existing label set of that name.
@@ -487,6 +474,8 @@ class SegmentRequest(MethodRequest):
     data_root: str | None = None
     out_dir: str | None = None
     overlays: bool = True
+    overlay_style: OverlayStyle = field(default_factory=OverlayStyle)
+    side_by_side: bool = False
     score_maps: bool = False
     write_labels: str | None = None
     overwrite_labels: bool = False
@@ -989,6 +978,9 @@ def _segment_existing(
         write_labels=request.write_labels,
         overwrite_labels=request.overwrite_labels,
         segmenter=seg,
+        style=request.overlay_style,
+        side_by_side=request.side_by_side,
+        data_root=request.data_root,
     )
     summary.feature_sets = {role: fs.key for role, fs in seg.sets.items()}
     summary.text = {

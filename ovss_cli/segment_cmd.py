@@ -214,6 +214,14 @@ def _method_fields(kw: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def _overlay_style(alpha: float | None, legend: str | None):
+    """The overlay style of the options given (the others keep ``OverlayStyle``'s defaults)."""
+    from methods.overlay import OverlayStyle
+
+    given = {k: v for k, v in (("alpha", alpha), ("legend", legend)) if v is not None}
+    return OverlayStyle(**given)
+
+
 def _call(fn, request, quiet: bool, flags: dict[str, str]):
     """``fn(request, progress)``; a ``RequestError`` becomes a usage error (exit 2)."""
     from methods.segment import RequestError
@@ -293,6 +301,25 @@ def _register_hints() -> None:
     help="Folder for label PNGs, overlays, score maps and segment.json.",
 )
 @click.option("--no-overlay", is_flag=True, help="Do not write colour overlays.")
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="Weight of the class colours over the image in overlays, 0..1 (default 0.5).",
+)
+@click.option(
+    "--legend",
+    type=click.Choice(["present", "all"]),
+    default=None,
+    help="Overlay legend: the classes present in the image (default) or all classes.",
+)
+@click.option(
+    "--side-by-side",
+    is_flag=True,
+    help="Also write <id>_compare.png: image | prediction | ground truth with the image's mIoU "
+    "(the ground truth where --dataset and --data-root give a label for the image id; else "
+    "image | prediction).",
+)
 @click.option("--score-maps", is_flag=True, help="Also write per-class probability maps (.npy).")
 @click.option(
     "--write-labels",
@@ -323,6 +350,8 @@ def segment(**kw):
         data_root=kw["data_root"],
         out_dir=kw["out_dir"],
         overlays=not kw["no_overlay"],
+        overlay_style=_overlay_style(kw["alpha"], kw["legend"]),
+        side_by_side=kw["side_by_side"],
         score_maps=kw["score_maps"],
         write_labels=kw["write_labels"],
         overwrite_labels=kw["overwrite"],
