@@ -74,7 +74,7 @@ def bench_text(_tmp=None) -> dict:
         "full_context_prompts_timed": len(subset),
         "full_context_timing": "all prompts"
         if len(subset) == len(prompts)
-        else f"every {len(prompts) // n_sub}th prompt ({len(subset)}), scaled to {len(prompts)}",
+        else f"1 prompt in {len(prompts) // n_sub} ({len(subset)}), scaled to {len(prompts)}",
         "full_context_s": round(full_all_s, 1),
         "full_context_subset_s": round(full_sub_s, 2),
         "truncated_s": round(fast_all_s, 2),
