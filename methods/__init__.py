@@ -14,6 +14,7 @@ trainer module below, and each registers itself (``@register_method`` /
 # -- methods (one import per line) --
 from methods import aligned  # noqa: F401
 from methods import fmbseg_stage1  # noqa: F401
+from methods import last_block  # noqa: F401
 from methods import maskclip  # noqa: F401
 from methods import pixelclip  # noqa: F401
 from methods import pnp_ovss  # noqa: F401

@@ -66,9 +66,12 @@ def segment_image(seg: Segmenter, index: int, vocab: Vocab, scoring: ScoringConf
     own = getattr(seg, "segment_labels", None)  # a method that labels pixels itself (pnp-ovss)
     if own is not None:
         return own(index, vocab, scoring)  # (labels, max_prob, scores), or None: skipped
+    from methods.pamr import refine_cosine
+
     cos, _ = seg.cosine_logits(index, vocab)
     fs = next(iter(seg.sets.values()))
     h, w = (int(x) for x in fs.image_sizes[index])
+    cos = refine_cosine(seg, index, cos, (h, w))  # PAMR at (h, w) when the config turns it on
     labels, max_prob = score_logits(
         cos.float(),
         (h, w),
@@ -280,12 +283,15 @@ def vocab_from_text(te, source: str = "") -> Vocab:
 
 def protocol_record(seg: Segmenter, scoring: ScoringConfig, vocab: Vocab) -> dict:
     """Everything needed to reproduce a result (EVAL.md §7 item 9)."""
+    from featurestore.backbones.posembed import pos_interp_of
+
     backbones = {
         role: {
             "feature_set": fs.key,
             "model": fs.provenance["model"],
             "weights": fs.provenance["backbone"].get("weights"),
             "protocol": fs.provenance["protocol"],
+            "pos_interp": pos_interp_of(fs.provenance["backbone"]),
         }
         for role, fs in seg.sets.items()
     }
