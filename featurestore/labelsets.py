@@ -20,6 +20,7 @@ import numpy as np
 
 from featurestore import __version__
 from featurestore.errors import MissingLabelSetError, StoreError
+from featurestore.names import check_name
 from featurestore.store import FeatureStore
 
 CHUNK_PIXELS = 1 << 22
@@ -29,6 +30,7 @@ class LabelSet:
     """Read/write access to one label set."""
 
     def __init__(self, store: FeatureStore, name: str):
+        check_name(name, "label set")
         if "labels" not in store.root or name not in store.root["labels"]:
             have = ", ".join(list_label_sets(store)) or "none"
             raise MissingLabelSetError(
@@ -80,7 +82,13 @@ def list_label_sets(store: FeatureStore) -> list[str]:
 def create_label_set(
     store: FeatureStore, name: str, info: dict, overwrite: bool = False
 ) -> LabelSet:
-    """Create (or replace with ``overwrite``) an empty label set sized from the image table."""
+    """Create (or replace with ``overwrite``) an empty label set sized from the image table.
+
+    Raises:
+        InvalidNameError: ``name`` cannot be a store key (``featurestore.names.check_name``),
+            checked before anything is written.
+    """
+    check_name(name, "label set")
     labels = store.root.require_group("labels")
     if name in labels:
         if not overwrite:

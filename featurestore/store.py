@@ -58,6 +58,7 @@ from featurestore.errors import (
     StoreNotFoundError,
 )
 from featurestore.images import ImageRecord
+from featurestore.names import check_name
 from featurestore.protocol import ImageGeometry, Protocol
 
 STORE_FORMAT = 1
@@ -447,6 +448,7 @@ class FeatureStore:
         return sorted(k for k, done in self._set_entries().items() if not done)
 
     def feature_set(self, key: str) -> FeatureSet:
+        check_name(key, "feature set")
         if key not in self.feature_sets():
             have = ", ".join(self.feature_sets()) or "none"
             raise StoreError(f"store {self.path} has no feature set '{key}' (it has: {have})")
@@ -538,7 +540,7 @@ class FeatureStore:
         """
         if dtype not in DTYPES:
             raise StoreError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-        key = set_key(model, protocol)
+        key = check_name(set_key(model, protocol), "feature set")
         prov = Provenance(
             model=model,
             protocol=protocol.to_dict(),

@@ -23,6 +23,7 @@ from ovss_cli.common import (
     parse_overrides,
     parse_settings,
     quiet_option,
+    store_name,
     user_errors,
 )
 from ovss_cli.hints import hint_for
@@ -118,6 +119,7 @@ def _request_params(trainers: list[str]) -> list:
         click.option(
             "--labels",
             "label_set",
+            callback=store_name,
             help="Label set of the store with the pixel labels, e.g. Stage-1 pseudo-labels "
             "from `ovss segment --method fmbseg-stage1 --write-labels NAME`; its class names "
             "are embedded (with the CLIP and templates it records, unless given).",
@@ -469,6 +471,7 @@ class _TrainProgress:
 @click.option(
     "--name",
     "set_name",
+    callback=store_name,
     help="Label set written (default kmeans<k>-<features> per image; the codebook writes "
     "one only when named, e.g. codebook<k>-<features>).",
 )

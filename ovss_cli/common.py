@@ -41,14 +41,15 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from featurestore.names import redact
         from ovss_cli.hints import render_error
 
         try:
             return fn(*args, **kwargs)
-        except OvssError as e:
-            raise click.ClickException(render_error(e)) from None
+        except OvssError as e:  # credentials in a store URL never reach the terminal
+            raise click.ClickException(redact(render_error(e))) from None
         except OSError as e:
-            raise click.ClickException(_os_error_line(e)) from None
+            raise click.ClickException(redact(_os_error_line(e))) from None
         except KeyboardInterrupt:
             click.echo(
                 "interrupted; finished work is kept — rerun the same command to resume", err=True
@@ -56,6 +57,19 @@ def user_errors(fn):
             sys.exit(130)
 
     return wrapper
+
+
+def store_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Click callback of an option whose value names a set in a store (``--write-labels``,
+    ``--name``): ``featurestore.names.check_name``'s rule, a usage error (exit 2) otherwise."""
+    from featurestore.names import InvalidNameError, check_name
+
+    if value is None:
+        return None
+    try:
+        return check_name(value, "label set")
+    except InvalidNameError as e:
+        raise click.BadParameter(e.reason) from None
 
 
 def parse_shard(value: str | None) -> tuple[int, int] | None:

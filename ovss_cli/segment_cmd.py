@@ -11,7 +11,13 @@ from typing import Any
 import click
 
 from ovss_cli import render
-from ovss_cli.common import add_options, parse_overrides, parse_settings, user_errors
+from ovss_cli.common import (
+    add_options,
+    parse_overrides,
+    parse_settings,
+    store_name,
+    user_errors,
+)
 from ovss_cli.hints import hint_for, render_error
 
 #: The [ours] choices of the FMbSeg methods, shown under `segment --help` / `eval --help`.
@@ -324,6 +330,7 @@ def _register_hints() -> None:
 @click.option(
     "--write-labels",
     metavar="NAME",
+    callback=store_name,
     help="Store the label maps in the store as label set NAME (pseudo-labels).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing label set NAME.")
