@@ -42,7 +42,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -1221,18 +1221,39 @@ class TridentSegmenter(Segmenter):
         return F.normalize(feat.float(), dim=-1) @ text.T
 
     # -- the method ------------------------------------------------------------------------------
+    #: Options only the SAM affinity reads (``late_stage``): a sweep over them computes
+    #: ``early_stage`` (window outputs and splice) once per image (``methods.sweep``).
+    late_fields: ClassVar[tuple[str, ...]] = ("cos_fac", "cos_cap", "refine_neg_cos", "neg_cos_thr")
+
     def cosine_logits(self, index: int, vocab: Vocab) -> tuple[torch.Tensor, tuple[int, int]]:
         """Cosine logits ``(Q, vh, vw)`` on SAM's valid grid (splice-then-segment; segment-then-
         splice with a SAM correlation), or ``(Q, Hc, Wc)`` on the canvas (segment-then-splice
-        without one), and that size."""
+        without one), and that size: ``late_stage(early_stage(index), index, vocab)``."""
+        return self.late_stage(self.early_stage(index), index, vocab)
+
+    def early_stage(self, index: int) -> tuple[Any, list[torch.Tensor], torch.Tensor | None]:
+        """What does not depend on ``late_fields`` nor on the vocabulary: the windows read,
+        their proxy-attention outputs ``(gh, gw, D)`` each, and (splice-then-segment) their
+        splice ``(Th, Tw, D)`` (None for segment-then-splice)."""
         cfg = self.config
-        text = F.normalize(vocab.embeddings.float(), dim=-1).to(self.device)
         with torch.inference_mode():
             c, clip, vfm = self._windows(index)
             outs = window_outputs(clip, vfm, self.block, cfg.beta, cfg.gamma, cfg.threshold_mean)
+            spliced = None
+            if cfg.paradigm != "segment-then-splice":
+                spliced = splice_windows(outs, c.win_box, c.win_pad, c.resized_size, cfg.clip_patch)
+        return c, outs, spliced
+
+    def late_stage(
+        self, state: tuple[Any, list[torch.Tensor], torch.Tensor | None], index: int, vocab: Vocab
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The affinity aggregation and the scores of an ``early_stage`` (not modified)."""
+        cfg = self.config
+        c, outs, spliced = state
+        text = F.normalize(vocab.embeddings.float(), dim=-1).to(self.device)
+        with torch.inference_mode():
             if cfg.paradigm == "segment-then-splice":
                 return self._segment_then_splice(c, outs, text)
-            spliced = splice_windows(outs, c.win_box, c.win_pad, c.resized_size, cfg.clip_patch)
             if cfg.sam_halves:
                 return self._halves_splice_then_segment(c, spliced, text)
             sam = self._sam(index)
