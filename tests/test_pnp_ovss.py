@@ -95,7 +95,8 @@ def test_gradcam_matches_finite_differences(blip) -> None:
     model = blip.model.double()
     try:
         prompt = build_prompt(blip.tokenizer, ["cat", "sky"])
-        emb = blip.encode_image(torch.randn(1, 3, 64, 64, dtype=torch.float64))
+        gen = torch.Generator().manual_seed(0)
+        emb = blip.encode_image(torch.randn(1, 3, 64, 64, dtype=torch.float64, generator=gen))
         layer, head = 1, 1
         cam = token_gradcam(blip, emb, prompt, layer, head).double()  # (T, N)
         mod = model.text_encoder.encoder.layer[layer].crossattention.self
@@ -122,7 +123,10 @@ def test_gradcam_matches_finite_differences(blip) -> None:
             eps = 1e-6
             rng = np.random.default_rng(0)
             checked = 0
-            for t, j in [(int(a), int(b)) for a, b in rng.integers(0, [t_len, n1 - 1], (8, 2))]:
+            top = torch.topk(cam.reshape(-1), 3).indices.tolist()  # positive where any is
+            picks = [divmod(int(i), n1 - 1) for i in top]
+            picks += [(int(a), int(b)) for a, b in rng.integers(0, [t_len, n1 - 1], (5, 2))]
+            for t, j in picks:
                 bump = base.clone()
                 bump[0, head, t, j + 1] = eps
                 plus = match(bump)
@@ -132,7 +136,7 @@ def test_gradcam_matches_finite_differences(blip) -> None:
                 expected = max(fd, 0.0) * probs[t, j].item()
                 assert cam[t, j].item() == pytest.approx(expected, rel=1e-5, abs=1e-12)
                 checked += fd > 0
-            assert checked >= 1  # some checked entries have a positive gradient
+            assert cam.max() > 0 and checked >= 1  # entries with a positive gradient checked
         finally:
             h.remove()
     finally:
