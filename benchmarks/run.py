@@ -236,6 +236,7 @@ def main() -> None:
             bench_prototype_index,
         )
         from benchmarks.clip_bench import bench_clip_cache, bench_store_sizes
+        from benchmarks.last_block_bench import bench_last_block
         from benchmarks.pnp_bench import bench_pnp
         from benchmarks.text_bench import bench_text
         from benchmarks.trident_bench import bench_trident
@@ -252,6 +253,7 @@ def main() -> None:
             ("trident", bench_trident),
             ("text_embedding", bench_text),
             ("pnp_ovss", bench_pnp),
+            ("last_block", bench_last_block),
         ):
             t = time.perf_counter()
             results[name] = fn(tmp)
@@ -348,6 +350,15 @@ def main() -> None:
             str(row["cache_saving"]),
             "",
         )
+    lb = results["last_block"]
+    t.add_row(
+        "last-block baselines per image from the store (clip-b16, 375x500, 21 queries)",
+        f"sclip {lb['sclip_s']} s, naclip {lb['naclip_s']} s (+ PAMR {lb['pamr_s']} s), "
+        f"clearclip {lb['clearclip_s']} s (448 windows)",
+        f"maskclip {lb['maskclip_s']} s",
+        str(lb["ratio_sclip_to_maskclip"]),
+        "",
+    )
     for model, row in results["store_size_per_image"]["models"].items():
         t.add_row(
             f"store size {model}", f"{row['mb_per_image']} MiB/image", row["protocol"], "", ""
