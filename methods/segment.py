@@ -19,6 +19,7 @@ import torch
 
 from featurestore import __version__
 from featurestore.errors import OvssError
+from featurestore.names import redact_url
 from featurestore.store import STATUS_OK, FeatureStore
 from methods.base import (
     ScoringConfig,
@@ -253,7 +254,7 @@ def segment_store(
         if progress:
             progress(method, n, total)
     summary = SegmentSummary(
-        store=store_path,
+        store=redact_url(store_path),  # a store URL's credentials are never recorded
         method=method,
         config=config_to_dict(seg.config),
         scoring=dict(scoring.__dict__),

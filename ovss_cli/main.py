@@ -7,10 +7,10 @@ import json
 import sys
 
 import click
-from rich.table import Table
 
 from featurestore import __version__
 from ovss_cli import render
+from ovss_cli.render import Table
 from ovss_cli.common import (
     RegistryChoice,
     parse_overrides,

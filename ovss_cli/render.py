@@ -1,4 +1,10 @@
-"""Rendering of results: rich tables on stdout, JSON with --json, progress bars on stderr."""
+"""Rendering of results: rich tables on stdout, JSON with --json, progress bars on stderr.
+
+Text from users and files (class names, captions, paths, image ids, messages) is never read as
+rich markup: :class:`Table` cells and titles given as ``str`` are literal text, and every
+interpolation into a marked-up line goes through ``escape`` (a class named ``[bold]x`` or
+``[ours: 2]`` prints as written).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from dataclasses import asdict, is_dataclass
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -18,17 +25,31 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
+from rich.table import Table as _RichTable
+from rich.text import Text
 
 # Tables are wide: outside a terminal (pipes, CI logs) rich would wrap them at 80 columns.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 
+class Table(_RichTable):
+    """A rich table whose ``str`` title and cells are literal text, never markup; pass a
+    ``rich.text.Text`` for styled text of our own."""
+
+    def __init__(self, *args, title=None, **kwargs):
+        super().__init__(*args, title=Text(title) if isinstance(title, str) else title, **kwargs)
+
+    def add_row(self, *cells, **kwargs) -> None:
+        super().add_row(*(Text(c) if isinstance(c, str) else c for c in cells), **kwargs)
+
+
 def _json(obj) -> None:
+    from featurestore.names import redact
+
     if is_dataclass(obj):
         obj = asdict(obj)
-    click.echo(json.dumps(obj, indent=2, default=str))
+    click.echo(redact(json.dumps(obj, indent=2, default=str)))  # no credentials in a store URL
 
 
 def human_bytes(n: int | None) -> str:
@@ -123,10 +144,10 @@ def extract_report(rep, as_json: bool) -> None:
         )
     out.print(t)
     for note in getattr(rep, "notes", []):
-        err.print(f"[yellow]note[/]: {note}", soft_wrap=True)
+        err.print(f"[yellow]note[/]: {escape(str(note))}", soft_wrap=True)
     for m in rep.models:
         for image_id, msg in m.failures.items():
-            err.print(f"[yellow]skipped[/] {image_id}: {msg}")
+            err.print(f"[yellow]skipped[/] {escape(str(image_id))}: {escape(str(msg))}")
 
 
 def models(rows, as_json: bool) -> None:
@@ -146,8 +167,8 @@ def store_info(info: dict, as_json: bool) -> None:
         _json(info)
         return
     out.print(
-        f"[bold]{info['store']}[/]: {info['images']} images "
-        f"({', '.join(info['sources']) or 'no source'}), "
+        f"[bold]{escape(str(info['store']))}[/]: {info['images']} images "
+        f"({escape(', '.join(info['sources'])) or 'no source'}), "
         f"{human_bytes(info['disk_bytes'])} on disk"
     )
     t = Table(title="feature sets")
@@ -184,7 +205,7 @@ def store_info(info: dict, as_json: bool) -> None:
     out.print(t)
     for key in info.get("unfinished_sets", []):
         out.print(
-            f"[yellow]unfinished[/]: {key} (its creation was interrupted; the next extraction "
+            f"[yellow]unfinished[/]: {escape(key)} (its creation was interrupted; the next extraction "
             "of it makes it anew)"
         )
     if info.get("text_sets"):
@@ -203,7 +224,7 @@ def store_info(info: dict, as_json: bool) -> None:
             )
         out.print(tt)
     if info.get("label_sets"):
-        out.print(f"label sets: {', '.join(info['label_sets'])}")
+        out.print(f"label sets: {', '.join(info['label_sets'])}", markup=False)
 
 
 def verify(rep, as_json: bool) -> None:
@@ -211,12 +232,12 @@ def verify(rep, as_json: bool) -> None:
         _json(rep.to_dict())
         return
     for n in rep.notes:
-        out.print(f"[yellow]note[/]: {n}")
+        out.print(f"[yellow]note[/]: {escape(str(n))}")
     for p in rep.problems:
-        out.print(f"[red]problem[/]: {p}")
+        out.print(f"[red]problem[/]: {escape(str(p))}")
     status = "[green]OK[/]" if rep.ok else f"[red]{len(rep.problems)} problem(s)[/]"
     out.print(
-        f"{rep.store}: {status} ({rep.checked_sets} feature sets, "
+        f"{escape(str(rep.store))}: {status} ({rep.checked_sets} feature sets, "
         f"{rep.checked_blocks} blocks checked)"
     )
 
@@ -271,7 +292,7 @@ def demo(result: dict, as_json: bool) -> None:
         t.add_column("IoU", justify="right")
         for name, iou in ev.get("per_class_iou", {}).items():
             t.add_row(name, "nan" if iou is None else f"{iou:.2f}")
-        t.add_row("[bold]mIoU[/]", f"[bold]{ev['mIoU']:.2f}[/]")
+        t.add_row(Text("mIoU", style="bold"), Text(f"{ev['mIoU']:.2f}", style="bold"))
         out.print(t)
     if st.get("trident_eval"):
         out.print(
@@ -326,14 +347,14 @@ def eval_result(result, as_json: bool) -> None:
     out.print(t)
     out.print(f"[bold]mIoU {m.get('mIoU')}[/]  mAcc {m.get('mAcc')}  aAcc {m.get('aAcc')}")
     proto = result.protocol
-    out.print(f"protocol: {json.dumps(proto)}")
+    out.print(f"protocol: {json.dumps(proto)}", markup=False)
     if result.skipped:
         err.print(
             f"[yellow]{len(result.skipped)} image(s) skipped[/]: "
-            + "; ".join(f"{k}: {v}" for k, v in list(result.skipped.items())[:5])
+            + escape("; ".join(f"{k}: {v}" for k, v in list(result.skipped.items())[:5]))
         )
     if result.reference is not None:
-        out.print(f"reference: {json.dumps(result.reference)}")
+        out.print(f"reference: {json.dumps(result.reference)}", markup=False)
 
 
 def eval_csv(result, path: str) -> None:
@@ -351,15 +372,13 @@ def eval_csv(result, path: str) -> None:
 
 def methods(rows, as_json: bool) -> None:
     """``methods.segment.describe_methods`` rows: one table per method, one row per option
-    (text escaped: ``[ours: 2]`` is not rich markup)."""
-    from rich.markup import escape
-
+    (literal text: ``[ours: 2]`` is not rich markup)."""
     if as_json:
         _json(rows)
         return
     for r in rows:
         title = f"{r['name']}{' (default)' if r.get('default') else ''}: {r['doc']}"
-        t = Table(title=escape(title), title_justify="left")
+        t = Table(title=title, title_justify="left")
         for col in ("option", "type", "default", "help"):
             t.add_column(col, overflow="fold")
         for o in r["options"]:
@@ -367,5 +386,5 @@ def methods(rows, as_json: bool) -> None:
             help_text = o["help"]
             if o["choices"]:
                 help_text += f" Choices: {', '.join(str(c) for c in o['choices'])}."
-            t.add_row(escape(o["name"]), escape(o["type"]), escape(default), escape(help_text))
+            t.add_row(o["name"], o["type"], default, help_text)
         out.print(t)

@@ -196,9 +196,7 @@ def tune(
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
-    from rich.table import Table
-
-    table = Table(title=f"tune {result.method} (reward CLIP {result.clip_model})")
+    table = render.Table(title=f"tune {result.method} (reward CLIP {result.clip_model})")
     for col in ("trial", "layer", "head", "threshold", "blur σ", "reward", "s", ""):
         table.add_column(col, justify="right")
     for r in result.trials:
