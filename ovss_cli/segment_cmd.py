@@ -121,7 +121,7 @@ METHOD_OPTIONS = [
     ),
     click.option(
         "--family",
-        type=click.Choice(["sclip", "proxyclip"]),
+        type=click.Choice(["sclip", "proxyclip", "clearclip"]),
         default=None,
         help="Class-file family for dataset vocabularies (default: the method's).",
     ),
