@@ -55,7 +55,7 @@ REFERENCES: tuple[ReferenceRow, ...] = (
     _row(
         "aligned",
         "FMbSeg, DINOv2 ViT-L/14 + CLIP ViT-L/14, trained on COCO-Stuff images",
-        "paper 000, Table 1",
+        "FMbSeg paper (Foundation-model-based segmentation), Table 1",
         (67.73, None, 57.63, 85.65, 42.72, 29.88, 28.36, 16.25),
         dense="dinov2-l14",
         text_model="clip-l14",
@@ -63,25 +63,25 @@ REFERENCES: tuple[ReferenceRow, ...] = (
     _row(
         "pnp-ovss",
         "PnP-OVSS + BLIP Flickr, 768 px",
-        "paper 003, Table 3",
+        "PnP-OVSS paper (Luo et al., 2024), Table 3",
         (None, None, 31.8, 54.1, 42.8, 32.5, None, 23.5),
     ),
     _row(
         "pnp-ovss",
         "PnP-OVSS + BLIP COCO, 768 px",
-        "paper 003, Table 3",
+        "PnP-OVSS paper (Luo et al., 2024), Table 3",
         (None, None, 33.8, 55.7, 41.9, 32.6, None, 23.2),
     ),
     _row(
         "pixelclip",
         "PixelCLIP ViT-B/16, SAM masks (detectron2 protocol, VOC = VOC20)",
-        "paper 002, Table 1",
+        "PixelCLIP paper (Shin et al., 2024), Table 1",
         (None, None, None, 85.9, 37.9, 23.6, 27.2, 18.7),
     ),
     _row(
         "pixelclip",
         "PixelCLIP ViT-B/16, DINO masks",
-        "paper 002, Table 1",
+        "PixelCLIP paper (Shin et al., 2024), Table 1",
         (None, None, None, 83.8, 34.3, 22.2, 22.9, 17.4),
     ),
     _row(

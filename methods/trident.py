@@ -98,7 +98,8 @@ class TridentConfig:
         vfm_model: window VFM: ``dino-b16`` (DINO v1 ViT-B/16, the reference's); DINOv2 names
             (``dinov2-b14``...) work too.
         sam_model: ``auto`` (``sam-h`` with ``clip-h14``, else ``sam-b``), or a SAM name.
-        size: shorter side S before the canvas rounding (EVAL.md §4.4).
+        size: shorter side S before the canvas rounding (per-dataset presets:
+            docs/methods/trident.md).
         crop, stride: sliding windows on the canvas (336 / 224; VOC20 stride 112).
         pad_multiple: windows padded symmetrically to a multiple of this (56, the reference's
             rule; a no-op for full 336 px windows).
@@ -110,7 +111,7 @@ class TridentConfig:
         sam_size: SAM's input side (1024; the SAM set's ``Protocol(resize="long")``, or
             ``Protocol(resize="halves")`` with ``sam_halves``).
         sam_round_up: SAM's image is the original resized so that H and W round *up* to
-            multiples of the CLIP patch (METHODS.md §4 step 1, the reference's ``cv2.resize``;
+            multiples of the CLIP patch (docs/methods/trident.md, the reference's ``cv2.resize``;
             the SAM sets carry ``align=<CLIP patch>``, keys ``long1024-a16`` /
             ``halves1024-a16``), then ``SamPredictor``'s own resize; with ``sam_halves`` that
             rounded image is split at its width // 2. Off [ours]: SAM gets the original image
@@ -133,14 +134,14 @@ class TridentConfig:
             ``out_proj`` (affine) commutes with it and is applied once, after the aggregation
             [ours: placement; the spec's "no out_proj here" read as "not a second time"].
         apply_out_proj: apply the last block's ``out_proj`` (on, see ``correlation``); off is
-            the literal reading of METHODS.md §4 step 6 (``ln_post`` straight after ``W @ x``),
+            the literal reading of the method's step 6 (``ln_post`` straight after ``W @ x``),
             kept as a switch because the spec is ambiguous there.
         cos_fac: factor on the mean cosine of the per-query threshold (1.2; Cityscapes 3.0,
             VOC20 0.0).
         cos_cap: upper bound of the threshold (0.9).
         refine_neg_cos: when off, a negative threshold becomes ``neg_cos_thr``.
         neg_cos_thr: that replacement (0.6).
-        sam_halves: Cityscapes (EVAL.md §4.4): SAM runs on the left (columns ``[0, W // 2)``)
+        sam_halves: Cityscapes (docs/methods/trident.md): SAM runs on the left (columns ``[0, W // 2)``)
             and right (``[W // 2, W)``) halves of its image (the rounded one, width ``W``, with
             ``sam_round_up``) separately: the SAM set is ``Protocol(resize="halves",
             size=sam_size)`` (two SamPredictor inputs per image,
