@@ -55,7 +55,7 @@ REFERENCES: tuple[ReferenceRow, ...] = (
     _row(
         "aligned",
         "FMbSeg, DINOv2 ViT-L/14 + CLIP ViT-L/14, trained on COCO-Stuff images",
-        "FMbSeg paper (Foundation-model-based segmentation), Table 1",
+        "FMbSeg paper, Table 1",
         (67.73, None, 57.63, 85.65, 42.72, 29.88, 28.36, 16.25),
         dense="dinov2-l14",
         text_model="clip-l14",
