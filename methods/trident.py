@@ -68,6 +68,7 @@ __all__ = [
     "resample_matrix",
     "sam_affinity",
     "sam_tokens",
+    "splice_ratio",
     "splice_windows",
     "window_outputs",
 ]
@@ -361,8 +362,9 @@ def resample_matrix(
     return m
 
 
-def _token_centres(n_tokens: int, patch: int, limit: int) -> list[Fraction]:
-    """Pixel centres of ``n_tokens`` patch tokens, the last ones clamped inside ``[0, limit)``."""
+def _token_centres(n_tokens: int, patch: int | Fraction, limit: int) -> list[Fraction]:
+    """Pixel centres of ``n_tokens`` cells of ``patch`` pixels (a fraction for the ``r`` x
+    canvas of ``splice_windows``), the last ones clamped inside ``[0, limit)``."""
     return [
         min(Fraction(patch * (2 * t + 1), 2), Fraction(2 * limit - 1, 2)) for t in range(n_tokens)
     ]
@@ -372,14 +374,30 @@ def _covered(centres: Sequence[Fraction], lo: int, hi: int) -> list[int]:
     return [t for t, c in enumerate(centres) if lo <= c < hi]
 
 
+def splice_ratio(
+    window_feats: Sequence[torch.Tensor], pads: np.ndarray, boxes: np.ndarray, patch: int
+) -> int:
+    """``r`` of §4 step 4: ``round(window grid side / CLIP tokens per window side)``, at least 1.
+
+    Read from the first window (every window of a canvas has one size and one grid): its grid
+    rows ``gh`` against its padded height in CLIP patches. ``r = 1`` for DINO-B/16 on CLIP-B/16
+    (and for DINOv2-B/14 on CLIP-B/16: 24 / 21 rounds to 1), ``r = 2`` for DINO-B/8 (42 / 21).
+    """
+    y1, _, y2, _ = (int(v) for v in np.asarray(boxes)[0])
+    top, _, bottom, _ = (int(v) for v in np.asarray(pads)[0])
+    clip_side = Fraction(y2 - y1 + top + bottom, patch)
+    return max(1, round(Fraction(int(window_feats[0].shape[0])) / clip_side))
+
+
 def splice_windows(
     window_feats: Sequence[torch.Tensor],
     boxes: np.ndarray,
     pads: np.ndarray,
     canvas_hw: tuple[int, int],
     patch: int,
+    ratio: int | None = None,
 ) -> torch.Tensor:
-    """Splice per-window feature grids into one canvas token grid, averaging overlaps (§4 step 4).
+    """Splice per-window feature grids into one canvas grid, averaging overlaps (§4 step 4).
 
     Args:
         window_feats: per window ``(gh, gw, D)`` features on a grid that spans the *padded*
@@ -388,20 +406,31 @@ def splice_windows(
         pads: ``(n, 4)`` symmetric padding ``(top, left, bottom, right)`` of each window.
         canvas_hw: ``(Hc, Wc)`` canvas size in pixels.
         patch: canvas patch size (the CLIP patch).
+        ratio: ``r``, canvas cells per CLIP token side; ``None``: :func:`splice_ratio` (the
+            window grid over the CLIP grid, rounded).
 
     Returns:
-        ``(ceil(Hc / patch), ceil(Wc / patch), D)``: each canvas token takes, from every window
-        whose box contains its centre, the window grid sampled bilinearly at that centre, and the
-        mean over those windows. On the ``trident`` canvas (windows on the patch grid, window
-        grid = its CLIP grid) this is an exact copy of each window's tokens into place, so
-        identical windows splice to themselves.
+        ``(r * ceil(Hc / patch), r * ceil(Wc / patch), D)``: the canvas at ``r`` x the CLIP
+        token canvas (cells of ``patch / r`` pixels). Each canvas cell takes, from every window
+        whose box contains its centre, the window grid sampled bilinearly
+        (``align_corners=False``, exact rational weights) at that centre, and the mean over
+        those windows. On the ``trident`` canvas (windows on the patch grid, no padding) window
+        ``k`` covers rows ``[r * y1_tok, r * y2_tok)`` and columns ``[r * x1_tok, r * x2_tok)``:
+        a grid of exactly ``(r * h_tok, r * w_tok)`` is copied there bit for bit, and any other
+        grid is resized bilinearly to that size on the way (sampling at the cell centres *is*
+        that resize), the rule of §4 step 4. With ``r = 1`` this is the token canvas of
+        earlier releases, unchanged.
 
     Raises:
-        OvssError: a canvas token no window covers.
+        OvssError: a canvas cell no window covers.
     """
     hc, wc = canvas_hw
-    th, tw = -(-hc // patch), -(-wc // patch)
-    cy, cx = _token_centres(th, patch, hc), _token_centres(tw, patch, wc)
+    r = splice_ratio(window_feats, pads, boxes, patch) if ratio is None else int(ratio)
+    if r < 1:
+        raise ValueError(f"splice ratio must be >= 1, not {r}")
+    cell = Fraction(patch, r)
+    th, tw = r * -(-hc // patch), r * -(-wc // patch)
+    cy, cx = _token_centres(th, cell, hc), _token_centres(tw, cell, wc)
     d = window_feats[0].shape[-1]
     dtype, device = window_feats[0].dtype, window_feats[0].device
     acc = torch.zeros(th, tw, d, dtype=dtype, device=device)
@@ -412,17 +441,14 @@ def splice_windows(
         rows, cols = _covered(cy, y1, y2), _covered(cx, x1, x2)
         if not rows or not cols:
             continue
-        my = resample_matrix(
-            [cy[t] for t in rows], y1 - top, y2 - y1 + top + bottom, f.shape[0], dtype
-        )
-        mx = resample_matrix(
-            [cx[t] for t in cols], x1 - left, x2 - x1 + left + right, f.shape[1], dtype
-        )
+        ph, pw = y2 - y1 + top + bottom, x2 - x1 + left + right
+        my = resample_matrix([cy[t] for t in rows], y1 - top, ph, f.shape[0], dtype)
+        mx = resample_matrix([cx[t] for t in cols], x1 - left, pw, f.shape[1], dtype)
         part = torch.einsum("ty,yxd,sx->tsd", my.to(device), f, mx.to(device))
         acc[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] += part
         count[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] += 1
     if bool((count == 0).any()):
-        raise OvssError(f"the windows do not cover the canvas token grid {th}x{tw}")
+        raise OvssError(f"the windows do not cover the canvas grid {th}x{tw}")
     return acc / count[..., None]
 
 

@@ -179,6 +179,84 @@ def test_identical_windows_splice_to_themselves():
     torch.testing.assert_close(out, torch.full_like(out, 2.5))
 
 
+def _bilinear_reference(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """``(h, w, D)`` -> ``(out_h, out_w, D)``: bilinear, half-pixel centres, edges clamped,
+    one output cell at a time (independent of ``F.interpolate``)."""
+    h, w = x.shape[:2]
+    out = np.zeros((out_h, out_w, x.shape[2]))
+    for i in range(out_h):
+        u = max((i + 0.5) * h / out_h - 0.5, 0.0)
+        i0 = min(int(np.floor(u)), h - 1)
+        i1, fy = min(i0 + 1, h - 1), u - i0 if i0 < h - 1 else 0.0
+        for j in range(out_w):
+            v = max((j + 0.5) * w / out_w - 0.5, 0.0)
+            j0 = min(int(np.floor(v)), w - 1)
+            j1, fx = min(j0 + 1, w - 1), v - j0 if j0 < w - 1 else 0.0
+            top = (1 - fx) * x[i0, j0] + fx * x[i0, j1]
+            bottom = (1 - fx) * x[i1, j0] + fx * x[i1, j1]
+            out[i, j] = (1 - fy) * top + fy * bottom
+    return out
+
+
+def _spec_splice(windows, geo, patch: int, r: int) -> np.ndarray:
+    """§4 step 4 written out: a canvas r x the CLIP token canvas; window k (its grid resized
+    to (r h_tok, r w_tok) when it is not that already) added into rows [r y1_tok, r y2_tok),
+    columns [r x1_tok, r x2_tok); the mean by overlap count."""
+    th, tw = geo.resized[0] // patch, geo.resized[1] // patch
+    acc = np.zeros((r * th, r * tw, windows[0].shape[2]))
+    count = np.zeros((r * th, r * tw, 1))
+    for f, w in zip(windows, geo.windows, strict=True):
+        y1, x1, y2, x2 = (v // patch for v in w.box)
+        f = np.asarray(f, dtype=np.float64)
+        want = (r * (y2 - y1), r * (x2 - x1))
+        if f.shape[:2] != want:
+            f = _bilinear_reference(f, *want)
+        acc[r * y1 : r * y2, r * x1 : r * x2] += f
+        count[r * y1 : r * y2, r * x1 : r * x2] += 1
+    return acc / count
+
+
+@pytest.mark.parametrize(("r", "grid"), [(1, 3), (2, 6), (2, 7), (1, 4)])
+def test_splice_at_the_window_grid_ratio_matches_the_spec(r, grid):
+    """48-px windows of 3 CLIP tokens: a 3x3 grid (r = 1, DINO-B/16), 6x6 (r = 2, DINO-B/8's
+    42 per 21 tokens), 7x7 (r = 2, not a multiple: resized first), 4x4 (rounds to r = 1)."""
+    g = torch.Generator().manual_seed(r * 10 + grid)
+    for hw in SIZES + ((40, 200),):
+        geo = image_geometry(WIN, *hw, patch_size=16)
+        assert all(w.pad == (0, 0, 0, 0) for w in geo.windows) and len(geo.windows) > 1
+        windows = [
+            torch.randn(grid, grid, 5, generator=g, dtype=torch.float64) for _ in geo.windows
+        ]
+        boxes = np.array([w.box for w in geo.windows])
+        pads = np.array([w.pad for w in geo.windows])
+        out = splice_windows(windows, boxes, pads, geo.resized, 16)
+        want = _spec_splice(windows, geo, 16, r)
+        assert out.shape == want.shape == (r * geo.resized[0] // 16, r * geo.resized[1] // 16, 5)
+        np.testing.assert_allclose(out.numpy(), want, rtol=0, atol=1e-12)
+        # then bilinear to SAM's valid grid
+        vh, vw = geo.resized[0] // 16 - 1, geo.resized[1] // 16 + 1
+        np.testing.assert_allclose(
+            resize_grid(out, (vh, vw)).numpy(), _bilinear_reference(want, vh, vw), atol=1e-12
+        )
+        if r == 2:  # the former rule (averaged onto the token canvas) is another computation
+            old = splice_windows(windows, boxes, pads, geo.resized, 16, ratio=1)
+            assert old.shape[:2] == (geo.resized[0] // 16, geo.resized[1] // 16)
+            a, b = resize_grid(old, (vh, vw)), resize_grid(out, (vh, vw))
+            assert float((a - b).norm() / b.norm()) > 0.05
+
+
+def test_splice_ratio_two_copies_aligned_windows_bit_for_bit():
+    geo = image_geometry(WIN, 61, 93, patch_size=16)
+    th, tw = geo.resized[0] // 16, geo.resized[1] // 16
+    canvas = torch.randn(2 * th, 2 * tw, 4, dtype=torch.float64)
+    windows = [
+        canvas[2 * y1 // 16 : 2 * y2 // 16, 2 * x1 // 16 : 2 * x2 // 16]
+        for y1, x1, y2, x2 in (w.box for w in geo.windows)
+    ]
+    boxes, pads = np.array([w.box for w in geo.windows]), np.array([w.pad for w in geo.windows])
+    assert torch.equal(splice_windows(windows, boxes, pads, geo.resized, 16), canvas)
+
+
 # --- the proxy attention with the image-level mean ---------------------------------------------
 
 
