@@ -17,6 +17,8 @@ Figures (PRODUCT.md "Performance"):
   9. PnP-OVSS: seconds per image of each stage (encoder, cross-attention + backward per round,
      blur, CRF torch vs pydensecrf2), tiny and full-size random-init BLIP-L, cached first pass vs
      none (``benchmarks.pnp_bench``; BENCH_PNP_FULL=0 skips the full-size model).
+ 10. PixelCLIP training steps/s, store (K=1) ÷ pixels (K=all), CLIP-B/16 random weights
+     (``benchmarks.pixelclip_bench``).
 
 Environment knobs: BENCH_IMAGES (extraction images, default 8), BENCH_MODEL (default
 dinov2-s14), BENCH_SIZE (short side, default 448), BENCH_READ_IMAGES (default 400).
@@ -237,6 +239,7 @@ def main() -> None:
         )
         from benchmarks.clip_bench import bench_clip_cache, bench_store_sizes
         from benchmarks.last_block_bench import bench_last_block
+        from benchmarks.pixelclip_bench import bench_pixelclip
         from benchmarks.pnp_bench import bench_pnp
         from benchmarks.text_bench import bench_text
         from benchmarks.trident_bench import bench_trident
@@ -254,6 +257,7 @@ def main() -> None:
             ("text_embedding", bench_text),
             ("pnp_ovss", bench_pnp),
             ("last_block", bench_last_block),
+            ("pixelclip", bench_pixelclip),
         ):
             t = time.perf_counter()
             results[name] = fn(tmp)
@@ -332,6 +336,14 @@ def main() -> None:
             str(b["ratio_sam_b_encoder_and_head"]),
             "",
         )
+    px = results["pixelclip"]
+    t.add_row(
+        f"pixelclip training, CLIP-B/16 random-init, batch {px['batch']}",
+        f"{px['store_steps_per_s']} steps/s from the store (K=1)",
+        f"{px['pixel_steps_per_s']} steps/s from pixels (K=all)",
+        str(px["ratio"]),
+        "",
+    )
     tx = results["text_embedding"]
     t.add_row(
         f"text embedding ADE20K x openai80 ({tx['prompts']} prompts, clip-b16 text tower)",
