@@ -251,7 +251,7 @@ D = 8
 PROTO = Protocol("short", 28)
 
 
-def _toy_store(tmp_path, n=8, seed=0, name="s.zarr"):
+def _toy_store(tmp_path, n=8, seed=0, name="s.zarr", const_cls=False):
     rng = np.random.default_rng(seed)
     img_dir = tmp_path / "imgs"
     img_dir.mkdir(exist_ok=True)
@@ -278,7 +278,9 @@ def _toy_store(tmp_path, n=8, seed=0, name="s.zarr"):
             lab = np.array([a, a, c, c])
             x = dirs[lab] + rng.normal(size=(4, D)) * 0.3
             bufs["patch"][fs.local_rows("token", i)] = fs.encode(x.astype(np.float32))
-            bufs["cls"][fs.local_rows("window", i)] = fs.encode(x.mean(0, keepdims=True))
+            # const_cls: every image one CLS, as a random-init DINOv2 gives
+            cls = np.ones((1, D)) if const_cls else x.mean(0, keepdims=True)
+            bufs["cls"][fs.local_rows("window", i)] = fs.encode(cls.astype(np.float32))
             present[f"im{i}"] = (CLASSES[a], CLASSES[c])
         imgs = fs.block_images(b)
         fs.write_block(b, bufs, np.full(len(imgs), STATUS_OK), [""] * len(imgs))
@@ -385,16 +387,24 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     store, present = _toy_store(tmp_path, n=7)
     caps = _captions(tmp_path, present)
     cfg = _cfg(caps, epochs=2, batch_size=7)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(store.path), cfg, str(tmp_path / "ddp")), nprocs=2)
-    two = read_checkpoint(tmp_path / "ddp" / "last.pt")
+    # the one-process run first: it imports open_clip, which the forked ranks then inherit
     one = read_checkpoint(
         train_simzss(
             TrainRequest(str(store.path), cfg, out_dir=tmp_path / "one", device="cpu")
         ).checkpoint
     )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork, not spawn: the ranks inherit this process's imports (a spawned rank re-imports torch
+    # and open_clip, ~30 s each on the shared machine); the workers use one torch thread
+    mp.start_processes(
+        _ddp_worker,
+        args=(2, port, str(store.path), cfg, str(tmp_path / "ddp")),
+        nprocs=2,
+        start_method="fork",
+    )
+    two = read_checkpoint(tmp_path / "ddp" / "last.pt")
     assert two["world_size"] == 2 and one["world_size"] == 1
     for h2, h1 in zip(two["history"], one["history"], strict=True):
         assert h2["loss"] == pytest.approx(h1["loss"], rel=1e-5)
@@ -479,3 +489,31 @@ def test_segment_with_the_trained_tower_and_its_cached_text_set(tmp_path):
         build_segmenter(store, "simzss", None, {"size": 28, "crop": 0, "stride": 0})
     assert SimZSSSegmenter.scoring_presets("voc21")["prob_thd"] > 0
     assert SimZSSSegmenter.scoring_presets("ade20k") == {}
+
+
+def test_global_patch_mean_ignores_padding_and_is_used_by_the_trainer(tmp_path):
+    from methods.simzss_train import global_patch_mean
+
+    g = torch.Generator().manual_seed(6)
+    patches = torch.randn(3, 5, 4, generator=g)
+    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    got = global_patch_mean(patches, valid)
+    for b in range(3):
+        assert torch.allclose(got[b], patches[b, valid[b]].mean(0), atol=1e-6)
+
+    # patch_mean reads the patches only: the same run on a store whose CLS are all one vector;
+    # the paper's cls setting differs there
+    def first_loss(store, out, **kw):
+        cfg = _cfg(caps, epochs=1, **kw)
+        res = train_simzss(TrainRequest(str(store.path), cfg, out_dir=tmp_path / out, device="cpu"))
+        return res.history[0]["loss"], res
+
+    real, present = _toy_store(tmp_path)
+    const, _ = _toy_store(tmp_path, name="c.zarr", const_cls=True)
+    caps = _captions(tmp_path, present)
+    pm_real, _ = first_loss(real, "a", global_token="patch_mean")
+    pm_const, res = first_loss(const, "b", global_token="patch_mean")
+    cls_const, _ = first_loss(const, "c")
+    assert pm_real == pytest.approx(pm_const, rel=1e-6)
+    assert abs(cls_const - pm_const) > 1e-3
+    assert read_checkpoint(res.checkpoint)["provenance"]["config"]["global_token"] == "patch_mean"
