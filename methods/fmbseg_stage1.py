@@ -72,7 +72,7 @@ class FMbSegStage1Config:
     Attributes:
         clip_model: CLIP of the window feature set (crops' CLS + dense path); also the text model.
         sam_model: SAM of the per-image feature set.
-        size, crop, stride: the CLIP protocol (shorter side S, sliding windows; §0.3).
+        size, crop, stride: the CLIP protocol (shorter side S, sliding windows; docs/evaluation.md).
         sam_size: SAM's protocol (longest side, ``SamPredictor``'s input).
         min_crops: a class is present if at least this many crops are assigned to it [ours: 2].
         top_k: point prompts per present class (the most similar patches; paper: 5).

@@ -104,7 +104,7 @@ class TridentConfig:
         crop, stride: sliding windows on the canvas (336 / 224; VOC20 stride 112).
         pad_multiple: windows padded symmetrically to a multiple of this (56, the reference's
             rule; a no-op for full 336 px windows).
-        canvas: ``trident`` (§4 step 2: ``Protocol(resize="grid")``, the short-side size
+        canvas: ``trident`` (``Protocol(resize="grid")``, the short-side size
             rounded *up* to multiples of the CLIP patch and each side >= crop [ours: round up,
             one bilinear resize from the original image]) or ``short`` (the plain mmseg
             short-side canvas; windows then need not lie on the patch grid and are resampled
@@ -159,7 +159,7 @@ class TridentConfig:
             rule]. Segment-then-splice does the same per half (windows resampled onto each
             half's SAM token centres in canvas pixels). With ``sam_refine`` the refinement
             runs on the whole image or per half, see ``refine_sam``.
-        sam_refine: run the SAM refinement of §4 step 7 (``--sam-refine``; off, as the
+        sam_refine: run the SAM refinement (docs/methods/trident.md; ``--sam-refine``; off, as the
             reference's ``base_config``; its README evaluates with it on).
         refine_sam: which SAM embedding the refinement decodes against when ``sam_halves`` is
             on (without ``sam_halves`` there is one SAM set and this option changes nothing):
