@@ -739,6 +739,9 @@ cli.add_command(captions)
 from ovss_cli.tune_cmd import tune  # noqa: E402
 
 cli.add_command(tune)
+from ovss_cli.report_cmd import report  # noqa: E402
+
+cli.add_command(report)
 
 
 def main() -> None:  # pragma: no cover

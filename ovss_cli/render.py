@@ -294,6 +294,13 @@ def demo(result: dict, as_json: bool) -> None:
             t.add_row(name, "nan" if iou is None else f"{iou:.2f}")
         t.add_row(Text("mIoU", style="bold"), Text(f"{ev['mIoU']:.2f}", style="bold"))
         out.print(t)
+    if st.get("simzss_eval"):
+        se = st["simzss_eval"]
+        out.print(
+            f"simzss (tiny text tower trained on {st['simzss']['captions']} captions of the "
+            f"train collages' classes): [bold]val mIoU {se['mIoU']}[/] (chance "
+            f"{se['chance_mIoU']}; aAcc {se['aAcc']})"
+        )
     if st.get("trident_eval"):
         out.print(
             f"trident (tiny random CLIP/DINO/SAM, SAM refinement on; numbers meaningless, "
@@ -388,3 +395,103 @@ def methods(rows, as_json: bool) -> None:
                 help_text += f" Choices: {', '.join(str(c) for c in o['choices'])}."
             t.add_row(o["name"], o["type"], default, help_text)
         out.print(t)
+
+
+# -- sweeps and comparisons (ovss eval --sweep / --method A --method B) -----------------------
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "none"
+    return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+
+
+def sweep_result(result, as_json: bool) -> None:
+    """A ``methods.sweep.SweepResult``: one row per configuration; for a comparison the
+    per-class IoU of every method side by side, a paper-style row and the reference checks.
+    Text from results is literal (``rich.text.Text``), never markup."""
+    from rich.table import Table as RichTable
+    from rich.text import Text
+
+    if as_json:
+        _json(result.to_dict())
+        return
+    rows = result.rows
+    t = RichTable(
+        title=Text(
+            f"{result.dataset} ({result.split}): {len(rows)} configurations in one pass, "
+            f"{result.seconds:.1f} s"
+        )
+    )
+    for k in result.keys:
+        t.add_column(Text(k))
+    for c in ("mIoU", "mAcc", "aAcc", "Δ mIoU", "images", ""):
+        t.add_column(c, justify="right" if c not in ("",) else "left")
+    for r in rows:
+        m = r.result.metrics
+        marks = " ".join(x for x, on in (("best", r.best), ("default", r.default)) if on)
+        delta = "-" if r.delta_miou is None else f"{r.delta_miou:+.2f}"
+        t.add_row(
+            *(Text(_cell(r.values.get(k))) for k in result.keys),
+            Text(_cell(m.get("mIoU"))),
+            Text(_cell(m.get("mAcc"))),
+            Text(_cell(m.get("aAcc"))),
+            Text(delta),
+            Text(str(r.result.images)),
+            Text(marks, style="bold green" if r.best else ""),
+        )
+    out.print(t)
+    if "method" in result.keys:
+        names = rows[0].result.class_names
+        pc = RichTable(title=Text("IoU per class, side by side"))
+        pc.add_column("class")
+        for r in rows:
+            pc.add_column(Text(r.label), justify="right")
+        for c, name in enumerate(names):
+            cells = []
+            for r in rows:
+                iou = r.result.metrics["per_class"]["iou"][c]
+                cells.append(Text("-" if iou is None else f"{100 * iou:.2f}"))
+            pc.add_row(Text(str(name)), *cells)
+        for metric in ("mIoU", "mAcc", "aAcc"):
+            pc.add_row(
+                Text(metric, style="bold"),
+                *(Text(_cell(r.result.metrics.get(metric)), style="bold") for r in rows),
+            )
+        out.print(pc)
+        paper = " | ".join(f"{r.label} {_cell(r.result.metrics.get('mIoU'))}" for r in rows)
+        out.print(Text(f"{result.dataset} mIoU: {paper}"))
+    sharing = ", ".join(f"{k} {v}" for k, v in result.sharing.items())
+    err.print(Text(f"shared: {sharing}"))
+    for c in result.cache:
+        err.print(
+            Text(
+                f"derived cache {c['path']}: {c['hits']} read, {c['writes']} written, "
+                f"{c['images']} images"
+            )
+        )
+    for r in rows:
+        if r.result.reference is not None:
+            out.print(Text(f"reference ({r.label}): {json.dumps(r.result.reference)}"))
+        if r.result.skipped:
+            err.print(Text(f"{r.label}: {len(r.result.skipped)} image(s) skipped"))
+
+
+def sweep_csv(result, path: str) -> None:
+    """One CSV row per configuration: the swept values, mIoU, mAcc, aAcc, Δ, best, default,
+    images and the full protocol (JSON)."""
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(
+            [*result.keys, "mIoU", "mAcc", "aAcc", "delta_mIoU", "best", "default", "images"]
+            + ["protocol"]
+        )
+        for r in result.rows:
+            m = r.result.metrics
+            w.writerow(
+                [_cell(r.values.get(k)) for k in result.keys]
+                + [m.get("mIoU"), m.get("mAcc"), m.get("aAcc"), r.delta_miou, r.best, r.default]
+                + [r.result.images, json.dumps(r.result.protocol, sort_keys=True)]
+            )

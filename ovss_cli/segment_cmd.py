@@ -176,7 +176,9 @@ METHOD_OPTIONS = [
         help="auto [ours: default] = the GPU of LOCAL_RANK (0 outside torchrun) when CUDA "
         "is available, else Apple MPS when present, else cpu; or cpu, cuda, cuda:N, mps.",
     ),
-    click.option("--limit", type=int, default=None, help="Only the first N images."),
+    click.option(
+        "--limit", type=click.IntRange(min=1), default=None, help="Only the first N images."
+    ),
     click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
     click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
 ]
@@ -375,7 +377,34 @@ def segment(**kw):
         render.kv("segment", d, False)
 
 
-@click.command("eval", epilog=FMBSEG_EPILOG)
+def _eval_method_options() -> list:
+    """The shared method options with a repeatable ``--method`` (a comparison)."""
+    multi = click.option(
+        "--method",
+        "-M",
+        "method",
+        multiple=True,
+        help="Segmentation method (see `ovss methods`; default: prototype [ours]). Repeat it "
+        "to compare methods on one store in one pass (per-class IoU side by side); "
+        "--set METHOD:KEY=VALUE sets an option of one of them.",
+    )
+    return [multi, *METHOD_OPTIONS[1:]]
+
+
+SWEEP_EPILOG = """\b
+Sweeps and comparisons (one pass over the store):
+  --sweep KEY=v1,v2 (repeatable: the grid of all keys) over any option of the
+  method, logit_scale, prob_thd, area_thd, templates, family, text_model or
+  method; each value is read as the option's type. The default configuration
+  (the command without --sweep) is added when the grid lacks it: Δ is taken
+  against it. Features are read once per image, text embedded once per template
+  set, the method's dense output computed once when only scoring keys change
+  (trident: window outputs once when only cos_fac/cos_cap/refine_neg_cos/
+  neg_cos_thr change). --cache-dense keeps the dense output for later runs.
+"""
+
+
+@click.command("eval", epilog=FMBSEG_EPILOG + SWEEP_EPILOG)
 @click.option("--dataset", required=True, help="Benchmark name (see `ovss data list`).")
 @click.option(
     "--data-root", required=True, type=click.Path(file_okay=False), help="Where the dataset lives."
@@ -401,21 +430,67 @@ def segment(**kw):
 @click.option(
     "--check-reference",
     is_flag=True,
-    help="Compare with the published numbers when the configuration matches one.",
+    help="Compare with the published numbers when the configuration matches one (per "
+    "method / configuration in a comparison or sweep).",
 )
-@add_options(METHOD_OPTIONS)
+@click.option(
+    "--sweep",
+    "sweep_items",
+    multiple=True,
+    metavar="KEY=V1,V2,...",
+    help="Evaluate every value of KEY (repeatable: the grid of all keys) in one pass: a "
+    "method option, logit_scale, prob_thd, area_thd, templates, family, text_model or "
+    "method. One row per configuration (mIoU, mAcc, aAcc, Δ to the default, best marked).",
+)
+@click.option(
+    "--sweep-file",
+    type=click.Path(dir_okay=False),
+    help="The sweep as a JSON or YAML mapping KEY: [values] (combined with --sweep).",
+)
+@click.option(
+    "--cache-dense",
+    metavar="FOLDER|store",
+    help="Derived cache of the method's dense output (cosine logits per image): a folder, "
+    "or 'store' for inside the store. Keyed by method config, vocabulary and feature sets; "
+    "an entry made under others is refused; later runs read it instead of the features.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False),
+    help="Also write the self-contained HTML report (as `ovss report`).",
+)
+@click.option(
+    "--gallery",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Images kept at each end (best / worst per-image mIoU) of the result's gallery "
+    "(default 4 [ours]; 0: none).",
+)
+@add_options(_eval_method_options())
 @user_errors
 def eval_cmd(**kw):
     """mIoU / mAcc / aAcc with mmseg IoUMetric semantics, per-class table, full protocol.
 
-    Either runs --method on --store, or scores --predictions from any tool. Exit codes: 0
-    done, 1 error or no image scored, 2 usage error.
+    Either runs --method on --store, or scores --predictions from any tool; --sweep and a
+    repeated --method evaluate several configurations in one pass over the store. Exit
+    codes: 0 done, 1 error or no image scored, 2 usage error.
     """
     from methods.evaluate import EvalRequest, run_eval
 
     as_json, quiet = kw.pop("as_json"), kw.pop("quiet")
+    methods_given = tuple(kw.pop("method") or ())
+    kw["method"] = methods_given[0] if len(methods_given) == 1 else None
+    sweep_items, sweep_file = kw.pop("sweep_items"), kw.pop("sweep_file")
+    cache_dense, report_path, gallery = (
+        kw.pop("cache_dense"),
+        kw.pop("report_path"),
+        kw.pop("gallery"),
+    )
     fields = _method_fields(kw)
-    request = EvalRequest(
+    if gallery is not None:
+        fields["gallery"] = gallery
+    common = dict(
         dataset=kw["dataset"],
         data_root=kw["data_root"],
         split=kw["split"],
@@ -424,15 +499,50 @@ def eval_cmd(**kw):
         check_reference=kw["check_reference"],
         **fields,
     )
-    result = _call(run_eval, request, quiet, EVAL_FLAGS)
+    if sweep_items or sweep_file or len(methods_given) > 1 or cache_dense:
+        result = _sweep(common, methods_given, sweep_items, sweep_file, cache_dense, quiet)
+    else:
+        result = _call(run_eval, EvalRequest(**common), quiet, EVAL_FLAGS)
     if kw["out_json"]:
         with open(kw["out_json"], "w") as fh:
             json.dump(result.to_dict(), fh, indent=2)
+    if report_path:
+        from methods.report import write_report
+
+        write_report([result.to_dict()], report_path)
+    single = getattr(result, "rows", None) is None
     if kw["csv_path"]:
-        render.eval_csv(result, kw["csv_path"])
-    render.eval_result(result, as_json)
-    if not result.images:
+        (render.eval_csv if single else render.sweep_csv)(result, kw["csv_path"])
+    if single:
+        render.eval_result(result, as_json)
+    else:
+        render.sweep_result(result, as_json)
+    if not (result.images if single else all(r.result.images for r in result.rows)):
         sys.exit(1)
+
+
+def _sweep(common, methods_given, sweep_items, sweep_file, cache_dense, quiet):
+    """Run a sweep / comparison; a lone configuration (``--cache-dense`` alone) comes back as
+    its evaluation."""
+    from methods.sweep import SweepRequest, parse_sweep_items, read_sweep_file, run_sweep
+
+    sweep: dict[str, list] = {}
+    if sweep_file:
+        sweep.update(read_sweep_file(sweep_file))
+    for key, values in parse_sweep_items(sweep_items).items():
+        if key in sweep:
+            raise click.UsageError(f"sweep key {key} is both in --sweep-file and --sweep")
+        sweep[key] = values
+    request = SweepRequest(
+        **common,
+        sweep=sweep,
+        methods=methods_given if len(methods_given) > 1 else (),
+        cache_dense=cache_dense,
+    )
+    result = _call(run_sweep, request, quiet, {**EVAL_FLAGS, "store": "--store"})
+    if not sweep and len(methods_given) <= 1 and len(result.rows) == 1:
+        return result.rows[0].result
+    return result
 
 
 @click.command()
