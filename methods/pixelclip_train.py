@@ -23,8 +23,10 @@ Two input paths:
   0.8), grayscale p 0.2, blur p 0.5 (σ 0.1–2), one cutout p 0.5 of 2–25 % of the view.
   ``augment=False`` squashes the whole image to 320² as the store's extraction does.
 - **store** (``trainable_blocks = K`` < N): the first N − K blocks are frozen and their output is
-  read from the ``square320`` CLIP set (``pre_last`` for K = 1; ``layer{N−K−1}`` and its class
-  token for K ≥ 2, extracted with ``--layers``): only the last K blocks run. What the store path
+  read from the ``square320`` CLIP set (``pre_last`` / ``pre_last_cls`` for K = 1): only the
+  last K blocks run. K between 2 and N − 1 is refused for now: it would read
+  ``layer{N−K−1}`` (``extract --layers``) and that block's class token, which CLIP sets do not
+  cache yet. What the store path
   gives up: every augmentation (the frozen blocks' input is fixed, so the student and teacher see
   the same whole image squashed to 320²) and training the position embedding.
 
