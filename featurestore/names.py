@@ -102,6 +102,8 @@ _SECRET_WORDS += r"|access[_-]?key(?:[_-]?id)?|private[_-]?key|auth"
 # scheme://user[:password]@host  -> scheme://***@host
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<info>[^/\s@]+)@")
 # name=value (query strings, environment-style words), name carrying a secret word
+# the same user:secret@ pair where a library quotes the URL without its scheme
+_BARE_USERINFO = re.compile(r"(?P<scheme>(?:^|(?<=[\s\"'(=]))[^\s/@:\"'(=]+:)[^\s/@\"']+@")
 _KEY_VALUE = re.compile(
     rf"(?P<key>[A-Za-z0-9_.\-]*(?:{_SECRET_WORDS})[A-Za-z0-9_.\-]*)(?P<sep>\s*[=:]\s*)"
     r"(?P<value>[^\s&;,'\"]+)",
@@ -116,7 +118,11 @@ def redact(text: str) -> str:
     signature or access key. Everything else is kept as is."""
     if not text:
         return text
-    out = _USERINFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", str(text))
+    out = str(text)
+    for secret in sorted(_KNOWN_SECRETS, key=len, reverse=True):
+        out = out.replace(secret, MASK)
+    out = _USERINFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", out)
+    out = _BARE_USERINFO.sub(lambda m: f"{MASK}@", out)
     return _KEY_VALUE.sub(lambda m: f"{m.group('key')}{m.group('sep')}{MASK}", out)
 
 
