@@ -30,6 +30,7 @@ __all__ = [
     "is_valid_name",
     "redact",
     "redact_url",
+    "register_secret",
 ]
 
 MAX_NAME_BYTES = 200
@@ -101,21 +102,31 @@ _SECRET_WORDS = r"secret|token|passw(?:or)?d|pwd|signature|credential|session|ap
 _SECRET_WORDS += r"|access[_-]?key(?:[_-]?id)?|private[_-]?key|auth"
 # scheme://user[:password]@host  -> scheme://***@host
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<info>[^/\s@]+)@")
-# name=value (query strings, environment-style words), name carrying a secret word
 # the same user:secret@ pair where a library quotes the URL without its scheme
 _BARE_USERINFO = re.compile(r"(?P<scheme>(?:^|(?<=[\s\"'(=]))[^\s/@:\"'(=]+:)[^\s/@\"']+@")
+# name=value (query strings, environment-style words), name carrying a secret word
 _KEY_VALUE = re.compile(
     rf"(?P<key>[A-Za-z0-9_.\-]*(?:{_SECRET_WORDS})[A-Za-z0-9_.\-]*)(?P<sep>\s*[=:]\s*)"
     r"(?P<value>[^\s&;,'\"]+)",
     re.IGNORECASE,
 )
 MASK = "***"
+#: Secret values known to the process (storage options, AWS variables): masked wherever seen.
+_KNOWN_SECRETS: set[str] = set()
+
+
+def register_secret(value: str) -> None:
+    """Mask ``value`` (a key, secret or token the process was given) in every redacted line;
+    values shorter than 4 characters are ignored (they would mask ordinary text)."""
+    if isinstance(value, str) and len(value) >= 4:
+        _KNOWN_SECRETS.add(value)
 
 
 def redact(text: str) -> str:
     """``text`` with credentials replaced by ``***``: URL user-info (``user:pass@``) and the
     values of ``KEY=VALUE`` / ``KEY: VALUE`` pairs whose key names a secret, token, password,
-    signature or access key. Everything else is kept as is."""
+    signature or access key, and every value given to :func:`register_secret`. Everything
+    else is kept as is."""
     if not text:
         return text
     out = str(text)
