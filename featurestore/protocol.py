@@ -17,12 +17,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from featurestore.resize import round_up
+
+if TYPE_CHECKING:  # torch is imported where it is used: store commands start without it
+    import torch
 
 RESIZE_MODES = ("short", "square", "long", "none", "grid", "halves")
 
@@ -308,6 +310,9 @@ def preprocess_windows(
         symmetrically as ``geometry`` says. Resizing is bilinear, ``align_corners=False``,
         no antialiasing (cv2 ``INTER_LINEAR`` semantics, as mmseg's ``Resize``).
     """
+    import torch
+    import torch.nn.functional as F
+
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
     rh, rw = geometry.resized
     if (rh, rw) != tuple(x.shape[1:]):
