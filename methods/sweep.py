@@ -190,7 +190,7 @@ class SweepResult:
         keys: the swept keys (``method`` for a comparison), in grid order.
         rows: one per configuration, the default first when it is not a grid point.
         seconds: the one pass's wall time (s), text embedding included.
-        sharing: what the pass computed: ``feature_reads`` (set x image reads from disk),
+        sharing: what the pass computed: ``feature_reads`` (tensor x image reads from disk),
             ``method_instances``, ``text_sets``, ``early_stages``, ``dense_computed``,
             ``dense_cached`` (logits read from the derived cache), ``scorings``.
         cache: per derived-cache entry used ``{"path", "hits", "writes", "images"}``.
@@ -441,25 +441,33 @@ def plan_configurations(request: SweepRequest) -> tuple[str, list[str], list[Con
 
 
 class _SharedReads:
-    """Per-image memo of feature-set reads shared by every method instance of a pass."""
+    """Per-image memo of feature-set reads shared by every method instance of a pass: each
+    tensor of each set is read once per image (``reads`` counts those tensor reads)."""
 
     def __init__(self) -> None:
         self.index: int | None = None
-        self.cache: dict[tuple, Any] = {}
+        self.cache: dict[tuple[str, str], Any] = {}
+        self.frames: dict[str, Any] = {}
         self.reads = 0
 
     def read(self, fs: Any, index: int, names: Sequence[str] | None) -> Any:
         if index != self.index:
             self.cache.clear()
+            self.frames.clear()
             self.index = index
-        key = (fs.key, tuple(names) if names is not None else None)
-        hit = self.cache.get(key)
-        if hit is None:
-            hit = fs.read(index, names)
-            self.cache[key] = hit
-            self.reads += 1
+        wanted = (
+            list(fs.tensor_names) if names is None else [n for n in fs.tensor_names if n in names]
+        )
+        missing = [n for n in wanted if (fs.key, n) not in self.cache]
+        if missing or fs.key not in self.frames:
+            got = fs.read(index, missing)
+            for n in missing:
+                self.cache[(fs.key, n)] = got.tensors[n]
+            self.frames.setdefault(fs.key, got)
+            self.reads += len(missing)
         # each reader gets its own arrays: a method may work in place on what it reads
-        return dataclasses.replace(hit, tensors={k: v.copy() for k, v in hit.tensors.items()})
+        tensors = {n: self.cache[(fs.key, n)].copy() for n in wanted}
+        return dataclasses.replace(self.frames[fs.key], tensors=tensors)
 
 
 class _SharedSet:

@@ -208,7 +208,8 @@ def test_trident_cos_fac_sweep_equals_separate_evals_and_shares_the_early_stage(
     assert res.sharing["method_instances"] == 3
     assert res.sharing["early_stages"] == n  # once per image, not once per configuration
     assert res.sharing["dense_computed"] == 3 * n
-    assert res.sharing["feature_reads"] == 3 * n  # clip, dino, sam: each once per image
+    # each tensor read once per image: clip pre_last, dino patch, sam q/k/v/attn_log_mass
+    assert res.sharing["feature_reads"] == 6 * n
 
 
 # -- the derived dense cache ------------------------------------------------------------------
