@@ -19,6 +19,9 @@ Figures (PRODUCT.md "Performance"):
      none (``benchmarks.pnp_bench``; BENCH_PNP_FULL=0 skips the full-size model).
  10. PixelCLIP training steps/s, store (K=1) ÷ pixels (K=all), CLIP-B/16 random weights
      (``benchmarks.pixelclip_bench``).
+ 11. Sweeps: a 12-point scoring sweep ÷ one evaluation (target <= 1.5), a 4-point Trident
+     ``cos_fac`` sweep ÷ four evaluations (target <= 0.5), an evaluation from pixels ÷ one from
+     the derived dense cache (target >= 50) (``benchmarks.sweep_bench``).
 
 Environment knobs: BENCH_IMAGES (extraction images, default 8), BENCH_MODEL (default
 dinov2-s14), BENCH_SIZE (short side, default 448), BENCH_READ_IMAGES (default 400).
@@ -241,6 +244,7 @@ def main() -> None:
         from benchmarks.last_block_bench import bench_last_block
         from benchmarks.pixelclip_bench import bench_pixelclip
         from benchmarks.pnp_bench import bench_pnp
+        from benchmarks.sweep_bench import bench_sweep
         from benchmarks.text_bench import bench_text
         from benchmarks.trident_bench import bench_trident
 
@@ -258,6 +262,7 @@ def main() -> None:
             ("pnp_ovss", bench_pnp),
             ("last_block", bench_last_block),
             ("pixelclip", bench_pixelclip),
+            ("sweep", bench_sweep),
         ):
             t = time.perf_counter()
             results[name] = fn(tmp)
@@ -361,6 +366,20 @@ def main() -> None:
             f"{row['dropout_live_s']} s rounds live vs {row['dropout_cached_s']} s cached",
             str(row["cache_saving"]),
             "",
+        )
+    sw = results["sweep"]
+    for key, label, ours, base in (
+        ("scoring", "12-point scoring sweep (prob_thd x logit_scale)", "sweep12_s", "one_eval_s"),
+        ("method_key", "4-point trident cos_fac sweep", "sweep4_s", "four_separate_s"),
+        ("derived_cache", "eval from pixels / derived cache", "from_pixels_s", "from_cache_s"),
+    ):
+        cmp = "<=" if key != "derived_cache" else ">="
+        t.add_row(
+            f"{label}, {sw['images']} images",
+            f"{sw[ours]} s",
+            f"{sw[base]} s",
+            str(sw["ratios"][key]),
+            f"{cmp} {sw['targets'][key]}: {'met' if sw['met'][key] else 'NOT met'}",
         )
     lb = results["last_block"]
     t.add_row(
