@@ -901,6 +901,24 @@ class PixelCLIPSegmenter(Segmenter):
             x = squash_normalise(image, s, self._mean, self._std)[None].to(self.device)
             return self.dense(x)[0]
 
+    def segment_labels(self, index: int, vocab: Vocab, scoring: Any):
+        """``(labels (H, W), max_prob (H, W), cosine logits (Q, H, W))`` of image ``index``:
+        the §0.2 scoring of :meth:`cosine_logits` (argmax; ``prob_thd`` 0, no background).
+        Defined so the driver needs no feature set when CLIP runs on the pixels."""
+        from methods.scoring import score_logits
+
+        cos, hw = self.cosine_logits(index, vocab)
+        labels, max_prob = score_logits(
+            cos.float(),
+            hw,
+            vocab.query_to_class,
+            vocab.num_classes,
+            logit_scale=scoring.logit_scale,
+            prob_thd=scoring.prob_thd,
+            area_thd=scoring.area_thd,
+        )
+        return labels.numpy(), max_prob.numpy(), cos
+
     def cosine_logits(self, index: int, vocab: Vocab) -> tuple[torch.Tensor, tuple[int, int]]:
         feats = self.dense_features(index).float()
         e = feats.shape[-1]

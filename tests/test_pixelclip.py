@@ -537,6 +537,10 @@ def test_segmenter_and_text_encoder_from_the_checkpoint(toy):
     vocab = Vocab([["a"], ["b"], ["c"]], emb, torch.arange(3))
     cos, hw = seg.cosine_logits(0, vocab)
     assert hw == (H, W) and cos.shape == (3, H, W) and cos.abs().max() <= 1 + 1e-5
+    from methods.base import ScoringConfig
+
+    labels, _, _ = seg.segment_labels(0, vocab, ScoringConfig())
+    assert labels.shape == (H, W) and np.array_equal(labels, cos.argmax(0).numpy())
 
 
 def test_extract_for_pixelclip_plans_the_store_set():
