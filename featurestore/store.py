@@ -48,7 +48,6 @@ import zarr
 from zarr.codecs import BytesCodec
 
 from featurestore import __version__
-from featurestore.backbones.base import UNITS, TensorSpec
 from featurestore.errors import (
     CorruptStoreError,
     FeatureSetExistsError,
@@ -60,6 +59,7 @@ from featurestore.errors import (
 from featurestore.images import ImageRecord
 from featurestore.names import check_name
 from featurestore.protocol import ImageGeometry, Protocol
+from featurestore.specs import UNITS, TensorSpec
 
 STORE_FORMAT = 1
 IMAGE_COLUMNS = ("id", "path", "source", "split", "sha256")
@@ -828,6 +828,7 @@ class FeatureSet:
         self._sizes: np.ndarray | None = None
         self._prov: dict | None = None
         self._specs: list[TensorSpec] | None = None
+        self._ndims: dict[str, int] = {}  # array name -> ndim (chunk paths without zarr calls)
 
     # -- metadata ----------------------------------------------------------------------------
     @property
@@ -976,7 +977,9 @@ class FeatureSet:
         """The chunk file of block ``b`` when the store is a local Zarr directory, else None."""
         if "://" in self.store.path or self.store.path.lower().endswith((".h5", ".hdf5")):
             return None
-        ndim = len(self.group[name].shape)
+        ndim = self._ndims.get(name)
+        if ndim is None:  # one zarr metadata read per array, not one per block and image
+            ndim = self._ndims[name] = len(self.group[name].shape)
         return Path(self.store.path, "features", self.key, name, "c", str(b), *["0"] * (ndim - 1))
 
     def _fsync_block(self, b: int) -> None:
@@ -997,24 +1000,40 @@ class FeatureSet:
     def _read_rows(self, name: str, unit: str, start: int, count: int) -> np.ndarray:
         """Rows ``[start, start + count)`` of a tensor; a byte-range read of one chunk file
         for local stores (uncompressed chunks), the zarr API otherwise."""
-        spec_shape = self.group[name].shape[1:]
         sdt = _storage_dtype(self.dtype)
         rows = self.block_rows(unit)
         b = start // rows
         path = self._chunk_path(name, b)
         if path is not None:
-            row_items = int(np.prod(spec_shape))
-            if not path.exists():
-                return np.zeros((count, *spec_shape), dtype=sdt)
-            offset = (start - b * rows) * row_items * sdt.itemsize
-            data = np.fromfile(path, dtype=sdt, count=count * row_items, offset=offset)
-            return data.reshape(count, *spec_shape)
+            spec_shape = next(s.row_shape for s in self.specs if s.name == name)
+            out = np.empty((count, *spec_shape), dtype=sdt)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # never written (Zarr leaves all-zero chunks out)
+                out[...] = 0
+                return out
+            row_bytes = int(np.prod(spec_shape)) * sdt.itemsize
+            try:
+                buf = [memoryview(out).cast("B")]
+                got = os.preadv(fd, buf, (start - b * rows) * row_bytes) if out.size else 0
+            finally:
+                os.close(fd)
+            if got != out.nbytes:
+                raise CorruptStoreError(
+                    f"chunk {b} of '{name}' in {self.key} is truncated",
+                    store=self.store.path,
+                    key=self.key,
+                    tensor=name,
+                    block=b,
+                )
+            return out
         return self.group[name][start : start + count]
 
     def read(self, index: int, names: Sequence[str] | None = None) -> ImageFeatures:
         """All (or the named) tensors of image ``index``: O(1) chunks, exact byte ranges."""
-        if not 0 <= index < self.store.n_images:
-            raise StoreError(f"image index {index} out of range (store has {self.store.n_images})")
+        n_images = len(self.image_sizes)  # cached: no zarr call per read
+        if not 0 <= index < n_images:
+            raise StoreError(f"image index {index} out of range (store has {n_images})")
         geo = self.geometry
         tensors = {}
         for s in self.specs:
@@ -1085,6 +1104,9 @@ class FeatureSet:
                     path = self._chunk_path(s.name, b)
                     if path is not None and path.exists():
                         sources[s.name] = open(path, "rb", buffering=0)
+                        if hasattr(os, "posix_fadvise"):  # the block is read front to back
+                            fd = sources[s.name].fileno()
+                            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
                     elif path is None:
                         sources[s.name] = self._read_chunk(s, b)
                     else:

@@ -8,6 +8,7 @@ from PIL import Image
 
 from featurestore.backbones.base import TensorSpec
 from featurestore.errors import (
+    CorruptStoreError,
     FeatureSetExistsError,
     MissingFeatureSetError,
     StoreError,
@@ -439,3 +440,32 @@ def test_changed_image_is_refused_on_resume(tmp_path):
         FeatureStore.open_or_create(tmp_path / "s.zarr", recs)
     assert err.value.reason == "content" and err.value.paths == (path,)
     assert path in str(err.value)
+
+
+def test_local_reads_match_zarr_and_refuse_a_truncated_chunk(tmp_path):
+    # The local read path (byte ranges of the chunk files, no zarr call per read) returns what
+    # the zarr API returns for the same rows, for every tensor and image.
+    _, fs, _, truth = fill_store(tmp_path)
+    geo = fs.geometry
+    for i in truth:
+        f = fs.read(i)
+        for s in SPECS:
+            a = int(geo[f"row_start_{s.unit}"][i])
+            n = int(geo[f"row_count_{s.unit}"][i])
+            np.testing.assert_array_equal(f.tensors[s.name], fs.group[s.name][a : a + n])
+    with pytest.raises(StoreError, match="out of range"):
+        fs.read(len(SIZES))
+    # A chunk file cut short: a one-line store error naming the block, not a reshape error.
+    last = max(truth)
+    b = fs.block_of(last)
+    path = fs._chunk_path("patch", b)
+    path.write_bytes(path.read_bytes()[:10])
+    with pytest.raises(CorruptStoreError, match=f"chunk {b} of 'patch'"):
+        fs.read(last)
+    with pytest.raises(CorruptStoreError, match=f"chunk {b} of 'patch'"):
+        list(fs.iter_images(names=["patch"]))
+    # A chunk file that was never written reads as zeros (Zarr's fill value) both ways.
+    path.unlink()
+    assert not fs.read(last).tensors["patch"].any()
+    streamed = {f.index: f for f in fs.iter_images(names=["patch"])}
+    assert not streamed[last].tensors["patch"].any()
