@@ -556,6 +556,7 @@ def store_text_embeddings(
     template_name: str,
     embeddings: np.ndarray,
     provenance: dict,
+    *,
     overwrite: bool = False,
     identity: dict | None = None,
 ) -> str:
@@ -860,6 +861,7 @@ def get_text_embeddings(
     text_model: str | TextEncoder,
     vocab: Vocabulary | str,
     template_name: str = DEFAULT_TEMPLATES,
+    *,
     weights: str | os.PathLike | None = None,
     random_init: bool = False,
     seed: int = 0,

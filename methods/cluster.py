@@ -43,6 +43,9 @@ from featurestore.errors import OvssError
 from featurestore.store import FeatureSet, FeatureStore, ImageFeatures
 
 __all__ = [
+    "ClusterRequest",
+    "ClusterSummary",
+    "KMeansConfig",
     "KMeansResult",
     "choose_backend",
     "cluster_per_image",
@@ -50,6 +53,7 @@ __all__ = [
     "hungarian_match",
     "kmeans",
     "name_clusters",
+    "run_cluster",
     "sinkhorn_knopp",
     "token_map_to_pixels",
 ]
@@ -139,6 +143,7 @@ def _assign_torch(
 def kmeans(
     x: torch.Tensor | np.ndarray,
     k: int,
+    *,
     niter: int = 20,
     spherical: bool = False,
     seed: int = 0,
@@ -387,6 +392,7 @@ def cluster_per_image(
     store_path: str,
     features: str,
     k: int = 16,
+    *,
     name: str | None = None,
     tensor: str = "patch",
     niter: int = 20,
@@ -441,7 +447,15 @@ def cluster_per_image(
     used = backend
     for f in fs.iter_images(names=[tensor], indices=todo):
         x = _tokens(f, tensor)
-        res = kmeans(x, min(k, len(x)), niter, spherical, seed, backend, device=device)
+        res = kmeans(
+            x,
+            min(k, len(x)),
+            niter=niter,
+            spherical=spherical,
+            seed=seed,
+            backend=backend,
+            device=device,
+        )
         used = res.backend
         ls.write(f.index, token_map_to_pixels(res.assign.numpy(), f))
         n += 1
@@ -474,6 +488,7 @@ def cluster_store(
     store_path: str,
     features: str,
     k: int,
+    *,
     tensor: str = "patch",
     niter: int = 20,
     spherical: bool = False,
@@ -529,7 +544,16 @@ def cluster_store(
     x = torch.cat(chunks)
     sizes = [len(c) for c in chunks]
     del chunks
-    res = kmeans(x, k, niter, spherical, seed, backend, max_points, device=device)
+    res = kmeans(
+        x,
+        k,
+        niter=niter,
+        spherical=spherical,
+        seed=seed,
+        backend=backend,
+        max_points=max_points,
+        device=device,
+    )
     assigns = dict(zip(owners, torch.split(res.assign, sizes), strict=True))
     summary = ClusterSummary(
         store_path,
@@ -666,3 +690,175 @@ def _write_and_eval(
             "cluster_to_class": mapping.tolist(),
             "chance_mIoU": round(100 / spec.num_classes, 2),
         }
+
+
+# --------------------------------------------------------------------------------------------
+# One request, one call (``ovss cluster``)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KMeansConfig:
+    """k-means settings of a clustering run (the options of ``ovss cluster``).
+
+    Attributes:
+        k: clusters: masks per image (PixelCLIP's DINO masks: 16) or the codebook size; at
+            least 1.
+        niter: Lloyd iterations [ours: 20; FAISS's own default is 25]; at least 1.
+        spherical: cosine k-means on L2-normalised tokens (off: L2 k-means).
+        seed: k-means seed (initialisation and subsampling) [ours: 0].
+        backend: k-means backend [ours: auto = FAISS when installed, unless the device is a
+            CUDA GPU and FAISS has no GPU support (faiss-cpu): torch on that GPU then; torch
+            when FAISS is missing]. torch: k distinct random points as initial centroids, an
+            empty cluster re-seeded with the worst-fitting point [ours].
+        max_points: codebook: train on a seeded random subset of this many tokens (null: all
+            of them; FAISS's own default would silently use k*256); every token is assigned.
+    """
+
+    k: int = 16
+    niter: int = 20
+    spherical: bool = False
+    seed: int = 0
+    backend: str = field(default="auto", metadata={"choices": ("auto", "faiss", "torch")})
+    max_points: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("k", "niter", "max_points"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"option {name} must be at least 1, got {v}")
+
+
+@dataclass(frozen=True)
+class ClusterRequest:
+    """One ``ovss cluster`` run: per-image masks or a store-level codebook.
+
+    Attributes:
+        store: the feature store (path or URL).
+        features: feature set key, or a model with one set in the store.
+        config: the k-means settings.
+        tensor: the token tensor clustered (``patch``).
+        per_image: k-means of each image's tokens into ``config.k`` masks, written as a label
+            set (mask set); else one codebook over the tokens of every selected image.
+        device: ``auto`` (a GPU when there is one, see ``featurestore.extract.resolve_device``),
+            ``cpu``, ``cuda[:N]`` or ``mps``: where the torch k-means (and an aligned module)
+            run.
+        name: label set written (per image default ``kmeans<k>-<features>``; the codebook
+            writes one only when named).
+        overwrite: replace an existing label set of that name.
+        eval_dataset, data_root, split: codebook: cluster only that dataset split's images and
+            score the assignments against its ground truth (Hungarian matching).
+        name_with: codebook: name each centroid by its nearest queries of this vocabulary
+            (dataset, class file or comma list); needs text-space features.
+        checkpoint: codebook: cluster the aligned features of this ``ovss align`` checkpoint.
+        text: how ``name_with`` is embedded (``methods.train.TextOptions``; model and templates
+            default to the checkpoint's recorded ones, else ``clip-b16`` / ``single``).
+    """
+
+    store: str
+    features: str
+    config: KMeansConfig = field(default_factory=KMeansConfig)
+    tensor: str = "patch"
+    per_image: bool = False
+    device: str = "auto"
+    name: str | None = None
+    overwrite: bool = False
+    eval_dataset: str | None = None
+    data_root: str | None = None
+    split: str | None = None
+    name_with: str | None = None
+    checkpoint: str | None = None
+    text: Any = None
+
+
+def _eval_indices(request: ClusterRequest) -> list[int] | None:
+    """The store indices of the ``eval_dataset`` split's images (None: every image)."""
+    if not request.eval_dataset:
+        return None
+    from featurestore.datasets import list_dataset_images
+
+    ids = {i: n for n, i in enumerate(FeatureStore.open(request.store).image_ids)}
+    return sorted(
+        ids[r.image_id]
+        for r in list_dataset_images(request.eval_dataset, request.data_root, request.split)
+        if r.image_id in ids
+    )
+
+
+def _naming_vocab(request: ClusterRequest) -> Any:
+    """The ``name_with`` vocabulary embedded in the checkpoint's text space (explicit text
+    options win over what the checkpoint records)."""
+    from featurestore.text import parse_vocab
+    from methods.train import TextOptions, embed_classes
+
+    text = request.text or TextOptions()
+    recorded: dict[str, Any] = {}
+    if request.checkpoint:
+        from methods.aligned import checkpoint_provenance
+
+        recorded = checkpoint_provenance(request.checkpoint).get("vocabulary", {})
+    vocab, _ = embed_classes(
+        request.store,
+        parse_vocab(request.name_with),
+        text.text_model or recorded.get("text_model") or "clip-b16",
+        text.templates or recorded.get("templates") or "single",
+        text,
+        seed=request.config.seed,
+    )
+    return vocab
+
+
+def run_cluster(request: ClusterRequest, progress: Progress | None = None) -> ClusterSummary:
+    """Run one clustering request (:func:`cluster_per_image` or :func:`cluster_store`).
+
+    Raises:
+        OvssError: codebook-only settings with ``per_image``, ``eval_dataset`` without
+            ``data_root``, or any error of the functions it calls.
+    """
+    from featurestore.extract import resolve_device
+
+    cfg = request.config
+    if request.per_image and (request.eval_dataset or request.name_with or request.checkpoint):
+        raise OvssError("evaluation, naming and aligned checkpoints apply to the codebook mode")
+    if request.eval_dataset and not request.data_root:
+        raise OvssError(f"evaluating against {request.eval_dataset} needs its data root")
+    device = str(resolve_device(request.device))
+    if request.per_image:
+        return cluster_per_image(
+            request.store,
+            request.features,
+            cfg.k,
+            name=request.name,
+            tensor=request.tensor,
+            niter=cfg.niter,
+            spherical=cfg.spherical,
+            seed=cfg.seed,
+            backend=cfg.backend,
+            overwrite=request.overwrite,
+            progress=progress,
+            device=device,
+        )
+    indices = _eval_indices(request)
+    return cluster_store(
+        request.store,
+        request.features,
+        cfg.k,
+        tensor=request.tensor,
+        niter=cfg.niter,
+        spherical=cfg.spherical,
+        seed=cfg.seed,
+        backend=cfg.backend,
+        max_points=cfg.max_points,
+        indices=indices,
+        write_labels=request.name,
+        overwrite=request.overwrite,
+        eval_dataset=(
+            (request.eval_dataset, request.data_root, request.split)
+            if request.eval_dataset
+            else None
+        ),
+        name_vocab=_naming_vocab(request) if request.name_with else None,
+        checkpoint=request.checkpoint,
+        progress=progress,
+        device=device,
+    )

@@ -170,6 +170,7 @@ def segment_store(
     method: str,
     vocab: Vocab,
     out_dir: str | None,
+    *,
     dataset: str | None = None,
     overrides: dict[str, Any] | None = None,
     scoring: ScoringConfig | None = None,

@@ -570,18 +570,24 @@ def resolve_text(text: TextOptions, source: Any, defaults: VocabularyDefaults) -
 
 def embed_classes(
     store_path: str,
-    class_names: list[list[str]],
+    class_names: list[list[str]] | Any,
     text_model: str,
     templates: str,
     text: TextOptions,
     seed: int = 0,
 ) -> tuple[Any, Any]:
     """The class embeddings as a ``methods.base.Vocab`` and the cached text set behind them
-    (computed and cached in the store when missing). Class k of the labels is query group k."""
-    from featurestore.text import get_text_embeddings, parse_vocab
+    (computed and cached in the store when missing). Class k of the labels is query group k.
+    ``class_names``: the classes (each a list of synonyms), or a parsed
+    ``featurestore.text.Vocabulary`` (kept as is, with its source)."""
+    from featurestore.text import Vocabulary, get_text_embeddings, parse_vocab
     from methods.segment import vocab_from_text
 
-    vocab = parse_vocab([list(c) for c in class_names])
+    vocab = (
+        class_names
+        if isinstance(class_names, Vocabulary)
+        else parse_vocab([list(c) for c in class_names])
+    )
     te = get_text_embeddings(
         store_path,
         text_model,

@@ -76,25 +76,6 @@ DEVICE_HELP = (
 )
 
 
-def _embed(store_path, class_names, text_model, templates, random_init, arch, weights, seed):
-    """The class embeddings as a ``Vocab`` and the cached text set they come from."""
-    from featurestore.text import get_text_embeddings, parse_vocab
-    from methods.segment import vocab_from_text
-
-    vocab = parse_vocab(class_names)
-    te = get_text_embeddings(
-        store_path,
-        text_model,
-        vocab,
-        templates,
-        weights=weights,
-        random_init=random_init,
-        seed=seed,
-        arch_overrides=parse_overrides(arch),
-    )
-    return vocab_from_text(te, source=vocab.describe()), te
-
-
 # -- ovss align ----------------------------------------------------------------------------------
 
 
@@ -421,95 +402,92 @@ class _TrainProgress:
 # -- ovss cluster --------------------------------------------------------------------------------
 
 
-@click.command()
-@click.option("--store", "-s", "store_path", required=True, help="Feature store.")
-@click.option("--features", required=True, help="Feature set key (or a model with one set).")
-@click.option("--tensor", default="patch", show_default=True, help="Token tensor clustered.")
-@click.option(
-    "--per-image",
-    is_flag=True,
-    help="k-means of each image's tokens into --k masks, written as a label set (mask set); "
-    "token maps become pixel maps by nearest upsampling per window, later windows winning "
-    "overlaps [ours].",
-)
-@click.option(
-    "--k",
-    type=int,
-    default=16,
-    show_default=True,
-    help="Clusters: masks per image (PixelCLIP's DINO masks: 16) or codebook size.",
-)
-@click.option(
-    "--spherical", is_flag=True, help="Cosine k-means on L2-normalised tokens (default: L2)."
-)
-@click.option(
-    "--niter",
-    type=int,
-    default=20,
-    show_default=True,
-    help="Lloyd iterations [ours: 20; FAISS's own default is 25].",
-)
-@click.option(
-    "--max-points",
-    type=int,
-    default=None,
-    help="Codebook: train on a random subset of this many tokens (default: all; FAISS's own "
-    "default would silently use k*256).",
-)
-@click.option(
-    "--backend",
-    type=click.Choice(["auto", "faiss", "torch"]),
-    default="auto",
-    show_default=True,
-    help="k-means backend [ours: auto = FAISS when installed, unless --device is a CUDA GPU "
-    "and FAISS has no GPU support (faiss-cpu): torch on that GPU then; torch when FAISS is "
-    "missing]. torch: k distinct random points as initial centroids, an empty cluster "
-    "re-seeded with the worst-fitting point [ours].",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="k-means seed [ours: 0].")
-@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-@click.option(
-    "--name",
-    "set_name",
-    callback=store_name,
-    help="Label set written (default kmeans<k>-<features> per image; the codebook writes "
-    "one only when named, e.g. codebook<k>-<features>).",
-)
-@click.option("--overwrite", is_flag=True, help="Replace an existing label set of that name.")
-@click.option(
-    "--eval-dataset",
-    help="Codebook: mIoU/mAcc/aAcc against this dataset's GT after Hungarian matching of "
-    "clusters to classes (scipy); clusters left unmatched (k > classes) predict no class [ours].",
-)
-@click.option("--data-root", type=click.Path(file_okay=False), help="Root of --eval-dataset.")
-@click.option("--split", default=None, help="Split of --eval-dataset (clusters only its images).")
-@click.option(
-    "--name-with",
-    "name_with",
-    help="Codebook: name each centroid by its 3 nearest queries (cosine) of this vocabulary "
-    "[ours: top 3] (dataset, class file or comma list); needs text-space features "
-    "(--checkpoint for aligned DINO features).",
-)
-@click.option(
-    "--checkpoint",
-    type=click.Path(dir_okay=False),
-    help="Codebook: cluster aligned features of this 'ovss align' checkpoint.",
-)
-@_text_options
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@user_errors
-def cluster(
+def _cluster_options(kmeans_options) -> list:
+    """The options of ``ovss cluster``; ``kmeans_options`` are generated from
+    ``methods.cluster.KMeansConfig`` (k, niter, spherical, seed, backend, max_points)."""
+    return [
+        click.option("--store", "-s", "store_path", required=True, help="Feature store."),
+        click.option(
+            "--features", required=True, help="Feature set key (or a model with one set)."
+        ),
+        click.option(
+            "--tensor", default="patch", show_default=True, help="Token tensor clustered."
+        ),
+        click.option(
+            "--per-image",
+            is_flag=True,
+            help="k-means of each image's tokens into --k masks, written as a label set (mask "
+            "set); token maps become pixel maps by nearest upsampling per window, later "
+            "windows winning overlaps [ours].",
+        ),
+        kmeans_options,
+        click.option("--device", default="auto", show_default=True, help=DEVICE_HELP),
+        click.option(
+            "--name",
+            "set_name",
+            callback=store_name,
+            help="Label set written (default kmeans<k>-<features> per image; the codebook "
+            "writes one only when named, e.g. codebook<k>-<features>).",
+        ),
+        click.option(
+            "--overwrite", is_flag=True, help="Replace an existing label set of that name."
+        ),
+        click.option(
+            "--eval-dataset",
+            help="Codebook: mIoU/mAcc/aAcc against this dataset's GT after Hungarian matching "
+            "of clusters to classes (scipy); clusters left unmatched (k > classes) predict no "
+            "class [ours].",
+        ),
+        click.option(
+            "--data-root", type=click.Path(file_okay=False), help="Root of --eval-dataset."
+        ),
+        click.option(
+            "--split", default=None, help="Split of --eval-dataset (clusters only its images)."
+        ),
+        click.option(
+            "--name-with",
+            "name_with",
+            help="Codebook: name each centroid by its 3 nearest queries (cosine) of this "
+            "vocabulary [ours: top 3] (dataset, class file or comma list); needs text-space "
+            "features (--checkpoint for aligned DINO features).",
+        ),
+        click.option(
+            "--checkpoint",
+            type=click.Path(dir_okay=False),
+            help="Codebook: cluster aligned features of this 'ovss align' checkpoint.",
+        ),
+        _text_options,
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
+        quiet_option,
+    ]
+
+
+class ClusterCommand(click.Command):
+    """``ovss cluster``: its k-means options are generated from ``methods.cluster.KMeansConfig``
+    on first use (importing ``methods`` imports torch, which ``ovss --help`` must not)."""
+
+    def __init__(self) -> None:
+        super().__init__("cluster", callback=user_errors(_cluster), help=_cluster.__doc__)
+        self.short_help = "k-means of cached patch features: per-image masks or a codebook."
+
+    @property
+    def params(self) -> list[click.Parameter]:  # type: ignore[override]
+        if self._params is None:
+            from methods.cluster import KMeansConfig
+
+            self._params = _harvest(_cluster_options(config_options(KMeansConfig)))
+        return self._params
+
+    @params.setter
+    def params(self, value: list[click.Parameter]) -> None:
+        self._params = value or None
+
+
+def _cluster(
     store_path,
     features,
     tensor,
     per_image,
-    k,
-    spherical,
-    niter,
-    max_points,
-    backend,
-    seed,
     device,
     set_name,
     overwrite,
@@ -525,6 +503,7 @@ def cluster(
     text_weights,
     as_json,
     quiet,
+    **config_kwargs,
 ):
     """k-means of cached patch features: per-image masks or a store-level codebook.
 
@@ -540,84 +519,43 @@ def cluster(
     the CUDA GPU when there is one, so on a CUDA host with faiss-cpu auto means torch on the GPU.
     Sinkhorn-Knopp balanced assignment is the library function methods.cluster.sinkhorn_knopp.
     """
-    from featurestore.store import FeatureStore
-    from methods.cluster import cluster_per_image, cluster_store
-    from methods.fmbseg import resolve_device
+    from methods.cluster import ClusterRequest, KMeansConfig, run_cluster
+    from methods.config import build_config
+    from methods.train import TextOptions
 
-    device = str(resolve_device(device))
-
-    indices = None
-    if eval_dataset:
-        if not data_root:
-            raise click.UsageError("--eval-dataset needs --data-root")
-        from featurestore.datasets import list_dataset_images
-
-        ids = {i: n for n, i in enumerate(FeatureStore.open(store_path).image_ids)}
-        indices = sorted(
-            ids[r.image_id]
-            for r in list_dataset_images(eval_dataset, data_root, split)
-            if r.image_id in ids
-        )
+    if eval_dataset and not data_root:
+        raise click.UsageError("--eval-dataset needs --data-root")
+    if per_image and (eval_dataset or name_with or checkpoint):
+        raise click.UsageError("--eval-dataset/--name-with/--checkpoint apply to the codebook mode")
+    request = ClusterRequest(
+        store=store_path,
+        features=features,
+        config=build_config(KMeansConfig, None, collect_config(config_kwargs), owner="cluster"),
+        tensor=tensor,
+        per_image=per_image,
+        device=device,
+        name=set_name,
+        overwrite=overwrite,
+        eval_dataset=eval_dataset,
+        data_root=data_root,
+        split=split,
+        name_with=name_with,
+        checkpoint=checkpoint,
+        text=TextOptions(
+            text_model=text_model,
+            templates=templates,
+            random_init=text_random_init,
+            arch_overrides=parse_overrides(text_arch_override),
+            weights=text_weights,
+        ),
+    )
     with render.progress(quiet) as cb:
-        if per_image:
-            if eval_dataset or name_with or checkpoint:
-                raise click.UsageError(
-                    "--eval-dataset/--name-with/--checkpoint apply to the codebook mode"
-                )
-            summary = cluster_per_image(
-                store_path,
-                features,
-                k,
-                set_name,
-                tensor,
-                niter,
-                spherical,
-                seed,
-                backend,
-                overwrite,
-                progress=cb,
-                device=device,
-            )
-        else:
-            vocab = None
-            if name_with:
-                # the text space the checkpoint was trained into (explicit options win)
-                recorded: dict[str, Any] = {}
-                if checkpoint:
-                    from methods.aligned import checkpoint_provenance
-
-                    recorded = checkpoint_provenance(checkpoint).get("vocabulary", {})
-                vocab, _ = _embed(
-                    store_path,
-                    name_with,
-                    text_model or recorded.get("text_model") or "clip-b16",
-                    templates or recorded.get("templates") or "single",
-                    text_random_init,
-                    text_arch_override,
-                    text_weights,
-                    seed,
-                )
-            summary = cluster_store(
-                store_path,
-                features,
-                k,
-                tensor,
-                niter,
-                spherical,
-                seed,
-                backend,
-                max_points,
-                indices,
-                set_name,
-                overwrite,
-                (eval_dataset, data_root, split) if eval_dataset else None,
-                vocab,
-                checkpoint,
-                progress=cb,
-                device=device,
-            )
+        summary = run_cluster(request, cb)
     d = summary.to_dict()
     if as_json:
         click.echo(json.dumps(d, indent=2))
     else:
         render.kv("cluster", {k_: v for k_, v in d.items() if v not in (None, {}, [])}, False)
+
+
+cluster = ClusterCommand()

@@ -247,7 +247,7 @@ def test_cli_name_with_takes_the_checkpoints_text_model_and_templates(monkeypatc
     """`cluster --checkpoint --name-with` embeds the names in the checkpoint's text space: its
     recorded text model and templates, unless --text-model / --templates are given."""
     import methods.aligned as aligned
-    import ovss_cli.align_cmd as align_cmd
+    import methods.train as train
 
     store, _, _ = _toy(tmp_path, n=1)
     ck = tmp_path / "last.pt"
@@ -259,11 +259,11 @@ def test_cli_name_with_takes_the_checkpoints_text_model_and_templates(monkeypatc
     )
     seen = []
 
-    def fake_embed(store_path, names, text_model, templates, *rest):
+    def fake_embed(store_path, names, text_model, templates, *rest, **kw):
         seen.append((text_model, templates))
         raise OvssError("stop here")
 
-    monkeypatch.setattr(align_cmd, "_embed", fake_embed)
+    monkeypatch.setattr(train, "embed_classes", fake_embed)
     base = [
         "cluster", "--store", str(store.path), "--features", store.feature_sets()[0],
         "--checkpoint", str(ck), "--name-with", "a,b", "-q",
@@ -276,3 +276,35 @@ def test_cli_name_with_takes_the_checkpoints_text_model_and_templates(monkeypatc
         r = CliRunner().invoke(cli, [*base, *extra])
         assert r.exit_code == 1 and "stop here" in r.output, r.output
         assert seen.pop() == want
+
+
+def test_cluster_options_come_from_the_kmeans_config_and_bad_values_are_one_line(tmp_path):
+    """`ovss cluster`'s k-means options are KMeansConfig's fields (one default, one help); a
+    value below 1 is a one-line error naming the option; run_cluster is the one library call
+    (the CLI's JSON is its summary)."""
+    from methods.cluster import ClusterRequest, KMeansConfig, run_cluster
+    from methods.config import config_fields
+
+    opts = {p.name: p for p in cli.commands["cluster"].params}
+    for f in config_fields(KMeansConfig):
+        assert f"cfg_{f.name}" in opts and f.help
+    assert list(opts["cfg_backend"].type.choices) == ["auto", "faiss", "torch"]
+    store, _, _ = _toy(tmp_path, n=2)
+    key = store.feature_sets()[0]
+    base = ["cluster", "--store", str(store.path), "--features", key, "-q"]
+    for bad in (["--k", "0"], ["--niter", "0"], ["--max-points", "0"]):
+        r = CliRunner().invoke(cli, [*base, *bad])
+        assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+        assert f"option {bad[0][2:].replace('-', '_')} must be at least 1" in r.output
+    r = CliRunner().invoke(cli, [*base, "--k", "2", "--niter", "3", "--backend", "torch", "--json"])
+    assert r.exit_code == 0, r.output
+    want = run_cluster(
+        ClusterRequest(
+            str(store.path), key, KMeansConfig(k=2, niter=3, backend="torch"), device="cpu"
+        )
+    ).to_dict()
+    got = json.loads(r.output)
+    assert got["extra"]["objective"] == pytest.approx(want["extra"]["objective"])
+    assert (got["k"], got["backend"], got["points"]) == (2, "torch", want["points"])
+    with pytest.raises(OvssError, match="codebook mode"):
+        run_cluster(ClusterRequest(str(store.path), key, per_image=True, name_with="a,b"))
