@@ -53,6 +53,7 @@ from methods.simzss import (
     TRAIN_RESIZE,
     TRAIN_SIZE,
     ConceptBatch,
+    LossParts,
     TextTower,
     get_tokenizer,
     simzss_loss,
@@ -372,6 +373,66 @@ def global_patch_mean(patches: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
     return (patches * w).sum(1) / w.sum(1).clamp_min(1)
 
 
+def train_step(
+    tower: TextTower,
+    opt: torch.optim.Optimizer,
+    cfg: SimZSSTrainConfig,
+    tokens: torch.Tensor,
+    concepts: ConceptBatch,
+    cls: torch.Tensor,
+    patches: torch.Tensor,
+    valid: torch.Tensor,
+    world: int = 1,
+) -> LossParts:
+    """One optimisation step of this process's share of a batch: the tower on ``tokens (b, L)``,
+    Eq. 10 against the image tokens (``cls (b, D)``, ``patches (b, N, D)``, ``valid (b, N)``;
+    moved to the tower's device), backward, gradients summed over ``world`` processes, AdamW
+    at the learning rate already set in ``opt``, ``logit_scale`` clamped. Returns this share's
+    loss parts."""
+    dev = tower.logit_scale.device
+    cls, patches, valid = cls.to(dev), patches.to(dev), valid.to(dev)
+    if cfg.global_token == "patch_mean":
+        cls = global_patch_mean(patches, valid)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and dev.type == "cuda"):
+        eot, tok = tower(tokens.to(dev))
+        parts = simzss_loss(
+            eot,
+            tok,
+            cls,
+            patches,
+            valid,
+            concepts,
+            tower.logit_scale,
+            cfg.tau,
+            cfg.local_scale,
+            cfg.lam,
+            cfg.concept_reduce,
+            cfg.local_target,
+            world,
+        )
+    opt.zero_grad(set_to_none=True)
+    parts.total.float().backward()
+    if world > 1:
+        _allreduce_grads(list(tower.parameters()))
+    opt.step()
+    tower.clamp_logit_scale()
+    return parts
+
+
+def make_optimizer(tower: TextTower, cfg: SimZSSTrainConfig) -> torch.optim.AdamW:
+    """AdamW with the config's groups (:func:`param_groups`), betas, eps and peak lr; one fused
+    kernel per step on CPU and CUDA (the per-tensor loop's sqrt / addcdiv over the 49408-row
+    token embedding was ~60 % of a tiny tower's CPU step)."""
+    dev = tower.logit_scale.device
+    return torch.optim.AdamW(
+        param_groups(tower, cfg.weight_decay),
+        lr=cfg.peak_lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=dev.type in ("cpu", "cuda"),
+    )
+
+
 def _allreduce_grads(params: list[torch.nn.Parameter]) -> None:
     import torch.distributed as dist
 
@@ -431,16 +492,7 @@ def _train(request: TrainRequest, progress: Any, ctx: Any) -> TrainResult:
     torch.manual_seed(cfg.seed)
     tower = TextTower(d, cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.context_length)
     tower.to(dev)
-    params = [p for p in tower.parameters()]
-    opt = torch.optim.AdamW(
-        param_groups(tower, cfg.weight_decay),
-        lr=cfg.peak_lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-        # one fused kernel per step: the per-tensor loop's sqrt/addcdiv over the 49408-row
-        # token embedding was ~60 % of a tiny tower's step on CPU
-        fused=dev.type in ("cpu", "cuda"),
-    )
+    opt = make_optimizer(tower, cfg)
     n_pairs = len(data.image)
     spe = math.ceil(n_pairs / cfg.batch_size)
     total = spe * cfg.epochs
@@ -458,7 +510,6 @@ def _train(request: TrainRequest, progress: Any, ctx: Any) -> TrainResult:
             dist.broadcast(p.data, src=0)
     created = now_utc()
     meter = StepMeter(progress, cfg.epochs, total, unit="captions")
-    use_amp = cfg.amp and dev.type == "cuda"
 
     def state(epoch_done: int) -> dict[str, Any]:
         return {
@@ -499,34 +550,10 @@ def _train(request: TrainRequest, progress: Any, ctx: Any) -> TrainResult:
                 lr = lr_at(step, total, cfg.peak_lr, cfg.warmup)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                tokens = data.tokens[share].to(dev)
                 cb = ConceptBatch.from_lists([data.concepts[i] for i in share], dev)
-                cls, patches, valid = cls.to(dev), patches.to(dev), valid.to(dev)
-                if cfg.global_token == "patch_mean":
-                    cls = global_patch_mean(patches, valid)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                    eot, tok = tower(tokens)
-                    parts = simzss_loss(
-                        eot,
-                        tok,
-                        cls,
-                        patches,
-                        valid,
-                        cb,
-                        tower.logit_scale,
-                        cfg.tau,
-                        cfg.local_scale,
-                        cfg.lam,
-                        cfg.concept_reduce,
-                        cfg.local_target,
-                        ctx.world,
-                    )
-                opt.zero_grad(set_to_none=True)
-                parts.total.float().backward()
-                if ctx.world > 1:
-                    _allreduce_grads(params)
-                opt.step()
-                tower.clamp_logit_scale()
+                parts = train_step(
+                    tower, opt, cfg, data.tokens[share], cb, cls, patches, valid, ctx.world
+                )
                 step += 1
                 vals = torch.tensor(
                     [
@@ -634,8 +661,11 @@ __all__ = [
     "SimZSSTrainConfig",
     "SimZSSTrainer",
     "TokenReader",
+    "global_patch_mean",
     "lr_at",
+    "make_optimizer",
     "param_groups",
     "prepare_captions",
     "train_simzss",
+    "train_step",
 ]
