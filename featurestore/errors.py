@@ -188,6 +188,23 @@ class CorruptStoreError(StoreError):
         self.block = block
 
 
+class RemoteStoreError(StoreError):
+    """An object-storage store cannot be used: the server is unreachable, credentials are
+    missing or refused, or the bucket does not exist (``featurestore.remote``).
+
+    Attributes:
+        store: the store URL (credentials masked).
+        reason: ``unreachable``, ``credentials``, ``denied``, ``no-bucket`` or ``io``.
+        endpoint: the endpoint tried ('' when not known).
+    """
+
+    def __init__(self, message: str, store: str = "", reason: str = "io", endpoint: str = ""):
+        super().__init__(message)
+        self.store = store
+        self.reason = reason
+        self.endpoint = endpoint
+
+
 class ImagesNotInStoreError(StoreError):
     """None of a dataset's images is in a store (it was extracted from other images).
 

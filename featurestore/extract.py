@@ -309,7 +309,8 @@ def extract(
         # checkpoint leaves nothing behind.
         backbone = build_backbone(name, cfg).to(device).eval()
         if store is None:
-            store = FeatureStore.open_or_create(cfg.store, records)
+            # On object storage only shard 0 creates (there is no lock); the others wait.
+            store = FeatureStore.open_or_create(cfg.store, records, creator=shard[0] == 0)
         reports.append(_extract_model(store, records, backbone, cfg, shard, device, progress))
         del backbone
     notes = list(store.notes) if store is not None else []
@@ -340,6 +341,7 @@ def _extract_model(
         overwrite=cfg.overwrite,
         static=backbone.static_tensors(),
         default_geometry=type(backbone).geometry is Backbone.geometry,
+        creator=shard[0] == 0,
     )
     done = fs.done_blocks()
     mine = [b for b in range(fs.n_blocks) if b % shard[1] == shard[0]]

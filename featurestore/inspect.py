@@ -30,10 +30,24 @@ def _disk_bytes(path: str) -> int | None:
     return total
 
 
+def _stored_bytes(store: FeatureStore, sub: str = "") -> int | None:
+    """Bytes stored under the store (or its sub-path ``sub``): on disk, or in object storage."""
+    if store.is_remote:
+        from featurestore import remote
+
+        fs, root = store._fs()
+        return remote.tree_bytes(fs, f"{root}/{sub}" if sub else root)
+    return _disk_bytes(os.path.join(store.path, sub) if sub else store.path)
+
+
 def store_info(path: str) -> dict:
     """A JSON-safe summary: image table, and per feature set its provenance, tensors,
     completeness (done / pending / failed images) and size; ``unfinished_sets`` lists the
-    entries whose creation did not finish (the next extraction of that set makes it anew)."""
+    entries whose creation did not finish (the next extraction of that set makes it anew).
+    ``disk_bytes``: bytes stored, on disk or in object storage (a URL's credentials masked in
+    ``store``)."""
+    from featurestore.names import redact_url
+
     store = FeatureStore.open(path)
     table = store.image_table()
     sources = sorted(
@@ -60,7 +74,7 @@ def store_info(path: str) -> dict:
                 "tokens": int(fs.geometry["row_count_token"].sum()),
                 "blocks": fs.n_blocks,
                 "bytes": fs.nbytes(),
-                "disk_bytes": _disk_bytes(os.path.join(path, "features", key)),
+                "disk_bytes": _stored_bytes(store, f"features/{key}"),
                 "created": prov.get("created"),
                 "ovss_version": prov.get("ovss_version"),
             }
@@ -69,14 +83,14 @@ def store_info(path: str) -> dict:
     from featurestore.text import list_text_sets
 
     return {
-        "store": path,
+        "store": redact_url(path),
         "images": store.n_images,
         "sources": sources,
         "feature_sets": sets,
         "unfinished_sets": store.unfinished_feature_sets(),
         "text_sets": list_text_sets(store),
         "label_sets": list_label_sets(store),
-        "disk_bytes": _disk_bytes(path),
+        "disk_bytes": _stored_bytes(store),
     }
 
 
@@ -154,6 +168,7 @@ def verify_store(path: str, scan_values: bool = True, fix: bool = False) -> Veri
     next run of the same extraction recomputes exactly those blocks; the findings are still
     reported (a note says what was marked).
     """
+    from featurestore.names import redact_url
     from featurestore.protocol import Protocol, image_geometry
     from featurestore.store import (
         chunk_checksum,
@@ -164,7 +179,7 @@ def verify_store(path: str, scan_values: bool = True, fix: bool = False) -> Veri
     )
 
     store = FeatureStore.open(path)
-    rep = VerifyReport(store=path)
+    rep = VerifyReport(store=redact_url(path))
     n = store.n_images
     table = store.image_table()
     lengths = {k: len(v) for k, v in table.items()}
@@ -268,8 +283,9 @@ def verify_store(path: str, scan_values: bool = True, fix: bool = False) -> Veri
                 used = int(geo[f"row_count_{spec.unit}"][imgs.start : imgs.stop].sum())
                 path_ = fs._chunk_path(spec.name, b)
                 expected = rows * int(np.prod(spec.row_shape)) * sdt.itemsize
-                if path_ is not None:
-                    if not Path(path_).exists():
+                remote_size = fs._remote_chunk_size(spec.name, b) if store.is_remote else None
+                if path_ is not None or store.is_remote:
+                    if (remote_size is None) if store.is_remote else not Path(path_).exists():
                         if any_ok and used and (sums is None or sums[b, t] != _zeros_crc(expected)):
                             rep.add(
                                 "missing_chunk",
@@ -279,7 +295,7 @@ def verify_store(path: str, scan_values: bool = True, fix: bool = False) -> Veri
                                 b,
                             )
                         continue
-                    size = Path(path_).stat().st_size
+                    size = remote_size if store.is_remote else Path(path_).stat().st_size
                     if size != expected:
                         rep.add(
                             "chunk_size",
@@ -320,7 +336,7 @@ def _mark_pending(store: FeatureStore, rep: VerifyReport) -> None:
             bad.setdefault(f["set"], set()).add(int(f["block"]))
     if not bad:
         return
-    writable = FeatureStore.open(store.path, mode="a")
+    writable = FeatureStore.open(store.path, mode="a", storage_options=store.storage_options)
     for key, blocks in sorted(bad.items()):
         fs = writable.feature_set(key)
         width = fs.group["status"].shape[1]

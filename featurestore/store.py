@@ -47,7 +47,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec
 
-from featurestore import __version__
+from featurestore import __version__, remote
 from featurestore.errors import (
     CorruptStoreError,
     FeatureSetExistsError,
@@ -194,20 +194,42 @@ def plan_layout(
 class FeatureStore:
     """A Zarr v3 feature store. Open with ``FeatureStore.open`` or ``FeatureStore.create``."""
 
-    def __init__(self, root: zarr.Group, path: str):
+    def __init__(self, root: zarr.Group, path: str, storage_options: dict | None = None) -> None:
         self.root = root
         self.path = path
         self._image_ids: list[str] | None = None
         #: one-line notes of what opening/creating did on the side (leftovers removed)
         self.notes: list[str] = []
+        #: fsspec options of a remote store (``None``: the process-wide ones); never recorded
+        self.storage_options = storage_options
+        self._remote_fs: tuple | None = None
+
+    @property
+    def is_remote(self) -> bool:
+        """Whether the store is an fsspec URL (object storage) rather than a local folder."""
+        return remote.is_url(self.path)
+
+    def _fs(self) -> tuple:
+        """``(fs, root)`` of a remote store: its synchronous fsspec filesystem (made once)."""
+        if self._remote_fs is None:
+            self._remote_fs = remote.filesystem(self.path, self.storage_options)
+        return self._remote_fs
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike, mode: str = "r") -> FeatureStore:
-        """Open an existing store (``mode`` ``r`` or ``a``); a clear StoreError otherwise."""
+    def open(
+        cls, path: str | os.PathLike, mode: str = "r", storage_options: dict | None = None
+    ) -> FeatureStore:
+        """Open an existing store (``mode`` ``r`` or ``a``); a clear StoreError otherwise.
+
+        ``path`` may be an fsspec URL (``s3://bucket/x.zarr``): ``storage_options`` (default:
+        ``featurestore.remote.set_storage_options``) configure its filesystem, and the store
+        must be committed (``featurestore.remote``)."""
         path = str(path)
         from featurestore.hdf5 import is_hdf5_path, open_hdf5
 
+        if remote.is_url(path):
+            return cls._open_remote(path, mode, storage_options)
         if is_hdf5_path(path):
             root = open_hdf5(path)
             if root.attrs.get("ovss_store") != STORE_FORMAT:
@@ -230,6 +252,35 @@ class FeatureStore:
             )
         return store
 
+    @classmethod
+    def _open_remote(cls, url: str, mode: str, storage_options: dict | None) -> FeatureStore:
+        from featurestore.names import redact_url
+
+        shown = redact_url(url)
+        _, _, meta = remote.probe(url, storage_options)
+        attrs = (meta or {}).get("attributes") or {}
+        if meta is None:
+            raise StoreNotFoundError(f"no ovss store at {shown}", store=shown)
+        if attrs.get("ovss_store") != STORE_FORMAT:
+            if remote.CREATING_ATTR in attrs:
+                raise StoreNotFoundError(
+                    f"store {shown} is unfinished (its creation was interrupted or is under "
+                    "way; the next extraction into it makes it anew)",
+                    store=shown,
+                )
+            raise StoreError(f"{shown} is a Zarr group but not an ovss store")
+        with remote.remote_errors(url, storage_options):
+            zstore = remote.zarr_store(url, mode == "r", storage_options)
+            root = zarr.open_group(zstore, mode="r" if mode == "r" else "r+", zarr_format=3)
+            store = cls(root, url, storage_options)
+            complete = store._has_image_table()
+        if not complete:
+            raise CorruptStoreError(
+                f"store {shown} has no complete image table (damage); delete it and extract again",
+                store=shown,
+            )
+        return store
+
     def _has_image_table(self) -> bool:
         try:
             g = self.root["images"]
@@ -243,6 +294,8 @@ class FeatureStore:
         path: str | os.PathLike,
         records: Sequence[ImageRecord],
         notes: list[str] | None = None,
+        creator: bool = True,
+        storage_options: dict | None = None,
     ) -> FeatureStore:
         """Open the store at ``path`` or create it with this image table.
 
@@ -253,17 +306,22 @@ class FeatureStore:
         ``notes``). An existing store must hold the same images: the same ids in the same
         order, and unchanged files (size and modification time, else the content hash).
 
+        A URL (``s3://...``) is built in place and committed by its root metadata, written
+        last (``featurestore.remote``); only a ``creator`` (shard 0) creates it or removes a
+        leftover, the other shards wait for the commit. ``creator`` is ignored locally.
+
         Raises:
             StoreImagesMismatchError: other images, or an image file whose content changed.
             StoreError: ``path`` is a non-empty folder that is not a store.
         """
         path = str(path)
         notes = notes if notes is not None else []
+        if remote.is_url(path):
+            store = cls._open_or_create_remote(path, records, notes, creator, storage_options)
+            store._check_same_images(records)
+            store.notes = notes
+            return store
         with _creation_lock(path):
-            if "://" in path:  # remote stores are made elsewhere and only opened here
-                store = cls.open(path, mode="a")
-                store._check_same_images(records)
-                return store
             _clean_leftovers(path, notes)
             target = Path(path)
             if (target / "zarr.json").exists():
@@ -287,6 +345,50 @@ class FeatureStore:
             store = cls.open(path, mode="a")
             store.notes = notes
             return store
+
+    @classmethod
+    def _open_or_create_remote(
+        cls,
+        url: str,
+        records: Sequence[ImageRecord],
+        notes: list[str],
+        creator: bool,
+        storage_options: dict | None,
+    ) -> FeatureStore:
+        from featurestore.names import redact_url
+
+        shown = redact_url(url)
+
+        def committed(meta: dict | None) -> bool:
+            return ((meta or {}).get("attributes") or {}).get("ovss_store") == STORE_FORMAT
+
+        fs, root, meta = remote.probe(url, storage_options)
+        if not creator:
+            if not committed(meta):
+                remote.wait_for(
+                    lambda: committed(remote.probe(url, storage_options)[2]), "the store", url
+                )
+            return cls.open(url, mode="a", storage_options=storage_options)
+        if committed(meta):
+            return cls.open(url, mode="a", storage_options=storage_options)
+        with remote.remote_errors(url, storage_options):
+            if meta is not None and remote.CREATING_ATTR in (meta.get("attributes") or {}):
+                remote.remove_tree(fs, root)
+                notes.append(f"removed the unfinished creation of store {shown} (made anew)")
+            elif meta is not None or remote.has_objects(fs, root):
+                raise StoreError(
+                    f"{shown} exists and is not an ovss store (choose another location)"
+                )
+            zstore = remote.zarr_store(url, False, storage_options)
+            group = zarr.open_group(
+                zstore, mode="w", zarr_format=3, attributes={remote.CREATING_ATTR: 1}
+            )
+            building = cls(group, url, storage_options)
+            building._write_image_table(records)
+            _crash_point("remote-store-before-commit")
+            final = {k: v for k, v in group.attrs.asdict().items() if k != remote.CREATING_ATTR}
+            group.attrs.put(final)  # the commit: one put of the root metadata
+        return cls.open(url, mode="a", storage_options=storage_options)
 
     # -- image table -------------------------------------------------------------------------
     def _write_image_table(self, records: Sequence[ImageRecord]) -> None:
@@ -431,9 +533,28 @@ class FeatureStore:
                     done = False
                 out[entry.name] = bool(done)
             return out
+        if self.is_remote:
+            return self._remote_set_entries()
         if "features" not in self.root:
             return {}
         return {k: "provenance" in g.attrs for k, g in self.root["features"].groups()}
+
+    def _remote_set_entries(self) -> dict[str, bool]:
+        """As for local stores, from the object listing: an entry of ``features/`` whose
+        ``zarr.json`` is missing (an interrupted removal) or lacks the provenance (an
+        interrupted creation) is unfinished."""
+        fs, root = self._fs()
+        out = {}
+        with remote.remote_errors(self.path, self.storage_options):
+            for name in remote.child_names(fs, f"{root}/features"):
+                if name == "zarr.json" or name.startswith("."):
+                    continue
+                meta = remote.read_json(fs, f"{root}/features/{name}/zarr.json")
+                attrs = (meta or {}).get("attributes") or {}
+                out[name] = bool(
+                    meta and meta.get("node_type") == "group" and "provenance" in attrs
+                )
+        return out
 
     def _is_local(self) -> bool:
         return "://" not in self.path and not self.path.lower().endswith((".h5", ".hdf5"))
@@ -520,6 +641,7 @@ class FeatureStore:
         overwrite: bool = False,
         static: dict[str, np.ndarray] | None = None,
         default_geometry: bool = False,
+        creator: bool = True,
     ) -> FeatureSet:
         """Create (or, with identical provenance, reopen for resuming) a feature set.
 
@@ -534,6 +656,10 @@ class FeatureStore:
         and renamed into ``features/`` complete (provenance included). An unfinished set (no
         readable provenance: an interrupted creation by an older version, or damage) is
         replaced, with a line in ``self.notes``.
+
+        In a remote store (a URL) the set is built in place, its provenance written last (the
+        commit); only a ``creator`` (shard 0) builds, replaces or removes it, the other shards
+        wait for the commit and then check the provenance like a resumed set.
 
         Raises:
             FeatureSetExistsError: the set exists with other settings and not ``overwrite``.
@@ -551,6 +677,8 @@ class FeatureStore:
             ],
             dtype=dtype,
         )
+        if self.is_remote and not creator:
+            return self._await_feature_set(key, prov)
         with _creation_lock(self.path):
             if self._is_local():
                 _clean_leftovers(self.path, self.notes)
@@ -593,7 +721,11 @@ class FeatureStore:
                 "geometry_rule": "default" if default_geometry else "own",
             }
             feats = self.root.require_group("features")
-            if not self._is_local():  # remote: built in place, the provenance written last
+            if self.is_remote:  # built in place, the provenance written last (the commit)
+                with remote.remote_errors(self.path, self.storage_options):
+                    _build_set(feats.create_group(key), layout, specs, dtype, static, d)
+                return FeatureSet(self, key)
+            if not self._is_local():
                 _build_set(feats.create_group(key), layout, specs, dtype, static, d)
                 return FeatureSet(self, key)
             tmp = _aside(self.path, "new-set")
@@ -607,9 +739,46 @@ class FeatureStore:
             _fsync_dir(final.parent)
             return FeatureSet(self, key)
 
+    def _await_feature_set(self, key: str, prov: Provenance) -> FeatureSet:
+        """A non-creating shard of a remote store: wait for shard 0 to commit set ``key``,
+        then require the same provenance (as when resuming)."""
+        remote.wait_for(
+            lambda: self._remote_set_entries().get(key, False), f"feature set '{key}'", self.path
+        )
+        fs = FeatureSet(self._reopened(), key)
+        if not fs.same_provenance(prov.to_dict()):
+            raise FeatureSetExistsError(
+                f"feature set '{key}' was committed by shard 0 with other settings than this "
+                "shard's",
+                store=self.path,
+                key=key,
+                differences=[],
+            )
+        return fs
+
+    def _reopened(self) -> FeatureStore:
+        """This store, reopened (a remote store's Zarr group caches no new members)."""
+        if not self.is_remote:
+            return self
+        again = FeatureStore.open(self.path, mode="a", storage_options=self.storage_options)
+        self.root = again.root
+        return self
+
     def _discard_set(self, key: str) -> None:
         """Remove a feature set: renamed out of the store (one atomic step), then deleted; an
-        interrupted deletion leaves only a hidden sibling folder the next creation removes."""
+        interrupted deletion leaves only a hidden sibling folder the next creation removes.
+        In a remote store its metadata goes first (the set is unfinished from then on), then
+        every other object."""
+        if self.is_remote:
+            fs, root = self._fs()
+            prefix = f"{root}/features/{key}"
+            with remote.remote_errors(self.path, self.storage_options):
+                if fs.exists(f"{prefix}/zarr.json"):
+                    fs.rm_file(f"{prefix}/zarr.json")
+                _crash_point("overwrite-after-rename")
+                remote.remove_tree(fs, prefix)
+            self._reopened()
+            return
         if not self._is_local():
             del self.root["features"][key]
             return
@@ -792,6 +961,54 @@ def _creation_lock(path: str):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+#: Blocks of a remote feature set fetched ahead of the one being read (``iter_images``).
+REMOTE_READ_AHEAD = 4
+
+
+class _ReadAhead:
+    """Fetches the chunks of the next blocks of a remote set in threads (Zarr's sync API may
+    be called from several threads; each call is one GET), in block order."""
+
+    def __init__(self, fs: FeatureSet, specs: Sequence[TensorSpec]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.fs = fs
+        self.specs = list(specs)
+        self.pool = ThreadPoolExecutor(
+            max_workers=max(1, min(16, REMOTE_READ_AHEAD * len(self.specs))),
+            thread_name_prefix="ovss-read",
+        )
+        self.pending: dict[int, dict] = {}
+        self.next_block = 0
+
+    def _needed(self, b: int, status: np.ndarray, wanted: set[int] | None) -> bool:
+        return any(
+            status[i] == STATUS_OK and (wanted is None or i in wanted)
+            for i in self.fs.block_images(b)
+        )
+
+    def get(self, b: int, status: np.ndarray, wanted: set[int] | None) -> dict[str, np.ndarray]:
+        """The chunks of block ``b`` (name -> array), queueing the following needed blocks."""
+        nb = max(self.next_block, b)
+        while nb < self.fs.n_blocks and len(self.pending) <= REMOTE_READ_AHEAD:
+            if nb not in self.pending and self._needed(nb, status, wanted):
+                self.pending[nb] = {
+                    s.name: self.pool.submit(self.fs._read_chunk, s, nb) for s in self.specs
+                }
+            nb += 1
+        self.next_block = nb
+        futures = self.pending.pop(b, None)
+        if futures is None:
+            return {}
+        return {name: f.result() for name, f in futures.items()}
+
+    def close(self) -> None:
+        for futures in self.pending.values():
+            for f in futures.values():
+                f.cancel()
+        self.pool.shutdown(wait=True)
 
 
 @dataclass
@@ -982,6 +1199,15 @@ class FeatureSet:
             ndim = self._ndims[name] = len(self.group[name].shape)
         return Path(self.store.path, "features", self.key, name, "c", str(b), *["0"] * (ndim - 1))
 
+    def _remote_chunk_size(self, name: str, b: int) -> int | None:
+        """Bytes of block ``b``'s chunk object of ``name`` in a remote store; ``None`` when the
+        object is missing (Zarr does not write all-zero chunks)."""
+        fs, root = self.store._fs()
+        ndim = len(self.group[name].shape)
+        key = "/".join([root, "features", self.key, name, "c", str(b), *["0"] * (ndim - 1)])
+        with remote.remote_errors(self.store.path, self.store.storage_options):
+            return remote.object_size(fs, key)
+
     def _fsync_block(self, b: int) -> None:
         self._fsync_paths([self._chunk_path(s.name, b) for s in self.specs])
 
@@ -1083,13 +1309,16 @@ class FeatureSet:
         """Stream images in store order, reading each block's chunk files sequentially.
 
         Local stores read every image's exact byte range into its own array (no large
-        temporary buffers); other backends read one whole chunk per block and tensor.
-        Pending or failed images are skipped. Memory holds at most one block.
+        temporary buffers); other backends read one whole chunk per block and tensor. Pending
+        or failed images are skipped. Memory holds at most one block; for a remote store
+        (a URL) the chunks of the next :data:`REMOTE_READ_AHEAD` blocks are fetched meanwhile
+        (concurrent GETs [ours]), so memory holds up to that many more.
         """
         status = self.status()
         wanted = None if indices is None else set(int(i) for i in indices)
         specs = [s for s in self.specs if names is None or s.name in names]
         sdt = _storage_dtype(self.dtype)
+        ahead = _ReadAhead(self, specs) if self.store.is_remote else None
         try:
             for b in range(self.n_blocks):
                 imgs = [
@@ -1099,6 +1328,7 @@ class FeatureSet:
                 ]
                 if not imgs:
                     continue
+                fetched = ahead.get(b, status, wanted) if ahead is not None else {}
                 sources = {}
                 for s in specs:
                     path = self._chunk_path(s.name, b)
@@ -1108,7 +1338,9 @@ class FeatureSet:
                             fd = sources[s.name].fileno()
                             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
                     elif path is None:
-                        sources[s.name] = self._read_chunk(s, b)
+                        sources[s.name] = fetched.get(s.name)
+                        if sources[s.name] is None:
+                            sources[s.name] = self._read_chunk(s, b)
                     else:
                         sources[s.name] = None  # never written: all zeros
                 try:
@@ -1146,7 +1378,8 @@ class FeatureSet:
                         if src is not None and not isinstance(src, np.ndarray):
                             src.close()
         finally:
-            pass
+            if ahead is not None:
+                ahead.close()
 
     def _read_chunk(self, spec: TensorSpec, b: int) -> np.ndarray:
         rows = self.block_rows(spec.unit)

@@ -23,6 +23,7 @@ from ovss_cli.common import (
     parse_overrides,
     parse_settings,
     quiet_option,
+    storage_options_option,
     store_name,
     user_errors,
 )
@@ -135,6 +136,7 @@ def _request_params(trainers: list[str]) -> list:
             "CUDA = cpu (gloo cannot carry MPS tensors; mps is refused there).",
         ),
         _text_options,
+        storage_options_option,
         json_option,
         quiet_option,
     ]
@@ -457,6 +459,7 @@ def _cluster_options(kmeans_options) -> list:
             help="Codebook: cluster aligned features of this 'ovss align' checkpoint.",
         ),
         _text_options,
+        storage_options_option,
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
         quiet_option,
     ]

@@ -143,6 +143,31 @@ def add_options(options: list):
     return deco
 
 
+def _set_storage_options(ctx: click.Context, param: click.Parameter, value: str | None):
+    from featurestore.remote import parse_storage_options, set_storage_options
+
+    try:
+        set_storage_options(parse_storage_options(value) if value else None)
+    except ValueError as e:  # the message never repeats the value (it may hold secrets)
+        raise click.BadParameter(str(e)) from None
+
+
+def storage_options_option(fn):
+    """``--storage-options JSON|@FILE``: fsspec options of a store given as a URL, set
+    process-wide (``featurestore.remote.set_storage_options``) before the command runs."""
+    return click.option(
+        "--storage-options",
+        metavar="JSON|@FILE",
+        expose_value=False,
+        callback=_set_storage_options,
+        help="Options of a store on object storage (--store s3://bucket/x.zarr or any fsspec "
+        "URL), as a JSON object or @FILE holding one, e.g. '{\"endpoint_url\": "
+        "\"http://127.0.0.1:9000\"}'. Credentials default to the AWS_* environment variables "
+        "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION); "
+        "these options are never recorded or printed.",
+    )(fn)
+
+
 def json_option(fn):
     return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(fn)
 

@@ -17,6 +17,7 @@ from featurestore.errors import (
     MissingLabelSetError,
     MissingTextSetError,
     OvssError,
+    RemoteStoreError,
     StoreImagesMismatchError,
     StoreNotFoundError,
 )
@@ -152,6 +153,21 @@ def _images_mismatch(e: StoreImagesMismatchError) -> str:
 @hint_for(CorruptStoreError)
 def _corrupt(e: CorruptStoreError) -> str:
     return f"run 'ovss store verify {e.store}'"
+
+
+@hint_for(RemoteStoreError)
+def _remote_store(e: RemoteStoreError) -> str | None:
+    if e.reason in ("credentials", "denied"):
+        return (
+            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or pass --storage-options "
+            "'{\"key\": ..., \"secret\": ...}'"
+        )
+    if e.reason == "unreachable":
+        return (
+            "check that the server is up and the endpoint is right (AWS_ENDPOINT_URL, or "
+            "--storage-options '{\"endpoint_url\": ...}')"
+        )
+    return None
 
 
 @hint_for(MissingLabelSetError)

@@ -16,6 +16,7 @@ from ovss_cli.common import (
     parse_overrides,
     parse_settings,
     parse_shard,
+    storage_options_option,
     user_errors,
 )
 
@@ -297,6 +298,7 @@ def load_records(images_dir, dataset, data_root, split, limit):
 @click.option(
     "--dry-run", is_flag=True, help="Show images, windows, tokens and bytes; write nothing."
 )
+@storage_options_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
@@ -579,6 +581,7 @@ def store():
 @store.command("info")
 @click.argument("store_path", metavar="STORE")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@storage_options_option
 @user_errors
 def store_info(store_path, as_json):
     """Feature sets, tensors, provenance, completeness and sizes of a store."""
@@ -590,6 +593,7 @@ def store_info(store_path, as_json):
 @store.command("ls")
 @click.argument("store_path", metavar="STORE")
 @click.option("--images", is_flag=True, help="List image ids instead of feature sets.")
+@storage_options_option
 @user_errors
 def store_ls(store_path, images):
     """One line per feature set (or per image with --images)."""
@@ -616,6 +620,7 @@ def store_ls(store_path, images):
 @click.option(
     "--json", "as_json", is_flag=True, help="Print as JSON (each finding with its location)."
 )
+@storage_options_option
 @user_errors
 def store_verify(store_path, no_values, fix, as_json):
     """Check a store: the image table, unfinished sets, provenance, geometry, shapes, dtypes,
@@ -643,6 +648,7 @@ def store_verify(store_path, no_values, fix, as_json):
     help="Output format (HDF5 layout: see README).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@storage_options_option
 @user_errors
 def store_export(store_path, out, fmt, as_json):
     """Export a store to one HDF5 file, readable back as a store (`ovss store info OUT.h5`)."""

@@ -15,6 +15,7 @@ from ovss_cli.common import (
     add_options,
     parse_overrides,
     parse_settings,
+    storage_options_option,
     store_name,
     user_errors,
 )
@@ -337,6 +338,7 @@ def _register_hints() -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing label set NAME.")
 @add_options(METHOD_OPTIONS)
+@storage_options_option
 @user_errors
 def segment(**kw):
     """Segment the images of a store (or image files) with any method and vocabulary.
@@ -468,6 +470,7 @@ Sweeps and comparisons (one pass over the store):
     "(default 4 [ours]; 0: none).",
 )
 @add_options(_eval_method_options())
+@storage_options_option
 @user_errors
 def eval_cmd(**kw):
     """mIoU / mAcc / aAcc with mmseg IoUMetric semantics, per-class table, full protocol.
