@@ -21,7 +21,13 @@ import torch
 
 from featurestore.backbones.base import Backbone, TensorSpec, create_backbone
 from featurestore.errors import ImageReadError, OvssError
-from featurestore.images import ImageRecord, load_image_rgb, probe_image
+from featurestore.images import (
+    HUGE_IMAGE_PIXELS,
+    ImageRecord,
+    load_image_reduced,
+    load_image_rgb,
+    probe_image,
+)
 from featurestore.protocol import ImageGeometry, Protocol, preprocess_windows
 from featurestore.store import (
     DEFAULT_BLOCK_MB,
@@ -64,6 +70,12 @@ class ExtractConfig:
         pos_interp: position-embedding resampling rule at non-native grids (``offset``,
             ``size``, ``size-aa``; ``featurestore.backbones.posembed``); ``None``: each model's
             authors' rule. Recorded in the feature set's provenance.
+        max_pixels: images with more pixels (height x width of the original) are decoded
+            reduced to just above the size the protocol resizes them to
+            (``featurestore.images.load_image_reduced``: JPEG DCT scaling, else an integer box
+            reduction), so memory follows the resized size; their features differ slightly
+            from a full-resolution decode. Images at or below it are decoded whole, exactly
+            as always. Default ``HUGE_IMAGE_PIXELS`` (40 MP) [ours].
     """
 
     models: list[str]
@@ -83,6 +95,7 @@ class ExtractConfig:
     workers: int = 2
     arch_overrides: dict | None = None
     pos_interp: str | None = None
+    max_pixels: int = HUGE_IMAGE_PIXELS
 
 
 @dataclass
@@ -356,7 +369,9 @@ def _extract_model(
     n_done = 0
     writer = _BlockWriter(fs)
     try:
-        for b, images in _decoded_blocks(fs, records, geos, todo, backbone, cfg.workers):
+        for b, images in _decoded_blocks(
+            fs, records, geos, todo, backbone, cfg.workers, cfg.max_pixels
+        ):
             buffers = fs.new_block_buffers(b)
             status = np.full(len(images), STATUS_OK, dtype=np.uint8)
             errors = [""] * len(images)
@@ -407,24 +422,26 @@ def _decoded_blocks(
     blocks: Sequence[int],
     backbone: Backbone,
     workers: int,
+    max_pixels: int = HUGE_IMAGE_PIXELS,
 ) -> Iterator[tuple[int, list[DecodedImage]]]:
     """Yield ``(block, [DecodedImage, ...])`` with decoding done ahead in background threads
-    (bounded look-ahead)."""
+    (bounded look-ahead). Images above ``max_pixels`` are decoded reduced
+    (:func:`decode_for`)."""
 
     wants_image = any(s.unit == "image" for s in backbone.tensor_specs())
 
     def load(i: int) -> DecodedImage:
         g = geos[i]
         if not g.n_windows:
-            return DecodedImage(i, error=f"cannot read image {records[i].path}")
+            return DecodedImage(i, error=probe_failure(records[i].path))
         try:
-            img = load_image_rgb(records[i].path)
+            img, size = decode_for(records[i].path, g, max_pixels, wants_image)
         except ImageReadError as e:
             return DecodedImage(i, error=str(e))
-        if img.shape[:2] != g.original:
+        if size != g.original:
             return DecodedImage(
                 i,
-                error=f"image {records[i].path} is {img.shape[0]}x{img.shape[1]} but was "
+                error=f"image {records[i].path} is {size[0]}x{size[1]} but was "
                 f"{g.original[0]}x{g.original[1]} when the store was created",
             )
         whole = backbone.preprocess_image(img, g) if wants_image else None
@@ -454,6 +471,37 @@ def _decoded_blocks(
             items.append(fut.result())
         if current is not None:
             yield current, items
+
+
+def probe_failure(path: str) -> str:
+    """Why an image without a size in the store (it failed when the store was created)
+    cannot be read: the reason of probing it again, else that its header read failed then."""
+    try:
+        probe_image(path)
+    except ImageReadError as e:
+        return str(e)
+    return f"cannot read image {path}: its header could not be read when the store was created"
+
+
+def decode_for(
+    path: str, geometry: ImageGeometry, max_pixels: int, wants_image: bool = False
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode one image for a backbone: ``(array (h, w, 3) uint8, full size (H, W))``.
+
+    At most ``max_pixels`` pixels: the whole image (``load_image_rgb``). Above: reduced to no
+    less than what its preprocessing reads (the resized size, SAM's rounded size, and 448 px
+    a side when whole-image tensors are made), ``load_image_reduced``.
+    """
+    h, w = geometry.original
+    if h * w <= max_pixels:
+        img = load_image_rgb(path)
+        return img, (int(img.shape[0]), int(img.shape[1]))
+    need_h, need_w = geometry.resized
+    if geometry.rounded is not None:
+        need_h, need_w = max(need_h, geometry.rounded[0]), max(need_w, geometry.rounded[1])
+    if wants_image:
+        need_h, need_w = max(need_h, 448), max(need_w, 448)
+    return load_image_reduced(path, (need_h, need_w))
 
 
 def _run_block(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,16 @@ _ORIENTATIONS_SWAPPING_AXES = (5, 6, 7, 8)  # transpose / rotate 270 / transvers
 # Register every PIL plugin now, once, so that concurrent first calls from reader threads never
 # race on PIL's lazily filled plugin registry.
 Image.init()
+
+# PIL warns (DecompressionBombWarning, a raw multi-line warning on stderr) on images between
+# its limit and twice it; large images are expected here and decoded reduced above
+# ``HUGE_IMAGE_PIXELS`` (``load_image_reduced``), and twice the limit stays an error.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+HUGE_IMAGE_PIXELS = 40_000_000
+"""Default of ``--max-pixels`` [ours]: images with more pixels (height x width) are decoded
+through :func:`load_image_reduced`, so memory follows the size they are resized to. Below it
+images are decoded at full resolution, exactly as before."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +210,52 @@ def load_image_rgb(path: str | os.PathLike) -> np.ndarray:
             return _to_rgb_array(upright if upright is not None else im)
     except Exception as err:  # any failure on bad input is a read error for this file
         raise ImageReadError(f"cannot read image {os.fspath(path)}: {_reason(err)}") from err
+
+
+def reduction_factor(size: tuple[int, int], need: tuple[int, int]) -> int:
+    """The largest integer ``f >= 1`` with ``ceil(side / f) >= needed side`` on both sides:
+    the reduce factor that keeps an image of ``size`` ``(H, W)`` at least ``need`` ``(h, w)``."""
+    f = 1
+    while f < min(size) and all(
+        -(-s // (f + 1)) >= max(1, n) for s, n in zip(size, need, strict=True)
+    ):
+        f += 1
+    return f
+
+
+def load_image_reduced(
+    path: str | os.PathLike, need: tuple[int, int]
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode an image reduced to about ``need`` ``(h, w)`` (never smaller), EXIF orientation
+    applied, and return it with the full upright size ``(H, W)`` (as :func:`probe_image`).
+
+    JPEG goes through PIL's ``draft`` (DCT scaling by 1/2, 1/4 or 1/8 while decoding: memory
+    follows the reduced size); other formats are decoded whole (uint8) and box-reduced by
+    the largest integer factor of :func:`reduction_factor` (``Image.reduce``). The pixels
+    differ slightly from a full decode resized to the same size (both are smoothing
+    reductions, where a plain bilinear resize samples): [ours] used only above
+    :data:`HUGE_IMAGE_PIXELS` (``--max-pixels``). Thread-safe.
+
+    Raises:
+        ImageReadError: as :func:`load_image_rgb`.
+    """
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            orientation = im.getexif().get(_EXIF_ORIENTATION_TAG)
+            swap = orientation in _ORIENTATIONS_SWAPPING_AXES
+            need_h, need_w = (need[1], need[0]) if swap else need  # in stored orientation
+            if im.format == "JPEG":
+                im.draft(im.mode, (max(1, need_w), max(1, need_h)))
+            im.load()
+            f = reduction_factor(im.size[::-1], (need_h, need_w))
+            small = im.reduce(f) if f > 1 else im
+            upright = ImageOps.exif_transpose(small)
+            arr = _to_rgb_array(upright if upright is not None else small)
+    except Exception as err:  # any failure on bad input is a read error for this file
+        raise ImageReadError(f"cannot read image {os.fspath(path)}: {_reason(err)}") from err
+    full = (width, height) if swap else (height, width)
+    return arr, (int(full[0]), int(full[1]))
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

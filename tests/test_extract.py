@@ -204,3 +204,58 @@ def test_concurrent_shards_equal_single_process(tmp_path):
     b, fb = read_all(tmp_path / "sh.zarr")
     assert fb.done_blocks().all() and fb.n_blocks > 1
     assert_same(a, b)
+
+
+# --- huge images, probe-time failures ----------------------------------------------------------
+
+
+def _chunk_bytes(store_path):
+    out = {}
+    for dirpath, _, files in os.walk(store_path):
+        for f in files:
+            if "/c/" in os.path.join(dirpath, f) or dirpath.endswith("/c"):
+                with open(os.path.join(dirpath, f), "rb") as fh:
+                    out[os.path.relpath(os.path.join(dirpath, f), store_path)] = fh.read()
+    return out
+
+
+def _smooth_images(root, n=3):
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        h, w = 240 + 16 * i, 320
+        y, x = np.mgrid[0:h, 0:w]
+        arr = np.stack([(y * 255) // h, (x * 255) // w, ((x + y + 40 * i) % 256)], -1)
+        Image.fromarray(arr.astype(np.uint8)).save(root / f"s{i}.jpg", quality=95)
+    return root
+
+
+def test_ordinary_images_store_the_same_bytes_and_huge_ones_are_decoded_reduced(tmp_path):
+    from featurestore.extract import decode_for
+
+    recs = list_folder_images(_smooth_images(tmp_path / "imgs"))
+    extract(recs, cfg(tmp_path / "a.zarr", dtype="float32"))  # default --max-pixels
+    extract(recs, cfg(tmp_path / "b.zarr", dtype="float32", max_pixels=10**12))
+    a, b = _chunk_bytes(tmp_path / "a.zarr"), _chunk_bytes(tmp_path / "b.zarr")
+    assert a and a == b
+    # forced reduced decoding (every image counts as huge): a smaller decode, close features
+    geo = create_backbone("dinov2-s14", random_init=True, arch_overrides=TINY).geometry(
+        PROTO, 240, 320
+    )
+    img, full = decode_for(recs[0].path, geo, max_pixels=1)
+    assert full == (240, 320) and img.shape[0] < 240 and img.shape[0] >= geo.resized[0]
+    extract(recs, cfg(tmp_path / "c.zarr", dtype="float32", max_pixels=1))
+    fa = FeatureStore.open(tmp_path / "a.zarr").require("dinov2-s14", PROTO)
+    fc = FeatureStore.open(tmp_path / "c.zarr").require("dinov2-s14", PROTO)
+    ta, tc = fa.read(0), fc.read(0)
+    key = "patch" if "patch" in ta.tensors else next(iter(ta.tensors))
+    x, y = np.asarray(ta.tensors[key], np.float64), np.asarray(tc.tensors[key], np.float64)
+    assert x.shape == y.shape and not np.array_equal(x, y)
+    assert np.linalg.norm(x - y) / np.linalg.norm(x) < 0.1
+
+
+def test_probe_time_failure_gets_its_reason(tmp_path):
+    root = write_images(tmp_path / "imgs", n=2)
+    (root / "bad.png").write_bytes(b"not an image at all")
+    rep = extract(list_folder_images(root), cfg(tmp_path / "s.zarr"))
+    msg = rep.models[0].failures["bad"]
+    assert "bad.png" in msg and "not an image" in msg

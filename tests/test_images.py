@@ -331,3 +331,89 @@ def test_file_sha256_matches_hashlib(tmp_path: Path) -> None:
 def test_file_sha256_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ImageReadError, match="cannot read file"):
         file_sha256(tmp_path / "absent")
+
+
+# --- huge images: reduced decoding, no raw PIL warning ---------------------------------------
+
+
+def _smooth_jpeg(path, h, w, orientation=None):
+    y = np.linspace(0, 255, h)[:, None]
+    x = np.linspace(0, 255, w)[None, :]
+    arr = np.stack([y + 0 * x, x + 0 * y, (x + y) / 2], -1).astype(np.uint8)
+    im = Image.fromarray(arr)
+    if orientation:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        im.save(path, quality=95, exif=exif)
+    else:
+        im.save(path, quality=95)
+    return arr
+
+
+def test_reduction_factor_keeps_at_least_the_needed_size():
+    from featurestore.images import reduction_factor
+
+    assert reduction_factor((9000, 12000), (448, 597)) == 20
+    assert reduction_factor((100, 100), (100, 100)) == 1
+    assert reduction_factor((100, 100), (60, 10)) == 1
+    assert reduction_factor((64, 64), (1, 1)) == 64
+    for size, need in (((9000, 12000), (448, 597)), ((1001, 37), (50, 3))):
+        f = reduction_factor(size, need)
+        assert all(-(-s // f) >= n for s, n in zip(size, need, strict=True))
+        assert not all(-(-s // (f + 1)) >= max(1, n) for s, n in zip(size, need, strict=True))
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "png"])
+def test_load_image_reduced_follows_the_needed_size(tmp_path, fmt):
+    from featurestore.images import load_image_reduced
+
+    path = tmp_path / f"big.{fmt}"
+    arr = _smooth_jpeg(tmp_path / "big.jpg", 1200, 1600)
+    if fmt == "png":
+        Image.fromarray(arr).save(path)
+    small, full = load_image_reduced(path, (150, 200))
+    assert full == (1200, 1600)
+    assert small.dtype == np.uint8 and small.shape[2] == 3
+    assert 150 <= small.shape[0] < 300 and 200 <= small.shape[1] < 400  # not the full decode
+    # the same picture: close to the full decode resized to the reduced size
+    ref = np.asarray(Image.fromarray(load_image_rgb(path)).resize(small.shape[1::-1], Image.BOX))
+    assert np.abs(small.astype(int) - ref.astype(int)).mean() < 3.0
+
+
+def test_load_image_reduced_applies_exif_orientation(tmp_path):
+    from featurestore.images import load_image_reduced
+
+    _smooth_jpeg(
+        tmp_path / "rot.jpg", 800, 1200, orientation=6
+    )  # stored 800x1200, upright 1200x800
+    assert probe_image(tmp_path / "rot.jpg") == (1200, 800)
+    small, full = load_image_reduced(tmp_path / "rot.jpg", (300, 200))
+    assert full == (1200, 800)
+    assert small.shape[0] > small.shape[1] and small.shape[0] >= 300 and small.shape[1] >= 200
+    whole = load_image_rgb(tmp_path / "rot.jpg")
+    ref = np.asarray(Image.fromarray(whole).resize(small.shape[1::-1], Image.BOX))
+    assert np.abs(small.astype(int) - ref.astype(int)).mean() < 3.0
+
+
+def test_no_raw_decompression_bomb_warning(tmp_path, monkeypatch):
+    """In a fresh interpreter (pytest installs its own warning filters): probing and decoding
+    an image in PIL's warning range print nothing on stderr; twice the limit is refused."""
+    import subprocess
+    import sys
+
+    from featurestore.images import load_image_reduced
+
+    _smooth_jpeg(tmp_path / "a.jpg", 200, 300)
+    code = (
+        "from PIL import Image\n"
+        "from featurestore.images import load_image_reduced, load_image_rgb, probe_image\n"
+        "Image.MAX_IMAGE_PIXELS = 40_000\n"  # 60 000 px: PIL's warning range
+        f"p = {str(tmp_path / 'a.jpg')!r}\n"
+        "probe_image(p); load_image_rgb(p); load_image_reduced(p, (50, 50))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # over twice the limit: refused
+    with pytest.raises(ImageReadError, match="decompression-bomb"):
+        load_image_reduced(tmp_path / "a.jpg", (50, 50))
