@@ -19,6 +19,9 @@ Figures (PRODUCT.md "Performance"):
      none (``benchmarks.pnp_bench``; BENCH_PNP_FULL=0 skips the full-size model).
  10. PixelCLIP training steps/s, store (K=1) ÷ pixels (K=all), CLIP-B/16 random weights
      (``benchmarks.pixelclip_bench``).
+ 11. SimZSS training captions/s, tokens from the store ÷ the DINOv2 ViT-B/14 forward from pixels
+     (random weights, CLIP-size text tower), at two batch sizes and the large-batch ratio
+     (``benchmarks.simzss_bench``).
  11. Sweeps: a 12-point scoring sweep ÷ one evaluation (target <= 1.5), a 4-point Trident
      ``cos_fac`` sweep ÷ four evaluations (target <= 0.5), an evaluation from pixels ÷ one from
      the derived dense cache (target >= 50) (``benchmarks.sweep_bench``).
@@ -244,6 +247,7 @@ def main() -> None:
         from benchmarks.last_block_bench import bench_last_block
         from benchmarks.pixelclip_bench import bench_pixelclip
         from benchmarks.pnp_bench import bench_pnp
+        from benchmarks.simzss_bench import bench_simzss
         from benchmarks.sweep_bench import bench_sweep
         from benchmarks.text_bench import bench_text
         from benchmarks.trident_bench import bench_trident
@@ -262,6 +266,7 @@ def main() -> None:
             ("pnp_ovss", bench_pnp),
             ("last_block", bench_last_block),
             ("pixelclip", bench_pixelclip),
+            ("simzss", bench_simzss),
             ("sweep", bench_sweep),
         ):
             t = time.perf_counter()
@@ -348,6 +353,15 @@ def main() -> None:
         f"{px['pixel_steps_per_s']} steps/s from pixels (K=all)",
         str(px["ratio"]),
         "",
+    )
+    sz = results["simzss"]
+    t.add_row(
+        f"simzss training, dinov2-b14-reg random-init, batch {sz['batches'][1]} "
+        f"(large batch: per-caption fit)",
+        f"{sz['store_captions_per_s']} captions/s from the store",
+        f"{sz['pixel_captions_per_s']} captions/s from pixels",
+        f"{sz['ratio']} ({sz['large_batch_ratio']} large batch)",
+        f">= {sz['target']} large batch: {'met' if sz['met'] else 'NOT met'}",
     )
     tx = results["text_embedding"]
     t.add_row(
