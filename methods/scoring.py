@@ -423,3 +423,53 @@ def score_labels(
         block_elems,
     )
     return labels
+
+
+def score_logits_thresholds(
+    cos: torch.Tensor,
+    out_hw: Sequence[int],
+    query_to_class: torch.Tensor | Sequence[int],
+    num_classes: int,
+    logit_scale: float,
+    prob_thds: Sequence[float],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``score_logits`` for several ``prob_thd`` values at once (``area_thd`` off): one
+    upsampling and one pass over the logits, then each threshold.
+
+    Equal, label for label, to one ``score_logits(..., prob_thd=t)`` call per ``t``: the pixels
+    whose max probability lies within the recompute band of a threshold get the reference value
+    before that threshold is applied, as the single call does.
+
+    Returns:
+        one ``(labels, max_prob)`` pair per threshold, in the order given: ``(H, W)`` int64 and
+        ``(H, W)`` float32.
+    """
+    labels0, prob0 = score_logits(cos, out_hw, query_to_class, num_classes, logit_scale, 0.0)
+    if cos.device.type != "cpu":  # the reference path is exact already
+        out = []
+        for t in prob_thds:
+            lab = labels0.clone()
+            if t > 0:
+                lab[prob0 < t] = 0
+            out.append((lab, prob0))
+        return out
+    cos, hw, q2c = _check_scoring_inputs(cos, out_hw, query_to_class, num_classes)
+    flat_labels0, flat_prob0 = labels0.view(-1), prob0.view(-1)
+    flat: torch.Tensor | None = None
+    out = []
+    for t in prob_thds:
+        labels, prob = flat_labels0.clone(), flat_prob0
+        if t > 0:
+            near = ((flat_prob0 - t).abs() <= _PROB_RTOL * t).nonzero()[:, 0]
+            if near.numel():
+                if flat is None:
+                    flat = upsample_bilinear(cos, hw).view(cos.shape[0], -1)
+                prob = flat_prob0.clone()
+                ref_labels, ref_prob = _postprocess_columns(
+                    flat[:, near], q2c, num_classes, logit_scale, None
+                )
+                labels[near] = ref_labels
+                prob[near] = ref_prob
+            labels[prob < t] = 0
+        out.append((labels.view(hw), prob.view(hw)))
+    return out

@@ -55,6 +55,7 @@ from methods.evaluate import (
     _load_label,
     gallery_paths,
 )
+from methods.scoring import score_logits, score_logits_thresholds
 from methods.segment import (
     MethodSetup,
     RequestError,
@@ -510,8 +511,6 @@ def _early_key(cfg: Configuration, seg: Segmenter) -> str:
 
 def _labels(seg: Segmenter, index: int, cos: Any, vocab: Vocab, scoring: ScoringConfig):
     """``methods.segment.segment_image`` after the logits: scoring, then the method's refine."""
-    from methods.scoring import score_logits
-
     fs = next(iter(seg.sets.values()))
     h, w = (int(x) for x in fs.image_sizes[index])
     labels, max_prob = score_logits(
@@ -523,6 +522,11 @@ def _labels(seg: Segmenter, index: int, cos: Any, vocab: Vocab, scoring: Scoring
         prob_thd=scoring.prob_thd,
         area_thd=scoring.area_thd,
     )
+    return _refined(seg, index, cos, labels, max_prob, vocab, scoring)
+
+
+def _refined(seg: Segmenter, index: int, cos: Any, labels: Any, max_prob: Any, vocab, scoring):
+    """The method's own refinement hook (e.g. Trident's SAM refinement) after the scoring."""
     labels, max_prob = labels.numpy(), max_prob.numpy()
     refine = getattr(seg, "refine", None)
     if refine is not None:
@@ -754,9 +758,28 @@ def _image_labels(
         counts["dense_computed"] += 1
         if d.cache is not None:
             d.cache.put(i, cos)
+    from methods.pamr import refine_cosine
+
+    fs = next(iter(seg.sets.values()))
+    hw = tuple(int(x) for x in fs.image_sizes[i])
+    cos = refine_cosine(seg, i, cos, hw)  # PAMR when the config turns it on, as the driver
+    # Rows that differ only in prob_thd share one scoring pass (area rule off).
+    groups: dict[float, list[int]] = {}
     for r in d.rows:
-        out[r] = _labels(seg, i, cos, d.vocab, configs[r].setup.scoring)
-        counts["scorings"] += 1
+        sc = configs[r].setup.scoring
+        if sc.area_thd is None:
+            groups.setdefault(float(sc.logit_scale), []).append(r)
+        else:
+            out[r] = _labels(seg, i, cos, d.vocab, sc)
+            counts["scorings"] += 1
+    for scale, rows in groups.items():
+        thds = [float(configs[r].setup.scoring.prob_thd) for r in rows]
+        scored = score_logits_thresholds(
+            cos.float(), hw, d.vocab.query_to_class, d.vocab.num_classes, scale, thds
+        )
+        for r, (labels, max_prob) in zip(rows, scored, strict=True):
+            out[r] = _refined(seg, i, cos, labels, max_prob, d.vocab, configs[r].setup.scoring)
+            counts["scorings"] += 1
     return out
 
 

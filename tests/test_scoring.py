@@ -215,3 +215,21 @@ def test_scoring_rejects_bad_arguments() -> None:
         score_logits(cos[0], (4, 4), [0], 1)
     with pytest.raises(OvssError, match="size"):
         score_labels(cos, (4,), [0, 1, 2], 3)
+
+
+def test_thresholds_at_once_equal_one_call_each():
+    """score_logits_thresholds == score_logits per threshold, label for label, including pixels
+    whose max probability sits on a threshold (the recompute band)."""
+    from methods.scoring import score_logits, score_logits_thresholds
+
+    g = torch.Generator().manual_seed(3)
+    cos = torch.rand(6, 9, 11, generator=g) * 0.2
+    q2c = torch.tensor([0, 1, 1, 2, 3, 4])
+    labels0, prob0 = score_logits(cos, (37, 41), q2c, 5, 40.0)
+    on_edge = float(prob0.flatten()[100])  # a threshold exactly on some pixel's probability
+    thds = [0.0, 0.2, 0.35, on_edge, 0.9]
+    multi = score_logits_thresholds(cos, (37, 41), q2c, 5, 40.0, thds)
+    for t, (labels, _) in zip(thds, multi, strict=True):
+        single, _ = score_logits(cos, (37, 41), q2c, 5, 40.0, prob_thd=t)
+        assert torch.equal(labels, single), t
+    assert (multi[4][0] == 0).sum() > (multi[1][0] == 0).sum()  # thresholds really applied
