@@ -41,12 +41,18 @@ def captions():
 )
 @click.option(
     "--limit",
-    type=int,
+    type=click.IntRange(min=0),
     default=20,
     show_default=True,
     help="Captions listed (0: all); the summary counts every caption.",
 )
-@click.option("--top", type=int, default=20, show_default=True, help="Concept frequencies shown.")
+@click.option(
+    "--top",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="Concept frequencies shown.",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Also list the captions of unknown images.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")

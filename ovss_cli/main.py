@@ -9,9 +9,11 @@ import sys
 import click
 
 from featurestore import __version__
+from featurestore.images import HUGE_IMAGE_PIXELS
 from ovss_cli import render
 from ovss_cli.render import Table
 from ovss_cli.common import (
+    EXIT_PARTIAL,
     RegistryChoice,
     parse_overrides,
     parse_settings,
@@ -49,28 +51,28 @@ def protocol_options(fn):
         ),
         click.option(
             "--size",
-            type=int,
+            type=click.IntRange(min=1),
             default=448,
             show_default=True,
             help="Target side in pixels for the resize rule.",
         ),
         click.option(
             "--crop",
-            type=int,
+            type=click.IntRange(min=0),
             default=0,
             show_default=True,
             help="Sliding-window size in pixels (0: one window = whole resized image).",
         ),
         click.option(
             "--stride",
-            type=int,
+            type=click.IntRange(min=0),
             default=0,
             show_default=True,
             help="Sliding-window stride in pixels (needed with --crop).",
         ),
         click.option(
             "--pad-multiple",
-            type=int,
+            type=click.IntRange(min=0),
             default=0,
             show_default=True,
             help="Pad windows symmetrically to a multiple of this many pixels "
@@ -78,7 +80,7 @@ def protocol_options(fn):
         ),
         click.option(
             "--align",
-            type=int,
+            type=click.IntRange(min=0),
             default=0,
             show_default=True,
             help="SAM with --resize long/halves: first resize the image (OpenCV bilinear) so "
@@ -145,7 +147,10 @@ def image_source_options(fn):
             help="Dataset split (default: the benchmark's evaluation split).",
         ),
         click.option(
-            "--limit", type=int, default=None, help="Only the first N images (quick tries)."
+            "--limit",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Only the first N images (quick tries).",
         ),
     ]
     for o in reversed(opts):
@@ -224,7 +229,7 @@ def load_records(images_dir, dataset, data_root, split, limit):
 @protocol_options
 @click.option(
     "--batch-size",
-    type=int,
+    type=click.IntRange(min=1),
     default=8,
     show_default=True,
     help="Windows per forward pass; higher is faster on GPU but uses more memory.",
@@ -269,12 +274,18 @@ def load_records(images_dir, dataset, data_root, split, limit):
 @click.option("--layers", default="", help="Extra intermediate layers to cache, e.g. '3,7'.")
 @click.option(
     "--block-mb",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=32.0,
     show_default=True,
     help="Target size of one store block (one chunk file per tensor).",
 )
-@click.option("--workers", type=int, default=2, show_default=True, help="Image decoding threads.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Image decoding threads.",
+)
 @click.option(
     "--arch-override",
     "arch_override",
@@ -297,6 +308,22 @@ def load_records(images_dir, dataset, data_root, split, limit):
 )
 @click.option(
     "--dry-run", is_flag=True, help="Show images, windows, tokens and bytes; write nothing."
+)
+@click.option(
+    "--allow-failed",
+    is_flag=True,
+    help="Exit 0 even when some images could not be read (default: exit status 3; the "
+    "readable ones are extracted either way and the others listed).",
+)
+@click.option(
+    "--max-pixels",
+    "max_pixels",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images with more pixels than this (height x width) are decoded reduced to just above "
+    "the size they are resized to, so memory follows that size; their features differ slightly "
+    f"from a full decode [ours] (default: {HUGE_IMAGE_PIXELS}). Images over twice PIL's "
+    "decompression-bomb limit (about 179 million pixels) are refused as unreadable.",
 )
 @storage_options_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -336,6 +363,8 @@ def extract(
     arch_override,
     pos_interp,
     dry_run,
+    allow_failed,
+    max_pixels,
     as_json,
     quiet,
 ):
@@ -390,6 +419,7 @@ def extract(
             "workers": workers,
             "arch_overrides": parse_overrides(arch_override),
             "pos_interp": pos_interp,
+            **({} if max_pixels is None else {"max_pixels": max_pixels}),
         },
     )
     if dry_run:
@@ -405,6 +435,8 @@ def extract(
         render.extract_report(report, as_json)
     else:
         render_job_report(report, as_json)
+    if not allow_failed and any(m.images_failed for m in report.models):
+        sys.exit(EXIT_PARTIAL)
 
 
 def extract_records(
@@ -678,8 +710,16 @@ def store_export(store_path, out, fmt, as_json):
     help="Real checkpoint for --model (default: random init, real architecture).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data and weights.")
-@click.option("--n-train", type=int, default=24, show_default=True, help="Training collages.")
-@click.option("--n-val", type=int, default=8, show_default=True, help="Validation collages.")
+@click.option(
+    "--n-train",
+    type=click.IntRange(min=1),
+    default=24,
+    show_default=True,
+    help="Training collages.",
+)
+@click.option(
+    "--n-val", type=click.IntRange(min=1), default=8, show_default=True, help="Validation collages."
+)
 @click.option(
     "--with-maskclip",
     is_flag=True,

@@ -59,10 +59,16 @@ def _ints(text: str | None) -> tuple[int, ...] | None:
     help="JSON or CSV file: image id -> the classes in it (the paper's K(I)); default: every "
     "vocabulary class [ours]. Same as --set image_classes=FILE.",
 )
-@click.option("--trials", type=int, default=20, show_default=True, help="Random-search trials.")
+@click.option(
+    "--trials",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Random-search trials.",
+)
 @click.option(
     "--sample",
-    type=int,
+    type=click.IntRange(min=0),
     default=16,
     show_default=True,
     help="Images drawn from the store for the reward (0: all).",
