@@ -79,7 +79,15 @@ def bench_model(arch: str, repeats: int = 2) -> dict:
 
     def rounds(cached: bool):
         return saliency_dropout(
-            blip, pixels, prompt, layer, head, 4, "median", 10, first if cached else None
+            blip,
+            pixels,
+            prompt,
+            layer=layer,
+            head=head,
+            rounds=4,
+            rule="median",
+            k=10,
+            first_embeds=first if cached else None,
         )
 
     out["dropout_live_s"] = _best(lambda: rounds(False), repeats)
@@ -87,17 +95,46 @@ def bench_model(arch: str, repeats: int = 2) -> dict:
     out["cache_saving"] = round(out["dropout_live_s"] / out["dropout_cached_s"], 3)
     maps = rounds(True).maps
     params = CRFParams()
-    out["blur_s"] = _best(lambda: maps_to_labels(maps, image, 0.15, 0.05, "none", params), repeats)
-    torch_labels, _ = maps_to_labels(maps, image, 0.15, 0.05, "torch", params)
+    out["blur_s"] = _best(
+        lambda: maps_to_labels(
+            maps, image, threshold=0.15, blur_sigma=0.05, crf_backend="none", crf_params=params
+        ),
+        repeats,
+    )
+    torch_labels, _ = maps_to_labels(
+        maps, image, threshold=0.15, blur_sigma=0.05, crf_backend="torch", crf_params=params
+    )
     out["crf_torch_s"] = round(
-        _best(lambda: maps_to_labels(maps, image, 0.15, 0.05, "torch", params), repeats)
+        _best(
+            lambda: maps_to_labels(
+                maps, image, threshold=0.15, blur_sigma=0.05, crf_backend="torch", crf_params=params
+            ),
+            repeats,
+        )
         - out["blur_s"],
         4,
     )
     if have_pydensecrf():
-        ref, _ = maps_to_labels(maps, image, 0.15, 0.05, "pydensecrf", params)
+        ref, _ = maps_to_labels(
+            maps,
+            image,
+            threshold=0.15,
+            blur_sigma=0.05,
+            crf_backend="pydensecrf",
+            crf_params=params,
+        )
         out["crf_pydensecrf_s"] = round(
-            _best(lambda: maps_to_labels(maps, image, 0.15, 0.05, "pydensecrf", params), repeats)
+            _best(
+                lambda: maps_to_labels(
+                    maps,
+                    image,
+                    threshold=0.15,
+                    blur_sigma=0.05,
+                    crf_backend="pydensecrf",
+                    crf_params=params,
+                ),
+                repeats,
+            )
             - out["blur_s"],
             4,
         )

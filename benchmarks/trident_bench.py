@@ -315,7 +315,14 @@ def bench_trident(tmp: Path) -> dict:
 
     def run_eval():
         return evaluate_store(
-            str(store_path), "custom", str(ds.root), "trident", vocab, "val", SETTINGS, scoring
+            str(store_path),
+            "custom",
+            str(ds.root),
+            "trident",
+            vocab,
+            split="val",
+            overrides=SETTINGS,
+            scoring=scoring,
         )
 
     # The check above read every image once (zarr opened, allocator warm): best of 3 calls (the

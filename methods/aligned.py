@@ -41,7 +41,9 @@ def checkpoint_provenance(path: str | os.PathLike) -> dict[str, Any]:
     try:
         st = p.stat()
     except OSError:
-        raise OvssError(f"no alignment checkpoint at {p}; train one with 'ovss align'") from None
+        raise OvssError(
+            f"no alignment checkpoint at {p}; train one with the fmbseg trainer"
+        ) from None
     return _checkpoint_meta(str(p), st.st_mtime_ns, st.st_size)
 
 
@@ -83,7 +85,7 @@ class AlignedSegmenter(Segmenter):
     @classmethod
     def requirements(cls, config: AlignedConfig) -> list[FeatureRequirement]:
         if not config.checkpoint:
-            raise ValueError("needs a trained module: --checkpoint PATH (from 'ovss align')")
+            raise ValueError("needs a trained module: checkpoint=PATH of the fmbseg trainer")
         feats = checkpoint_provenance(config.checkpoint)["features"]
         proto = Protocol.from_dict(feats["protocol"])
         return [FeatureRequirement("vfm", feats["model"], proto, (feats["tensor"],))]

@@ -46,6 +46,7 @@ DEMO_ALIGN = AlignConfig(
 
 def run_demo(
     out: str | Path,
+    *,
     model: str = "dinov2-s14",
     weights: str | None = None,
     seed: int = 0,

@@ -874,6 +874,7 @@ def train_alignment(
     label_source: str | LabelSource,
     vocab: Any,
     cfg: AlignConfig | None = None,
+    *,
     progress: ProgressFn | None = None,
     out_dir: str | os.PathLike | None = None,
     device: str = "cpu",

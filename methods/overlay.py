@@ -405,6 +405,7 @@ def save_comparison(
     palette: np.ndarray,
     class_names: Sequence[str],
     path: Path | str,
+    *,
     style: OverlayStyle | None = None,
     title: str = "",
 ) -> None:

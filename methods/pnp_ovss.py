@@ -326,6 +326,7 @@ def saliency_dropout(
     blip: Any,
     pixels: torch.Tensor,
     prompt: Prompt,
+    *,
     layer: int,
     head: int,
     rounds: int,
@@ -438,6 +439,7 @@ def blur_scores(scores: torch.Tensor, sigma_px: float) -> torch.Tensor:
 def maps_to_labels(
     maps: torch.Tensor,
     image: np.ndarray,
+    *,
     threshold: float,
     blur_sigma: float,
     crf_backend: str,
@@ -734,11 +736,11 @@ class PnPOVSS(Segmenter):
             blip,
             pixels,
             self.prompt(names),
-            layer - 1,
-            head - 1,
-            cfg.rounds,
-            cfg.dropout_rule,
-            cfg.dropout_k,
+            layer=layer - 1,
+            head=head - 1,
+            rounds=cfg.rounds,
+            rule=cfg.dropout_rule,
+            k=cfg.dropout_k,
             first_embeds=first,
         )
         for k, v in trace.seconds.items():
@@ -781,11 +783,11 @@ class PnPOVSS(Segmenter):
         local, masked = maps_to_labels(
             maps,
             image,
-            self.config.threshold,
-            self.config.blur_sigma,
-            self.crf_backend,
-            self.config.crf_params,
-            self.timings,
+            threshold=self.config.threshold,
+            blur_sigma=self.config.blur_sigma,
+            crf_backend=self.crf_backend,
+            crf_params=self.config.crf_params,
+            timings=self.timings,
             background=bg is not None,
         )
         lut = np.array([IGNORE if bg is None else bg] + classes, dtype=np.int64)

@@ -214,6 +214,7 @@ def factors_from_arrays(
     attn_log_mass: np.ndarray | torch.Tensor,
     static: dict,
     cached: tuple[int, int],
+    *,
     rows: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",

@@ -97,6 +97,7 @@ def sam_attention(
     k: np.ndarray | torch.Tensor,
     grid: tuple[int, int],
     static: Mapping[str, np.ndarray | torch.Tensor],
+    *,
     heads: Sequence[int] | None = None,
     normalise: str = "valid",
     attn_log_mass: np.ndarray | torch.Tensor | None = None,
@@ -400,6 +401,7 @@ class _PinnedPredictor(CachedSamPredictor):
 def generate_masks_cached(
     model: Sam,
     features: ImageFeatures,
+    *,
     points_per_side: int | None = 32,
     points_per_batch: int = 64,
     pred_iou_thresh: float = 0.88,

@@ -247,7 +247,14 @@ def segment_store(
                 if img is not None and side_by_side:
                     gt = gt_of(ids[i]) if gt_of else None
                     save_comparison(
-                        img, labels, gt, pal, names, out / f"{stem}_compare.png", style, ids[i]
+                        img,
+                        labels,
+                        gt,
+                        pal,
+                        names,
+                        out / f"{stem}_compare.png",
+                        style=style,
+                        title=ids[i],
                     )
             if score_maps:
                 probs = class_probabilities(cos, labels.shape, vocab, scoring)

@@ -634,7 +634,9 @@ def sam_tokens(
         )[0]
         return a.index_select(0, rows).index_select(1, rows)
 
-    factors = factors_from_arrays(q, k, lm, static, cached, rows, dtype, device, valid=(vh, vw))
+    factors = factors_from_arrays(
+        q, k, lm, static, cached, rows=rows, dtype=dtype, device=device, valid=(vh, vw)
+    )
     return SamTokens(grid=(vh, vw), values=values, attn_head=attn_head, factors=factors)
 
 
@@ -862,6 +864,7 @@ def refine_with_sam(
     labels: torch.Tensor,
     prompts: RefinementPrompts,
     kinds: Sequence[str] = PROMPT_KINDS,
+    *,
     coarse_thresh: float = 0.2,
     alpha: float = 0.005,
     iou_thresh: float = 0.8,
@@ -1451,9 +1454,9 @@ class TridentSegmenter(Segmenter):
                 c,
                 pr,
                 cfg.prompts,
-                cfg.coarse_thresh,
-                cfg.sam_mask_alpha,
-                cfg.sam_iou_thresh,
+                coarse_thresh=cfg.coarse_thresh,
+                alpha=cfg.sam_mask_alpha,
+                iou_thresh=cfg.sam_iou_thresh,
             )
             new_parts.append(new)
             score_parts.append(scores)

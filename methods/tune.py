@@ -328,10 +328,10 @@ def tune(request: TuneRequest, progress: Progress | None = None) -> TuneResult:
             local, _ = maps_to_labels(
                 maps_cache[mk],
                 images[i],
-                params["threshold"],
-                params["blur_sigma"],
-                seg.crf_backend,
-                config.crf_params,
+                threshold=params["threshold"],
+                blur_sigma=params["blur_sigma"],
+                crf_backend=seg.crf_backend,
+                crf_params=config.crf_params,
                 background=has_background,
             )
             total += reward.reward(images[i], local, classes[i])

@@ -250,7 +250,9 @@ def test_training_separable_toy_resume_and_aligned_segmentation(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_alignment(str(store.path), key, src, vocab, cfg, stop_after_3, tmp_path / "b")
+        train_alignment(
+            str(store.path), key, src, vocab, cfg, progress=stop_after_3, out_dir=tmp_path / "b"
+        )
     assert load_checkpoint(tmp_path / "b" / "last.pt")[1]["epoch"] == 3
     ck_b = train_alignment(str(store.path), key, src, vocab, cfg, out_dir=tmp_path / "b")
     mb, meta_b = load_checkpoint(ck_b)
@@ -500,7 +502,9 @@ def _ddp_worker(rank, world, port, store_path, root, emb, cfg, out):
     src = DatasetLabelSource(store, "custom", root, "train")
     vocab = Vocab([[c] for c in CLASSES], emb, torch.arange(3))
     events = []
-    train_alignment(store_path, store.feature_sets()[0], src, vocab, cfg, events.append, out)
+    train_alignment(
+        store_path, store.feature_sets()[0], src, vocab, cfg, progress=events.append, out_dir=out
+    )
     assert torch.distributed.is_initialized() is False  # destroyed at the end
     assert (len(events) > 0) == (rank == 0)  # only rank 0 reports progress
 

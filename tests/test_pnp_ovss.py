@@ -185,14 +185,16 @@ def test_rounds_sum_maps_and_topk_counts_round_zero_twice(blip) -> None:
     img = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     pixels = squash_pixels(img, 64)
     prompt = build_prompt(blip.tokenizer, ["cat", "sky"])
-    one = saliency_dropout(blip, pixels, prompt, 1, 1, 1, "median", 10).maps
+    one = saliency_dropout(
+        blip, pixels, prompt, layer=1, head=1, rounds=1, rule="median", k=10
+    ).maps
     assert one.shape == (2, 4, 4)
     m0 = class_maps(
         token_gradcam(blip, blip.encode_image(pixels[None]), prompt, 1, 1), prompt.spans
     )
     torch.testing.assert_close(one.reshape(2, -1), m0)
     for rule in ("median", "topk"):
-        trace = saliency_dropout(blip, pixels, prompt, 1, 1, 2, rule, 3)
+        trace = saliency_dropout(blip, pixels, prompt, layer=1, head=1, rounds=2, rule=rule, k=3)
         drop = trace.dropped[0]
         if rule == "topk":
             assert int(drop.sum()) == 3

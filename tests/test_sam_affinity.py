@@ -37,10 +37,14 @@ def random_block(seed: int = 0, dtype: torch.dtype = torch.float32, rows=None):
     values = torch.randn(HEADS, len(rows), HD, generator=g).to(dtype)
 
     def attn_head(h: int) -> torch.Tensor:
-        a = sam_attention(q, k, CACHED, static, [h], "full", attn_log_mass=log_mass, dtype=dtype)[0]
+        a = sam_attention(
+            q, k, CACHED, static, heads=[h], normalise="full", attn_log_mass=log_mass, dtype=dtype
+        )[0]
         return a.index_select(0, rows).index_select(1, rows)
 
-    factors = factors_from_arrays(q, k, log_mass, static, CACHED, rows, dtype, valid=valid)
+    factors = factors_from_arrays(
+        q, k, log_mass, static, CACHED, rows=rows, dtype=dtype, valid=valid
+    )
     return SamTokens(grid=VALID, values=values, attn_head=attn_head), factors
 
 

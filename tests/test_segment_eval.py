@@ -101,7 +101,13 @@ def test_prototype_recovers_known_labels_and_miou(tmp_path):
         centre = labels[P // 2 :: P, P // 2 :: P]
         np.testing.assert_array_equal(centre, grid)
     res = evaluate_store(
-        str(store.path), "custom", str(tmp_path / "data"), "prototype", vocab(), "val", overrides()
+        str(store.path),
+        "custom",
+        str(tmp_path / "data"),
+        "prototype",
+        vocab(),
+        split="val",
+        overrides=overrides(),
     )
     # reference: the same labels through the metric by hand
     acc = IoUAccumulator(3)
@@ -284,6 +290,13 @@ def test_set_with_a_wrong_type_is_one_line_naming_field_and_type(tmp_path):
         + [str(store.path), "--set", "logit_scale=1"],
     )
     _one_line_error(res, "no option logit_scale")
+    # the command as written (no --out): the missing output is named first, a usage
+    # error without a traceback (exit 2)
+    res = CliRunner().invoke(
+        cli, ["segment", "--store", str(store.path), "--classes", "a,b", "--set", "size=abc"]
+    )
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert isinstance(res.exception, SystemExit) and "nothing to write" in res.output
 
 
 def test_images_default_method_runs_with_random_init_alone(
