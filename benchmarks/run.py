@@ -4,6 +4,8 @@ Figures (PRODUCT.md "Performance"):
   1. extraction overhead: ``ovss extract`` images/s ÷ a bare forward loop over the same decoded
      images (target ≥ 0.95);
   2. store read: streaming one feature set ÷ ``numpy.memmap`` of the same bytes (target ≥ 0.5);
+     the same set streamed from an S3 server (SeaweedFS on 127.0.0.1) ÷ from local disk (no
+     target, reported; ``benchmarks.s3_bench``);
   3. peak RSS of streaming a feature set at two store sizes (must not grow with the images);
   4. cache payoff of the CLIP path: MaskCLIP dense features from the store ÷ from pixels;
   5. store bytes per image of each backbone at its default protocol;
@@ -247,6 +249,7 @@ def main() -> None:
         from benchmarks.last_block_bench import bench_last_block
         from benchmarks.pixelclip_bench import bench_pixelclip
         from benchmarks.pnp_bench import bench_pnp
+        from benchmarks.s3_bench import bench_s3
         from benchmarks.simzss_bench import bench_simzss
         from benchmarks.sweep_bench import bench_sweep
         from benchmarks.text_bench import bench_text
@@ -254,6 +257,7 @@ def main() -> None:
 
         for name, fn in (
             ("store_read", bench_read),
+            ("s3_read", bench_s3),
             ("streaming_rss", bench_rss),
             ("extraction_overhead", bench_extraction),
             ("clip_cache_payoff", bench_clip_cache),
@@ -298,6 +302,14 @@ def main() -> None:
         f"{r['memmap_GBps']} GB/s (memmap)",
         str(r["ratio"]),
         ">= 0.5",
+    )
+    s3 = results["s3_read"]
+    t.add_row(
+        "store read from S3 (SeaweedFS, 127.0.0.1)",
+        f"{s3.get('s3_mb_per_s', '-')} MB/s (stream; server alone {s3.get('s3_raw_get_mb_per_s', '-')})",
+        f"{s3.get('local_mb_per_s', '-')} MB/s (same store, local disk)",
+        str(s3.get("ratio_s3_over_local", s3.get("skipped", ""))),
+        "none (reported)",
     )
     t.add_row(
         "streaming peak RSS",
