@@ -223,3 +223,24 @@ class ImagesNotInStoreError(StoreError):
         self.dataset = dataset
         self.data_root = data_root
         self.count = count
+
+
+class NonFiniteFeaturesError(StoreError):
+    """A feature a method reads holds NaN or inf (a damaged store, or a model that overflowed
+    in fp16): no number is computed from it.
+
+    Attributes:
+        store: the store's path or URL.
+        feature_set: the set's key (``clip-b16@short448``).
+        image_id: the image whose features are not finite.
+        tensor: the tensor's name (``patch``, ``pre_last``...).
+        count: how many values of that image's tensor are NaN or inf.
+    """
+
+    def __init__(self, store: str, feature_set: str, image_id: str, tensor: str, count: int):
+        super().__init__(
+            f"feature set '{feature_set}' holds {count} NaN/inf value(s) in '{tensor}' for image "
+            f"'{image_id}' (store {store}); no result is computed from non-finite features"
+        )
+        self.store, self.feature_set, self.image_id = store, feature_set, image_id
+        self.tensor, self.count = tensor, count

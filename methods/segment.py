@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from featurestore import __version__
-from featurestore.errors import OvssError
+from featurestore.errors import NonFiniteFeaturesError, OvssError
 from featurestore.names import redact_url
 from featurestore.store import STATUS_OK, FeatureStore
 from methods.base import (
@@ -103,13 +103,41 @@ def class_probabilities(cos: torch.Tensor, out_hw, vocab: Vocab, scoring: Scorin
     return out
 
 
+def check_finite_reads(seg: Segmenter) -> None:
+    """Make every per-image ``read`` of the method's feature sets check what it returns:
+    float tensors must be finite (``np.isfinite`` on the values read, once per read), else
+    ``NonFiniteFeaturesError``. Idempotent; the sets are the method's own instances."""
+    for fs in seg.sets.values():
+        if getattr(fs, "_finite_reads", False):
+            continue
+        read = fs.read
+
+        def checked(index, names=None, _read=read, _fs=fs):
+            feats = _read(index, names)
+            for name, arr in feats.tensors.items():
+                a = np.asarray(arr)
+                if a.dtype.kind == "f" and not np.isfinite(a).all():
+                    bad = int(a.size - np.isfinite(a).sum())
+                    store = redact_url(str(getattr(_fs.store, "path", "")))
+                    raise NonFiniteFeaturesError(store, _fs.key, feats.image_id, name, bad)
+            return feats
+
+        fs.read = checked
+        fs._finite_reads = True
+
+
 def iter_segmentations(
     seg: Segmenter,
     vocab: Vocab,
     scoring: ScoringConfig,
     indices: Sequence[int] | None = None,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray, torch.Tensor]]:
-    """``(index, labels, max_prob, cos)`` for every finished image (all feature sets done)."""
+    """``(index, labels, max_prob, cos)`` for every finished image (all feature sets done).
+
+    Every feature the method reads is checked to be finite (``check_finite_reads``): NaN/inf
+    in a cached tensor stops the run with a ``NonFiniteFeaturesError`` naming the image.
+    """
+    check_finite_reads(seg)
     ok = np.ones(seg.store.n_images, dtype=bool)
     for fs in seg.sets.values():
         ok &= fs.status() == STATUS_OK

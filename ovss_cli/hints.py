@@ -16,6 +16,7 @@ from featurestore.errors import (
     MissingFeatureSetError,
     MissingLabelSetError,
     MissingTextSetError,
+    NonFiniteFeaturesError,
     OvssError,
     RemoteStoreError,
     StoreImagesMismatchError,
@@ -153,6 +154,14 @@ def _images_mismatch(e: StoreImagesMismatchError) -> str:
 @hint_for(CorruptStoreError)
 def _corrupt(e: CorruptStoreError) -> str:
     return f"run 'ovss store verify {e.store}'"
+
+
+@hint_for(NonFiniteFeaturesError)
+def _non_finite(e: NonFiniteFeaturesError) -> str:
+    return (
+        f"find every damaged block with 'ovss store verify {e.store} --fix', then rerun the "
+        "extraction that made the set (it recomputes those blocks)"
+    )
 
 
 @hint_for(RemoteStoreError)

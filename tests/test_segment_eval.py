@@ -479,3 +479,60 @@ def test_methods_lists_typed_options(tmp_path):
     assert "[ours: 2]" in table  # not eaten as markup
     helptext = CliRunner().invoke(cli, ["segment", "--help"]).output
     assert f"default: {DEFAULT_METHOD}" in helptext
+
+
+# --- non-finite features: segment and eval refuse them, naming the image ------------------------
+
+
+def _nan_store(tmp_path, image: int = 1):
+    """The fake-dense store with one NaN in image ``image``'s patch features (its block
+    rewritten, status finished)."""
+    gts = make_dataset(tmp_path / "data")
+    store = make_store(tmp_path, gts)
+    fs = store.require("fake-dense", PROTO)
+    b = next(b for b in range(fs.n_blocks) if image in fs.block_images(b))
+    bufs = fs.new_block_buffers(b)
+    for i in fs.block_images(b):
+        rows = fs.local_rows("token", i)
+        bufs["patch"][rows] = fs.encode(np.asarray(fs.read(i).tensors["patch"], np.float32))
+        if i == image:
+            bufs["patch"][rows.start + 1, 2] = np.nan
+    imgs = fs.block_images(b)
+    fs.write_block(b, bufs, np.full(len(imgs), STATUS_OK), [""] * len(imgs))
+    return FeatureStore.open(store.path), store.image_ids[image]
+
+
+def test_nan_features_stop_segment_and_eval_naming_image_and_set(tmp_path):
+    from methods.segment import NonFiniteFeaturesError
+
+    store, bad_id = _nan_store(tmp_path)
+    with pytest.raises(NonFiniteFeaturesError) as err:
+        segment_store(
+            str(store.path), "prototype", vocab(), str(tmp_path / "out"), overrides=overrides()
+        )
+    assert err.value.image_id == bad_id and err.value.feature_set == "fake-dense@orig"
+    assert err.value.tensor == "patch" and err.value.count == 1
+    with pytest.raises(NonFiniteFeaturesError, match=f"image '{bad_id}'"):
+        evaluate_store(
+            str(store.path),
+            "custom",
+            str(tmp_path / "data"),
+            "prototype",
+            vocab(),
+            split="val",
+            overrides=overrides(),
+        )
+    sets = ["--set", "model=fake-dense", "--set", "resize=none", "--set", "size=0"]
+    sets.append("--text-random-init")
+    data = ["--dataset", "custom", "--data-root", str(tmp_path / "data"), "--split", "val"]
+    for args in (
+        ["segment", "--classes", "sky,grass,brick", "--out", str(tmp_path / "o")],
+        ["eval", *data],
+    ):
+        res = CliRunner().invoke(
+            cli, [*args, "--store", str(store.path), "--templates", "single", "-q", *sets]
+        )
+        assert res.exit_code == 1 and "Traceback" not in res.output
+        assert f"image '{bad_id}'" in res.output and "fake-dense@orig" in res.output
+        assert "mIoU" not in res.output and res.output.strip().count("\n") == 0
+        assert "store verify" in res.output
