@@ -95,48 +95,19 @@ def bench_model(arch: str, repeats: int = 2) -> dict:
     out["cache_saving"] = round(out["dropout_live_s"] / out["dropout_cached_s"], 3)
     maps = rounds(True).maps
     params = CRFParams()
-    out["blur_s"] = _best(
-        lambda: maps_to_labels(
-            maps, image, threshold=0.15, blur_sigma=0.05, crf_backend="none", crf_params=params
-        ),
-        repeats,
-    )
-    torch_labels, _ = maps_to_labels(
-        maps, image, threshold=0.15, blur_sigma=0.05, crf_backend="torch", crf_params=params
-    )
-    out["crf_torch_s"] = round(
-        _best(
-            lambda: maps_to_labels(
-                maps, image, threshold=0.15, blur_sigma=0.05, crf_backend="torch", crf_params=params
-            ),
-            repeats,
+
+    def labels(backend: str):
+        return maps_to_labels(
+            maps, image, threshold=0.15, blur_sigma=0.05, crf_backend=backend, crf_params=params
         )
-        - out["blur_s"],
-        4,
-    )
+
+    out["blur_s"] = _best(lambda: labels("none"), repeats)
+    torch_labels, _ = labels("torch")
+    out["crf_torch_s"] = round(_best(lambda: labels("torch"), repeats) - out["blur_s"], 4)
     if have_pydensecrf():
-        ref, _ = maps_to_labels(
-            maps,
-            image,
-            threshold=0.15,
-            blur_sigma=0.05,
-            crf_backend="pydensecrf",
-            crf_params=params,
-        )
+        ref, _ = labels("pydensecrf")
         out["crf_pydensecrf_s"] = round(
-            _best(
-                lambda: maps_to_labels(
-                    maps,
-                    image,
-                    threshold=0.15,
-                    blur_sigma=0.05,
-                    crf_backend="pydensecrf",
-                    crf_params=params,
-                ),
-                repeats,
-            )
-            - out["blur_s"],
-            4,
+            _best(lambda: labels("pydensecrf"), repeats) - out["blur_s"], 4
         )
         out["crf_label_agreement"] = round(float((ref == torch_labels).mean()), 4)
     else:

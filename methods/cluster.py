@@ -822,36 +822,27 @@ def run_cluster(request: ClusterRequest, progress: Progress | None = None) -> Cl
         raise OvssError("evaluation, naming and aligned checkpoints apply to the codebook mode")
     if request.eval_dataset and not request.data_root:
         raise OvssError(f"evaluating against {request.eval_dataset} needs its data root")
-    device = str(resolve_device(request.device))
-    if request.per_image:
-        return cluster_per_image(
-            request.store,
-            request.features,
-            cfg.k,
-            name=request.name,
-            tensor=request.tensor,
-            niter=cfg.niter,
-            spherical=cfg.spherical,
-            seed=cfg.seed,
-            backend=cfg.backend,
-            overwrite=request.overwrite,
-            progress=progress,
-            device=device,
-        )
-    indices = _eval_indices(request)
-    return cluster_store(
-        request.store,
-        request.features,
-        cfg.k,
+    shared = dict(
         tensor=request.tensor,
         niter=cfg.niter,
         spherical=cfg.spherical,
         seed=cfg.seed,
         backend=cfg.backend,
-        max_points=cfg.max_points,
-        indices=indices,
-        write_labels=request.name,
         overwrite=request.overwrite,
+        progress=progress,
+        device=str(resolve_device(request.device)),
+    )
+    if request.per_image:
+        return cluster_per_image(
+            request.store, request.features, cfg.k, name=request.name, **shared
+        )
+    return cluster_store(
+        request.store,
+        request.features,
+        cfg.k,
+        max_points=cfg.max_points,
+        indices=_eval_indices(request),
+        write_labels=request.name,
         eval_dataset=(
             (request.eval_dataset, request.data_root, request.split)
             if request.eval_dataset
@@ -859,6 +850,5 @@ def run_cluster(request: ClusterRequest, progress: Progress | None = None) -> Cl
         ),
         name_vocab=_naming_vocab(request) if request.name_with else None,
         checkpoint=request.checkpoint,
-        progress=progress,
-        device=device,
+        **shared,
     )

@@ -71,6 +71,19 @@ def _text_options(fn):
     return fn
 
 
+def _text_request(text_model, templates, random_init, arch_override, weights):
+    """The ``methods.train.TextOptions`` of the :func:`_text_options` values."""
+    from methods.train import TextOptions
+
+    return TextOptions(
+        text_model=text_model,
+        templates=templates,
+        random_init=random_init,
+        arch_overrides=parse_overrides(arch_override),
+        weights=weights,
+    )
+
+
 DEVICE_HELP = (
     "auto [ours: default] = the GPU of LOCAL_RANK (0 outside torchrun) when CUDA is "
     "available, else Apple MPS when present, else cpu; or cpu, cuda, cuda:N, mps."
@@ -274,7 +287,7 @@ def _align(
     quiet,
     **config_kwargs,
 ):
-    from methods.train import LabelRequest, TextOptions, TrainRequest, get_trainer
+    from methods.train import LabelRequest, TrainRequest, get_trainer
 
     trainer = get_trainer(method)
     overrides = {**parse_settings(settings), **collect_config(config_kwargs)}
@@ -297,12 +310,8 @@ def _align(
         config=config,
         features=features,
         labels=labels,
-        text=TextOptions(
-            text_model=text_model,
-            templates=templates,
-            random_init=text_random_init,
-            arch_overrides=parse_overrides(text_arch_override),
-            weights=text_weights,
+        text=_text_request(
+            text_model, templates, text_random_init, text_arch_override, text_weights
         ),
         out_dir=out_dir,
         restart=restart,
@@ -524,7 +533,6 @@ def _cluster(
     """
     from methods.cluster import ClusterRequest, KMeansConfig, run_cluster
     from methods.config import build_config
-    from methods.train import TextOptions
 
     if eval_dataset and not data_root:
         raise click.UsageError("--eval-dataset needs --data-root")
@@ -544,12 +552,8 @@ def _cluster(
         split=split,
         name_with=name_with,
         checkpoint=checkpoint,
-        text=TextOptions(
-            text_model=text_model,
-            templates=templates,
-            random_init=text_random_init,
-            arch_overrides=parse_overrides(text_arch_override),
-            weights=text_weights,
+        text=_text_request(
+            text_model, templates, text_random_init, text_arch_override, text_weights
         ),
     )
     with render.progress(quiet) as cb:
