@@ -36,25 +36,45 @@ def _os_error_line(e: OSError) -> str:
     return f"{what}{where}{hint}"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's stop) raised in the main thread, so that a command stops
+    as on Ctrl-C: finished blocks already handed to the writer are written, then exit 143."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def user_errors(fn):
-    """Turn library errors into one-line messages with a non-zero exit code."""
+    """Turn library errors into one-line messages with a non-zero exit code; SIGINT (exit
+    130) and SIGTERM (exit 143) stop the command with one line, keeping finished work."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import signal
+        import threading
+
         from featurestore.names import redact
         from ovss_cli.hints import render_error
 
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return fn(*args, **kwargs)
         except OvssError as e:  # credentials in a store URL never reach the terminal
             raise click.ClickException(redact(render_error(e))) from None
         except OSError as e:
             raise click.ClickException(redact(_os_error_line(e))) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            what = "terminated" if isinstance(e, Terminated) else "interrupted"
             click.echo(
-                "interrupted; finished work is kept — rerun the same command to resume", err=True
+                f"{what}; finished work is kept — rerun the same command to resume", err=True
             )
-            sys.exit(130)
+            sys.exit(143 if isinstance(e, Terminated) else 130)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

@@ -93,3 +93,33 @@ def test_impossible_numbers_of_other_commands_are_usage_errors(args):
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == EXIT_USAGE, res.output
     assert f"Invalid value for '{args[-2]}'" in res.output
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_with_exit_143():
+    import os
+    import signal
+
+    import click
+
+    from ovss_cli.common import user_errors
+
+    finished = []
+
+    @click.command()
+    @user_errors
+    def job():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+        finally:
+            finished.append(True)  # cleanup (the block writer's close) still runs
+
+    before = signal.getsignal(signal.SIGTERM)
+    res = CliRunner().invoke(job, [])
+    assert res.exit_code == 143
+    assert res.output.strip() == (
+        "terminated; finished work is kept — rerun the same command to resume"
+    )
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored
