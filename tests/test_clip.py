@@ -184,7 +184,21 @@ def test_full_size_architectures_on_the_meta_device() -> None:
 def test_specs_describe_outputs_at_non_square_sizes(name: str) -> None:
     backbone = tiny(name, layers=(0,))
     specs = {s.name: s for s in backbone.tensor_specs()}
-    assert set(specs) == {"pre_last", "pre_last_cls", "global", "global_image", "layer0"}
+    assert set(specs) == {
+        "pre_last",
+        "pre_last_cls",
+        "global",
+        "global_image",
+        "layer0",
+        "layer0_cls",
+    }
+    assert specs["layer0_cls"].unit == "window" and specs["layer0_cls"].row_shape == (64,)
+    assert {s.name for s in tiny(name).tensor_specs()} == {
+        "pre_last",
+        "pre_last_cls",
+        "global",
+        "global_image",
+    }
     p = backbone.info.patch_size
     for gh, gw in ((2, 3), (3, 2)):
         out = backbone.forward_dense(windows(p, gh, gw))
@@ -321,11 +335,16 @@ def test_requested_layers_are_block_outputs() -> None:
     x = windows(14, 16, 16)
     out = backbone.forward_dense(x)
     with torch.no_grad():
-        inter = model.visual.forward_intermediates(
-            x, indices=[0, 1], output_fmt="NLC", intermediates_only=True
-        )["image_intermediates"]
+        res = model.visual.forward_intermediates(
+            x, indices=[0, 1], output_fmt="NLC", intermediates_only=True, output_extra_tokens=True
+        )
+    inter, prefix = res["image_intermediates"], res["image_intermediates_prefix"]
     assert torch.equal(out["layer0"], inter[0]) and torch.equal(out["layer0"], out["pre_last"])
     assert torch.equal(out["layer1"], inter[1])
+    assert torch.equal(out["layer0_cls"], prefix[0][:, 0])
+    assert torch.equal(out["layer0_cls"], out["pre_last_cls"])
+    assert torch.equal(out["layer1_cls"], prefix[1][:, 0])
+    assert not torch.equal(out["layer1_cls"], out["layer0_cls"])
 
 
 def test_static_tensors_are_the_last_block_parameters() -> None:

@@ -185,7 +185,10 @@ class CLIPBackbone(Backbone):
     - ``pre_last_cls``: ``(B, D)`` class token entering the last block;
     - ``global``: ``(B, E)`` the CLIP image embedding of each window (not normalised);
     - ``layer{i}``: ``(B, gh*gw, D)`` patch tokens output by block ``i`` (0-based; the raw
-      residual stream, no ``ln_post``), for each requested layer.
+      residual stream, no ``ln_post``), for each requested layer;
+    - ``layer{i}_cls``: ``(B, D)`` the class token output by block ``i``, for each requested
+      layer (with ``layer{i}``, the whole input of block ``i + 1``: a method can run the
+      blocks after ``i`` from the store).
 
     ``forward_image`` returns ``global_image``: ``(B, E)`` for whole-image inputs at the native
     size (``preprocess_image``).
@@ -216,6 +219,9 @@ class CLIPBackbone(Backbone):
         for i in self.layers:
             specs.append(
                 TensorSpec(f"layer{i}", "token", (d,), f"patch tokens output by block {i}")
+            )
+            specs.append(
+                TensorSpec(f"layer{i}_cls", "window", (d,), f"class token output by block {i}")
             )
         return specs
 
@@ -278,16 +284,17 @@ class CLIPBackbone(Backbone):
                 "pre_last_cls": tokens[:, 0].contiguous(),
                 "global": self._head(final[:, 0]).contiguous(),
             }
-            taken[self.depth - 1] = final[:, 1:]
+            taken[self.depth - 1] = final
         for i in self.layers:
-            out[f"layer{i}"] = taken[i].contiguous()
+            out[f"layer{i}"] = taken[i][:, 1:].contiguous()
+            out[f"layer{i}_cls"] = taken[i][:, 0].contiguous()
         return out
 
     def _run_blocks(
         self, x: torch.Tensor, stop: int
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Embed ``x`` and run blocks ``0 .. stop-1``; also returns the requested layers' patch
-        tokens among them."""
+        """Embed ``x`` and run blocks ``0 .. stop-1``; also returns the requested layers'
+        outputs among them (``(B, 1 + gh*gw, D)``, class token first)."""
         visual = self.visual
         p = self.info.patch_size
         grid = (x.shape[-2] // p, x.shape[-1] // p)
@@ -303,7 +310,7 @@ class CLIPBackbone(Backbone):
         for i, block in enumerate(visual.transformer.resblocks[:stop]):
             tokens = block(tokens)
             if i in self.layers:
-                taken[i] = tokens[:, 1:]
+                taken[i] = tokens
         return tokens, taken
 
     def _head(self, cls_out: torch.Tensor) -> torch.Tensor:
@@ -375,8 +382,8 @@ def build_clip(
     """Build the ``CLIPBackbone`` of ``variant`` (arguments as ``load_open_clip``).
 
     Args:
-        layers: extra block outputs to return as ``layer{i}`` (0-based; negative counts from the
-            end). Stored sorted and non-negative in ``info.extra["layers"]``.
+        layers: extra block outputs to return as ``layer{i}`` (patch tokens) and
+            ``layer{i}_cls`` (class token) (0-based; negative counts from the end). Stored sorted and non-negative in ``info.extra["layers"]``.
         pos_interp: position-embedding rule at non-native grids: ``None`` or ``offset`` (the
             authors', default), ``size`` (ovss's rule before; byte-identical to sets made then),
             ``size-aa``. Recorded in ``info.extra["pos_interp"]`` (and described in
