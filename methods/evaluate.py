@@ -29,6 +29,7 @@ from methods.segment import (
     RequestError,
     build_segmenter,
     embed_text,
+    honours_trust,
     iter_segmentations,
     protocol_record,
     resolve_method,
@@ -384,6 +385,7 @@ class EvalRequest(MethodRequest):
     gallery: int = GALLERY_SIZE
 
 
+@honours_trust
 def run_eval(request: EvalRequest, progress: Progress | None = None) -> EvalResult:
     """Run ``ovss eval``: score ``predictions``, or the method on ``store``.
 

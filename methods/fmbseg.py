@@ -782,7 +782,9 @@ class FMbSegTrainer(Trainer):
         steps_per_epoch = math.ceil(len(data.indices) / cfg.batch_images)
         total = steps_per_epoch * cfg.epochs
         start_epoch, step, history = 0, 0, []
-        ck = resume_state(ckpt_path, prov, request.restart, map_location=dev)
+        ck = resume_state(
+            ckpt_path, prov, request.restart, map_location=dev, trust=request.trust_checkpoint
+        )
         if ck is not None:
             module.load_state_dict(ck["module"])
             opt.load_state_dict(ck["optimizer"])

@@ -720,7 +720,14 @@ def _train(request: TrainRequest, progress: Any, ctx: Any) -> TrainResult:
     ckpt_path = out / CHECKPOINT_NAME
     model.to(dev)
     step, history = 0, []
-    ck = resume_state(ckpt_path, prov, request.restart, "cpu", PIXELCLIP_RUN_KEYS)
+    ck = resume_state(
+        ckpt_path,
+        prov,
+        request.restart,
+        "cpu",
+        PIXELCLIP_RUN_KEYS,
+        trust=request.trust_checkpoint,
+    )
     if ck is not None:
         model.load(ck)
         step, history = int(ck["step"]), list(ck["history"])

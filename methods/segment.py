@@ -7,6 +7,7 @@ into an ``IoUAccumulator`` (memory does not grow with the number of images).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -442,6 +443,9 @@ class MethodRequest:
             its field types (a bad value is one ``ConfigError`` naming the field and type).
         checkpoint: a trained module, for methods with a ``checkpoint`` option (an error for
             the others); the same as ``settings["checkpoint"]``.
+        trust_checkpoint: load that checkpoint even if it holds pickled Python objects
+            (``weights_only=False``: code in the file runs), for an old file whose origin the
+            user knows; default False: refused (``methods.train.read_checkpoint``).
         sam_refine: turn on the method's ``sam_refine`` option (an error for methods without).
         logit_scale, prob_thd, area_thd: scoring overrides; None: the method's dataset preset,
             else the ``ScoringConfig`` defaults.
@@ -466,6 +470,7 @@ class MethodRequest:
     method: str = DEFAULT_METHOD
     settings: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+    trust_checkpoint: bool = False
     sam_refine: bool = False
     logit_scale: float | None = None
     prob_thd: float | None = None
@@ -555,6 +560,24 @@ class TextChoice:
     random_init: bool
     seed: int
     arch_overrides: dict | None
+
+
+def honours_trust(fn: Callable) -> Callable:
+    """Run ``fn(request, ...)`` with the request's checkpoint (``checkpoint`` and
+    ``settings["checkpoint"]``) trusted when ``request.trust_checkpoint``
+    (:func:`methods.train.trusted_checkpoints`); no other file is."""
+
+    @functools.wraps(fn)
+    def wrapper(request: MethodRequest, *args: Any, **kwargs: Any) -> Any:
+        if not getattr(request, "trust_checkpoint", False):
+            return fn(request, *args, **kwargs)
+        from methods.train import trusted_checkpoints
+
+        paths = [request.checkpoint, (request.settings or {}).get("checkpoint")]
+        with trusted_checkpoints(*[str(p) for p in paths if p not in (None, "")]):
+            return fn(request, *args, **kwargs)
+
+    return wrapper
 
 
 def _methods_with_field(name: str) -> list[str]:
@@ -1034,6 +1057,7 @@ def _segment_existing(
     return summary
 
 
+@honours_trust
 def run_segment(request: SegmentRequest, progress: Progress | None = None) -> SegmentSummary:
     """Run ``ovss segment``: resolve the method and vocabulary, extract what ``images`` need,
     embed the vocabulary, segment, write the files / label set.

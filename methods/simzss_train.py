@@ -497,7 +497,14 @@ def _train(request: TrainRequest, progress: Any, ctx: Any) -> TrainResult:
     spe = math.ceil(n_pairs / cfg.batch_size)
     total = spe * cfg.epochs
     step, history, running = 0, [], {}
-    ck = resume_state(ckpt_path, prov, request.restart, "cpu", SIMZSS_RUN_KEYS)
+    ck = resume_state(
+        ckpt_path,
+        prov,
+        request.restart,
+        "cpu",
+        SIMZSS_RUN_KEYS,
+        trust=request.trust_checkpoint,
+    )
     if ck is not None:
         tower.load_state_dict(ck["tower"])
         opt.load_state_dict(ck["optimizer"])

@@ -31,7 +31,9 @@ Shared helpers a trainer's ``fit`` uses so it only writes its own step:
   encoder identity, labels, hyperparameters, library versions, all plain JSON values),
   :func:`save_checkpoint` (atomic; refuses non-plain values), :func:`read_checkpoint`
   (``torch.load(weights_only=True)``: a checkpoint holding pickled objects is refused with a
-  one-line :class:`CheckpointError`; no code from a shared file runs), :func:`resume_state`
+  one-line :class:`CheckpointError`; no code from a shared file runs; only a file named to
+  :func:`trusted_checkpoints`, the CLI's ``--trust-checkpoint``, loads as a full pickle),
+  :func:`resume_state`
   (the last checkpoint of the same run, or a one-line error naming what differs);
 - progress: :class:`StepMeter` reports ``{"stage": "train", epoch, step, steps, loss, lr,
   items_per_s}`` per step and ``{"stage": "epoch", ...}`` per epoch to a ``progress(event)``
@@ -43,14 +45,16 @@ Shared helpers a trainer's ``fit`` uses so it only writes its own step:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
 import os
 import re
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -147,6 +151,9 @@ class TrainRequest:
         out_dir: checkpoint folder (None: the trainer's default under the store's folder).
         restart: ignore an existing checkpoint and start over (else resume it).
         device: torch device or ``auto`` (see :func:`setup_distributed`).
+        trust_checkpoint: load the checkpoint resumed from as a full pickle (code in it
+            runs), for an old file whose origin the user knows (default False: tensors and
+            plain values only, see :func:`read_checkpoint`).
     """
 
     store: str
@@ -159,6 +166,7 @@ class TrainRequest:
     out_dir: str | os.PathLike | None = None
     restart: bool = False
     device: str = "auto"
+    trust_checkpoint: bool = False
 
 
 @dataclass
@@ -791,20 +799,66 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
 
 _UNSAFE = re.compile(r"GLOBAL ([\w.]+)")
 
+#: Resolved paths of checkpoints the user vouched for (``--trust-checkpoint``), while a
+#: :func:`trusted_checkpoints` block runs.
+_TRUSTED: dict[Path, int] = {}
+_TRUSTED_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def trusted_checkpoints(*paths: str | os.PathLike | None) -> Iterator[None]:
+    """Within the block, :func:`read_checkpoint` loads the files at ``paths`` (None and ''
+    ignored) as full pickles (``weights_only=False``): code in them runs. The CLI's
+    ``--trust-checkpoint`` (segment / eval ``--checkpoint``, align resume) is the only way a
+    command gets here [ours]; every other file stays ``weights_only=True``. Nestable and
+    thread-safe; the trust ends with the block.
+    """
+    keys = [Path(p).resolve() for p in paths if p not in (None, "")]
+    with _TRUSTED_LOCK:
+        for k in keys:
+            _TRUSTED[k] = _TRUSTED.get(k, 0) + 1
+    try:
+        yield
+    finally:
+        with _TRUSTED_LOCK:
+            for k in keys:
+                _TRUSTED[k] -= 1
+                if not _TRUSTED[k]:
+                    del _TRUSTED[k]
+
+
+def _is_trusted(p: Path) -> bool:
+    with _TRUSTED_LOCK:
+        return p.resolve() in _TRUSTED
+
 
 def read_checkpoint(
-    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", trust: bool = False
 ) -> dict[str, Any]:
     """A checkpoint's dict, loaded with ``torch.load(weights_only=True)``: tensors and plain
     values only, no code runs.
 
+    ``trust`` (or ``path`` named to an enclosing :func:`trusted_checkpoints`): load it as a
+    full pickle instead (``weights_only=False``; code in the file runs), for an old checkpoint
+    whose origin the user knows.
+
     Raises:
         CheckpointError: no file, not a torch checkpoint, or it holds pickled objects (one
-            line naming the first offending global).
+            line naming the first offending global, and the way past for a trusted file).
     """
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"no checkpoint at {p}", str(p), "missing")
+    if trust or _is_trusted(p):
+        try:  # the user vouched for this file: the one full-pickle load of the tree
+            ck = torch.load(p, map_location=map_location, weights_only=False)
+        except Exception as e:  # noqa: BLE001 - whatever the pickle raises, one line
+            raise CheckpointError(
+                f"{p} is not a readable checkpoint ({type(e).__name__}: {e})", str(p), "format"
+            ) from None
+        if not isinstance(ck, dict):
+            raise CheckpointError(f"{p} is not an ovss checkpoint", str(p), "format")
+        return ck
     try:
         ck = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # UnpicklingError (unsafe), RuntimeError/EOFError (not a checkpoint)
@@ -832,8 +886,10 @@ def resume_state(
     restart: bool = False,
     map_location: str | torch.device = "cpu",
     keys: tuple[str, ...] = RUN_KEYS,
+    trust: bool = False,
 ) -> dict[str, Any] | None:
     """The checkpoint at ``path`` to resume from, or None (no file, or ``restart``).
+    ``trust``: load it as a full pickle (:func:`read_checkpoint`; ``TrainRequest.trust_checkpoint``).
 
     Raises:
         CheckpointError: the checkpoint was made by another run (other features, labels,
@@ -842,7 +898,7 @@ def resume_state(
     p = Path(path)
     if restart or not p.exists():
         return None
-    ck = read_checkpoint(p, map_location)
+    ck = read_checkpoint(p, map_location, trust)
     diff = differing(ck.get("provenance") or {}, provenance, keys)
     if diff:
         raise CheckpointError(
@@ -973,4 +1029,5 @@ __all__ = [
     "save_checkpoint",
     "setup_distributed",
     "text_identity",
+    "trusted_checkpoints",
 ]

@@ -27,7 +27,7 @@ from ovss_cli.common import (
     store_name,
     user_errors,
 )
-from ovss_cli.hints import hint_for
+from ovss_cli.hints import checkpoint_hint, hint_for
 
 #: ``ovss align`` without ``--method`` trains this trainer.
 DEFAULT_TRAINER = "fmbseg"
@@ -142,6 +142,12 @@ def _request_params(trainers: list[str]) -> list:
         ),
         click.option("--restart", is_flag=True, help="Ignore an existing last.pt and start over."),
         click.option(
+            "--trust-checkpoint",
+            is_flag=True,
+            help="Resume from an old last.pt that holds pickled Python objects (refused "
+            "otherwise): code in the file runs, so only for a file whose origin you know.",
+        ),
+        click.option(
             "--device",
             default="auto",
             show_default=True,
@@ -239,13 +245,7 @@ def _register_hints() -> None:
     """The CLI's hint for checkpoint errors (registered when the trainers are first used)."""
     from methods.train import CheckpointError
 
-    @hint_for(CheckpointError)
-    def _checkpoint_hint(e: CheckpointError) -> str | None:
-        if e.reason == "mismatch":
-            return "pass --restart (or another --out) to train from scratch"
-        if e.reason == "missing":
-            return "train one with `ovss align`"
-        return None
+    hint_for(CheckpointError)(checkpoint_hint)
 
 
 def _config_fields(config_cls: type):
@@ -277,6 +277,7 @@ def _align(
     settings,
     out_dir,
     restart,
+    trust_checkpoint,
     device,
     text_model,
     templates,
@@ -316,6 +317,7 @@ def _align(
         out_dir=out_dir,
         restart=restart,
         device=device,
+        trust_checkpoint=trust_checkpoint,
     )
     with _TrainProgress(quiet) as cb:
         result = trainer().fit(request, cb)

@@ -51,6 +51,23 @@ def render_error(e: OvssError) -> str:
 
 # -- renderers ------------------------------------------------------------------------------------
 
+
+def checkpoint_hint(e: OvssError) -> str | None:
+    """The hint of a ``methods.train.CheckpointError`` (registered by the commands that read
+    checkpoints, on first use: importing ``methods`` here would import torch for ``--help``)."""
+    reason = getattr(e, "reason", "")
+    if reason == "mismatch":
+        return "pass --restart (or another --out) to train from scratch"
+    if reason == "missing":
+        return "train one with `ovss align`"
+    if reason == "unsafe":
+        return (
+            "only if you know where the file came from, pass --trust-checkpoint to load it "
+            "anyway (code in it runs)"
+        )
+    return None
+
+
 #: Resize rules the ``extract --resize`` option offers; any other (a canvas only a method's
 #: recipe makes) is rendered as ``extract --for METHOD``.
 PLAIN_RESIZE = ("short", "square", "long", "none", "halves")

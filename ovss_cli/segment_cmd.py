@@ -19,7 +19,7 @@ from ovss_cli.common import (
     store_name,
     user_errors,
 )
-from ovss_cli.hints import hint_for, render_error
+from ovss_cli.hints import checkpoint_hint, hint_for, render_error
 
 #: The [ours] choices of the FMbSeg methods, shown under `segment --help` / `eval --help`.
 FMBSEG_EPILOG = """\b
@@ -84,6 +84,14 @@ METHOD_OPTIONS = [
         default=None,
         help="Trained module of a method that takes one (aligned: the last.pt of "
         "`ovss align`); same as --set checkpoint=PATH. An error for other methods.",
+    ),
+    click.option(
+        "--trust-checkpoint",
+        is_flag=True,
+        default=None,
+        help="Load the --checkpoint file even if it holds pickled Python objects (an old "
+        "checkpoint, refused otherwise): code in the file runs, so only for a file whose "
+        "origin you know.",
     ),
     click.option(
         "--sam-refine",
@@ -203,6 +211,7 @@ def _method_fields(kw: dict[str, Any]) -> dict[str, Any]:
         "method": kw.pop("method"),
         "settings": _settings(kw.pop("config_file"), kw.pop("settings"), kw.pop("image_classes")),
         "checkpoint": kw.pop("checkpoint"),
+        "trust_checkpoint": kw.pop("trust_checkpoint"),
         "sam_refine": kw.pop("sam_refine"),
         "logit_scale": kw.pop("logit_scale"),
         "prob_thd": kw.pop("prob_thd"),
@@ -255,6 +264,9 @@ def _register_hints() -> None:
         return
     _HINTS_DONE = True
     from methods.segment import KeptStoreError, TensorNotComputedError
+    from methods.train import CheckpointError
+
+    hint_for(CheckpointError)(checkpoint_hint)
 
     @hint_for(KeptStoreError)
     def _kept(e: KeptStoreError) -> str:
