@@ -6,22 +6,35 @@ and accumulates. On SAM-B's 64 x 64 grid (``n = 4096``, 12 heads) that is ~6 s p
 CPU cores, most of it spent writing and re-reading ``(n, n)`` temporaries.
 
 ``fused_affinity`` computes the same matrix one block of ``chunk`` valid query rows at a time;
-per block and head it never holds more than a ``(chunk, N)`` logits block (``N`` tokens of the
-cached grid) and a ``(chunk, n)`` cosine block:
+per block and head it never holds more than two ``(chunk, N)`` blocks (logits, attention; ``N``
+tokens of the cached grid) and a ``(chunk, n)`` cosine block:
 
     logits = (q_c * scale) k^T + q_c . R_h[y_c - y_k + S - 1] + q_c . R_w[x_c - x_k + S - 1]
-             (the rel-pos terms as q_c @ table^T, then gathered: no (c, kh, hd) tables)
-    attn   = softmax_keys(logits) * exp(attn_log_mass[c, h])   (one exp pass; valid keys only)
+             (the rel-pos terms of all heads as one q_c @ table^T each, then gathered)
+    attn   = softmax_keys(logits) * exp(attn_log_mass[c, h])   (one fused softmax kernel; the
+             mass factor is skipped where the log mass is 0 everywhere: no padding)
     keep   = sv_h[c] . sv_h^T > thr_c  (strict; diagonal kept)            ("aff")
     W[c]  += where(keep, attn, 0)   ("aff")    or    W[c] += attn   ("attn")
 
 and then row-normalises the block (a dead row becomes an identity row). The mean over heads of
 the reference cancels in the row normalisation and is skipped. Results equal the reference to
 float32 rounding; a keep decision can differ only for a cosine within rounding of ``thr``.
+
+On CPU the blocks run on ``torch.get_num_threads()`` worker threads with one torch thread each
+(``workers``) [ours]: the work is ~8 small ops per block and head, and intra-op threading puts a
+barrier between the cores after every one of them; on a loaded machine those barriers cost more
+than the work (measured on 2 shared cores, SAM-B's 64 x 64 grid: 6.6 s with two intra-op
+threads, 0.83 s with two workers, in the same run).
+
+Cost on SAM-B's grid (``H = 12``, ``hd = 64``, ``n = N = 4096``): ``4 H n N hd`` = 51.5 GFLOP
+of float32 matmul (``q k^T`` and the value cosines), ``H n N`` = 201 M exponentials; the
+compulsory traffic is the float16 ``q, k, v`` in (19 MB) and the ``(n, n)`` float32 result out
+(67 MB). ``benchmarks.trident_bench`` reports the figure beside those bounds.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,9 +49,10 @@ __all__ = [
     "fused_affinity",
 ]
 
-#: Query rows per block (a (512, 4096) float32 logits block is 8 MB): on 2 CPU cores and SAM-B's
-#: 4096 tokens, 512 to 1024 rows take ~0.9 s per image, 256 rows ~1.0 s, 2048 rows ~1.0 s.
-DEFAULT_CHUNK = 512
+#: Query rows per block (a (256, 4096) float32 block is 4 MB; a worker holds three): on 2 shared
+#: CPU cores with 2 workers and SAM-B's 4096 tokens, 128 to 1024 rows took 0.94 to 1.08 CPU-s per
+#: image (256 the least), 0.52 to 0.56 s wall at best.
+DEFAULT_CHUNK = 256
 
 
 @dataclass
@@ -108,6 +122,7 @@ def fused_affinity(
     thresholds: torch.Tensor,
     correlation: str = "aff",
     chunk: int = DEFAULT_CHUNK,
+    workers: int | None = None,
 ) -> torch.Tensor:
     """Trident's row-normalised SAM affinity ``(n, n)`` over all valid tokens, chunked.
 
@@ -123,6 +138,10 @@ def fused_affinity(
         correlation: ``"aff"`` (``mean_h where(cos_h > thr, attn_h, 0)``, diagonal kept) or
             ``"attn"`` (``mean_h attn_h``).
         chunk: query rows per block.
+        workers: threads that compute blocks side by side, each with one torch thread
+            (default: ``torch.get_num_threads()`` on CPU, 1 on other devices; 1 runs inline).
+            Blocks are independent rows of the result: any ``workers > 1`` gives the bits of the
+            inline loop on one torch thread (more intra-op threads may round differently).
 
     Returns:
         ``(n, n)``: rows sum to 1 (a row whose mass vanished is an identity row).
@@ -159,39 +178,45 @@ def fused_affinity(
     idx_w = xq[:, None] - torch.arange(gw, device=device)[None, :] + (span_w - 1)  # (n, gw)
     thr = thresholds.to(device, dtype)
 
+    # exp(log mass) of every valid query and head: the attention's row factor. A square image
+    # without padding has log mass 0 everywhere: the factor is exactly 1 and is skipped.
+    mass_factor = None if bool((log_mass == 0).all()) else log_mass.exp()
     out = sv.new_empty(n, n)
-    logits_buf = sv.new_empty(min(chunk, n), big_n)
-    cos_buf = sv.new_empty(min(chunk, n), n)
-    for c0 in range(0, n, chunk):
-        c1 = min(c0 + chunk, n)
+
+    def rows_block(c0: int, c1: int, bufs: tuple[torch.Tensor, ...]) -> None:
+        """Rows ``[c0, c1)`` of ``out``: every head accumulated, then row-normalised."""
         c = c1 - c0
+        logits, probs, cos = (b[:c] for b in bufs)
         acc = out[c0:c1]  # the first head writes it, the others add
-        logits = logits_buf[:c]
         diag = torch.arange(c, device=device) * n + torch.arange(c0, c1, device=device)
+        # rel-pos terms of every head of the block: (H, c, hd) @ (hd, 2S - 1), then gathered
+        qc = q[:, c0:c1]
+        rel_h = torch.gather(qc @ table_h.T, 2, idx_h[c0:c1].expand(heads, c, gh))
+        rel_w = torch.gather(qc @ table_w.T, 2, idx_w[c0:c1].expand(heads, c, gw))
         for h in range(heads):
-            qc = q[h, c0:c1]
-            rel_h = torch.gather(qc @ table_h.T, 1, idx_h[c0:c1])  # (c, gh)
-            rel_w = torch.gather(qc @ table_w.T, 1, idx_w[c0:c1])  # (c, gw)
-            torch.add(rel_h[:, :, None], rel_w[:, None, :], out=logits.view(c, gh, gw))
+            torch.add(rel_h[h, :, :, None], rel_w[h, :, None, :], out=logits.view(c, gh, gw))
             logits.addmm_(qs[h, c0:c1], kt[h])
-            # softmax over the cached grid's keys, times the mass: one exp pass; the row factor
-            # exp(log_mass) / sum is applied with the mask
-            top = logits.amax(dim=-1, keepdim=True)
-            logits.sub_(top).exp_()
-            factor = log_mass[h, c0:c1].exp().div_(logits.sum(dim=-1))[:, None]
+            # softmax over the cached grid's keys in one fused kernel (max, exp, sum, scale)
+            torch.ops.aten._softmax.out(logits, -1, False, out=probs)
+            factor = None if mass_factor is None else mass_factor[h, c0:c1, None]
             if crop is not None:
-                attn = logits.view(c, gh, gw)[:, : crop[0], : crop[1]]
+                attn = probs.view(c, gh, gw)[:, : crop[0], : crop[1]]
                 target = acc.view(c, *crop)
             else:
-                attn = logits.index_select(1, rows)
+                attn = probs.index_select(1, rows)
                 target = acc
+            if correlation == "attn" and factor is None:
+                (target.copy_ if h == 0 else target.add_)(attn)
+                continue
             if correlation == "attn":
                 weight = factor.view(c, *([1] * (target.ndim - 1)))
             else:
-                weight = cos_buf[:c]
+                weight = cos
                 torch.mm(sv[h, c0:c1], svt[h], out=weight)
                 weight.view(-1)[diag] = float("inf")
-                weight.gt_(thr[c0:c1, None]).mul_(factor)  # keep (0 / 1) times the row factor
+                weight.gt_(thr[c0:c1, None])  # keep: 0 / 1
+                if factor is not None:
+                    weight.mul_(factor)  # times the row factor
                 weight = weight.view(target.shape)
             if h == 0:
                 torch.mul(attn, weight, out=target)
@@ -205,6 +230,33 @@ def fused_affinity(
             acc[d, d + c0] = 1
             mass = acc.sum(dim=-1, keepdim=True)
         acc.div_(mass)
+
+    blocks = [(c0, min(c0 + chunk, n)) for c0 in range(0, n, chunk)]
+    if workers is None:
+        workers = torch.get_num_threads() if device.type == "cpu" else 1
+    workers = max(1, min(int(workers), len(blocks)))
+    rows_c = min(chunk, n)
+
+    def new_buffers() -> tuple[torch.Tensor, ...]:
+        return (sv.new_empty(rows_c, big_n), sv.new_empty(rows_c, big_n), sv.new_empty(rows_c, n))
+
+    if workers == 1:
+        bufs = new_buffers()
+        for c0, c1 in blocks:
+            rows_block(c0, c1, bufs)
+        return out
+
+    def worker(mine: list[tuple[int, int]]) -> None:
+        # One torch thread per worker: the blocks run side by side, with no per-op barrier
+        # between cores (on a loaded machine those barriers cost more than the work).
+        torch.set_num_threads(1)
+        bufs = new_buffers()
+        for c0, c1 in mine:
+            rows_block(c0, c1, bufs)
+
+    with ThreadPoolExecutor(workers) as pool:
+        for f in [pool.submit(worker, blocks[w::workers]) for w in range(workers)]:
+            f.result()
     return out
 
 

@@ -20,13 +20,16 @@ VALID = (8, 6)  # Trident's valid (floor) grid
 HEADS, HD, SPAN = 3, 8, 10  # the block's grid is SPAN x SPAN: rel-pos tables (2*SPAN - 1, HD)
 
 
-def random_block(seed: int = 0, dtype: torch.dtype = torch.float32, rows=None):
-    """Random cached factors and values, and the per-head reference ``SamTokens``."""
+def random_block(seed: int = 0, dtype: torch.dtype = torch.float32, rows=None, zero_mass=False):
+    """Random cached factors and values, and the per-head reference ``SamTokens``
+    (``zero_mass``: log attention mass 0 everywhere, as for an image without padding)."""
     g = torch.Generator().manual_seed(seed)
     big_n = CACHED[0] * CACHED[1]
     q = torch.randn(big_n, HEADS, HD, generator=g) * 1.5
     k = torch.randn(big_n, HEADS, HD, generator=g) * 1.5
     log_mass = -torch.rand(big_n, HEADS, generator=g) * 2
+    if zero_mass:
+        log_mass = torch.zeros_like(log_mass)
     static = {
         "rel_pos_h": torch.randn(2 * SPAN - 1, HD, generator=g) * 0.5,
         "rel_pos_w": torch.randn(2 * SPAN - 1, HD, generator=g) * 0.5,
@@ -176,3 +179,34 @@ def test_factors_are_checked():
         fused_affinity(factors, sv, torch.zeros(48))
     with pytest.raises(ValueError, match="aff or attn"):
         fused_affinity(factors, sv[:HEADS], torch.zeros(48), "cos")
+
+
+@pytest.mark.parametrize("correlation", ["aff", "attn"])
+@pytest.mark.parametrize("rows", [None, torch.tensor([0, 2, 9, 10, 11, 40, 41, 62])])
+def test_zero_log_mass_skips_the_row_factor_and_still_matches(correlation, rows):
+    sam, factors = random_block(seed=7, zero_mass=True, rows=rows)
+    (ref,) = sam_affinity(dataclasses.replace(sam, factors=None), [None], correlation, 1.2)
+    sv = F.normalize(sam.values, dim=-1)
+    thr = cosine_thresholds(sv, 1.2)
+    assert_same(fused_affinity(factors, sv, thr, correlation, 6), ref)
+
+
+@pytest.mark.parametrize("correlation", ["aff", "attn"])
+def test_workers_compute_the_same_matrix_bit_for_bit(correlation):
+    # blocks of rows on several threads (one torch thread each) == the inline loop on one
+    # torch thread, exactly; the caller's thread setting is left as it was
+    sam, factors = random_block(seed=8)
+    sv = F.normalize(sam.values, dim=-1)
+    thr = cosine_thresholds(sv, 1.2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        inline = fused_affinity(factors, sv, thr, correlation, 5, workers=1)
+    finally:
+        torch.set_num_threads(threads)
+    for workers in (2, 3, 64):
+        got = fused_affinity(factors, sv, thr, correlation, 5, workers=workers)
+        assert torch.equal(got, inline)
+        assert torch.get_num_threads() == threads
+    (ref,) = sam_affinity(dataclasses.replace(sam, factors=None), [None], correlation, 1.2)
+    assert_same(inline, ref)
