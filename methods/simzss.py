@@ -437,9 +437,9 @@ def load_checkpoint(
             "the simzss trainer"
         )
     tower = build_tower(ck["provenance"])
-    tower.load_state_dict(ck["tower"])
+    tower.load_state_dict(ck["model"])
     tower.to(device).eval()
-    return tower, {k: v for k, v in ck.items() if k not in ("tower", "optimizer")}
+    return tower, {k: v for k, v in ck.items() if k not in ("model", "optimizer")}
 
 
 def checkpoint_provenance(path: str | os.PathLike) -> dict[str, Any]:

@@ -7,7 +7,8 @@ with the next batch prefetched), so only the text tower runs. Per step a global 
 epoch visits every caption once; two captions of one image may share a batch, as open_clip's
 caption datasets do].
 
-Optimisation as the paper / open_clip: AdamW (β 0.9 / 0.98, eps 1e-6), peak learning rate
+Optimisation as the paper / open_clip: AdamW (β 0.9 / 0.98, eps 1e-6; torch's fused kernel on
+CPU and CUDA), peak learning rate
 ``lr × batch_size / 256``, weight decay 0.2 on the weight matrices and embeddings only (not on
 gains, biases or ``logit_scale``), linear warm-up over the first 10 % of the steps then cosine
 decay to 0 (open_clip's ``cosine_lr``), ``logit_scale`` clamped to [0, ln 100] after every
@@ -32,11 +33,12 @@ every hyperparameter.
 
 from __future__ import annotations
 
+import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -506,7 +508,7 @@ def _train(request: TrainRequest, progress: Any, ctx: Any) -> TrainResult:
         trust=request.trust_checkpoint,
     )
     if ck is not None:
-        tower.load_state_dict(ck["tower"])
+        tower.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step, history = int(ck["step"]), list(ck["history"])
         running = dict(ck.get("running") or {})
@@ -521,7 +523,7 @@ def _train(request: TrainRequest, progress: Any, ctx: Any) -> TrainResult:
     def state(epoch_done: int) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
-            "tower": tower.state_dict(),
+            "model": tower.state_dict(),  # the text tower
             "optimizer": opt.state_dict(),
             "step": step,
             "epoch": epoch_done,
@@ -634,8 +636,9 @@ class SimZSSTrainer(Trainer):
     --concepts FILE, found by spaCy noun chunks (--spacy-model) or the offline matcher [ours].
     [ours] choices: the offline matcher, square 224 training features without augmentation,
     7 epochs, checkpoint every 500 steps, the last partial batch kept, features held in memory
-    up to 4 GiB, explicit gradient all-reduce under torchrun. Segment with the simzss method
-    and --checkpoint OUT/last.pt.
+    up to 4 GiB, explicit gradient all-reduce under torchrun, and the option --global-token
+    patch_mean (the mean patch token in place of a CLS that carries nothing). Segment with the
+    simzss method and --checkpoint OUT/last.pt.
     """
 
     name = "simzss"
@@ -643,6 +646,31 @@ class SimZSSTrainer(Trainer):
     doc = "SimZSS: a text tower trained from scratch on captions vs frozen cached DINOv2"
     needs_labels = False
     segment_method = "simzss"
+
+    smoke_overrides: ClassVar[dict[str, Any]] = {
+        "text_width": 16,
+        "text_layers": 1,
+        "text_heads": 2,
+        "context_length": 16,
+        "epochs": 2,
+        "lr": 0.01,
+        "save_every": 0,
+    }
+
+    @classmethod
+    def smoke_config(cls, workdir: Path, store: Any) -> dict[str, Any]:
+        """The smoke values plus a caption file under ``workdir``: one caption per store
+        image, two shipped concepts each; one step per epoch."""
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        caps = workdir / "simzss_captions.jsonl"
+        words = ("dog", "grass", "car", "tree")
+        rows = [
+            {"image": iid, "caption": f"a {words[i % 4]} next to some {words[(i + 1) % 4]}"}
+            for i, iid in enumerate(store.image_ids)
+        ]
+        caps.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return {**cls.smoke_overrides, "captions": str(caps), "batch_size": len(rows)}
 
     @classmethod
     def requirements(cls, config: SimZSSTrainConfig) -> list[FeatureRequirement]:

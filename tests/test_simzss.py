@@ -352,8 +352,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     resumed = train_simzss(req)
     a, b = read_checkpoint(full.checkpoint), read_checkpoint(resumed.checkpoint)
     assert b["step"] == a["step"] == 9
-    for k, w in a["tower"].items():
-        assert torch.equal(w, b["tower"][k]), k
+    for k, w in a["model"].items():
+        assert torch.equal(w, b["model"][k]), k
     for ha, hb in zip(a["history"], b["history"], strict=True):
         assert ha["loss"] == pytest.approx(hb["loss"], rel=1e-6)
     # another run's hyperparameters: a one-line error naming them
@@ -409,8 +409,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     for h2, h1 in zip(two["history"], one["history"], strict=True):
         assert h2["loss"] == pytest.approx(h1["loss"], rel=1e-5)
         assert h2["concept_acc"] == pytest.approx(h1["concept_acc"])
-    for k, w in one["tower"].items():
-        w2 = two["tower"][k]
+    for k, w in one["model"].items():
+        w2 = two["model"][k]
         if k.endswith("attn.in_proj_bias"):
             # the key bias shifts every attention logit of a query equally: its gradient is 0
             # up to rounding, and Adam turns rounding noise into full-size steps; skip it
