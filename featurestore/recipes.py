@@ -40,11 +40,13 @@ from featurestore.text import (
 @dataclass(frozen=True)
 class RecipeStep:
     """One feature set a method reads: its role (``clip``, ``vfm``, ``sam``, ``dense``...),
-    model and protocol."""
+    model and protocol, and the intermediate layers it must cache (``--layers``; none by
+    default)."""
 
     role: str
     model: str
     protocol: Protocol
+    layers: tuple[int, ...] = ()
 
     @property
     def feature_set(self) -> str:
@@ -52,12 +54,15 @@ class RecipeStep:
         return f"{self.model}@{self.protocol.key()}"
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "role": self.role,
             "model": self.model,
             "protocol": self.protocol.to_dict(),
             "feature_set": self.feature_set,
         }
+        if self.layers:
+            out["layers"] = list(self.layers)
+        return out
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,8 @@ class ExtractJob:
         text_models: CLIP models whose text towers embed them.
         data_root: the ``custom`` dataset's root, for its ``classes.txt``.
         recipe: the recipe this job came from, if any.
+        layers: intermediate layers a pass must cache, by protocol (added to the call's
+            ``layers``); empty: the call's only.
     """
 
     groups: list[tuple[Protocol, list[str]]]
@@ -158,6 +165,13 @@ class ExtractJob:
     text_models: list[str] = field(default_factory=list)
     data_root: str | None = None
     recipe: Recipe | None = None
+    layers: dict[Protocol, tuple[int, ...]] = field(default_factory=dict)
+
+    def pass_config(self, cfg: ExtractConfig, protocol: Protocol, models: list[str]) -> Any:
+        """``cfg`` for the pass of ``models`` under ``protocol`` (its layers added)."""
+        extra = self.layers.get(protocol, ())
+        layers = tuple(sorted({*cfg.layers, *extra})) if extra else cfg.layers
+        return dataclasses.replace(cfg, models=models, protocol=protocol, layers=layers)
 
     @property
     def models(self) -> list[str]:
@@ -203,6 +217,10 @@ def recipe_job(
     ``vocabs``, embedded with the recipe's text model and templates (not at all when the
     recipe names no text model: a text tower that is still to be trained)."""
     all_vocabs = [*([recipe.vocab] if recipe.vocab else []), *vocabs]
+    layers: dict[Protocol, tuple[int, ...]] = {}
+    for s in recipe.steps:
+        if s.layers:
+            layers[s.protocol] = tuple(sorted({*layers.get(s.protocol, ()), *s.layers}))
     return ExtractJob(
         groups=recipe.groups(),
         vocabs=all_vocabs,
@@ -210,6 +228,7 @@ def recipe_job(
         text_models=[recipe.text_model] if all_vocabs and recipe.text_model else [],
         data_root=str(data_root) if data_root is not None else None,
         recipe=recipe,
+        layers=layers,
     )
 
 
@@ -323,7 +342,7 @@ def plan_job(records: Sequence[ImageRecord], job: ExtractJob, cfg: ExtractConfig
 
     rows: list[PlanRow] = []
     for protocol, models in job.groups:
-        rows.extend(plan(records, dataclasses.replace(cfg, models=models, protocol=protocol)))
+        rows.extend(plan(records, job.pass_config(cfg, protocol, models)))
     text_rows = []
     vocabs = _vocabularies(job)
     store = None
@@ -380,9 +399,7 @@ def run_job(
         _text_options(job, cfg, tm)
     model_reports: list[ModelReport] = []
     for protocol, models in job.groups:
-        rep: ExtractReport = extract(
-            records, dataclasses.replace(cfg, models=models, protocol=protocol), progress
-        )
+        rep: ExtractReport = extract(records, job.pass_config(cfg, protocol, models), progress)
         model_reports.extend(rep.models)
     text_reports: list[TextSetReport] = []
     if vocabs and job.text_models:

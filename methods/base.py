@@ -34,6 +34,8 @@ class FeatureRequirement:
         model_field: the owner's config field that names ``model`` ('' if fixed): the
             planner maps ``extract --for M -m NAME`` onto it.
         optional: read when present, never required (e.g. a set only some options use).
+        layers: intermediate block outputs the set must cache (``extract --layers``; block
+            indices, default none).
     """
 
     role: str
@@ -42,6 +44,7 @@ class FeatureRequirement:
     tensors: tuple[str, ...]
     model_field: str = ""
     optional: bool = False
+    layers: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -806,6 +806,12 @@ def cached_tensors(depth: int, trainable_blocks: int) -> tuple[str, str]:
     return (f"layer{i}", f"layer{i}_cls")
 
 
+def cached_layers(depth: int, trainable_blocks: int) -> tuple[int, ...]:
+    """The ``--layers`` the CLIP set needs for ``K`` trained blocks: none for ``K = 1``
+    (``pre_last`` is always cached), else ``(N − K − 1,)``."""
+    return () if trainable_blocks == 1 else (depth - trainable_blocks - 1,)
+
+
 @register_method
 class PixelCLIPSegmenter(Segmenter):
     """PixelCLIP inference: the fine-tuned CLIP's dense features · class text embeddings.
@@ -847,7 +853,11 @@ class PixelCLIPSegmenter(Segmenter):
             return [LiveModelRequirement("clip", base["model"])]
         return [
             FeatureRequirement(
-                "clip", base["model"], store_protocol(config.size), cached_tensors(depth, k)
+                "clip",
+                base["model"],
+                store_protocol(config.size),
+                cached_tensors(depth, k),
+                layers=cached_layers(depth, k),
             )
         ]
 

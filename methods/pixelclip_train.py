@@ -23,12 +23,12 @@ Two input paths:
   0.8), grayscale p 0.2, blur p 0.5 (σ 0.1–2), one cutout p 0.5 of 2–25 % of the view.
   ``augment=False`` squashes the whole image to 320² as the store's extraction does.
 - **store** (``trainable_blocks = K`` < N): the first N − K blocks are frozen and their output is
-  read from the ``square320`` CLIP set (``pre_last`` / ``pre_last_cls`` for K = 1): only the
-  last K blocks run. K between 2 and N − 1 is refused for now: it would read
-  ``layer{N−K−1}`` (``extract --layers``) and that block's class token, which CLIP sets do not
-  cache yet. What the store path
-  gives up: every augmentation (the frozen blocks' input is fixed, so the student and teacher see
-  the same whole image squashed to 320²) and training the position embedding.
+  read from the ``square320`` CLIP set (``pre_last`` / ``pre_last_cls`` for K = 1, else
+  ``layer{N−K−1}`` / ``layer{N−K−1}_cls``, cached by ``extract --layers N−K−1``, which
+  ``extract --for pixelclip --set trainable_blocks=K`` plans): only the last K blocks run.
+  What the store path gives up: every augmentation (the frozen blocks' input is fixed, so the
+  student and teacher see the same whole image squashed to 320²) and training the position
+  embedding.
 
 Masks (``methods.pixelclip_masks``): a DINO k-means mask set, SAM automatic masks from the cached
 SAM set, or SA-1B JSON; nearest-resized to 256², masks of ≤ 1 pixel dropped. Images without a
@@ -65,6 +65,7 @@ from methods.pixelclip import (
     DenseCLIP,
     MaskDecoder,
     PromptedText,
+    cached_layers,
     cached_tensors,
     cost_maps,
     ema_update,
@@ -259,12 +260,6 @@ def resolve_blocks(config: PixelCLIPTrainConfig, depth: int) -> int:
     k = config.trainable_blocks or depth
     if k > depth:
         raise OvssError(f"pixelclip: trainable_blocks {k} > the {depth} blocks of {config.model}")
-    if 1 < k < depth:
-        raise OvssError(
-            f"pixelclip: trainable_blocks {k} would read block {depth - k - 1}'s output from the "
-            "store, but CLIP sets cache the class token only at the last block's input; use 1 "
-            "(the store) or 0 (all blocks, on pixels)"
-        )
     return k
 
 
@@ -902,6 +897,7 @@ class PixelCLIPTrainer(Trainer):
                     config.clip_protocol,
                     cached_tensors(depth, k),
                     model_field="model",
+                    layers=cached_layers(depth, k),
                 )
             )
         else:

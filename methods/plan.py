@@ -339,7 +339,9 @@ def plan_for(
         if c is None:
             live.append(LiveStep(r.role, r.model))
             continue
-        (optional if c.optional else steps).append(RecipeStep(c.role, c.model, c.protocol))
+        (optional if c.optional else steps).append(
+            RecipeStep(c.role, c.model, c.protocol, tuple(c.layers))
+        )
 
     notes: list[str] = []
     if ds and not preset and _has_presets(cls):

@@ -473,11 +473,12 @@ def test_empty_mask_set_and_missing_set_are_one_line_errors(toy):
                 )
             )
         assert "\n" not in str(e.value)
-    with pytest.raises(OvssError, match="trainable_blocks 2 would read"):
-        _cfg(trainable_blocks=0)  # fine
-        from methods.pixelclip_train import resolve_blocks
+    from methods.pixelclip_train import resolve_blocks
 
-        resolve_blocks(_cfg(trainable_blocks=2), 3)
+    assert resolve_blocks(_cfg(trainable_blocks=2), 3) == 2
+    assert resolve_blocks(_cfg(trainable_blocks=0), 3) == 3
+    with pytest.raises(OvssError, match="trainable_blocks 4 > the 3 blocks"):
+        resolve_blocks(_cfg(trainable_blocks=4), 3)
 
 
 def test_sa1b_masks_and_malformed_files(toy, tmp_path):
@@ -544,10 +545,130 @@ def test_segmenter_and_text_encoder_from_the_checkpoint(toy):
 
 
 def test_extract_for_pixelclip_plans_the_store_set():
+    from featurestore.recipes import recipe_job
     from methods.plan import plan_for
 
     rec = plan_for("pixelclip", overrides={"trainable_blocks": "1", "mask_set": "m"})
     assert [s.feature_set for s in rec.steps] == ["clip-b16@square320"]
+    assert rec.steps[0].layers == () and recipe_job(rec).layers == {}
+    rec = plan_for("pixelclip", overrides={"trainable_blocks": "2", "mask_set": "m"})
+    assert [(s.feature_set, s.layers) for s in rec.steps] == [("clip-b16@square320", (9,))]
+    assert recipe_job(rec).layers == {Protocol("square", 320): (9,)}
+    assert rec.to_dict()["steps"][0]["layers"] == [9]
     rec = plan_for("pixelclip")
     assert [s.feature_set for s in rec.steps] == ["dino-s16@short448"]
     assert [s.model for s in rec.live] == ["clip-b16"]
+
+
+# -- K = 2 of a 3-block CLIP from the store (extract --for pixelclip --set trainable_blocks=2) --
+
+TINY3 = {**TINY, "vision_cfg": {**TINY["vision_cfg"], "layers": 3}}
+
+
+@pytest.fixture(scope="module")
+def toy3(toy):
+    """The toy images with a 3-block tiny-CLIP square64 set extracted by the pixelclip
+    trainer's recipe for trainable_blocks=2 (so with --layers 0: ``layer0`` / ``layer0_cls``).
+    [the trainer's own config, which knows the tiny architecture's depth; ``extract --for
+    pixelclip`` plans from the method's, at the named model's depth]"""
+    from featurestore.recipes import plan_job, recipe_job, run_job
+    from methods.pixelclip_train import PixelCLIPTrainer
+    from methods.plan import plan_for
+
+    root, path = toy
+    store = FeatureStore.open(path)
+    path3 = str(root / "s3.zarr")
+    recipe = plan_for(
+        PixelCLIPTrainer,
+        overrides={
+            "trainable_blocks": "2",
+            "size": str(SIZE),
+            "mask_set": "masks",
+            "clip_arch": json.dumps(TINY3),
+        },
+    )
+    job = recipe_job(recipe)
+    assert job.groups == [(Protocol("square", SIZE), ["clip-b16"])] and job.layers == {
+        Protocol("square", SIZE): (0,)
+    }
+    cfg = ExtractConfig(
+        models=job.models,
+        protocol=Protocol("square", SIZE),
+        store=path3,
+        random_init=True,
+        arch_overrides=TINY3,
+        dtype="float32",
+        device="cpu",
+    )
+    planned = plan_job(store.image_records(), job, cfg)
+    assert [r.feature_set for r in planned.feature_sets] == [f"clip-b16@square{SIZE}"]
+    run_job(store.image_records(), job, cfg)
+    s3 = FeatureStore.open(path3, mode="a")
+    ls = create_label_set(s3, "masks", {"class_names": [["c"]], "kind": "mask set"})
+    for i in range(N_IMAGES):
+        ls.write(i, _labels(i) if i < 5 else np.full((H, W), 255, np.uint8))
+    return root, path3
+
+
+def test_k2_store_step_equals_the_pixel_step_with_one_frozen_block(toy3):
+    from featurestore.backbones.clip import load_open_clip
+    from methods.pixelclip_train import _read_tokens
+
+    root, path = toy3
+    store = FeatureStore.open(path)
+    fs = store.feature_set(store.feature_sets()[0])
+    from methods.pixelclip import cached_layers, cached_tensors
+
+    names = cached_tensors(3, 2)
+    assert cached_layers(3, 2) == (0,) and cached_layers(3, 1) == ()
+    assert names == ("layer0", "layer0_cls") and {"layer0", "layer0_cls"} <= set(fs.tensor_names)
+    idx = [0, 1, 2]
+    masks = [resize_masks(LabelSetMasks(store, "masks").masks(i), S) for i in idx]
+    tokens = _read_tokens(fs, names, idx)
+
+    def model() -> tuple[PixelCLIPModel, object]:
+        clip, tok, info = load_open_clip("clip-b16", random_init=True, seed=0, arch_overrides=TINY3)
+        cfg = _cfg(trainable_blocks=2, clip_arch=json.dumps(TINY3))
+        return PixelCLIPModel(clip, tok, cfg, 2, "offset"), info
+
+    (a, info), (b, _) = model(), model()
+    assert a.student.first_trained == 1
+    recs = store.image_records()
+    pixels = torch.stack(
+        [
+            squash_normalise(np.asarray(Image.open(recs[i].path)), SIZE, info.mean, info.std)
+            for i in idx
+        ]
+    )
+    la, _ = a.loss(tokens, tokens, masks, (4, 4))
+    lb, _ = b.loss(pixels, pixels, masks, (4, 4))
+    la.backward()
+    lb.backward()
+    assert abs(float(la.detach()) - float(lb.detach())) < 1e-5
+    grads = 0
+    for pa, pb in zip(a.params, b.params, strict=True):
+        if pb.grad is None:
+            assert pa.grad is None
+            continue
+        grads += 1
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-5, rtol=1e-4)
+    # both trained blocks (1 and 2) receive gradients on the store path
+    trained = dict(a.student.visual.named_parameters())
+    assert trained["transformer.resblocks.1.attn.in_proj_weight"].grad.abs().sum() > 0
+    assert grads > 0
+
+
+def test_train_k2_on_the_store(toy3):
+    root, path = toy3
+    r = train_pixelclip(
+        TrainRequest(
+            store=path,
+            config=_cfg(trainable_blocks=2, clip_arch=json.dumps(TINY3)),
+            out_dir=str(root / "k2"),
+        )
+    )
+    assert r.summary["input"] == "store" and r.summary["trainable_blocks"] == 2
+    assert r.provenance["features"]["tensor"] == "layer0+layer0_cls"
+    ck = read_checkpoint(r.checkpoint)
+    assert any(n.startswith("visual.transformer.resblocks.1.") for n in ck["model"])
+    assert not any(n.startswith("visual.transformer.resblocks.0.") for n in ck["model"])
