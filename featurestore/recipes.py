@@ -273,7 +273,8 @@ class JobReport:
     """What a job did: the extraction report of every pass, merged, and the text sets.
 
     ``plain``: a plain call; ``to_dict`` is then the ``ExtractReport`` shape (store, shard,
-    models)."""
+    models, notes). ``notes``: what the passes did on the side, one line each (leftovers of an
+    interrupted creation removed)."""
 
     store: str
     shard: tuple[int, int]
@@ -281,12 +282,13 @@ class JobReport:
     text_sets: list[TextSetReport]
     recipe: dict | None = None
     plain: bool = False
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         del d["plain"]
         if self.plain:
-            return {k: d[k] for k in ("store", "shard", "models")}
+            return {k: d[k] for k in ("store", "shard", "models", "notes")}
         return d
 
 
@@ -398,15 +400,18 @@ def run_job(
     for tm in job.text_models:
         _text_options(job, cfg, tm)
     model_reports: list[ModelReport] = []
+    notes: list[str] = []
     for protocol, models in job.groups:
         rep: ExtractReport = extract(records, job.pass_config(cfg, protocol, models), progress)
         model_reports.extend(rep.models)
+        notes.extend(n for n in rep.notes if n not in notes)
     text_reports: list[TextSetReport] = []
     if vocabs and job.text_models:
         if not job.groups and records:
             store = FeatureStore.open_or_create(cfg.store, records)
         else:
             store = FeatureStore.open(cfg.store)
+        notes.extend(n for n in store.notes if n not in notes)
         for tm in job.text_models:
             opts = _text_options(job, cfg, tm)
             for v in vocabs:
@@ -442,4 +447,5 @@ def run_job(
         models=model_reports,
         text_sets=text_reports,
         recipe=job.recipe.to_dict() if job.recipe else None,
+        notes=notes,
     )

@@ -50,8 +50,10 @@ class EvalResult:
 
     Attributes:
         dataset, split: the benchmark and split scored.
-        images: images scored.
-        skipped: image id -> why it was not scored.
+        images: images scored (the number covers these).
+        skipped: image id -> why it was not scored (empty unless ``allow_missing``: a strict
+            run fails instead, see :func:`require_complete`).
+        total: images of the split asked for (scored + skipped; default: their sum).
         metrics: ``MetricResult.to_dict`` (mIoU, mAcc, aAcc in percent, per-class values).
         protocol: everything needed to reproduce the result (method, config, backbones,
             scoring, vocabulary, templates, version).
@@ -86,9 +88,59 @@ class EvalResult:
     store: str | None = None
     data_root: str | None = None
     kind: str = "eval"
+    total: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.total:
+            self.total = self.images + len(self.skipped)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+class MissingPredictionsError(OvssError):
+    """Images of the benchmark without a usable prediction (missing or unreadable PNG, another
+    size, skipped by the method, features not extracted): a number over a subset is not the
+    benchmark's, so a strict evaluation fails.
+
+    Attributes:
+        missing: image id -> why it has no usable prediction.
+        total: images of the split asked for.
+        dataset: the benchmark.
+    """
+
+    def __init__(self, message: str, missing: dict[str, str], total: int, dataset: str = ""):
+        super().__init__(message)
+        self.missing = dict(missing)
+        self.total = total
+        self.dataset = dataset
+
+
+#: Images a :class:`MissingPredictionsError` names in its message (then a count) [ours].
+MISSING_SHOWN = 3
+
+
+def require_complete(result: EvalResult, allow_missing: bool = False, label: str = "") -> None:
+    """Fail unless every image of the split was scored (``allow_missing``: accept the subset;
+    ``result.images`` of ``result.total`` then says what the number covers).
+
+    Raises:
+        MissingPredictionsError: names the first :data:`MISSING_SHOWN` images with their
+            reasons and the count of the others.
+    """
+    if allow_missing or not result.skipped:
+        return
+    items = list(result.skipped.items())
+    shown = "; ".join(f"{k} ({v})" for k, v in items[:MISSING_SHOWN])
+    more = f"; and {len(items) - MISSING_SHOWN} more" if len(items) > MISSING_SHOWN else ""
+    who = f"{label}: " if label else ""
+    raise MissingPredictionsError(
+        f"{who}{len(items)} of {result.total} {result.dataset} images have no usable "
+        f"prediction: {shown}{more}",
+        result.skipped,
+        result.total,
+        result.dataset,
+    )
 
 
 def encode_label_png(labels: np.ndarray) -> str:
@@ -374,6 +426,9 @@ class EvalRequest(MethodRequest):
         check_reference: compare with the published numbers when the configuration matches.
         gallery: images kept at each end of the result's gallery (best and worst by per-image
             mIoU; default :data:`GALLERY_SIZE` [ours]; 0: none).
+        allow_missing: score the images that have a usable prediction and report how many of
+            the split's that is (default False: any image without one fails the run with
+            :class:`MissingPredictionsError`).
     """
 
     dataset: str = ""
@@ -383,6 +438,7 @@ class EvalRequest(MethodRequest):
     predictions: str | None = None
     check_reference: bool = False
     gallery: int = GALLERY_SIZE
+    allow_missing: bool = False
 
 
 @honours_trust
@@ -396,6 +452,8 @@ def run_eval(request: EvalRequest, progress: Progress | None = None) -> EvalResu
 
     Raises:
         RequestError: missing or contradicting options.
+        MissingPredictionsError: an image of the split has no usable prediction (unless
+            ``allow_missing``).
         OvssError: whatever else is wrong, as one line.
     """
     from featurestore.extract import resolve_device
@@ -436,6 +494,7 @@ def run_eval(request: EvalRequest, progress: Progress | None = None) -> EvalResu
             segmenter=seg,
             gallery=request.gallery,
         )
+    require_complete(result, request.allow_missing)
     if request.check_reference:
         result.reference = check_reference(result)
     return result

@@ -54,6 +54,7 @@ from methods.evaluate import (
     _gt_for,
     _load_label,
     gallery_paths,
+    require_complete,
 )
 from methods.scoring import score_logits, score_logits_thresholds
 from methods.segment import (
@@ -693,6 +694,7 @@ def run_sweep(request: SweepRequest, progress: Progress | None = None) -> SweepR
             data_root=str(request.data_root),
         )
         accs[r].fill(res)
+        require_complete(res, request.allow_missing, cfg.label if len(configs) > 1 else "")
         if request.check_reference:
             res.reference = check_reference(res)
         results.append(res)

@@ -386,13 +386,22 @@ def doctor(rep: dict, as_json: bool) -> None:
     out.print(t)
 
 
+def coverage(result) -> str:
+    """``mIoU over N images``, or ``mIoU over N of M images`` when some were not scored
+    (``eval --allow-missing``)."""
+    total = getattr(result, "total", 0) or result.images
+    if result.images < total:
+        return f"mIoU over {result.images} of {total} images"
+    return f"mIoU over {result.images} images"
+
+
 def eval_result(result, as_json: bool) -> None:
     d = result.to_dict()
     if as_json:
         _json(d)
         return
     m = result.metrics
-    t = Table(title=f"{result.dataset} ({result.split}): {result.images} images")
+    t = Table(title=escape(f"{result.dataset} ({result.split}): {coverage(result)}"))
     for c in ("class", "IoU", "Acc"):
         t.add_column(c, justify="left" if c == "class" else "right")
     pc = m.get("per_class", {})
@@ -469,10 +478,12 @@ def sweep_result(result, as_json: bool) -> None:
         _json(result.to_dict())
         return
     rows = result.rows
+    partial = [r for r in rows if r.result.skipped]
+    over = f", {coverage(partial[0].result)}" if partial else ""
     t = RichTable(
         title=Text(
             f"{result.dataset} ({result.split}): {len(rows)} configurations in one pass, "
-            f"{result.seconds:.1f} s"
+            f"{result.seconds:.1f} s{over}"
         )
     )
     for k in result.keys:
@@ -526,7 +537,7 @@ def sweep_result(result, as_json: bool) -> None:
         if r.result.reference is not None:
             out.print(Text(f"reference ({r.label}): {json.dumps(r.result.reference)}"))
         if r.result.skipped:
-            err.print(Text(f"{r.label}: {len(r.result.skipped)} image(s) skipped"))
+            err.print(Text(f"{r.label}: {coverage(r.result)}, {len(r.result.skipped)} skipped"))
 
 
 def sweep_csv(result, path: str) -> None:

@@ -263,10 +263,16 @@ def _register_hints() -> None:
     if _HINTS_DONE:
         return
     _HINTS_DONE = True
+    from methods.evaluate import MissingPredictionsError
     from methods.segment import KeptStoreError, TensorNotComputedError
     from methods.train import CheckpointError
 
     hint_for(CheckpointError)(checkpoint_hint)
+
+    @hint_for(MissingPredictionsError)
+    def _missing(e: MissingPredictionsError) -> str:
+        n = e.total - len(e.missing)
+        return f"pass --allow-missing to report the number over the {n} of {e.total} scored"
 
     @hint_for(KeptStoreError)
     def _kept(e: KeptStoreError) -> str:
@@ -481,6 +487,14 @@ Sweeps and comparisons (one pass over the store):
     help="Images kept at each end (best / worst per-image mIoU) of the result's gallery "
     "(default 4 [ours]; 0: none).",
 )
+@click.option(
+    "--allow-missing",
+    is_flag=True,
+    default=None,
+    help="Score the images that have a usable prediction and say how many of the split's "
+    "the number covers (default: any image without one, e.g. a missing or wrong-size PNG, "
+    "an image the method skipped or whose features were not extracted, fails the run).",
+)
 @add_options(_eval_method_options())
 @storage_options_option
 @user_errors
@@ -488,8 +502,9 @@ def eval_cmd(**kw):
     """mIoU / mAcc / aAcc with mmseg IoUMetric semantics, per-class table, full protocol.
 
     Either runs --method on --store, or scores --predictions from any tool; --sweep and a
-    repeated --method evaluate several configurations in one pass over the store. Exit
-    codes: 0 done, 1 error or no image scored, 2 usage error.
+    repeated --method evaluate several configurations in one pass over the store. Every
+    image of the split must have a usable prediction unless --allow-missing. Exit codes: 0
+    done, 1 error (an image without a usable prediction included), 2 usage error.
     """
     from methods.evaluate import EvalRequest, run_eval
 
@@ -505,6 +520,8 @@ def eval_cmd(**kw):
     fields = _method_fields(kw)
     if gallery is not None:
         fields["gallery"] = gallery
+    if kw.pop("allow_missing"):
+        fields["allow_missing"] = True
     common = dict(
         dataset=kw["dataset"],
         data_root=kw["data_root"],

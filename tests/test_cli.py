@@ -264,3 +264,27 @@ def test_doctor_and_models():
     res = r.invoke(cli, ["models", "--json"])
     names = [m["name"] for m in json.loads(res.output)]
     assert "dinov2-s14" in names and "dino-b8" in names
+
+
+def test_extract_reports_the_stores_cleanup_notes(tmp_path, images):
+    """A set left unfinished (its provenance lost) is made anew on rerun, and the report says
+    so: in the JSON and as a note line under the table."""
+    store = tmp_path / "s.zarr"
+    args = ["extract", "-m", "dinov2-s14", "--images", str(images), "--store", str(store)]
+    args += ["--size", "42", "-q", *TINY_ARGS]
+    r = CliRunner()
+    assert r.invoke(cli, args).exit_code == 0
+    meta = store / "features" / "dinov2-s14@short42" / "zarr.json"
+    d = json.loads(meta.read_text())
+    del d["attributes"]["provenance"]
+    meta.write_text(json.dumps(d))
+    res = r.invoke(cli, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["models"][0]["images_extracted"] == 4
+    assert any("unfinished" in n for n in rep["notes"]), rep
+    meta.write_text(json.dumps(d))
+    res = r.invoke(cli, args)
+    assert res.exit_code == 0 and "note: feature set 'dinov2-s14@short42' was unfinished" in (
+        res.output
+    ), res.output

@@ -536,3 +536,58 @@ def test_nan_features_stop_segment_and_eval_naming_image_and_set(tmp_path):
         assert f"image '{bad_id}'" in res.output and "fake-dense@orig" in res.output
         assert "mIoU" not in res.output and res.output.strip().count("\n") == 0
         assert "store verify" in res.output
+
+
+# -- strict evaluation: every image of the split has a usable prediction, or --allow-missing ----
+
+EVAL_SETS = ["--set", "model=fake-dense", "--set", "resize=none", "--set", "size=0"]
+
+
+def _eval(tmp_path, *extra):
+    args = ["eval", "--dataset", "custom", "--data-root", str(tmp_path / "data")]
+    return CliRunner().invoke(cli, [*args, "--split", "val", "-q", *extra])
+
+
+def test_eval_predictions_missing_or_wrong_size_fail_unless_allow_missing(tmp_path):
+    gts = make_dataset(tmp_path / "data", n=5)
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for i in range(3):
+        Image.fromarray(gts[f"im{i}"][1]).save(pred / f"im{i}.png")
+    Image.fromarray(np.zeros((5, 5), dtype=np.uint8)).save(pred / "im4.png")  # another size
+    res = _eval(tmp_path, "--predictions", str(pred))
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "2 of 5 custom images have no usable prediction" in res.output
+    assert "im3 (no prediction file)" in res.output and "im4 (prediction shape" in res.output
+    assert "--allow-missing" in res.output
+    res = _eval(tmp_path, "--predictions", str(pred), "--allow-missing", "--json")
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert (d["images"], d["total"], sorted(d["skipped"])) == (3, 5, ["im3", "im4"])
+    assert d["metrics"]["mIoU"] == 100.0
+    res = _eval(tmp_path, "--predictions", str(pred), "--allow-missing")
+    assert res.exit_code == 0 and "mIoU over 3 of 5 images" in res.output, res.output
+    for i in (3, 4):  # complete: no count of a subset
+        Image.fromarray(gts[f"im{i}"][1]).save(pred / f"im{i}.png")
+    res = _eval(tmp_path, "--predictions", str(pred))
+    assert res.exit_code == 0 and "mIoU over 5 images" in res.output, res.output
+
+
+def test_eval_store_and_sweep_without_features_for_some_images_fail(tmp_path):
+    gts = make_dataset(tmp_path / "data", n=3)
+    store = make_store(tmp_path, gts)
+    make_dataset(tmp_path / "data", n=8)  # 5 more images of the split, not in the store
+    base = ["--store", str(store.path), "--templates", "single", "--text-random-init", *EVAL_SETS]
+    res = _eval(tmp_path, *base)
+    assert res.exit_code == 1 and "5 of 8 custom images have no usable prediction" in res.output
+    assert "im3 (not in the store)" in res.output and "and 2 more" in res.output, res.output
+    assert "im7" not in res.output  # the first few, then a count
+    res = _eval(tmp_path, *base, "--allow-missing", "--json")
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert (d["images"], d["total"], len(d["skipped"])) == (3, 8, 5)
+    sweep = ["--sweep", "logit_scale=10,40"]
+    res = _eval(tmp_path, *base, *sweep)
+    assert res.exit_code == 1 and "5 of 8 custom images" in res.output, res.output
+    res = _eval(tmp_path, *base, *sweep, "--allow-missing")
+    assert res.exit_code == 0 and "mIoU over 3 of 8 images" in res.output, res.output
