@@ -151,8 +151,14 @@ def test_proxyclip_segments_and_reports_missing_vfm(stores):
             ),
         )
     assert "ovss extract --store" in render_error(err.value)
-    assert cls.presets("ade20k") == {"size": 448, "crop": 336, "stride": 112}
-    assert cls.scoring_presets("voc21") == {"prob_thd": 0.2}
+    assert cls.presets("ade20k") == {
+        "size": 448,
+        "crop": 336,
+        "stride": 112,
+        "beta": 1.2,
+        "gamma": 3.0,
+    }
+    assert cls.scoring_presets("voc21") == {"prob_thd": 0.2, "logit_scale": 40.0}
 
 
 def test_cli_segment_images_on_the_fly(tmp_path):
