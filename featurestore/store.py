@@ -35,6 +35,7 @@ import glob
 import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -1045,7 +1046,7 @@ class FeatureSet:
         self._sizes: np.ndarray | None = None
         self._prov: dict | None = None
         self._specs: list[TensorSpec] | None = None
-        self._ndims: dict[str, int] = {}  # array name -> ndim (chunk paths without zarr calls)
+        self._ndims: dict[str, str] = {}  # array name -> chunk-key tail ("/0" per extra dim)
 
     # -- metadata ----------------------------------------------------------------------------
     @property
@@ -1192,12 +1193,18 @@ class FeatureSet:
 
     def _chunk_path(self, name: str, b: int) -> Path | None:
         """The chunk file of block ``b`` when the store is a local Zarr directory, else None."""
+        file = self._chunk_file(name, b)
+        return None if file is None else Path(file)
+
+    def _chunk_file(self, name: str, b: int) -> str | None:
+        """``_chunk_path`` as a string, built without pathlib (the per-read hot path)."""
         if "://" in self.store.path or self.store.path.lower().endswith((".h5", ".hdf5")):
             return None
-        ndim = self._ndims.get(name)
-        if ndim is None:  # one zarr metadata read per array, not one per block and image
-            ndim = self._ndims[name] = len(self.group[name].shape)
-        return Path(self.store.path, "features", self.key, name, "c", str(b), *["0"] * (ndim - 1))
+        tail = self._ndims.get(name)
+        if tail is None:  # one zarr metadata read per array, not one per block and image
+            ndim = len(self.group[name].shape)
+            tail = self._ndims[name] = "".join(["/0"] * (ndim - 1))
+        return f"{self.store.path}/features/{self.key}/{name}/c/{b}{tail}"
 
     def _remote_chunk_size(self, name: str, b: int) -> int | None:
         """Bytes of block ``b``'s chunk object of ``name`` in a remote store; ``None`` when the
@@ -1229,7 +1236,7 @@ class FeatureSet:
         sdt = _storage_dtype(self.dtype)
         rows = self.block_rows(unit)
         b = start // rows
-        path = self._chunk_path(name, b)
+        path = self._chunk_file(name, b)
         if path is not None:
             spec_shape = next(s.row_shape for s in self.specs if s.name == name)
             out = np.empty((count, *spec_shape), dtype=sdt)
@@ -1238,7 +1245,7 @@ class FeatureSet:
             except FileNotFoundError:  # never written (Zarr leaves all-zero chunks out)
                 out[...] = 0
                 return out
-            row_bytes = int(np.prod(spec_shape)) * sdt.itemsize
+            row_bytes = math.prod(spec_shape) * sdt.itemsize
             try:
                 buf = [memoryview(out).cast("B")]
                 got = os.preadv(fd, buf, (start - b * rows) * row_bytes) if out.size else 0
