@@ -276,3 +276,62 @@ def test_bad_endpoint_credentials_and_bucket_are_one_line_errors(aws, monkeypatc
     # ... and a malformed value is a usage error that does not repeat it.
     res = r.invoke(cli, ["store", "info", url, "--storage-options", '{"secret": "abcd1234"'])
     assert res.exit_code == 2 and "abcd1234" not in res.output, res.output
+
+
+def test_credentials_never_reach_the_store_the_logs_or_the_report(aws, dataset, tmp_path):
+    """Extract (logs on a non-terminal stderr, as in a batch job), eval with --report and
+    --out-json, and `ovss report`, with the credentials in the environment and once in
+    --storage-options: no credential string in any file of the store (zarr.json attributes,
+    chunks), in stdout/stderr, in the result JSON or in either HTML page."""
+    from benchmarks.s3_bench import ACCESS_KEY
+
+    url = f"s3://{BUCKET}/no-secrets.zarr"
+    secrets = (SECRET_KEY, "s3cr3t-in-opts-42")
+    env = {**os.environ, "OVSS_REMOTE_WAIT_S": "120"}
+
+    def ovss(*args: str) -> str:
+        p = subprocess.run(
+            [sys.executable, "-m", "ovss_cli.main", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert p.returncode == 0, p.stdout + p.stderr
+        return p.stdout + p.stderr
+
+    args = _extract_args(url, dataset)
+    logs = [ovss(*[a for a in args if a not in ("-q", "--json")])]  # progress lines, the table
+    ev = ["eval", "--dataset", "custom", "--data-root", str(dataset), "--split", "val"]
+    ev += ["--store", url, "--random-init", *TINY, "--templates", "single", "--set", "size=48"]
+    out = tmp_path / "out"
+    out.mkdir()
+    logs.append(ovss(*ev, "--report", str(out / "eval.html"), "--out-json", str(out / "r.json")))
+    opts = json.dumps({"key": ACCESS_KEY, "secret": "s3cr3t-in-opts-42"})
+    logs.append(  # wrong secret in the options: a one-line error, not repeated
+        subprocess.run(
+            [sys.executable, "-m", "ovss_cli.main", *ev, "--storage-options", opts],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ).stderr
+    )
+    logs.append(ovss("report", str(out / "r.json"), "-o", str(out / "report.html")))
+    logs.append(ovss("store", "info", url))
+    assert "mIoU" in (out / "eval.html").read_text() and (out / "report.html").stat().st_size
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=aws.endpoint, key=ACCESS_KEY, secret=SECRET_KEY)
+    objects = fs.find(f"{BUCKET}/no-secrets.zarr")
+    assert any(o.endswith("zarr.json") for o in objects) and len(objects) > 10
+    blobs = {o: fs.cat_file(o) for o in objects}
+    blobs.update({str(p): p.read_bytes() for p in out.iterdir()})
+    blobs.update({f"log {i}": text.encode() for i, text in enumerate(logs)})
+    assert any(b'"provenance"' in b for b in blobs.values())  # the attributes were read
+    for where, data in blobs.items():
+        for s in secrets:
+            assert s.encode() not in data, f"{s} in {where}"
