@@ -8,13 +8,14 @@ STAMP := $(VENV)/.ovss-installed
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench lint format clean help browser
+.PHONY: install demo test bench bench-gpu lint format clean help browser
 
 help:
 	@echo "make install  create .venv and install ovss with its test dependencies"
 	@echo "make demo     run 'ovss demo' (the embedded default benchmark)"
 	@echo "make test     run the test suite"
 	@echo "make bench    run the benchmarks (table on stdout, JSON in bench_out/)"
+	@echo "make bench-gpu  GPU figures in <= 5 min on one GPU + the CPU bench's ratios"
 	@echo "make lint     ruff check + format check"
 
 install: $(STAMP)
@@ -52,6 +53,11 @@ test: install browser
 
 bench: install
 	$(BIN)/python -m benchmarks.run
+
+# Refuses (exit 2, one line) without CUDA; `python -m benchmarks.gpu_check --smoke` is the CPU
+# dry run of the same code path.
+bench-gpu: install
+	$(BIN)/python -m benchmarks.gpu_check
 
 lint: install
 	$(BIN)/ruff check .

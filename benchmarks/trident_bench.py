@@ -30,6 +30,12 @@ embeddings (it does not change the cost).
   SAM part of the head (``sam_tokens`` + ``sam_affinity`` + aggregation + projection) on that
   SAM-B grid (12 heads, 4096 tokens, from the encoder's own q/k/v in float16) over the tiny
   grid's. The SAM-B store read (about 19 MB per image) is not counted.
+- ``sam_b.affinity``: ``sam_affinity`` alone on the SAM-B grid (best of 3; target
+  ``SAM_HEAD_TARGET_S``) beside its FLOP bound (``4 H n N hd`` float32 matmul FLOPs at the
+  sgemm rate measured in the same run) and byte bound (float16 q/k/v in, ``(n, n)`` float32
+  out, at the measured copy bandwidth), and the labels check: the head's labels with the fused
+  affinity equal those with the per-head reference affinity (BENCH_TRIDENT_REFERENCE=0 skips
+  the reference, ~6 s or more).
 
 Environment knobs: BENCH_TRIDENT_IMAGES (default 4), BENCH_TRIDENT_SIZE (collage side in pixels,
 default 448), BENCH_TRIDENT_SAM_B (0 skips the SAM-B measurement, default 1).
@@ -37,6 +43,7 @@ default 448), BENCH_TRIDENT_SAM_B (0 skips the SAM-B measurement, default 1).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -138,10 +145,14 @@ def _sam_head(
     block: LastBlock,
     text: torch.Tensor,
     cfg: TridentConfig,
+    fused: bool = True,
 ) -> torch.Tensor:
     """The SAM half of the Trident head: spliced canvas -> SAM grid, affinity, aggregation,
-    ``out_proj``, ``ln_post @ proj``, cosines ``(Q, vh, vw)`` (``TridentSegmenter``'s order)."""
+    ``out_proj``, ``ln_post @ proj``, cosines ``(Q, vh, vw)`` (``TridentSegmenter``'s order);
+    ``fused=False``: the per-head reference affinity (``(n, n)`` attention per head)."""
     sam = sam_tokens(features, static)
+    if not fused:
+        sam = dataclasses.replace(sam, factors=None)
     vh, vw = sam.grid
     x = resize_grid(spliced, (vh, vw)).reshape(vh * vw, -1)
     (wmat,) = sam_affinity(
@@ -213,6 +224,58 @@ class PixelTrident:
         return cos
 
 
+#: Target (issue 16): SAM affinity seconds per image on SAM-B's 64 x 64 grid, 2 cores.
+SAM_HEAD_TARGET_S = 0.6
+
+
+def _sam_b_affinity(features: ImageFeatures, static: dict, cfg: TridentConfig, heads, hd) -> dict:
+    """``sam_affinity`` alone on SAM-B's grid (best of 3) beside its FLOP and byte bounds: the
+    float32 matmul FLOPs (``4 H n N hd``: ``q k^T`` and the value cosines) at this machine's
+    measured sgemm rate, and the compulsory bytes (float16 q/k/v in, the ``(n, n)`` float32
+    result out) at its measured copy bandwidth."""
+    from benchmarks.scoring_bench import copy_bandwidth
+
+    sam = sam_tokens(features, static)
+    n = sam.values.shape[1]
+    big_n = int(np.prod(features.win_grid[0]))
+
+    def run():
+        return sam_affinity(
+            sam,
+            [None],
+            cfg.correlation,
+            cfg.cos_fac,
+            cfg.cos_cap,
+            cfg.refine_neg_cos,
+            cfg.neg_cos_thr,
+        )
+
+    run()
+    times = [_timed(run)[0] for _ in range(3)]
+    a = torch.randn(2048, 2048)
+    b = torch.randn(2048, 2048)
+    a @ b
+    gemm_s = min(_timed(lambda: a @ b)[0] for _ in range(3))
+    gemm_rate = 2 * 2048**3 / gemm_s
+    flops = 2 * heads * n * (big_n + n) * hd
+    nbytes = 3 * big_n * heads * hd * 2 + n * n * 4
+    bandwidth = copy_bandwidth()
+    best = min(times)
+    return {
+        "affinity_s_per_image": round(best, 3),
+        "torch_threads": torch.get_num_threads(),
+        "gflop": round(flops / 1e9, 1),
+        "sgemm_gflops": round(gemm_rate / 1e9, 1),
+        "flop_bound_s": round(flops / gemm_rate, 3),
+        "mbytes": round(nbytes / 1e6, 1),
+        "copy_GBps": round(bandwidth / 1e9, 2),
+        "byte_bound_s": round(nbytes / bandwidth, 4),
+        "ratio_to_bound": round(best / max(flops / gemm_rate, nbytes / bandwidth), 2),
+        "target_s": SAM_HEAD_TARGET_S,
+        "met": best <= SAM_HEAD_TARGET_S,
+    }
+
+
 def _sam_b(
     image: np.ndarray,
     spliced: torch.Tensor,
@@ -247,8 +310,19 @@ def _sam_b(
     tensors = {n: t.to(torch.float16).float()[None] for n, t in tensors.items()}
     features = _sam_features(geo, tensors, "sam-b")
     static = sam.static_tensors()
-    head_s, _ = _timed(lambda: _sam_head(spliced, features, static, block, text, cfg))
+    head_s, cos = _timed(lambda: _sam_head(spliced, features, static, block, text, cfg))
+    affinity = _sam_b_affinity(features, static, cfg, heads, hd)
+    # Labels-identical check: the head's labels (argmax over the vocabulary) with the fused
+    # affinity equal those of the per-head reference affinity, on this SAM-B grid.
+    if os.environ.get("BENCH_TRIDENT_REFERENCE", "1") != "0":
+        ref_s, ref = _timed(
+            lambda: _sam_head(spliced, features, static, block, text, cfg, fused=False)
+        )
+        affinity["reference_head_s_per_image"] = round(ref_s, 3)
+        affinity["labels_identical"] = bool(torch.equal(cos.argmax(0), ref.argmax(0)))
+        affinity["max_abs_cos_diff"] = float((cos - ref).abs().max())
     return {
+        "affinity": affinity,
         "model": "sam-b (random init, segment_anything ViT-B)",
         "input": [SAM_B_SIZE, SAM_B_SIZE],
         "grid": [s, s],

@@ -1,0 +1,87 @@
+"""Scoring at the original resolution (``methods.scoring``) against its memory-bandwidth bound.
+
+``python -m benchmarks.scoring_bench`` prints the result dict as JSON.
+
+Setup: 150 queries (ADE20K's classes, one query each) of random cosine logits on a 28 x 37
+grid (a 448-short-side canvas at patch 16), scored at 683 x 512 (an ADE20K validation size):
+bilinear upsampling of every class map, softmax, synonym max, argmax (``score_logits``, the
+same with the max-probability map; ``score_labels``, labels only).
+
+- ``bound_s``: the bytes the computation cannot avoid, over the machine's copy bandwidth
+  measured in the same run: the upsampled ``(Q, H, W)`` float32 logits written once and read
+  once (``2 * 4 * Q * H * W`` bytes; both fast paths materialise them once: the interpolation
+  must be bitwise the reference's). ``ratio_to_bound`` = seconds / ``bound_s`` (target <= 3).
+- ``labels_identical``: the labels of both fast paths equal ``score_logits_reference``'s (the
+  float32 reference) on this input.
+
+Environment knobs: BENCH_SCORING_CLASSES (default 150), BENCH_SCORING_SIZE (``HxW``, default
+683x512).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+
+import torch
+
+from methods.scoring import score_labels, score_logits, score_logits_reference
+
+#: Target: seconds within this factor of the bandwidth bound.
+TARGET_RATIO = 3.0
+
+
+def _best(fn: Callable, reps: int = 3) -> tuple[float, object]:
+    out = fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return min(times), out
+
+
+def copy_bandwidth(nbytes: int = 1 << 28) -> float:
+    """Bytes per second moved by a large float32 copy (read + write counted), best of 3."""
+    src = torch.ones(nbytes // 8)
+    dst = torch.empty_like(src)
+    t, _ = _best(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / t
+
+
+def bench_scoring(_tmp=None) -> dict:
+    q = int(os.environ.get("BENCH_SCORING_CLASSES", "150"))
+    h, w = (int(x) for x in os.environ.get("BENCH_SCORING_SIZE", "683x512").split("x"))
+    g = torch.Generator().manual_seed(0)
+    cos = torch.rand(q, 28, 37, generator=g) * 0.4 - 0.1
+    q2c = torch.arange(q)
+    bandwidth = copy_bandwidth()
+    bound = 2 * 4 * q * h * w / bandwidth
+    ref_s, (ref_labels, _) = _best(lambda: score_logits_reference(cos, (h, w), q2c, q), reps=1)
+    logits_s, (labels, _) = _best(lambda: score_logits(cos, (h, w), q2c, q))
+    labels_s, labels_only = _best(lambda: score_labels(cos, (h, w), q2c, q))
+    return {
+        "classes": q,
+        "out_hw": [h, w],
+        "copy_GBps": round(bandwidth / 1e9, 2),
+        "bound_s": round(bound, 4),
+        "reference_s": round(ref_s, 3),
+        "score_logits_s": round(logits_s, 3),
+        "score_labels_s": round(labels_s, 3),
+        "ratio_to_bound": round(logits_s / bound, 2),
+        "labels_ratio_to_bound": round(labels_s / bound, 2),
+        "labels_identical": bool(
+            torch.equal(labels, ref_labels) and torch.equal(labels_only, ref_labels)
+        ),
+        "target": TARGET_RATIO,
+    }
+
+
+def main() -> None:
+    print(json.dumps({"scoring": bench_scoring()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
