@@ -52,6 +52,7 @@ def doctor_report(store_path: str | None = None) -> dict:
         rep["OVSS_WEIGHTS"] = f"{wdir}: {len(files)} file(s) {', '.join(files[:8])}"
     else:
         rep["OVSS_WEIGHTS"] = "not set (checkpoints: --weights PATH or $OVSS_WEIGHTS/<file>)"
+    rep["DINOv3 weights"] = dinov3_weights_found()
     if store_path:
         from featurestore.errors import OvssError
         from featurestore.store import FeatureStore
@@ -62,3 +63,24 @@ def doctor_report(store_path: str | None = None) -> dict:
         except OvssError as e:
             rep["store"] = f"unreadable: {e}"
     return rep
+
+
+def dinov3_weights_found() -> str:
+    """The DINOv3 checkpoints found without the network, ``name: path`` joined by ``, `` (in
+    ``$OVSS_WEIGHTS``: Meta's ``dinov3_*_pretrain_*.pth`` or timm's ``timm/<model>.<tag>/``
+    files; the huggingface_hub and torch.hub caches), or a line saying none was found."""
+    from featurestore.backbones.dinov3 import VARIANTS, weights_spec
+    from featurestore.weights import find_local_weights
+
+    found = []
+    for v in VARIANTS:
+        path = find_local_weights(weights_spec(v))
+        if path is not None:
+            found.append(f"{v.name}: {path}")
+    if found:
+        return ", ".join(found)
+    return (
+        "none found (Meta's dinov3_<arch>_pretrain_<lvd1689m|sat493m>-<hash>.pth or timm's "
+        "timm/vit_*_dinov3*.<tag>/model.safetensors in $OVSS_WEIGHTS, or the Hugging Face / "
+        "torch.hub caches)"
+    )

@@ -110,6 +110,21 @@ def resolve_weights(spec: WeightsSpec, explicit: str | os.PathLike | None = None
     raise WeightsNotFoundError(_missing_message(spec))
 
 
+def find_local_weights(spec: WeightsSpec) -> Path | None:
+    """The checkpoint of ``spec`` found without the network (``$OVSS_WEIGHTS``, then the
+    huggingface_hub and torch.hub caches, as ``resolve_weights``), or ``None``; never raises."""
+    weights_dir = os.environ.get(WEIGHTS_ENV)
+    if weights_dir:
+        root = Path(weights_dir).expanduser()
+        for name in spec.candidates if root.is_dir() else []:
+            if (root / name).is_file():
+                return root / name
+    try:
+        return _find_in_library_caches(spec)
+    except Exception:  # a broken cache is a doctor finding, not a crash
+        return None
+
+
 def _chosen(path: Path, source: str) -> Path:
     logger.info("using weights %s (from %s)", path, source)
     return path

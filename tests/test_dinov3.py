@@ -336,3 +336,216 @@ def test_extract_equals_timm_forward_features(size: int, tmp_path: Path) -> None
         np.testing.assert_allclose(got["patch"], want, rtol=0, atol=1e-6)
         np.testing.assert_allclose(got["cls"], torch.stack([f[0] for f in full]), atol=1e-6)
     assert any(h != w for h, w in shapes)  # a non-square window was among them
+
+
+# --- doctor -------------------------------------------------------------------------------------
+
+
+def test_doctor_lists_the_dinov3_files_found(offline_and_isolated: Path) -> None:
+    from featurestore.doctor import doctor_report
+
+    assert doctor_report()["DINOv3 weights"].startswith("none found")
+    meta = offline_and_isolated / "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth"
+    meta.write_bytes(b"")
+    hub = offline_and_isolated / "timm/vit_small_patch16_dinov3_qkvb.lvd1689m/model.safetensors"
+    hub.parent.mkdir(parents=True)
+    hub.write_bytes(b"")
+    found = doctor_report()["DINOv3 weights"]
+    assert found == f"dinov3-s16: {hub}, dinov3-l16-sat: {meta}"
+
+
+# --- in the methods (tiny random-init stores, through the CLI) ------------------------------------
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"layers": 2, "width": 64, "heads": 2},
+    "text_cfg": {"layers": 2, "width": 64, "heads": 2},
+}
+TINY_VFM = {"depth": 2, "embed_dim": 32, "num_heads": 2}  # CLIP's text width: prototype works
+TINY_SAM = {
+    "depth": 2,
+    "embed_dim": 64,
+    "num_heads": 2,
+    "global_attn_indexes": (1,),
+    "window_size": 4,
+    "img_size": 256,
+    "out_chans": 32,
+    "decoder_mlp_dim": 64,
+    "decoder_num_heads": 2,
+    "iou_head_hidden_dim": 32,
+    "mask_in_chans": 8,
+}
+CLASSES = ("sky", "tree", "road")
+SIZES = ((61, 93), (97, 50))
+PC = {"size": 64, "crop": 48, "stride": 32, "pad_multiple": 0}  # proxyclip's and trident's
+PC_PROTOCOL = Protocol("short", 64, crop=48, stride=32)
+TRIDENT_PROTOCOL = Protocol("trident", 64, crop=48, stride=32, align=16)
+WHOLE = Protocol("short", 64)
+
+
+def tiny_text_args() -> list[str]:
+    args = ["--text-random-init", "--templates", "single"]
+    args += ["--text-arch-override", f"embed_dim={TINY_CLIP['embed_dim']}"]
+    for tower in ("vision_cfg", "text_cfg"):
+        args += [f"--text-arch-override={tower}.{k}={v}" for k, v in TINY_CLIP[tower].items()]
+    return args
+
+
+@pytest.fixture(scope="module")
+def method_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A ``custom`` dataset of two odd-sized images and a store with tiny CLIP-B/16, DINOv3-S/16
+    and SAM-B sets for proxyclip, trident, prototype, cluster and align: ``(store, data root)``."""
+    from click.testing import CliRunner
+
+    from ovss_cli.main import cli
+
+    tmp = tmp_path_factory.mktemp("dinov3_methods")
+    data = tmp / "data"
+    for sub in ("images/val", "annotations/val"):
+        (data / sub).mkdir(parents=True)
+    (data / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    for i, (h, w) in enumerate(SIZES):
+        yy, xx = np.mgrid[0:h, 0:w]
+        noise = np.random.default_rng(i).normal(0, 25, (h, w, 3))
+        pixels = np.clip(127 + 100 * np.sin(xx / (5 + 2 * i))[..., None] + noise, 0, 255)
+        Image.fromarray(pixels.astype(np.uint8)).save(data / "images/val" / f"im{i}.png")
+        gt = (xx * 3 // w).astype(np.uint8)
+        Image.fromarray(gt).save(data / "annotations/val" / f"im{i}.png")
+    store = tmp / "s.zarr"
+    records = list_folder_images(data / "images/val")
+    common = dict(store=str(store), random_init=True, dtype="float32", block_mb=1, workers=1)
+    for model, protocol, arch in (
+        ("clip-b16", PC_PROTOCOL, TINY_CLIP),
+        ("clip-b16", TRIDENT_PROTOCOL, TINY_CLIP),
+        ("dinov3-s16", TRIDENT_PROTOCOL, TINY_VFM),
+        ("sam-b", Protocol("long", 256, align=16), TINY_SAM),
+    ):
+        cfg = ExtractConfig(models=[model], protocol=protocol, arch_overrides=arch, **common)
+        extract(records, cfg)
+    # the DINOv3 sets of the plain protocols through ovss extract itself
+    arch = [f"--arch-override={k}={v}" for k, v in TINY_VFM.items()]
+    for protocol in (["--crop", "48", "--stride", "32"], []):
+        res = CliRunner().invoke(
+            cli,
+            ["extract", "--images", str(data / "images/val"), "-s", str(store), "-m",
+             "dinov3-s16", "--random-init", "--size", "64", *protocol, *arch, "--dtype",
+             "float32", "--workers", "1", "-q"],
+        )  # fmt: skip
+        assert res.exit_code == 0, res.output
+    return store, data
+
+
+def _run(*args: str) -> dict:
+    import json
+
+    from click.testing import CliRunner
+
+    from ovss_cli.main import cli
+
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.output)
+
+
+def _opts(method: str) -> dict:
+    """The method's config on the tiny store (Trident: tiny SAM, every mask kept)."""
+    opts = {**PC, "vfm_model": "dinov3-s16"}
+    if method == "trident":
+        opts.update(sam_size=256, coarse_thresh=0.0, minimal_area=4, sam_iou_thresh=-1.0)
+    return opts
+
+
+def _sets(method: str) -> list[str]:
+    return [f"--set={k}={v}" for k, v in _opts(method).items()]
+
+
+@pytest.mark.parametrize("method", ["proxyclip", "trident"])
+def test_segment_and_eval_with_a_dinov3_vfm(method: str, method_store, tmp_path: Path) -> None:
+    """``segment``/``eval --method proxyclip|trident --set vfm_model=dinov3-s16`` run on the
+    DINOv3 sets; the PNGs are the Python segmenter's labels (random weights: the pipeline)."""
+    from featurestore.text import load_text_embeddings, parse_vocab
+    from methods.base import ScoringConfig, build_config, get_method
+    from methods.segment import segment_image, vocab_from_text
+
+    store, data = method_store
+    out = tmp_path / "seg"
+    summary = _run(
+        "segment", "--store", store, "--classes", ",".join(CLASSES), "--method", method,
+        "--out", out, "-q", "--json", *_sets(method), *tiny_text_args(),
+    )  # fmt: skip
+    assert summary["images"] == 2 and summary["config"]["vfm_model"] == "dinov3-s16"
+    fs = FeatureStore.open(store)
+    cls = get_method(method)
+    seg = cls(fs, build_config(cls, None, _opts(method)))
+    assert seg.sets["vfm"].provenance["backbone"]["name"] == "dinov3-s16"
+    te = load_text_embeddings(fs, "clip-b16", parse_vocab(",".join(CLASSES)), "single")
+    for i, (h, w) in enumerate(SIZES):
+        png = np.asarray(Image.open(out / f"im{i}.png"))
+        labels, _, _ = segment_image(seg, i, vocab_from_text(te), ScoringConfig())
+        assert png.shape == (h, w)
+        np.testing.assert_array_equal(png, labels)
+    d = _run(
+        "eval", "--dataset", "custom", "--data-root", data, "--split", "val", "--store", store,
+        "--method", method, "-q", "--json", *_sets(method), *tiny_text_args(),
+    )  # fmt: skip
+    assert d["images"] == 2 and 0.0 <= d["metrics"]["mIoU"] <= 100.0
+    protocol = TRIDENT_PROTOCOL if method == "trident" else PC_PROTOCOL
+    vfm = d["protocol"]["backbones"]["vfm"]
+    assert vfm["feature_set"] == f"dinov3-s16@{protocol.key()}"
+
+
+def test_trident_splices_dinov3_windows_at_ratio_one(method_store) -> None:
+    """DINOv3-S/16 on CLIP-B/16 windows of the same size: one VFM token per CLIP token."""
+    from methods.trident import splice_ratio
+
+    store, _ = method_store
+    fs = FeatureStore.open(store)
+    vfm = fs.require("dinov3-s16", TRIDENT_PROTOCOL).read(0, names=["patch"])
+    clip = fs.require("clip-b16", TRIDENT_PROTOCOL).read(0, names=["pre_last"])
+    windows = [torch.from_numpy(np.asarray(g)) for g in vfm.window_tokens("patch")]
+    assert len(windows) > 1
+    assert splice_ratio(windows, vfm.win_pad, vfm.win_box, 16) == 1
+    assert [g.shape[:2] for g in clip.window_tokens("pre_last")] == [
+        tuple(w.shape[:2]) for w in windows
+    ]
+
+
+def test_prototype_cluster_and_align_read_dinov3_sets(method_store, tmp_path: Path) -> None:
+    """The whole-image DINOv3 set feeds prototype lookup, k-means and FMbSeg's alignment."""
+    store, data = method_store
+    key = f"dinov3-s16@{WHOLE.key()}"
+    d = _run(
+        "segment", "--store", store, "--classes", ",".join(CLASSES), "--method", "prototype",
+        "--set=model=dinov3-s16", "--set=size=64", "--out", tmp_path / "proto", "-q",
+        "--json", *tiny_text_args(),
+    )  # fmt: skip
+    assert d["images"] == 2 and d["config"]["model"] == "dinov3-s16"
+    assert (tmp_path / "proto/im1.png").exists()
+    c = _run("cluster", "--store", store, "--features", key, "--k", "2", "--backend", "torch",
+             "--device", "cpu", "--json", "-q")  # fmt: skip
+    assert c["features"] == key and c["k"] == 2
+    a = _run(
+        "align", "--method", "fmbseg", "--store", store, "--features", key, "--gt-dataset",
+        "custom", "--data-root", data, "--split", "val", "--arch", "linear", "--epochs", "1",
+        "--device", "cpu", "--out", tmp_path / "ck", "--json", "-q", *tiny_text_args(),
+    )  # fmt: skip
+    assert a["epochs_done"] == 1 and a["features"] == key
+
+
+@pytest.mark.parametrize("method", ["proxyclip", "trident", "prototype"])
+def test_extract_for_a_recipe_swaps_in_the_dinov3_vfm(method: str, tmp_path: Path) -> None:
+    """``extract --for METHOD -m dinov3-s16 --dry-run``: the VFM (or dense) step becomes DINOv3,
+    at the recipe's protocol; the CLIP and SAM steps stay."""
+    plain = _run("extract", "--for", method, "--dataset", "voc21", "-s", tmp_path / "a.zarr",
+                 "--dry-run", "--json")["recipe"]["steps"]  # fmt: skip
+    swapped = _run("extract", "--for", method, "--dataset", "voc21", "-m", "dinov3-s16", "-s",
+                   tmp_path / "b.zarr", "--dry-run", "--json")["recipe"]["steps"]  # fmt: skip
+    role = "dense" if method == "prototype" else "vfm"
+    assert len(plain) == len(swapped)
+    for before, after in zip(plain, swapped, strict=True):
+        if before["role"] == role:
+            assert after["model"] == "dinov3-s16" and before["model"] != "dinov3-s16"
+            assert after["protocol"] == before["protocol"]
+            assert after["feature_set"].startswith("dinov3-s16@")
+        else:
+            assert after == before
