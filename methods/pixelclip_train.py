@@ -21,7 +21,9 @@ Two input paths:
   area is removed from the masks. [ours] The crop is taken in original coordinates and resized
   straight to 320² (one resampling instead of two); jitter strengths 0.4 / 0.4 / 0.4 / 0.1 (p
   0.8), grayscale p 0.2, blur p 0.5 (σ 0.1–2), one cutout p 0.5 of 2–25 % of the view.
-  ``augment=False`` squashes the whole image to 320² as the store's extraction does.
+  ``augment=False`` squashes the whole image to 320² as the store's extraction does; each
+  image is then decoded and squashed once and its masks resized once, not every step [ours:
+  squashed inputs kept up to 512 MiB].
 - **store** (``trainable_blocks = K`` < N): the first N − K blocks are frozen and their output is
   read from the ``square320`` CLIP set (``pre_last`` / ``pre_last_cls`` for K = 1, else
   ``layer{N−K−1}`` / ``layer{N−K−1}_cls``, cached by ``extract --layers N−K−1``, which
@@ -103,6 +105,9 @@ from methods.train import (
     setup_distributed,
 )
 
+#: Memory for the squashed inputs kept across steps with ``augment=False`` on pixels [ours].
+SQUASHED_CACHE_BYTES = 512 * 2**20
+
 #: Provenance sections that must match to resume.
 PIXELCLIP_RUN_KEYS = (*RUN_KEYS, "base_clip", "masks", "trainable_blocks")
 
@@ -136,6 +141,8 @@ class PixelCLIPTrainConfig:
         num_classes: k learnable classes (64).
         prompt_length: l tokens per class (4).
         prompt_seed: seed of the random vocabulary ids initialising the prompts.
+        decoder_width: channels of the decoder's first two stages, the last has half (64, the
+            authors'; smaller only for demos [ours]).
         eps: epsilon of the Sinkhorn logits eps * cos (100 for ViT).
         sinkhorn_iters: Sinkhorn iterations (3).
         momentum: EMA momentum of the teacher (0.999).
@@ -177,6 +184,7 @@ class PixelCLIPTrainConfig:
     num_classes: int = 64
     prompt_length: int = 4
     prompt_seed: int = 0
+    decoder_width: int = 64
     eps: float = 100.0
     sinkhorn_iters: int = 3
     momentum: float = 0.999
@@ -203,6 +211,7 @@ class PixelCLIPTrainConfig:
             "mask_size",
             "num_classes",
             "prompt_length",
+            "decoder_width",
         ):
             if getattr(self, name) <= 0:
                 raise OvssError(f"pixelclip: {name} must be > 0, not {getattr(self, name)}")
@@ -392,7 +401,8 @@ class TrainData:
 
     Attributes:
         indices: ``(n,)`` store indices of the images trained on (each with ≥ 1 mask).
-        masks: store path only: per index, its resized masks ``(m, S, S)`` bool.
+        masks: store path and pixels without augmentation: per index, its resized masks
+            ``(m, S, S)`` bool (read once).
         skipped: images without a mask (after resizing), and pending images, counted.
     """
 
@@ -473,7 +483,8 @@ class PixelCLIPModel:
         self.student = DenseCLIP(clip.visual, k, pos_interp)
         self.teacher = make_teacher(self.student)
         torch.manual_seed(cfg.seed)
-        self.decoder = MaskDecoder()
+        w = cfg.decoder_width
+        self.decoder = MaskDecoder((w, w, max(w // 2, 1)))
         self.clip_params = [p for p in self.student.parameters() if p.requires_grad]
         self.params = [*self.clip_params, self.text.prompts, *self.decoder.parameters()]
         base = cfg.lr
@@ -682,7 +693,8 @@ def _train(request: TrainRequest, progress: Any, ctx: Any) -> TrainResult:
     else:
         candidates = np.arange(store.n_images)
     source = open_mask_source(store, cfg)
-    data = prepare_data(store, source, cfg, candidates, keep_masks=on_store, progress=progress)
+    fixed_views = on_store or not cfg.augment  # inputs and masks the same at every step
+    data = prepare_data(store, source, cfg, candidates, keep_masks=fixed_views, progress=progress)
     base_clip = {
         "model": cfg.model,
         "weights": cfg.clip_weights or None,
@@ -759,6 +771,9 @@ def _train(request: TrainRequest, progress: Any, ctx: Any) -> TrainResult:
         ctx.barrier()
 
     mean, std = list(info.mean), list(info.std)
+    # augment=False on pixels: each image is decoded and squashed once, up to a memory budget
+    squashed: dict[int, torch.Tensor] = {}
+    budget = SQUASHED_CACHE_BYTES // (3 * cfg.size * cfg.size * 4)
     meter.start_epoch()
     while step < total:
         order = batch_order(len(data.indices), cfg.batch_size, step, cfg.seed)
@@ -772,20 +787,25 @@ def _train(request: TrainRequest, progress: Any, ctx: Any) -> TrainResult:
         else:
             weak, strong, masks = [], [], []
             for pos, i in zip(positions, idx, strict=True):
-                img = load_store_image(store, records[i])
-                m = source.masks(i)
                 if cfg.augment:
+                    img = load_store_image(store, records[i])
                     gen = torch.Generator().manual_seed(
                         (cfg.seed * 1_000_003 + step) * 10_007 + pos
                     )
-                    w, s, mm = augment_views(img, m, cfg, gen)
+                    w, s, mm = augment_views(img, source.masks(i), cfg, gen)
                     weak.append(_normalise(w, mean, std))
                     strong.append(_normalise(s, mean, std))
                 else:
-                    v = squash_normalise(img, cfg.size, mean, std)
+                    v = squashed.get(i)
+                    if v is None:
+                        v = squash_normalise(
+                            load_store_image(store, records[i]), cfg.size, mean, std
+                        )
+                        if len(squashed) < budget:
+                            squashed[i] = v
                     weak.append(v)
                     strong.append(v)
-                    mm = resize_masks(m, cfg.mask_size)
+                    mm = data.masks[i]
                 masks.append(mm.to(dev))
             t_in = torch.stack(weak).to(dev)
             s_in = torch.stack(strong).to(dev)

@@ -224,6 +224,11 @@ def test_decoder_output_shapes():
     assert mask_logits(torch.randn(2, 3, 4, 4), dec, S).shape == (2, 3, S, S)
     gn = [m for m in dec.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert [m.num_groups for m in gn] == [4, 4, 2, 2]
+    small, _ = _model(trainable_blocks=1, decoder_width=16)
+    assert small.decoder.conv0.out_channels == 16 and small.decoder.proj.in_channels == 8
+    assert small.decoder(torch.randn(6, 1, 5, 7)).shape == (6, 1, 20, 28)
+    with pytest.raises(OvssError, match="decoder_width must be > 0"):
+        _cfg(decoder_width=0)
 
 
 # -- dense tower and prompts ---------------------------------------------------------------
@@ -432,6 +437,23 @@ def test_pixel_path_with_augmentations_trains(toy):
     ck = read_checkpoint(r.checkpoint)
     assert "visual.positional_embedding" in ck["model"]
     assert np.isfinite(r.summary["first_loss"])
+
+
+def test_unaugmented_pixels_decoded_once_train_as_decoded_every_step(toy, monkeypatch):
+    import methods.pixelclip_train as pt
+
+    root, path = toy
+    cfg = _cfg(trainable_blocks=0, iterations=3, save_every=0)
+    reads = []
+    real = pt.load_store_image
+    monkeypatch.setattr(pt, "load_store_image", lambda *a: reads.append(1) or real(*a))
+    kept = train_pixelclip(TrainRequest(store=path, config=cfg, out_dir=str(root / "u1")))
+    assert len(reads) == 5  # 3 steps of 4 images over the 5 images with masks: each once
+    monkeypatch.setattr(pt, "SQUASHED_CACHE_BYTES", 0)
+    again = train_pixelclip(TrainRequest(store=path, config=cfg, out_dir=str(root / "u2")))
+    assert len(reads) == 5 + 12
+    assert kept.summary["input"] == "pixels"
+    assert kept.summary["losses"] == again.summary["losses"]
 
 
 def test_augmented_views_and_cutout_removed_from_masks():
