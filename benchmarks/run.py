@@ -31,6 +31,8 @@ Figures (PRODUCT.md "Performance"):
  11. Sweeps: a 12-point scoring sweep ÷ one evaluation (target <= 1.5), a 4-point Trident
      ``cos_fac`` sweep ÷ four evaluations (target <= 0.5), an evaluation from pixels ÷ one from
      the derived dense cache (target >= 50) (``benchmarks.sweep_bench``).
+ 12. DINOv3 beside DINOv2: store bytes per image and ``extract`` images/s of dinov3-s16 and
+     dinov2-s14 at the default protocol, random weights (``bench_dinov3``).
 
 Also: CLI start-up (``ovss store info`` in a fresh process, target ≤ 1 s, and which model
 libraries the model-free commands load: none) and scoring at the original resolution (150
@@ -220,6 +222,47 @@ def bench_extraction(tmp: Path) -> dict:
         "ratio": first["ratio"],
         "target": EXTRACTION_TARGET,
         "met": all(r["met"] for r in rows),
+    }
+
+
+#: The DINOv3-beside-DINOv2 row: (model, the default protocol), random weights.
+DINOV3_PAIR = ("dinov3-s16", "dinov2-s14")
+
+
+def bench_dinov3(tmp: Path) -> dict:
+    """Store bytes per image (float16, the dry-run planner) and ``extract`` images/s on CPU of
+    dinov3-s16 beside dinov2-s14 at the default protocol (short side 448, one window), on the
+    same BENCH_IMAGES images (default 8; 480 x 560-720), random weights, batch 1."""
+    from featurestore.extract import plan
+
+    n = int(os.environ.get("BENCH_IMAGES", "8"))
+    records = write_images(tmp / "dinov3_images", n, seed=3)
+    protocol = Protocol(resize="short", size=448)
+    rows = {}
+    for model in DINOV3_PAIR:
+        store = tmp / f"{model}.zarr"
+        cfg = ExtractConfig(
+            models=[model], protocol=protocol, store=str(store), random_init=True, device="cpu"
+        )
+        (row,) = plan(records, cfg)
+        extract(records[:1], cfg)  # warm-up (not timed)
+        shutil.rmtree(store)
+        t = time.perf_counter()
+        extract(records, cfg)
+        seconds = time.perf_counter() - t
+        rows[model] = {
+            "protocol": protocol.key(),
+            "tokens_per_image": row.tokens / row.images,
+            "bytes_per_image": row.bytes // row.images,
+            "mb_per_image": round(row.bytes / row.images / 2**20, 3),
+            "extract_images_per_s": round(n / seconds, 3),
+        }
+    a, b = (rows[m] for m in DINOV3_PAIR)
+    return {
+        "images": n,
+        "models": rows,
+        "bytes_ratio": round(a["bytes_per_image"] / b["bytes_per_image"], 3),
+        "rate_ratio": round(a["extract_images_per_s"] / b["extract_images_per_s"], 3),
     }
 
 
@@ -417,6 +460,7 @@ def main() -> None:
             ("s3_read", bench_s3),
             ("streaming_rss", bench_rss),
             ("extraction_overhead", bench_extraction),
+            ("dinov3_vs_dinov2", bench_dinov3),
             ("scoring", bench_scoring),
             ("clip_cache_payoff", bench_clip_cache),
             ("store_size_per_image", bench_store_sizes),
@@ -620,6 +664,15 @@ def main() -> None:
         f"maskclip {lb['maskclip_s']} s",
         str(lb["ratio_sclip_to_maskclip"]),
         "",
+    )
+    d3 = results["dinov3_vs_dinov2"]
+    m3, m2 = (d3["models"][m] for m in DINOV3_PAIR)
+    t.add_row(
+        f"{DINOV3_PAIR[0]} beside {DINOV3_PAIR[1]} ({m3['protocol']}, random weights)",
+        f"{m3['mb_per_image']} MiB/image, {m3['extract_images_per_s']} img/s",
+        f"{m2['mb_per_image']} MiB/image, {m2['extract_images_per_s']} img/s",
+        f"bytes {d3['bytes_ratio']}, rate {d3['rate_ratio']}",
+        "none (reported)",
     )
     for model, row in results["store_size_per_image"]["models"].items():
         t.add_row(
