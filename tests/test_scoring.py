@@ -205,6 +205,24 @@ def test_block_size_does_not_change_results(block_elems: int) -> None:
     _close(prob, ref_prob, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3, 16])
+@pytest.mark.parametrize("kw", [{}, {"prob_thd": 0.2}, {"area_thd": 0.3}])
+def test_workers_do_not_change_results(workers: int, kw: dict) -> None:
+    # blocks of pixels on several threads (one torch thread each) give the reference labels
+    from methods.scoring import _score
+
+    cos = torch.rand(9, 11, 13, generator=_gen(9))
+    q2c = [0, 1, 2, 2, 3, 4, 5, 6, 6]
+    ref_labels, ref_prob = score_logits_reference(cos, (37, 29), q2c, 7, **kw)
+    threads = torch.get_num_threads()
+    labels, prob = _score(
+        cos, (37, 29), q2c, 7, 40.0, kw.get("prob_thd", 0.0), kw.get("area_thd"), True, 97, workers
+    )
+    assert torch.get_num_threads() == threads
+    assert torch.equal(labels, ref_labels)
+    _close(prob, ref_prob, rtol=1e-5, atol=0)
+
+
 def test_scoring_rejects_bad_arguments() -> None:
     cos = torch.zeros(3, 4, 4)
     with pytest.raises(OvssError, match="entries"):
