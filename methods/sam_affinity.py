@@ -246,13 +246,17 @@ def fused_affinity(
             rows_block(c0, c1, bufs)
         return out
 
+    # Grad and inference modes are thread-local: the workers take the caller's.
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
     def worker(mine: list[tuple[int, int]]) -> None:
         # One torch thread per worker: the blocks run side by side, with no per-op barrier
         # between cores (on a loaded machine those barriers cost more than the work).
         torch.set_num_threads(1)
-        bufs = new_buffers()
-        for c0, c1 in mine:
-            rows_block(c0, c1, bufs)
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            bufs = new_buffers()
+            for c0, c1 in mine:
+                rows_block(c0, c1, bufs)
 
     with ThreadPoolExecutor(workers) as pool:
         for f in [pool.submit(worker, blocks[w::workers]) for w in range(workers)]:

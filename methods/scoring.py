@@ -362,10 +362,14 @@ def _in_parallel(tasks: list[tuple[Callable, tuple]], workers: int) -> None:
             fn(*args)
         return
 
+    # Grad and inference modes are thread-local: the workers take the caller's.
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
     def run(mine: list[tuple[Callable, tuple]]) -> None:
         torch.set_num_threads(1)
-        for fn, args in mine:
-            fn(*args)
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            for fn, args in mine:
+                fn(*args)
 
     with ThreadPoolExecutor(workers) as pool:
         for f in [pool.submit(run, tasks[w::workers]) for w in range(workers)]:

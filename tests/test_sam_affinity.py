@@ -208,5 +208,8 @@ def test_workers_compute_the_same_matrix_bit_for_bit(correlation):
         got = fused_affinity(factors, sv, thr, correlation, 5, workers=workers)
         assert torch.equal(got, inline)
         assert torch.get_num_threads() == threads
+    # inside inference mode (as evaluation runs it) the workers write the caller's tensors
+    with torch.inference_mode():
+        assert torch.equal(fused_affinity(factors, sv, thr, correlation, 5, workers=2), inline)
     (ref,) = sam_affinity(dataclasses.replace(sam, factors=None), [None], correlation, 1.2)
     assert_same(inline, ref)

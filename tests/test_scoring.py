@@ -221,6 +221,9 @@ def test_workers_do_not_change_results(workers: int, kw: dict) -> None:
     assert torch.get_num_threads() == threads
     assert torch.equal(labels, ref_labels)
     _close(prob, ref_prob, rtol=1e-5, atol=0)
+    with torch.inference_mode():  # as evaluation runs it: the workers take the caller's mode
+        got, _ = _score(cos, (37, 29), q2c, 7, 40.0, 0.0, kw.get("area_thd"), True, 97, workers)
+    assert torch.equal(got, ref_labels) or "prob_thd" in kw
 
 
 def test_scoring_rejects_bad_arguments() -> None:
