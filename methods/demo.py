@@ -14,7 +14,9 @@ also extracts CLIP ViT-B/16 and runs ``maskclip``.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from featurestore.datasets import list_dataset_images
@@ -138,6 +140,24 @@ def run_demo(
     }
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run a block with one torch thread, then restore the count.
+
+    The demo's alignment takes ~1,000 steps on 8 patches each. Steps that small spend their
+    time in OpenMP synchronisation: on a machine busy with other work, 2 threads took 47.7 s
+    against 6.1 s with one thread.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _demo_vocab(store_path, ds, seed: int, timings):
     from featurestore.text import get_text_embeddings, parse_vocab
     from methods.segment import vocab_from_text
@@ -203,15 +223,16 @@ def _align_segment_eval(store_path, key: str, ds, out: Path, seed: int, progress
     v = _demo_vocab(store_path, ds, seed, timings)
     t = time.perf_counter()
     labels = DatasetLabelSource(FeatureStore.open(store_path), "custom", str(ds.root), "train")
-    ckpt = train_alignment(
-        store_path,
-        key,
-        labels,
-        v,
-        DEMO_ALIGN,
-        out_dir=out / "align",
-        resume=False,
-    )
+    with one_torch_thread():
+        ckpt = train_alignment(
+            store_path,
+            key,
+            labels,
+            v,
+            DEMO_ALIGN,
+            out_dir=out / "align",
+            resume=False,
+        )
     timings["align"] = time.perf_counter() - t
     settings = {"checkpoint": str(ckpt)}
     val = list(range(ds.n_train, ds.n_train + ds.n_val))

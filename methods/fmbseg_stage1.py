@@ -55,8 +55,8 @@ from featurestore.protocol import Protocol
 from methods.base import (
     FeatureRequirement,
     Segmenter,
-    VocabularyDefaults,
     Vocab,
+    VocabularyDefaults,
     register_method,
 )
 
