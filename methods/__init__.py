@@ -11,6 +11,7 @@ trainer module below, and each registers itself (``@register_method`` /
 ``config`` and ``train`` import no method module, so there is no import circle.
 """
 
+# ruff: noqa: I001  (registration order and one import per line, kept by hand)
 # -- methods (one import per line) --
 from methods import aligned  # noqa: F401
 from methods import fmbseg_stage1  # noqa: F401

@@ -181,8 +181,8 @@ def storage_options_option(fn):
         expose_value=False,
         callback=_set_storage_options,
         help="Options of a store on object storage (--store s3://bucket/x.zarr or any fsspec "
-        "URL), as a JSON object or @FILE holding one, e.g. '{\"endpoint_url\": "
-        "\"http://127.0.0.1:9000\"}'. Credentials default to the AWS_* environment variables "
+        'URL), as a JSON object or @FILE holding one, e.g. \'{"endpoint_url": '
+        '"http://127.0.0.1:9000"}\'. Credentials default to the AWS_* environment variables '
         "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION); "
         "these options are never recorded or printed.",
     )(fn)

@@ -186,7 +186,7 @@ def _remote_store(e: RemoteStoreError) -> str | None:
     if e.reason in ("credentials", "denied"):
         return (
             "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or pass --storage-options "
-            "'{\"key\": ..., \"secret\": ...}'"
+            '\'{"key": ..., "secret": ...}\''
         )
     if e.reason == "unreachable":
         return (
