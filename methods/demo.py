@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from featurestore.backbones import tiny_arch_overrides
 from featurestore.datasets import list_dataset_images
 from featurestore.demo_data import build_collage_dataset
 from featurestore.extract import ExtractConfig, extract
@@ -270,19 +271,7 @@ TRIDENT_TINY = {
         "text_cfg": {"layers": 2, "width": 64, "heads": 2},
     },
     "dino-b16": {"depth": 2, "embed_dim": 64, "num_heads": 2},
-    "sam-b": {
-        "depth": 2,
-        "embed_dim": 64,
-        "num_heads": 2,
-        "global_attn_indexes": (1,),
-        "window_size": 4,
-        "img_size": 256,
-        "out_chans": 32,
-        "decoder_mlp_dim": 64,
-        "decoder_num_heads": 2,
-        "iou_head_hidden_dim": 32,
-        "mask_in_chans": 8,
-    },
+    "sam-b": tiny_arch_overrides("sam-b"),
 }
 TRIDENT_SETTINGS = {"size": 224, "crop": 224, "stride": 112, "sam_size": 256, "sam_refine": True}
 

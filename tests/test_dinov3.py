@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from timm.layers import SwiGLU
 from timm.models.eva import Eva
 
-from featurestore.backbones import create_backbone, list_backbones
+from featurestore.backbones import create_backbone, list_backbones, tiny_arch_overrides
 from featurestore.backbones.dinov3 import VARIANTS
 from featurestore.backbones.timm_vit import TimmViTBackbone
 from featurestore.errors import OvssError, WeightsNotFoundError
@@ -362,19 +362,7 @@ TINY_CLIP = {
     "text_cfg": {"layers": 2, "width": 64, "heads": 2},
 }
 TINY_VFM = {"depth": 2, "embed_dim": 32, "num_heads": 2}  # CLIP's text width: prototype works
-TINY_SAM = {
-    "depth": 2,
-    "embed_dim": 64,
-    "num_heads": 2,
-    "global_attn_indexes": (1,),
-    "window_size": 4,
-    "img_size": 256,
-    "out_chans": 32,
-    "decoder_mlp_dim": 64,
-    "decoder_num_heads": 2,
-    "iou_head_hidden_dim": 32,
-    "mask_in_chans": 8,
-}
+TINY_SAM = tiny_arch_overrides("sam-b")
 CLASSES = ("sky", "tree", "road")
 SIZES = ((61, 93), (97, 50))
 PC = {"size": 64, "crop": 48, "stride": 32, "pad_multiple": 0}  # proxyclip's and trident's

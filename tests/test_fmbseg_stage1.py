@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from featurestore.backbones import tiny_arch_overrides
 from featurestore.errors import OvssError
 from featurestore.extract import ExtractConfig, extract
 from featurestore.images import list_folder_images
@@ -38,19 +39,7 @@ TINY_CLIP = {
     "vision_cfg": {"layers": 2, "width": 64, "heads": 2},
     "text_cfg": {"layers": 2, "width": 64, "heads": 2},
 }
-TINY_SAM = {
-    "depth": 2,
-    "embed_dim": 64,
-    "num_heads": 2,
-    "global_attn_indexes": (1,),
-    "window_size": 4,
-    "img_size": 256,
-    "out_chans": 32,
-    "decoder_mlp_dim": 64,
-    "decoder_num_heads": 2,
-    "iou_head_hidden_dim": 32,
-    "mask_in_chans": 8,
-}
+TINY_SAM = tiny_arch_overrides("sam-b")
 SIZE = (61, 93)
 CLIP_PROTO = Protocol("short", 64, crop=32, stride=16)
 OPTS = {"clip_model": "clip-b16", "sam_model": "sam-b", "size": 64, "crop": 32, "stride": 16}

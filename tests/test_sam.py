@@ -27,7 +27,7 @@ from segment_anything import (
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from featurestore.backbones import create_backbone, list_backbones
+from featurestore.backbones import create_backbone, list_backbones, tiny_arch_overrides
 from featurestore.backbones.sam import SamBackbone, load_sam_decoder
 from featurestore.errors import OvssError, ProvenanceMismatchError, WeightsNotFoundError
 from featurestore.extract import ExtractConfig, extract, plan
@@ -46,19 +46,7 @@ from methods.sam_cache import (
 from ovss_cli.hints import render_error
 
 SAM_NAMES = [n for n in list_backbones() if n.startswith("sam-")]
-TINY = {
-    "depth": 2,
-    "embed_dim": 64,
-    "num_heads": 2,
-    "global_attn_indexes": (1,),
-    "window_size": 4,
-    "img_size": 256,
-    "out_chans": 32,
-    "decoder_mlp_dim": 64,
-    "decoder_num_heads": 2,
-    "iou_head_hidden_dim": 32,
-    "mask_in_chans": 8,
-}
+TINY = tiny_arch_overrides("sam-b")
 IMG = TINY["img_size"]
 S = IMG // 16  # token grid side
 PROTO = Protocol(resize="long", size=IMG)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from featurestore.backbones import tiny_arch_overrides
 from featurestore.errors import OvssError, ProvenanceMismatchError
 from featurestore.extract import ExtractConfig, extract
 from featurestore.images import list_folder_images
@@ -46,19 +47,7 @@ TINY_CLIP = {
     "text_cfg": {"layers": 2, "width": 64, "heads": 2},
 }
 TINY_VIT = {"depth": 2, "embed_dim": 64, "num_heads": 2}
-TINY_SAM = {
-    "depth": 2,
-    "embed_dim": 64,
-    "num_heads": 2,
-    "global_attn_indexes": (1,),
-    "window_size": 4,
-    "img_size": 256,
-    "out_chans": 32,
-    "decoder_mlp_dim": 64,
-    "decoder_num_heads": 2,
-    "iou_head_hidden_dim": 32,
-    "mask_in_chans": 8,
-}
+TINY_SAM = tiny_arch_overrides("sam-b")
 SIZES = ((61, 93), (97, 50))  # odd sides: canvas rounding, SAM floor grid < ceil grid
 OPTS = {"size": 64, "crop": 48, "stride": 32, "pad_multiple": 0, "sam_size": 256}
 WIN = Protocol("trident", 64, crop=48, stride=32, align=16)
