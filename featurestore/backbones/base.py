@@ -98,6 +98,30 @@ class Backbone(torch.nn.Module):
         raise NotImplementedError
 
 
+def timm_vit_tokens(
+    model: torch.nn.Module, x: torch.Tensor, layers: tuple[int, ...]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run a timm ``VisionTransformer`` on ``(B, 3, H, W)`` windows under inference mode.
+
+    Returns ``final`` (``(B, P + gh*gw, D)``: the P prefix tokens, cls first then registers,
+    leading; final norm applied) and, for each of ``layers`` in order, that block's normed patch
+    tokens ``(B, gh*gw, D)`` (``forward_intermediates``; none when ``layers`` is empty).
+    """
+    with torch.inference_mode():
+        if layers:
+            final, intermediates = model.forward_intermediates(
+                x,
+                indices=list(layers),
+                norm=True,
+                output_fmt="NLC",
+                return_prefix_tokens=True,
+            )
+        else:
+            final, intermediates = model.forward_features(x), []
+    # forward_intermediates returns (patch tokens, prefix tokens) pairs in block order.
+    return final, [tokens for tokens, _prefix in intermediates]
+
+
 BackboneBuilder = Callable[..., Backbone]
 _REGISTRY: dict[str, BackboneBuilder] = {}
 _DOCS: dict[str, str] = {}

@@ -35,7 +35,13 @@ import torch
 from timm.models import get_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from featurestore.backbones.base import Backbone, BackboneInfo, TensorSpec, register_variants
+from featurestore.backbones.base import (
+    Backbone,
+    BackboneInfo,
+    TensorSpec,
+    register_variants,
+    timm_vit_tokens,
+)
 from featurestore.backbones.posembed import (
     OFFSET,
     POS_INTERP_RULES,
@@ -150,24 +156,13 @@ class DinoBackbone(Backbone):
         model's dtype and device, and are inference tensors (computed without autograd).
         """
         self._check_input(x)
-        with torch.inference_mode():
-            if self.layers:
-                final, intermediates = self.model.forward_intermediates(
-                    x,
-                    indices=list(self.layers),
-                    norm=True,
-                    output_fmt="NLC",
-                    return_prefix_tokens=True,
-                )
-            else:
-                final, intermediates = self.model.forward_features(x), []
+        final, layer_tokens = timm_vit_tokens(self.model, x, self.layers)
         # final: (B, P + gh*gw, D) with P = 1 cls token followed by R register tokens.
         p = self.num_prefix_tokens
         out = {"patch": final[:, p:].contiguous(), "cls": final[:, 0].contiguous()}
         if self.num_registers:
             out["reg"] = final[:, 1:p].contiguous()
-        # forward_intermediates returns (patch tokens, prefix tokens) pairs in block order.
-        for i, (tokens, _prefix) in zip(self.layers, intermediates, strict=True):
+        for i, tokens in zip(self.layers, layer_tokens, strict=True):
             out[f"layer{i}"] = tokens.contiguous()
         return out
 

@@ -38,7 +38,13 @@ from collections.abc import Callable, Iterable
 import timm
 import torch
 
-from featurestore.backbones.base import Backbone, BackboneInfo, TensorSpec, register_backbone_prefix
+from featurestore.backbones.base import (
+    Backbone,
+    BackboneInfo,
+    TensorSpec,
+    register_backbone_prefix,
+    timm_vit_tokens,
+)
 from featurestore.backbones.posembed import NO_RULE, POS_INTERP_RULES, SIZE_AA, check_rule
 from featurestore.errors import OvssError
 from featurestore.weights import WeightsSpec, load_state_dict, resolve_weights, sha256_file
@@ -94,23 +100,13 @@ class TimmViTBackbone(Backbone):
         """Run the ViT on ``(B, 3, H, W)`` windows (H, W multiples of the patch size); ``grids``
         is ignored. Returns the class docstring's dict as contiguous inference tensors."""
         check_window(x, self.info.patch_size)
-        with torch.inference_mode():
-            if self.layers:
-                final, intermediates = self.model.forward_intermediates(
-                    x,
-                    indices=list(self.layers),
-                    norm=True,
-                    output_fmt="NLC",
-                    return_prefix_tokens=True,
-                )
-            else:
-                final, intermediates = self.model.forward_features(x), []
+        final, layer_tokens = timm_vit_tokens(self.model, x, self.layers)
         # final: (B, P + gh*gw, D), the P prefix tokens (cls first, then registers) leading.
         p = self.num_prefix_tokens
         out = {"patch": final[:, p:].contiguous()}
         if self.has_cls:
             out["cls"] = final[:, 0].contiguous()
-        for i, (tokens, _prefix) in zip(self.layers, intermediates, strict=True):
+        for i, tokens in zip(self.layers, layer_tokens, strict=True):
             out[f"layer{i}"] = tokens.contiguous()
         return out
 
