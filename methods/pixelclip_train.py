@@ -97,6 +97,7 @@ from methods.train import (
     Trainer,
     TrainRequest,
     TrainResult,
+    allreduce_grads,
     checkpoint_provenance,
     now_utc,
     register_trainer,
@@ -561,7 +562,7 @@ class PixelCLIPModel:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:
-            _allreduce_grads(self.params)
+            allreduce_grads(self.params)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.opt.step()
@@ -591,17 +592,6 @@ class PixelCLIPModel:
             self.text.prompts.copy_(prompts)
         self.decoder.load_state_dict(decoder)
         self.opt.load_state_dict(ck["optimizer"])
-
-
-def _allreduce_grads(params: list[torch.nn.Parameter]) -> None:
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    start = 0
-    for p, g in zip(params, grads, strict=True):
-        n = g.numel()
-        p.grad = flat[start : start + n].view_as(p).clone()
-        start += n
 
 
 # --------------------------------------------------------------------------------------------
@@ -654,11 +644,8 @@ def train_pixelclip(request: TrainRequest, progress: Any = None) -> TrainResult:
     ``request.config`` is a :class:`PixelCLIPTrainConfig` (None: defaults). Returns a
     :class:`TrainResult`; the checkpoint is ``<out>/last.pt``.
     """
-    ctx = setup_distributed(request.device)
-    try:
+    with setup_distributed(request.device) as ctx:
         return _train(request, progress if ctx.rank == 0 else None, ctx)
-    finally:
-        ctx.close()
 
 
 def _train(request: TrainRequest, progress: Any, ctx: Any) -> TrainResult:

@@ -68,6 +68,7 @@ from methods.train import (
     Trainer,
     TrainRequest,
     TrainResult,
+    allreduce_grads,
     checkpoint_provenance,
     now_utc,
     register_trainer,
@@ -415,7 +416,7 @@ def train_step(
     opt.zero_grad(set_to_none=True)
     parts.total.float().backward()
     if world > 1:
-        _allreduce_grads(list(tower.parameters()))
+        allreduce_grads(list(tower.parameters()))
     opt.step()
     tower.clamp_logit_scale()
     return parts
@@ -435,30 +436,14 @@ def make_optimizer(tower: TextTower, cfg: SimZSSTrainConfig) -> torch.optim.Adam
     )
 
 
-def _allreduce_grads(params: list[torch.nn.Parameter]) -> None:
-    import torch.distributed as dist
-
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    start = 0
-    for p, g in zip(params, grads, strict=True):
-        n = g.numel()
-        p.grad = flat[start : start + n].view_as(p).clone()
-        start += n
-
-
 def train_simzss(request: TrainRequest, progress: Any = None) -> TrainResult:
     """Train (or resume) a SimZSS text tower; see the module doc and :class:`TrainRequest`.
 
     ``request.config`` is a :class:`SimZSSTrainConfig` (None: defaults, which need
     ``captions``). Returns a :class:`TrainResult`; the checkpoint is ``<out>/last.pt``.
     """
-    ctx = setup_distributed(request.device)
-    try:
+    with setup_distributed(request.device) as ctx:
         return _train(request, progress if ctx.rank == 0 else None, ctx)
-    finally:
-        ctx.close()
 
 
 def _train(request: TrainRequest, progress: Any, ctx: Any) -> TrainResult:

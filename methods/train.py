@@ -562,6 +562,22 @@ class DatasetLabelSource:
         }
 
 
+def allreduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum every parameter's gradient over the process group in one flat ``all_reduce``.
+
+    A parameter without a gradient takes part as zeros (so every rank sends the same layout) and
+    gets the summed tensor as its ``grad``; the caller scales (sum, not mean).
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    start = 0
+    for p, g in zip(params, grads, strict=True):
+        n = g.numel()
+        p.grad = flat[start : start + n].view_as(p).clone()
+        start += n
+
+
 def open_labels(store: Any, labels: Any) -> Any:
     """A label source from a :class:`LabelRequest` (or an already opened source, as is)."""
     return labels.open(store) if isinstance(labels, LabelRequest) else labels
