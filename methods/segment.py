@@ -695,23 +695,30 @@ def _text_cached(store_path: str, text: TextChoice, vocabulary) -> bool:
     """Whether the store already holds the vocabulary's embeddings made by this tower (asked
     of the text cache without building the encoder)."""
     from featurestore.errors import ProvenanceMismatchError
-    from featurestore.text import get_text_embeddings
 
     try:
-        get_text_embeddings(
-            store_path,
-            text.text_model,
-            vocabulary,
-            text.templates,
-            weights=text.weights,
-            random_init=text.random_init,
-            seed=text.seed,
-            arch_overrides=text.arch_overrides,
-            compute_if_missing=False,
-        )
+        _text_embeddings(store_path, text, vocabulary, compute_if_missing=False)
     except ProvenanceMismatchError:
         return False
     return True
+
+
+def _text_embeddings(store_path: str, text: TextChoice, vocabulary, **kwargs: Any) -> Any:
+    """``featurestore.text.get_text_embeddings`` of the vocabulary under ``text``'s tower,
+    templates, weights and init; ``kwargs`` are its other keyword arguments."""
+    from featurestore.text import get_text_embeddings
+
+    return get_text_embeddings(
+        store_path,
+        text.text_model,
+        vocabulary,
+        text.templates,
+        weights=text.weights,
+        random_init=text.random_init,
+        seed=text.seed,
+        arch_overrides=text.arch_overrides,
+        **kwargs,
+    )
 
 
 def check_text_encoder(text: TextChoice) -> None:
@@ -761,20 +768,7 @@ def embed_text(
     """``(query embeddings, the text set)`` of the vocabulary from the store's text cache
     (computed and cached first when missing, with ``progress(label, texts done, texts
     total)``)."""
-    from featurestore.text import get_text_embeddings
-
-    te = get_text_embeddings(
-        store_path,
-        text.text_model,
-        vocabulary,
-        text.templates,
-        weights=text.weights,
-        random_init=text.random_init,
-        seed=text.seed,
-        arch_overrides=text.arch_overrides,
-        device=device,
-        progress=progress,
-    )
+    te = _text_embeddings(store_path, text, vocabulary, device=device, progress=progress)
     return vocab_from_text(te, source=vocabulary.describe()), te
 
 
