@@ -47,7 +47,7 @@ def make_dataset(root, n=3, seed=0):
     return gts
 
 
-def make_store(tmp_path, gts, flip=None):
+def make_store(tmp_path, gts, flip=None, weights="random-init:0"):
     recs = list_folder_images(tmp_path / "data" / "images" / "val")
     store = FeatureStore.open_or_create(tmp_path / "s.zarr", recs)
     sizes = store.root["images/size"][...]
@@ -55,7 +55,7 @@ def make_store(tmp_path, gts, flip=None):
     E = 3
     specs = [TensorSpec("patch", "token", (E,))]
     fs = store.create_feature_set(
-        "fake-dense", PROTO, {"name": "fake-dense", "weights": "random-init:0"}, specs, geos
+        "fake-dense", PROTO, {"name": "fake-dense", "weights": weights}, specs, geos
     )
     for b in range(fs.n_blocks):
         bufs = fs.new_block_buffers(b)

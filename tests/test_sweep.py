@@ -252,8 +252,8 @@ def test_dense_cache_refused_when_the_feature_set_differs(tmp_path):
     store = make_store(tmp_path, gts)
     cache = tmp_path / "dense"
     run_sweep(request(tmp_path, store, cache_dense=str(cache)))
-    shutil.rmtree(store.path)  # re-extracted (other features, a new provenance)
-    store = make_store(tmp_path, gts, flip=(1, 2))
+    shutil.rmtree(store.path)  # re-extracted with other weights: other features and provenance
+    store = make_store(tmp_path, gts, flip=(1, 2), weights="random-init:1")
     with pytest.raises(DenseCacheMismatchError, match="feature_sets.dense") as e:
         run_sweep(request(tmp_path, store, cache_dense=str(cache)))
     assert e.value.differences == ("feature_sets.dense",)
