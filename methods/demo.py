@@ -172,6 +172,29 @@ def _demo_vocab(store_path, ds, seed: int, timings):
     return vocab_from_text(te, source=vocab.describe())
 
 
+def _segment_and_eval(store_path, method: str, v, ds, out_dir: Path, overrides, progress):
+    """Segment the val collages with ``method`` (label PNGs + overlays in ``out_dir``), then
+    score them; returns ``(SegmentSummary, EvalResult)``."""
+    from methods.evaluate import evaluate_store
+    from methods.segment import segment_store
+
+    val = list(range(ds.n_train, ds.n_train + ds.n_val))
+    seg = segment_store(
+        store_path,
+        method,
+        v,
+        str(out_dir),
+        dataset="custom",
+        overrides=overrides,
+        indices=val,
+        progress=progress,
+    )
+    res = evaluate_store(
+        store_path, "custom", str(ds.root), method, v, split="val", overrides=overrides
+    )
+    return seg, res
+
+
 def _eval_summary(res, v) -> dict:
     return {
         "mIoU": res.metrics["mIoU"],
@@ -280,8 +303,7 @@ def _trident(store_path, records, ds, out: Path, seed: int, progress, timings) -
     """Trident (splice-then-segment + SAM affinity + SAM refinement) on the val collages."""
     from featurestore.text import get_text_embeddings, parse_vocab
     from methods.base import build_config, get_method
-    from methods.evaluate import evaluate_store
-    from methods.segment import segment_store, vocab_from_text
+    from methods.segment import vocab_from_text
 
     t = time.perf_counter()
     cls = get_method("trident")
@@ -310,19 +332,8 @@ def _trident(store_path, records, ds, out: Path, seed: int, progress, timings) -
     v = vocab_from_text(te, source=vocab.describe())
     timings["trident extract (tiny models)"] = time.perf_counter() - t
     t = time.perf_counter()
-    val = list(range(ds.n_train, ds.n_train + ds.n_val))
-    segment_store(
-        store_path,
-        "trident",
-        v,
-        str(out / "segment_trident"),
-        dataset="custom",
-        overrides=TRIDENT_SETTINGS,
-        indices=val,
-        progress=progress,
-    )
-    res = evaluate_store(
-        store_path, "custom", str(ds.root), "trident", v, split="val", overrides=TRIDENT_SETTINGS
+    _, res = _segment_and_eval(
+        store_path, "trident", v, ds, out / "segment_trident", TRIDENT_SETTINGS, progress
     )
     timings["trident segment + eval"] = time.perf_counter() - t
     return {"trident_eval": _eval_summary(res, v)}
@@ -419,8 +430,6 @@ def _pnp_ovss(store_path, ds, out: Path, seed: int, progress, timings) -> dict:
 
 def _maskclip(store_path, ds, out: Path, seed: int, progress, timings) -> dict:
     """Segment the val collages with maskclip on the CLIP features, score them."""
-    from methods.evaluate import evaluate_store
-    from methods.segment import segment_store
 
     v = _demo_vocab(store_path, ds, seed, timings)
     settings = {
@@ -428,20 +437,9 @@ def _maskclip(store_path, ds, out: Path, seed: int, progress, timings) -> dict:
         "crop": DEMO_CLIP_PROTOCOL.crop,
         "stride": DEMO_CLIP_PROTOCOL.stride,
     }
-    val = list(range(ds.n_train, ds.n_train + ds.n_val))
     t = time.perf_counter()
-    segment_store(
-        store_path,
-        "maskclip",
-        v,
-        str(out / "segment_maskclip"),
-        dataset="custom",
-        overrides=settings,
-        indices=val,
-        progress=progress,
-    )
-    res = evaluate_store(
-        store_path, "custom", str(ds.root), "maskclip", v, split="val", overrides=settings
+    _, res = _segment_and_eval(
+        store_path, "maskclip", v, ds, out / "segment_maskclip", settings, progress
     )
     timings["maskclip segment + eval"] = time.perf_counter() - t
     return {"maskclip_eval": _eval_summary(res, v)}

@@ -72,10 +72,7 @@ PROTOCOL_SETTINGS = ("size", "crop", "stride", "pad_multiple")
 def _trainers() -> dict[str, type[Component]]:
     from methods.train import get_trainer, list_trainers
 
-    out: dict[str, type[Component]] = {n: get_trainer(n) for n in list_trainers()}
-    if "fmbseg" not in out:  # TEMPORARY: until methods.train registers the fmbseg trainer
-        out["fmbseg"] = _fmbseg_recipe()
-    return out
+    return {n: get_trainer(n) for n in list_trainers()}
 
 
 def list_components() -> list[str]:
@@ -495,59 +492,6 @@ def run_extract(req: ExtractRequest, progress: Any = None) -> JobReport:
     rep = run_job(req.records, job, cfg, progress=progress)
     rep.plain = plain
     return rep
-
-
-# --------------------------------------------------------------------------------------------
-# TEMPORARY: the fmbseg recipe until methods.train registers the fmbseg trainer
-# --------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _fmbseg_recipe() -> type[Component]:
-    """A recipe-only stand-in for the ``fmbseg`` trainer (delete once ``methods.train`` has
-    ``fmbseg``): FMbSeg Stage 1's sets (CLIP-L/14 windows, SAM-H) + the Stage 2 input,
-    DINOv2-L/14 over the whole image at short side 448 [ours: no public code]."""
-    from methods.fmbseg_stage1 import FMbSegStage1Config, FMbSegStage1Segmenter
-
-    @dataclass
-    class FMbSegRecipeConfig(FMbSegStage1Config):
-        """Options of the ``fmbseg`` recipe: Stage 1's, plus the Stage 2 VFM input.
-
-        Attributes:
-            vfm_model: the VFM the alignment module reads (``dinov2-l14``).
-            vfm_size: its shorter side S (448; one window: the whole image).
-        """
-
-        vfm_model: str = "dinov2-l14"
-        vfm_size: int = 448
-
-    class FMbSegRecipe(Component):
-        kind = "trainer"
-        name = "fmbseg"
-        Config = FMbSegRecipeConfig
-        doc = "[ours] FMbSeg: CLIP-L/14 windows + DINOv2-L/14 whole image + SAM-H per image"
-
-        @classmethod
-        def requirements(cls, config: Any) -> list[Requirement]:
-            stage1 = FMbSegStage1Segmenter.requirements(config)
-            vfm = FeatureRequirement(
-                "vfm",
-                config.vfm_model,
-                Protocol("short", config.vfm_size),
-                ("patch",),
-                "vfm_model",
-            )
-            return [stage1[0], vfm, *stage1[1:]]
-
-        @classmethod
-        def vocabulary_defaults(cls, config: Any):
-            return FMbSegStage1Segmenter.vocabulary_defaults(config)
-
-        @classmethod
-        def recipe_notes(cls, config: Any) -> list[str]:
-            return ["[ours] FMbSeg has no public code: windows, sizes and SAM-H are our choice"]
-
-    return FMbSegRecipe
 
 
 __all__ = [

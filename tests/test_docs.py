@@ -16,7 +16,7 @@ from ovss_cli.main import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTSIDE = re.compile(
-    r"spec/|METHODS\.md|EVAL\.md|PRODUCT\.md|STYLE\.md|\.\./shared|/work/|paper 00\d|§\d"
+    r"spec/|METHODS\.md|EVAL\.md|PRODUCT\.md|STYLE\.md|\.\./shared|paper 00\d|§\d"
 )
 
 
