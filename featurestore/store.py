@@ -61,6 +61,7 @@ from featurestore.images import ImageRecord
 from featurestore.names import check_name
 from featurestore.protocol import ImageGeometry, Protocol
 from featurestore.specs import UNITS, TensorSpec
+from featurestore.store_files import ChunkFiles
 
 STORE_FORMAT = 1
 IMAGE_COLUMNS = ("id", "path", "source", "split", "sha256")
@@ -1012,6 +1013,50 @@ class _ReadAhead:
         self.pool.shutdown(wait=True)
 
 
+class _TensorPlan:
+    """Where one tensor's rows of every image live (``FeatureSet.read``'s lookups)."""
+
+    def __init__(self, fs: FeatureSet, spec: TensorSpec, base: str | None) -> None:
+        geo = fs.geometry
+        self.name = spec.name
+        self.row_shape = tuple(spec.row_shape)
+        self.dtype = _storage_dtype(fs.dtype)
+        self.row_bytes = math.prod(self.row_shape) * self.dtype.itemsize
+        self.block_rows = fs.block_rows(spec.unit)
+        # memoryviews of int64 arrays: indexing gives Python ints without numpy scalars
+        self.row_start = memoryview(np.ascontiguousarray(geo[f"row_start_{spec.unit}"], np.int64))
+        self.row_count = memoryview(np.ascontiguousarray(geo[f"row_count_{spec.unit}"], np.int64))
+        tail = "/0" * len(self.row_shape)  # the chunk key has one index per array dimension
+        self.paths = (
+            None
+            if base is None
+            else [f"{base}/{spec.name}/c/{b}{tail}" for b in range(fs.n_blocks)]
+        )
+        self.cached: set[int] = set()  # committed blocks whose chunk file may be kept open
+
+
+class _ReadPlan:
+    """A feature set's per-image lookup tables, made once per ``FeatureSet``."""
+
+    def __init__(self, fs: FeatureSet) -> None:
+        geo = fs.geometry
+        local = fs.store._is_local()  # a Zarr directory: chunk files read directly
+        base = f"{fs.store.path}/features/{fs.key}" if local else None
+        self.tensors = [_TensorPlan(fs, s, base) for s in fs.specs]
+        self.tensor = {t.name: t for t in self.tensors}
+        self.raw = fs.dtype != "bfloat16"  # stored as returned: no decoding step
+        self.n_images = len(fs.image_sizes)
+        self.image_ids = fs.store.image_ids
+        self.sizes = memoryview(np.ascontiguousarray(fs.image_sizes, np.int64))
+        self.resized = memoryview(np.ascontiguousarray(geo["resized"], np.int64))
+        self.win_start = memoryview(np.ascontiguousarray(geo["win_start"], np.int64))
+        self.win_box, self.win_pad, self.win_grid = (
+            geo["win_box"],
+            geo["win_pad"],
+            geo["win_grid"],
+        )
+
+
 @dataclass
 class ImageFeatures:
     """One image's cached tensors and the geometry needed to place them."""
@@ -1047,6 +1092,14 @@ class FeatureSet:
         self._prov: dict | None = None
         self._specs: list[TensorSpec] | None = None
         self._ndims: dict[str, str] = {}  # array name -> chunk-key tail ("/0" per extra dim)
+        self._plan: _ReadPlan | None = None  # per-image lookup tables, made by the first read
+        self._files = ChunkFiles()  # open chunk files of committed blocks (local stores)
+        self._committed: dict[int, bool] = {}  # block -> its status chunk was written
+
+    def close(self) -> None:
+        """Close the chunk files kept open by :meth:`read` (also done when the set is garbage
+        collected; a later read opens them again)."""
+        self._files.close()
 
     # -- metadata ----------------------------------------------------------------------------
     @property
@@ -1180,6 +1233,7 @@ class FeatureSet:
         if "checksum" in self.group:  # sets made by older versions have none
             self.group["checksum"][b] = np.array(sums, dtype=np.uint32)
             self._fsync_paths([self._chunk_path("checksum", b)])
+        self._forget_files(b)
         _crash_point("block-before-status")
         mb = self.group["status"].shape[1]
         err = np.full(mb, "", dtype=object)
@@ -1190,6 +1244,15 @@ class FeatureSet:
         st[: len(status)] = status
         self.group["status"][b] = st
         self._fsync_paths([self._chunk_path("status", b)])
+
+    def _forget_files(self, b: int) -> None:
+        """Block ``b`` was (re)written: its chunk files are opened anew by the next read."""
+        self._committed.pop(b, None)
+        if self._plan is not None:
+            for t in self._plan.tensors:
+                t.cached.discard(b)
+                if t.paths is not None:
+                    self._files.drop(t.paths[b])
 
     def _chunk_path(self, name: str, b: int) -> Path | None:
         """The chunk file of block ``b`` when the store is a local Zarr directory, else None."""
@@ -1230,65 +1293,104 @@ class FeatureSet:
                 os.close(fd)
 
     # -- reading -----------------------------------------------------------------------------
+    def _read_plan(self) -> _ReadPlan:
+        """The per-image lookup tables of :meth:`read` (made once: a set's geometry, layout
+        and image table never change)."""
+        if self._plan is None:
+            self._plan = _ReadPlan(self)
+        return self._plan
+
+    def _is_committed(self, b: int) -> bool:
+        """Whether block ``b``'s status chunk is written (its data chunks are then final),
+        read once per block; a block pending at that read is never asked again."""
+        done = self._committed.get(b)
+        if done is None:
+            n = len(self.block_images(b))
+            done = self._committed[b] = bool(np.all(self.group["status"][b][:n]))
+        return done
+
     def _read_rows(self, name: str, unit: str, start: int, count: int) -> np.ndarray:
-        """Rows ``[start, start + count)`` of a tensor; a byte-range read of one chunk file
-        for local stores (uncompressed chunks), the zarr API otherwise."""
-        sdt = _storage_dtype(self.dtype)
-        rows = self.block_rows(unit)
-        b = start // rows
-        path = self._chunk_file(name, b)
-        if path is not None:
-            spec_shape = next(s.row_shape for s in self.specs if s.name == name)
-            out = np.empty((count, *spec_shape), dtype=sdt)
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:  # never written (Zarr leaves all-zero chunks out)
+        """Rows ``[start, start + count)`` of a tensor (all in one block); a byte-range read
+        of one chunk file for local stores (uncompressed chunks), the zarr API otherwise."""
+        t = self._read_plan().tensor[name]
+        if t.paths is None:
+            return self.group[name][start : start + count]
+        return self._read_local(t, start, count)
+
+    def _read_local(self, t: _TensorPlan, start: int, count: int) -> np.ndarray:
+        b = start // t.block_rows
+        out = np.empty((count, *t.row_shape), dtype=t.dtype)
+        if not count:
+            return out
+        offset = (start - b * t.block_rows) * t.row_bytes
+        path = t.paths[b]
+        buf = [memoryview(out).cast("B")]
+        if b in t.cached or self._is_committed(b):
+            t.cached.add(b)
+            d = self._files.acquire(path)
+            if d is None:  # never written (Zarr leaves all-zero chunks out)
                 out[...] = 0
                 return out
-            row_bytes = math.prod(spec_shape) * sdt.itemsize
             try:
-                buf = [memoryview(out).cast("B")]
-                got = os.preadv(fd, buf, (start - b * rows) * row_bytes) if out.size else 0
+                got = os.preadv(d.fd, buf, offset)
             finally:
-                os.close(fd)
-            if got != out.nbytes:
-                raise CorruptStoreError(
-                    f"chunk {b} of '{name}' in {self.key} is truncated",
-                    store=self.store.path,
-                    key=self.key,
-                    tensor=name,
-                    block=b,
-                )
+                self._files.release(d)
+            if got == out.nbytes:
+                return out
+            # Short: the file was cut or replaced since it was opened; read it anew below.
+            self._files.drop(path)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # never written (Zarr leaves all-zero chunks out)
+            out[...] = 0
             return out
-        return self.group[name][start : start + count]
+        try:
+            got = os.preadv(fd, buf, offset)
+        finally:
+            os.close(fd)
+        if got != out.nbytes:
+            raise CorruptStoreError(
+                f"chunk {b} of '{t.name}' in {self.key} is truncated",
+                store=self.store.path,
+                key=self.key,
+                tensor=t.name,
+                block=b,
+            )
+        return out
 
     def read(self, index: int, names: Sequence[str] | None = None) -> ImageFeatures:
-        """All (or the named) tensors of image ``index``: O(1) chunks, exact byte ranges."""
-        n_images = len(self.image_sizes)  # cached: no zarr call per read
-        if not 0 <= index < n_images:
-            raise StoreError(f"image index {index} out of range (store has {n_images})")
-        geo = self.geometry
+        """All (or the named) tensors of image ``index``: O(1) chunks, exact byte ranges.
+
+        Local stores read each tensor's rows straight into the returned array (``os.preadv``)
+        through chunk files kept open between reads (those of committed blocks; at most
+        ``featurestore.store_files.DEFAULT_CAPACITY``, see :meth:`close`)."""
+        plan = self._plan or self._read_plan()
+        if not 0 <= index < plan.n_images:
+            raise StoreError(f"image index {index} out of range (store has {plan.n_images})")
         tensors = {}
-        for s in self.specs:
-            if names is not None and s.name not in names:
+        for t in plan.tensors:
+            if names is not None and t.name not in names:
                 continue
-            start = int(geo[f"row_start_{s.unit}"][index])
-            count = int(geo[f"row_count_{s.unit}"][index])
-            tensors[s.name] = self._decode(self._read_rows(s.name, s.unit, start, count))
+            start = t.row_start[index]
+            count = t.row_count[index]
+            if t.paths is None:
+                a = self.group[t.name][start : start + count]
+            else:
+                a = self._read_local(t, start, count)
+            tensors[t.name] = a if plan.raw else self._decode(a)
         return self._image_features(index, tensors)
 
     def _image_features(self, index: int, tensors: dict[str, np.ndarray]) -> ImageFeatures:
-        geo = self.geometry
-        w0, w1 = int(geo["win_start"][index]), int(geo["win_start"][index + 1])
-        size = self.image_sizes[index]
+        p = self._plan or self._read_plan()
+        w0, w1 = p.win_start[index], p.win_start[index + 1]
         return ImageFeatures(
             index=index,
-            image_id=self.store.image_ids[index],
-            original_size=(int(size[0]), int(size[1])),
-            resized_size=tuple(int(x) for x in geo["resized"][index]),
-            win_box=geo["win_box"][w0:w1],
-            win_pad=geo["win_pad"][w0:w1],
-            win_grid=geo["win_grid"][w0:w1],
+            image_id=p.image_ids[index],
+            original_size=(p.sizes[index, 0], p.sizes[index, 1]),
+            resized_size=(p.resized[index, 0], p.resized[index, 1]),
+            win_box=p.win_box[w0:w1],
+            win_pad=p.win_pad[w0:w1],
+            win_grid=p.win_grid[w0:w1],
             tensors=tensors,
         )
 
