@@ -469,3 +469,69 @@ def test_local_reads_match_zarr_and_refuse_a_truncated_chunk(tmp_path):
     assert not fs.read(last).tensors["patch"].any()
     streamed = {f.index: f for f in fs.iter_images(names=["patch"])}
     assert not streamed[last].tensors["patch"].any()
+
+
+def _zarr_rows(fs, i):
+    geo = fs.geometry
+    out = {}
+    for s in SPECS:
+        a = int(geo[f"row_start_{s.unit}"][i])
+        out[s.name] = fs.group[s.name][a : a + int(geo[f"row_count_{s.unit}"][i])]
+    return out
+
+
+def test_reads_keep_committed_chunk_files_open_and_see_rewrites(tmp_path):
+    store, fs, _, truth = fill_store(tmp_path)
+    first = {i: fs.read(i) for i in truth}
+    # One open file per (tensor, block) read, reused: the same bytes on every read.
+    assert len(fs._files) == len(SPECS) * fs.n_blocks
+    for i in truth:
+        f = fs.read(i)
+        assert f.original_size == first[i].original_size and isinstance(f.original_size[0], int)
+        for s in SPECS:
+            assert f.tensors[s.name].tobytes() == first[i].tensors[s.name].tobytes()
+            assert f.tensors[s.name].tobytes() == _zarr_rows(fs, i)[s.name].tobytes()
+    # A block rewritten through this set is read back, not the kept file's old bytes.
+    bufs = fs.new_block_buffers(0)
+    for k in bufs:
+        bufs[k][...] = 1
+    imgs = fs.block_images(0)
+    fs.write_block(0, bufs, np.full(len(imgs), STATUS_OK), [""] * len(imgs))
+    assert (fs.read(imgs.start).tensors["patch"] == 1).all()
+    # A pending block (no status chunk) is read with its file opened per read, never kept.
+    last = fs.n_blocks - 1
+    fs.group["status"][last] = np.zeros(fs.group["status"].shape[1], np.uint8)
+    fresh = store.feature_set(fs.key)
+    i = fresh.block_images(last).start
+    assert fresh.read(i).tensors["patch"].tobytes() == first[i].tensors["patch"].tobytes()
+    assert len(fresh._files) == 0 and fresh._committed == {last: False}
+    fs.close()
+    assert len(fs._files) == 0
+    assert fs.read(0).tensors["cls"].tobytes() == _zarr_rows(fs, 0)["cls"].tobytes()
+
+
+def test_reads_from_threads_and_a_forked_child_match_zarr(tmp_path):
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from featurestore.store_files import ChunkFiles
+
+    _, fs, _, truth = fill_store(tmp_path)
+    want = {i: _zarr_rows(fs, i) for i in truth}
+    # Capacity 1: nearly every read evicts a file that another thread may be reading.
+    fs._files = ChunkFiles(capacity=1)
+    order = np.random.default_rng(0).integers(0, len(truth), 400).tolist()
+
+    def same(i: int) -> bool:
+        f = fs.read(i)
+        return all(f.tensors[k].tobytes() == want[i][k].tobytes() for k in want[i])
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(same, order))
+    assert len(fs._files) == 1
+    pid = os.fork()
+    if pid == 0:  # a forked worker reads through the same FeatureSet, its own descriptors
+        os._exit(0 if len(fs._files) == 0 and all(same(i) for i in truth) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert same(0)
