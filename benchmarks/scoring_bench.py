@@ -12,7 +12,8 @@ same with the max-probability map; ``score_labels``, labels only).
   once (``2 * 4 * Q * H * W`` bytes; both fast paths materialise them once: the interpolation
   must be bitwise the reference's). ``ratio_to_bound`` = seconds / ``bound_s`` (target <= 3).
 - ``labels_identical``: the labels of both fast paths equal ``score_logits_reference``'s (the
-  float32 reference) on this input.
+  float32 reference) on this input; ``torch_path_s`` / ``torch_labels_identical``: the same for
+  the torch path (what runs without a C compiler); ``kernel``: whether the C kernel runs here.
 
 Environment knobs: BENCH_SCORING_CLASSES (default 150), BENCH_SCORING_SIZE (``HxW``, default
 683x512).
@@ -27,7 +28,13 @@ from collections.abc import Callable
 
 import torch
 
-from methods.scoring import score_labels, score_logits, score_logits_reference
+from methods.scoring import (
+    _score,
+    kernel_status,
+    score_labels,
+    score_logits,
+    score_logits_reference,
+)
 
 #: Target: seconds within this factor of the bandwidth bound.
 TARGET_RATIO = 3.0
@@ -62,6 +69,9 @@ def bench_scoring(_tmp=None) -> dict:
     ref_s, (ref_labels, _) = _best(lambda: score_logits_reference(cos, (h, w), q2c, q), reps=1)
     logits_s, (labels, _) = _best(lambda: score_logits(cos, (h, w), q2c, q))
     labels_s, labels_only = _best(lambda: score_labels(cos, (h, w), q2c, q))
+    torch_s, (torch_labels, _) = _best(
+        lambda: _score(cos, (h, w), q2c, q, 40.0, 0.0, None, True, 1 << 22, native=False)
+    )
     return {
         "classes": q,
         "out_hw": [h, w],
@@ -75,6 +85,10 @@ def bench_scoring(_tmp=None) -> dict:
         "labels_identical": bool(
             torch.equal(labels, ref_labels) and torch.equal(labels_only, ref_labels)
         ),
+        "torch_path_s": round(torch_s, 3),
+        "torch_ratio_to_bound": round(torch_s / bound, 2),
+        "torch_labels_identical": bool(torch.equal(torch_labels, ref_labels)),
+        "kernel": kernel_status(),
         "target": TARGET_RATIO,
     }
 

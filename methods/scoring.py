@@ -9,28 +9,42 @@
     label = argmax_c cls ; label[max_c cls < prob_thd] = 0
 
 ``score_logits_reference`` does exactly that. ``score_logits`` / ``score_labels`` give the same
-labels faster on CPU without materialising the softmax (or, for ``score_labels`` with
-``prob_thd == 0``, any exponential at all); on a 2-core CPU, ADE-sized images with 150 classes:
-``score_labels`` ~2-2.5x, ``score_logits`` ~1.3-2x (the bilinear upsampling, which both must do
-bit for bit, is then about half of the time):
+labels much faster on CPU without materialising the softmax, nor (with the C kernel) the
+upsampled logits. Two paths compute the same decisions:
 
-- the upsampled logits come from the same ``F.interpolate`` call (so they are bitwise the
-  reference's) and are then reduced in cache-sized blocks of rows;
-- the blocks run on ``torch.get_num_threads()`` worker threads with one torch thread each
-  [ours] (no per-op barrier between cores; a block's decisions do not depend on the thread);
+- the C kernel (``methods/native/scoring_kernel.c``, compiled on first use; ``kernel_status()``
+  says whether it runs here): the separable bilinear upsampling, value for value
+  ``F.interpolate``'s, fused with the per-pixel best query, best-two gap and softmax
+  denominator, a band of output rows at a time so the source rows stay in cache, never storing
+  the ``(Q, H, W)`` logits. Before trusting it for a pair of sizes, a random probe of those sizes
+  is upsampled both ways and must agree to the last bit (PyTorch's generic CPU kernel, which
+  runs for outputs with ``H + W > 128`` on AVX2/AVX-512 builds, does; for smaller outputs
+  PyTorch rounds differently and the torch path runs). 150 classes at 683 x 512 on 2 cores:
+  ~25 ms, ~10x the torch path;
+- the torch path (no compiler, ``OVSS_NATIVE=0``, sizes the probe refuses): the upsampled
+  logits come from the same ``F.interpolate`` call as the reference's (so they are bitwise its
+  values) and are reduced in cache-sized blocks of rows on ``torch.get_num_threads()`` worker
+  threads with one torch thread each [ours] (no per-op barrier between cores).
+
+On both:
+
 - the label of a pixel is the class of its best query (softmax is monotone), read from the
   logits; the max probability is ``1 / sum_q exp(s_q - s_max)``;
 - every pixel whose decision could depend on float32 rounding (best two scaled logits within
   ``4e-6`` of each other, or max probability within 1e-4 (relative) of ``prob_thd``), and every
-  pixel whose class ``area_thd`` removes, is recomputed with the reference formula on its column.
+  pixel whose class ``area_thd`` removes, is recomputed with the reference formula on its column
+  of upsampled logits (the kernel gives those columns bitwise).
 
 So the labels equal the reference's except where the reference itself is a float32 coin flip
 (two probabilities equal to the last bit, whose order then depends on memory layout). Peak memory
-is the upsampled logits, ``4 * Q * H * W`` bytes (the reference needs three such tensors).
+is ``4 * Q * h * W`` bytes with the kernel (the width-resized logits), ``4 * Q * H * W`` on the
+torch path (the reference needs three such tensors).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -305,19 +319,56 @@ def _score(
     want_prob: bool,
     block_elems: int,
     workers: int | None = None,
+    native: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Shared body of ``score_logits`` and ``score_labels``; ``workers``: threads (one torch
-    thread each; default ``torch.get_num_threads()``), which do not change the labels."""
+    thread each; default ``torch.get_num_threads()``), which do not change the labels;
+    ``native=False`` skips the C kernel (the torch path; same labels)."""
     if cos.device.type != "cpu":
         return score_logits_reference(
             cos, out_hw, query_to_class, num_classes, logit_scale, prob_thd, area_thd
         )
     cos, hw, q2c = _check_scoring_inputs(cos, out_hw, query_to_class, num_classes)
     need_prob = want_prob or prob_thd > 0 or area_thd is not None
-    q, (out_h, out_w) = cos.shape[0], hw
+    q = cos.shape[0]
     workers = max(1, min(torch.get_num_threads(), q)) if workers is None else max(1, workers)
-    # (Q, H*W) view of the upsampled logits: bitwise the reference's values (one resize call:
-    # resizing groups of queries separately can change the last bit, measured).
+    fused = _KernelUpsampler.create(cos, hw, workers) if native else None
+    if fused is not None:
+        best_query, max_prob, unsure = fused.decide(logit_scale, prob_thd, need_prob)
+        values = fused.pixels
+    else:
+        best_query, max_prob, unsure, values = _torch_decide(
+            cos, hw, logit_scale, prob_thd, need_prob, block_elems, workers
+        )
+    labels = best_query if _is_identity(q2c, num_classes) else q2c[best_query]
+    # One reference call for every unsure pixel of the image (few; tiny ops are costly).
+    _redo(values, unsure.nonzero()[:, 0], labels, max_prob, q2c, num_classes, logit_scale, None)
+    if area_thd is not None:
+        keep = _area_keep(labels, num_classes, area_thd)
+        if not bool(keep.all()):
+            # Pixels whose class is zeroed fall to their best surviving class.
+            hit = (~keep[labels]).nonzero()[:, 0]
+            _redo(values, hit, labels, max_prob, q2c, num_classes, logit_scale, keep)
+    if prob_thd > 0 and max_prob is not None:
+        labels[max_prob < prob_thd] = 0
+    prob_img = max_prob.view(hw) if want_prob and max_prob is not None else None
+    return labels.view(hw), prob_img
+
+
+def _torch_decide(
+    cos: torch.Tensor,
+    hw: tuple[int, int],
+    logit_scale: float,
+    prob_thd: float,
+    need_prob: bool,
+    block_elems: int,
+    workers: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """The decisions of every pixel from ``F.interpolate``'s upsampled logits, in blocks of rows
+    on ``workers`` threads: ``(best_query, max_prob, unsure, values)``, ``values(idx)`` giving
+    the ``(Q, n)`` upsampled logits of pixels ``idx``."""
+    q, (out_h, out_w) = cos.shape[0], hw
+    # (Q, H*W) view of the upsampled logits: bitwise the reference's values (one resize call).
     flat = upsample_bilinear(cos, hw).view(q, out_h * out_w)
     best_query = torch.empty(out_h * out_w, dtype=torch.long)
     max_prob = torch.empty(out_h * out_w, dtype=torch.float32) if need_prob else None
@@ -335,19 +386,218 @@ def _score(
             max_prob[start:stop] = b_prob
 
     _in_parallel([(block, (start,)) for start in range(0, out_h * out_w, step)], workers)
-    labels = best_query if _is_identity(q2c, num_classes) else q2c[best_query]
-    # One reference call for every unsure pixel of the image (few; tiny ops are costly).
-    _redo(flat, unsure.nonzero()[:, 0], labels, max_prob, q2c, num_classes, logit_scale, None)
-    if area_thd is not None:
-        keep = _area_keep(labels, num_classes, area_thd)
-        if not bool(keep.all()):
-            # Pixels whose class is zeroed fall to their best surviving class.
-            hit = (~keep[labels]).nonzero()[:, 0]
-            _redo(flat, hit, labels, max_prob, q2c, num_classes, logit_scale, keep)
-    if prob_thd > 0 and max_prob is not None:
-        labels[max_prob < prob_thd] = 0
-    prob_img = max_prob.view(hw) if want_prob and max_prob is not None else None
-    return labels.view(hw), prob_img
+    return best_query, max_prob, unsure, lambda idx: flat[:, idx]
+
+
+class _KernelUpsampler:
+    """The C kernel's (``methods/native/scoring_kernel.c``) upsampling of one ``(Q, h, w)``
+    input to ``(H, W)``, fused with the per-pixel decisions.
+
+    Its values are bitwise ``F.interpolate``'s: ``create`` checks that on a random probe of the
+    same sizes (cached per sizes) and returns ``None`` when they differ, when the kernel cannot
+    be built, or for inputs it does not take; the torch path then runs.
+    """
+
+    _verified: dict[tuple[int, int, int, int], bool] = {}
+
+    def __init__(self, lib, cos: torch.Tensor, hw: tuple[int, int], workers: int) -> None:
+        self.lib, self.workers = lib, workers
+        self.q, self.h, self.w = cos.shape
+        self.out_h, self.out_w = hw
+        self.cos = cos.contiguous()
+        self.y0, self.y1, self.wy0, self.wy1 = self._axis(self.h, self.out_h)
+        self.x0, self.x1, self.wx0, self.wx1 = self._axis(self.w, self.out_w)
+        self.tmp = torch.empty(self.h, self.q, self.out_w)  # the kernel's (h, Q, W) layout
+        rows = self.q * self.h
+        self._run(
+            rows,
+            lambda a, b: lib.ovss_width_pass(
+                _ptr(self.cos),
+                self.q,
+                self.h,
+                self.w,
+                self.out_w,
+                _ptr(self.x0),
+                _ptr(self.x1),
+                _ptr(self.wx0),
+                _ptr(self.wx1),
+                a,
+                b,
+                _ptr(self.tmp),
+            ),
+        )
+
+    @classmethod
+    def create(
+        cls, cos: torch.Tensor, hw: tuple[int, int], workers: int
+    ) -> _KernelUpsampler | None:
+        lib = _kernel()
+        if lib is None or cos.dtype != torch.float32 or max(cos.shape[0], *hw) >= 2**31:
+            return None
+        key = (cos.shape[1], cos.shape[2], hw[0], hw[1])
+        ok = cls._verified.get(key)
+        if ok is None:
+            probe = torch.rand(
+                min(cos.shape[0], 8), *key[:2], generator=torch.Generator().manual_seed(0)
+            )
+            ours = cls(lib, probe, hw, 1).upsampled()
+            ok = torch.equal(ours, upsample_bilinear(probe, hw))
+            if len(cls._verified) > 4096:
+                cls._verified.clear()
+            cls._verified[key] = ok
+        return cls(lib, cos, hw, workers) if ok else None
+
+    def _axis(self, n_in: int, n_out: int) -> tuple[torch.Tensor, ...]:
+        i0, i1 = torch.empty(n_out, dtype=torch.int32), torch.empty(n_out, dtype=torch.int32)
+        w0, w1 = torch.empty(n_out), torch.empty(n_out)
+        self.lib.ovss_axis(n_in, n_out, _ptr(i0), _ptr(i1), _ptr(w0), _ptr(w1))
+        return i0, i1, w0, w1
+
+    def _run(self, n: int, fn: Callable[[int, int], object]) -> None:
+        """``fn(start, stop)`` over ``[0, n)`` in about 4 chunks per worker (the GIL is released
+        inside the kernel)."""
+        chunks = max(1, min(n, 4 * self.workers if self.workers > 1 else 1))
+        bounds = [n * i // chunks for i in range(chunks + 1)]
+        tasks = [(fn, (a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+        _in_parallel(tasks, self.workers)
+
+    def _heights(self) -> tuple:
+        return (_ptr(self.y0), _ptr(self.y1), _ptr(self.wy0), _ptr(self.wy1))
+
+    def upsampled(self) -> torch.Tensor:
+        """All ``(Q, H, W)`` upsampled values (the probe check; the scoring never builds them)."""
+        out = torch.empty(self.q, self.out_h, self.out_w)
+        self.lib.ovss_height_pass(
+            _ptr(self.tmp),
+            self.q,
+            self.h,
+            self.out_h,
+            self.out_w,
+            *self._heights(),
+            0,
+            self.out_h,
+            _ptr(out),
+        )
+        return out
+
+    def pixels(self, idx: torch.Tensor) -> torch.Tensor:
+        """``(Q, n)`` upsampled values of flat pixel indices ``idx`` (``y * W + x``)."""
+        idx = idx.to(torch.int64).contiguous()
+        out = torch.empty(self.q, idx.numel())
+        if idx.numel():
+            self.lib.ovss_pixels(
+                _ptr(self.tmp),
+                self.q,
+                self.h,
+                self.out_w,
+                *self._heights(),
+                _ptr(idx),
+                idx.numel(),
+                _ptr(out),
+            )
+        return out
+
+    def decide(
+        self, logit_scale: float, prob_thd: float, need_prob: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(best_query, max_prob, unsure)`` of every pixel, as ``_torch_decide``."""
+        n = self.out_h * self.out_w
+        best_query = torch.empty(n, dtype=torch.int64)
+        gap = torch.empty(n)
+        denom = torch.empty(n) if need_prob else torch.empty(1)
+        failed = []
+
+        def rows(a: int, b: int) -> None:
+            rc = self.lib.ovss_score_rows(
+                _ptr(self.tmp),
+                self.q,
+                self.h,
+                self.out_w,
+                *self._heights(),
+                a,
+                b,
+                ctypes.c_float(logit_scale),
+                int(need_prob),
+                _ptr(best_query),
+                _ptr(gap),
+                _ptr(denom),
+            )
+            if rc != 0:
+                failed.append(rc)
+
+        self._run(self.out_h, rows)
+        if failed:
+            raise MemoryError("the scoring kernel could not allocate its scratch buffer")
+        unsure = ~(gap >= _TIE_TOL)  # NaN gaps are unsure too
+        max_prob = None
+        if need_prob:
+            max_prob = denom.reciprocal_()
+            unsure |= ~torch.isfinite(max_prob)
+            if prob_thd > 0:
+                unsure |= (max_prob - prob_thd).abs() <= _PROB_RTOL * prob_thd
+        return best_query, max_prob, unsure
+
+
+def _column_values(
+    cos: torch.Tensor, hw: tuple[int, int]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``values(idx)``: the ``(Q, n)`` upsampled logits of flat pixels ``idx``, bitwise
+    ``upsample_bilinear(cos, hw)``'s (from the kernel where it runs, else from that call)."""
+    fused = _KernelUpsampler.create(cos, hw, max(1, torch.get_num_threads()))
+    if fused is not None:
+        return fused.pixels
+    flat = upsample_bilinear(cos, hw).view(cos.shape[0], -1)
+    return lambda idx: flat[:, idx]
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+_KERNEL_SIGNATURES = {
+    "ovss_axis": [ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 4,
+    "ovss_width_pass": [ctypes.c_void_p]
+    + [ctypes.c_int64] * 4
+    + [ctypes.c_void_p] * 4
+    + [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p],
+    "ovss_score_rows": [ctypes.c_void_p]
+    + [ctypes.c_int64] * 3
+    + [ctypes.c_void_p] * 4
+    + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+    + [ctypes.c_void_p] * 3,
+    "ovss_pixels": [ctypes.c_void_p]
+    + [ctypes.c_int64] * 3
+    + [ctypes.c_void_p] * 5
+    + [ctypes.c_int64, ctypes.c_void_p],
+    "ovss_height_pass": [ctypes.c_void_p]
+    + [ctypes.c_int64] * 4
+    + [ctypes.c_void_p] * 4
+    + [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p],
+}
+
+
+@functools.cache
+def _kernel():
+    """The scoring kernel library with its argument types set, or ``None`` (see
+    ``methods.native``)."""
+    from methods.native import library
+
+    lib = library("scoring_kernel")
+    if lib is None:
+        return None
+    for name, args in _KERNEL_SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = ctypes.c_int if name == "ovss_score_rows" else None
+    return lib
+
+
+def kernel_status() -> str:
+    """Whether scoring runs the C kernel here: ``compiled (...)``, or why not (the torch path
+    then runs; same labels)."""
+    from methods.native import status
+
+    return status("scoring_kernel")
 
 
 def _in_parallel(tasks: list[tuple[Callable, tuple]], workers: int) -> None:
@@ -377,7 +627,7 @@ def _in_parallel(tasks: list[tuple[Callable, tuple]], workers: int) -> None:
 
 
 def _redo(
-    flat: torch.Tensor,
+    values: Callable[[torch.Tensor], torch.Tensor],
     idx: torch.Tensor,
     labels: torch.Tensor,
     max_prob: torch.Tensor | None,
@@ -389,7 +639,7 @@ def _redo(
     """Recompute pixels ``idx`` of ``labels``/``max_prob`` in place with the reference formula."""
     if idx.numel() == 0:
         return
-    redo_labels, redo_prob = _postprocess_columns(flat[:, idx], q2c, num_classes, logit_scale, keep)
+    redo_labels, redo_prob = _postprocess_columns(values(idx), q2c, num_classes, logit_scale, keep)
     labels[idx] = redo_labels
     if max_prob is not None:
         max_prob[idx] = redo_prob
@@ -491,18 +741,18 @@ def score_logits_thresholds(
         return out
     cos, hw, q2c = _check_scoring_inputs(cos, out_hw, query_to_class, num_classes)
     flat_labels0, flat_prob0 = labels0.view(-1), prob0.view(-1)
-    flat: torch.Tensor | None = None
+    values: Callable[[torch.Tensor], torch.Tensor] | None = None
     out = []
     for t in prob_thds:
         labels, prob = flat_labels0.clone(), flat_prob0
         if t > 0:
             near = ((flat_prob0 - t).abs() <= _PROB_RTOL * t).nonzero()[:, 0]
             if near.numel():
-                if flat is None:
-                    flat = upsample_bilinear(cos, hw).view(cos.shape[0], -1)
+                if values is None:
+                    values = _column_values(cos, hw)
                 prob = flat_prob0.clone()
                 ref_labels, ref_prob = _postprocess_columns(
-                    flat[:, near], q2c, num_classes, logit_scale, None
+                    values(near), q2c, num_classes, logit_scale, None
                 )
                 labels[near] = ref_labels
                 prob[near] = ref_prob

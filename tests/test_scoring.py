@@ -35,13 +35,20 @@ def _gen(seed: int) -> torch.Generator:
 def _assert_same_as_reference(
     cos: torch.Tensor, out_hw: tuple[int, int], q2c: torch.Tensor | list[int], c: int, **kw: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fast labels == reference labels (also labels-only), probabilities to float32 rounding."""
+    """Fast labels == reference labels (also labels-only), probabilities to float32 rounding;
+    both fast paths: the C kernel (where it builds) and the torch one."""
+    from methods.scoring import _score
+
     ref_labels, ref_prob = score_logits_reference(cos, out_hw, q2c, c, **kw)
     labels, prob = score_logits(cos, out_hw, q2c, c, **kw)
     assert labels.shape == out_hw and labels.dtype == torch.long
     assert torch.equal(labels, ref_labels)
     _close(prob, ref_prob, rtol=1e-5, atol=0)
     assert torch.equal(score_labels(cos, out_hw, q2c, c, **kw), ref_labels)
+    args = (kw.get("logit_scale", 40.0), kw.get("prob_thd", 0.0), kw.get("area_thd"))
+    torch_labels, torch_prob = _score(cos, out_hw, q2c, c, *args, True, 1 << 22, native=False)
+    assert torch.equal(torch_labels, ref_labels)
+    _close(torch_prob, ref_prob, rtol=1e-5, atol=0)
     return ref_labels, ref_prob
 
 
@@ -254,3 +261,130 @@ def test_thresholds_at_once_equal_one_call_each():
         single, _ = score_logits(cos, (37, 41), q2c, 5, 40.0, prob_thd=t)
         assert torch.equal(labels, single), t
     assert (multi[4][0] == 0).sum() > (multi[1][0] == 0).sum()  # thresholds really applied
+
+
+# ------------------------------------------------------------------------------ the C kernel
+
+KERNEL_SHAPES = [
+    (150, (28, 37), (683, 512)),  # an ADE20K-sized upsampling at patch 16
+    (13, (17, 23), (141, 37)),
+    (9, (200, 151), (119, 90)),  # downsampling
+    (5, (80, 70), (80, 70)),  # same size
+    (3, (1, 7), (200, 1)),  # one-pixel rows and columns
+    (1, (5, 6), (90, 70)),
+    (70, (32, 32), (517, 389)),  # more than 64 pixels per row: whole runs and a remainder
+    # outputs with H + W <= 128, where PyTorch runs another kernel that rounds differently:
+    # the probe check refuses the C kernel there and the torch path runs
+    (13, (17, 23), (41, 37)),
+    (9, (40, 31), (19, 27)),
+]
+
+
+def _kernel_or_skip():
+    from methods.scoring import _kernel, kernel_status
+
+    lib = _kernel()
+    if lib is None:
+        pytest.skip(f"the scoring kernel does not build here: {kernel_status()}")
+    return lib
+
+
+def test_kernel_builds_where_there_is_a_compiler() -> None:
+    import shutil
+
+    from methods.scoring import kernel_status
+
+    if not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler on this machine")
+    assert kernel_status().startswith("compiled"), kernel_status()
+
+
+@pytest.mark.parametrize(("q", "hw", "out_hw"), KERNEL_SHAPES)
+def test_kernel_upsampling_agrees_with_f_interpolate(
+    q: int, hw: tuple[int, int], out_hw: tuple[int, int]
+) -> None:
+    """The kernel's separable upsampling is F.interpolate's to the last bit for outputs with
+    H + W > 128 (PyTorch's generic CPU kernel; measured on AVX2 and AVX-512 builds), and within
+    float32 rounding everywhere; its pixel and decision outputs are the same values."""
+    from methods.scoring import _KernelUpsampler
+
+    lib = _kernel_or_skip()
+    cos = torch.rand(q, *hw, generator=_gen(q)) * 0.6 - 0.2
+    ref = upsample_bilinear(cos, out_hw)
+    up = _KernelUpsampler(lib, cos, out_hw, 2)
+    ours = up.upsampled()
+    _close(ours, ref, rtol=1e-6, atol=1e-7)
+    accepted = _KernelUpsampler.create(cos, out_hw, 2) is not None
+    assert accepted == torch.equal(ours, ref)
+    if sum(out_hw) > 128 and not accepted:
+        pytest.skip("F.interpolate rounds differently on this machine: the kernel is not used")
+    idx = torch.randperm(out_hw[0] * out_hw[1], generator=_gen(1))[:50]
+    assert torch.equal(up.pixels(idx), ours.view(q, -1)[:, idx])
+    best_query, max_prob, unsure = up.decide(40.0, 0.0, True)
+    flat = ours.view(q, -1)
+    assert torch.equal(flat[best_query, torch.arange(flat.shape[1])], flat.max(0).values)
+    _close(max_prob, (flat * 40.0).softmax(0).max(0).values, rtol=1e-5, atol=0)
+    if q > 1:
+        top2 = (flat * 40.0).topk(2, dim=0).values
+        assert torch.equal(unsure, (top2[0] - top2[1]) < 4e-6) or bool(unsure.any())
+
+
+@pytest.mark.parametrize(("q", "hw", "out_hw"), KERNEL_SHAPES)
+@pytest.mark.parametrize("kw", [{}, {"prob_thd": 0.1}, {"area_thd": 0.05, "prob_thd": 0.02}])
+def test_kernel_labels_equal_the_reference(
+    q: int, hw: tuple[int, int], out_hw: tuple[int, int], kw: dict
+) -> None:
+    _kernel_or_skip()
+    cos = torch.rand(q, *hw, generator=_gen(q + 1)) * 0.4 - 0.1
+    _assert_same_as_reference(cos, out_hw, torch.arange(q), q, **kw)
+
+
+def test_a_kernel_that_disagrees_with_f_interpolate_is_not_used(monkeypatch) -> None:
+    """The probe check: when the kernel's values differ from F.interpolate's for some sizes,
+    scoring runs the torch path for them, with the reference's labels."""
+    import methods.scoring as scoring
+
+    _kernel_or_skip()
+    real = scoring.upsample_bilinear
+    monkeypatch.setattr(scoring._KernelUpsampler, "_verified", {})
+    monkeypatch.setattr(scoring, "upsample_bilinear", lambda x, hw: real(x, hw) * (1 + 1e-7))
+    cos = torch.rand(11, 9, 13, generator=_gen(2))
+    assert scoring._KernelUpsampler.create(cos, (31, 29), 1) is None
+    monkeypatch.setattr(scoring, "upsample_bilinear", real)
+    labels, _ = score_logits(cos, (31, 29), torch.arange(11), 11)  # cached verdict: torch path
+    assert torch.equal(labels, score_logits_reference(cos, (31, 29), torch.arange(11), 11)[0])
+    assert scoring._KernelUpsampler._verified == {(9, 13, 31, 29): False}
+
+
+def test_native_build_falls_back_cleanly(tmp_path) -> None:
+    """A fresh process builds the kernel into OVSS_NATIVE_DIR; OVSS_NATIVE=0 and a missing
+    compiler each turn it off with a reason, and scoring still gives the same labels."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    child = (
+        "import json, torch\n"
+        "from methods.scoring import kernel_status, score_labels, score_logits_reference\n"
+        "cos = torch.rand(7, 9, 11, generator=torch.Generator().manual_seed(0))\n"
+        "ok = torch.equal(score_labels(cos, (23, 19), torch.arange(7), 7),\n"
+        "                 score_logits_reference(cos, (23, 19), torch.arange(7), 7)[0])\n"
+        "print(json.dumps([kernel_status(), ok]))\n"
+    )
+
+    def run(**env: str) -> list:
+        full = {**os.environ, "OVSS_NATIVE_DIR": str(tmp_path / "native"), **env}
+        res = subprocess.run(
+            [sys.executable, "-c", child], env=full, capture_output=True, text=True, timeout=300
+        )
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    assert run(OVSS_NATIVE="0") == ["off (OVSS_NATIVE=0)", True]
+    assert run(CC="no-such-compiler-ovss") == ["no C compiler found (set CC)", True]
+    if any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+        status, ok = run()
+        assert status.startswith("compiled") and ok
+        assert [p.suffix for p in (tmp_path / "native").iterdir()] == [".so"]
