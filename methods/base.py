@@ -10,16 +10,19 @@ subclass and ``@register_method``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from featurestore.errors import OvssError, ProvenanceMismatchError
 from featurestore.protocol import Protocol
-from featurestore.store import FeatureSet, FeatureStore
 from methods.config import build_config as _build_config
 from methods.config import config_to_dict
+
+if TYPE_CHECKING:  # torch and zarr are imported where they run: ``import methods.base`` stays light
+    import torch
+
+    from featurestore.store import FeatureSet, FeatureStore
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,8 @@ class Segmenter(Component):
     kind: ClassVar[str] = "method"
 
     def __init__(self, store: FeatureStore, config: Any, device: str | torch.device = "cpu"):
+        import torch
+
         self.store = store
         self.config = config
         self.device = torch.device(device)
@@ -216,13 +221,22 @@ def register_method(cls: type[Segmenter]) -> type[Segmenter]:
     return cls
 
 
+def _load_methods() -> None:
+    """Fill the registry: ``methods.load_components`` imports every method module."""
+    from methods import load_components
+
+    load_components()
+
+
 def list_methods() -> list[str]:
-    """Registered method names (``methods/__init__.py`` imports the method modules, so
-    ``import methods`` registers them all)."""
+    """Registered method names (the first call imports every method module, see
+    ``methods/__init__.py``)."""
+    _load_methods()
     return sorted(_METHODS)
 
 
 def get_method(name: str) -> type[Segmenter]:
+    _load_methods()
     if name not in _METHODS:
         raise OvssError(
             f"'{name}' is not a known method; choose from {', '.join(sorted(_METHODS))}"
@@ -244,11 +258,15 @@ def build_config(
 
 
 def l2n(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    import torch
+
     return torch.nn.functional.normalize(x, dim=dim)
 
 
 def window_cosines(window_feats: list[torch.Tensor], text: torch.Tensor) -> list[torch.Tensor]:
     """Per window ``(gh, gw, E)`` features -> cosine logits ``(Q, gh, gw)``."""
+    import torch
+
     t = l2n(text.float())
     return [torch.einsum("hwe,qe->qhw", l2n(f.float()), t) for f in window_feats]
 

@@ -21,7 +21,6 @@ import numpy as np
 from PIL import Image
 
 from featurestore.errors import ImagesNotInStoreError, OvssError
-from featurestore.store import FeatureStore
 from methods.base import ScoringConfig, Segmenter, Vocab
 from methods.metrics import IoUAccumulator
 from methods.segment import (
@@ -286,6 +285,8 @@ def evaluate_store(
         seg = segmenter
         store = seg.store
     else:
+        from featurestore.store import FeatureStore  # zarr: not for predictions
+
         store = FeatureStore.open(store_path)
         seg = build_segmenter(store, method, dataset, overrides, device)
     scoring = scoring or ScoringConfig()
@@ -456,7 +457,6 @@ def run_eval(request: EvalRequest, progress: Progress | None = None) -> EvalResu
             ``allow_missing``).
         OvssError: whatever else is wrong, as one line.
     """
-    from featurestore.extract import resolve_device
     from methods.reference import check_reference
 
     if not request.dataset or not request.data_root:
@@ -473,10 +473,14 @@ def run_eval(request: EvalRequest, progress: Progress | None = None) -> EvalResu
             progress,
         )
     else:
+        from featurestore.extract import resolve_device  # torch: not for predictions
+
         setup = resolve_method(request, request.dataset)
         vocabulary = resolve_vocabulary(f"dataset:{request.dataset}", setup, request.data_root)
         text = text_choice(request, setup)
         device = str(resolve_device(request.device))
+        from featurestore.store import FeatureStore
+
         store = FeatureStore.open(request.store)
         seg = setup.cls(store, setup.config, device=device)  # the feature sets, before the text
         vocab, _ = embed_text(request.store, text, vocabulary, device, progress)

@@ -19,15 +19,18 @@ once a class passes 2**24 pixels over the dataset; the difference is far below t
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from featurestore.errors import OvssError
+
+if TYPE_CHECKING:  # a torch tensor exists only once torch is imported: no import here
+    import torch
 
 __all__ = ["IoUAccumulator", "MetricResult"]
 
@@ -37,7 +40,8 @@ _MAX_JOINT_BINS = 1 << 22
 
 def _as_label_array(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
     """Return an integer numpy view/copy of a label map given as numpy or torch."""
-    if isinstance(x, torch.Tensor):
+    torch = sys.modules.get("torch")  # no tensor can exist before torch is imported
+    if torch is not None and isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     else:
         x = np.asarray(x)

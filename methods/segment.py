@@ -13,15 +13,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from featurestore import __version__
 from featurestore.errors import NonFiniteFeaturesError, OvssError
 from featurestore.names import redact_url
-from featurestore.store import STATUS_OK, FeatureStore
 from methods.base import (
     ScoringConfig,
     Segmenter,
@@ -37,6 +35,11 @@ from methods.overlay import (  # save_label_png / save_overlay: re-exported for 
     save_label_png,
     save_overlay,
 )
+
+if TYPE_CHECKING:  # torch and zarr are imported where they run: ``ovss eval --predictions``
+    import torch  # needs neither
+
+    from featurestore.store import FeatureStore
 
 Progress = Callable[[str, int, int], None]
 
@@ -92,6 +95,8 @@ def segment_image(seg: Segmenter, index: int, vocab: Vocab, scoring: ScoringConf
 
 def class_probabilities(cos: torch.Tensor, out_hw, vocab: Vocab, scoring: ScoringConfig):
     """Per-class probability maps ``(C, H, W)`` (softmax over all queries, max over synonyms)."""
+    import torch
+
     from methods.scoring import upsample_bilinear
 
     probs = torch.softmax(scoring.logit_scale * upsample_bilinear(cos.float(), out_hw), dim=0)
@@ -138,6 +143,8 @@ def iter_segmentations(
     Every feature the method reads is checked to be finite (``check_finite_reads``): NaN/inf
     in a cached tensor stops the run with a ``NonFiniteFeaturesError`` naming the image.
     """
+    from featurestore.store import STATUS_OK
+
     check_finite_reads(seg)
     ok = np.ones(seg.store.n_images, dtype=bool)
     for fs in seg.sets.values():
@@ -229,6 +236,8 @@ def segment_store(
         seg = segmenter
         store = seg.store
     else:
+        from featurestore.store import FeatureStore
+
         store = FeatureStore.open(store_path, mode="a" if write_labels else "r")
         seg = build_segmenter(store, method, dataset, overrides, device)
     scoring = scoring or ScoringConfig()
@@ -310,6 +319,8 @@ def segment_store(
 
 def vocab_from_text(te, source: str = "") -> Vocab:
     """A ``Vocab`` from a cached text set (``featurestore.text.TextEmbeddings``)."""
+    import torch
+
     return Vocab(
         class_names=[list(c) for c in te.class_names],
         embeddings=torch.from_numpy(np.asarray(te.embeddings, dtype=np.float32)),
@@ -856,6 +867,8 @@ def missing_steps(
     Raises:
         StoreImagesMismatchError: the store holds other images (or a file changed).
     """
+    from featurestore.store import FeatureStore
+
     if not _store_exists(store_path):
         return steps
     store = FeatureStore.open_or_create(str(store_path), records)  # checks the image list
@@ -893,6 +906,8 @@ def check_models(
         OvssError: a protocol only SAM takes given to another model.
         TensorNotComputedError: a model lacks a tensor the method reads.
     """
+    import torch
+
     from featurestore.backbones.base import create_backbone
     from featurestore.extract import check_protocol_fits
 
@@ -1020,6 +1035,8 @@ def _segment_existing(
     device: str,
     progress: Progress | None,
 ) -> SegmentSummary:
+    from featurestore.store import FeatureStore
+
     store = FeatureStore.open(store_path, mode="a" if request.write_labels else "r")
     seg = setup.cls(store, setup.config, device=device)  # the feature sets, before the text
     vocab, text_set = embed_text(store_path, text, vocabulary, device, progress)
@@ -1102,6 +1119,8 @@ def run_segment(request: SegmentRequest, progress: Progress | None = None) -> Se
     try:
         extracted = _extract_steps(records, store_path, todo, request, progress)
         if not _store_exists(store_path):  # nothing to extract (a live model runs on pixels)
+            from featurestore.store import FeatureStore
+
             FeatureStore.open_or_create(store_path, records)
         summary = _segment_existing(store_path, request, setup, text, vocabulary, device, progress)
     except BaseException as e:

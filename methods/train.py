@@ -271,10 +271,11 @@ def register_trainer(cls: type[Trainer]) -> type[Trainer]:
 
 
 def _import_trainers() -> None:
-    """Load the registry: the package ``__init__`` imports every trainer module (one line
+    """Load the registry: ``methods.load_components`` imports every trainer module (one line
     each); ``fmbseg``, the default of ``ovss align``, is imported here as well."""
-    import methods  # noqa: F401
-    from methods import fmbseg  # noqa: F401
+    from methods import fmbseg, load_components  # noqa: F401
+
+    load_components()
 
 
 def list_trainers() -> list[str]:

@@ -594,10 +594,9 @@ def render_job_report(rep, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def models(as_json):
     """List the backbones `ovss extract --model` accepts."""
-    from featurestore.backbones.base import backbone_doc, list_backbones
+    from featurestore.model_catalog import model_rows
 
-    rows = [{"name": n, "doc": backbone_doc(n)} for n in list_backbones()]
-    render.models(rows, as_json)
+    render.models(model_rows(), as_json)
 
 
 # ------------------------------------------------------------------------------------------

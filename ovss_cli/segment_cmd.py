@@ -1,6 +1,6 @@
 """``ovss segment``, ``ovss eval`` and ``ovss methods``: parse, build the request, call one
 library function (``methods.segment.run_segment`` / ``methods.evaluate.run_eval`` /
-``methods.segment.describe_methods``), render."""
+``methods.method_catalog.describe_methods``), render."""
 
 from __future__ import annotations
 
@@ -195,9 +195,11 @@ METHOD_OPTIONS = [
 
 def _settings(config_file, settings, image_classes) -> dict[str, Any]:
     """``--config FILE`` options, then ``--set`` (wins), then ``--image-classes``."""
-    from methods.tune import read_config_file
+    out: dict[str, Any] = {}
+    if config_file:
+        from methods.tune import read_config_file  # torch: only when a file is given
 
-    out: dict[str, Any] = dict(read_config_file(config_file)) if config_file else {}
+        out.update(read_config_file(config_file))
     out.update(parse_settings(settings))
     if image_classes:
         out["image_classes"] = image_classes
@@ -241,33 +243,38 @@ def _overlay_style(alpha: float | None, legend: str | None):
 
 
 def _call(fn, request, quiet: bool, flags: dict[str, str]):
-    """``fn(request, progress)``; a ``RequestError`` becomes a usage error (exit 2)."""
+    """``fn(request, progress)``; a ``RequestError`` becomes a usage error (exit 2). The hints
+    are registered when an error comes (see :func:`_register_hints`)."""
+    from featurestore.errors import OvssError
     from methods.segment import RequestError
 
-    _register_hints()
     try:
         with render.progress(quiet) as cb:
             return fn(request, cb)
     except RequestError as e:
         flag = {**METHOD_FLAGS, **flags}.get(e.option)
         raise click.UsageError(f"{e} ({flag})" if flag else str(e)) from None
+    except OvssError:
+        _register_hints()
+        raise
 
 
 _HINTS_DONE = False
 
 
 def _register_hints() -> None:
-    """Hints of the library errors of these commands (registered on first use: importing
-    ``methods`` at CLI start-up would import torch for ``ovss --help``)."""
+    """Hints of the library errors of these commands, registered when one comes (importing
+    ``methods.train`` would import torch, which ``ovss --help`` and ``eval --predictions``
+    need not: its ``CheckpointError`` hint is registered once the module is loaded)."""
     global _HINTS_DONE
+    train = sys.modules.get("methods.train")  # a CheckpointError exists only once it is imported
+    if train is not None:
+        hint_for(train.CheckpointError)(checkpoint_hint)
     if _HINTS_DONE:
         return
     _HINTS_DONE = True
     from methods.evaluate import MissingPredictionsError
     from methods.segment import KeptStoreError, TensorNotComputedError
-    from methods.train import CheckpointError
-
-    hint_for(CheckpointError)(checkpoint_hint)
 
     @hint_for(MissingPredictionsError)
     def _missing(e: MissingPredictionsError) -> str:
@@ -582,6 +589,6 @@ def _sweep(common, methods_given, sweep_items, sweep_file, cache_dense, quiet):
 @user_errors
 def methods(as_json):
     """List the segmentation methods with their options: name, type, default and help."""
-    from methods.segment import describe_methods
+    from methods.method_catalog import describe_methods
 
     render.methods(describe_methods(), as_json)
