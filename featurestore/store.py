@@ -1032,7 +1032,6 @@ class _TensorPlan:
             if base is None
             else [f"{base}/{spec.name}/c/{b}{tail}" for b in range(fs.n_blocks)]
         )
-        self.cached: set[int] = set()  # committed blocks whose chunk file may be kept open
 
 
 class _ReadPlan:
@@ -1250,7 +1249,6 @@ class FeatureSet:
         self._committed.pop(b, None)
         if self._plan is not None:
             for t in self._plan.tensors:
-                t.cached.discard(b)
                 if t.paths is not None:
                     self._files.drop(t.paths[b])
 
@@ -1325,8 +1323,8 @@ class FeatureSet:
         offset = (start - b * t.block_rows) * t.row_bytes
         path = t.paths[b]
         buf = [memoryview(out).cast("B")]
-        if b in t.cached or self._is_committed(b):
-            t.cached.add(b)
+        done = self._committed.get(b)
+        if done or (done is None and self._is_committed(b)):
             d = self._files.acquire(path)
             if d is None:  # never written (Zarr leaves all-zero chunks out)
                 out[...] = 0
@@ -1383,15 +1381,15 @@ class FeatureSet:
     def _image_features(self, index: int, tensors: dict[str, np.ndarray]) -> ImageFeatures:
         p = self._plan or self._read_plan()
         w0, w1 = p.win_start[index], p.win_start[index + 1]
-        return ImageFeatures(
-            index=index,
-            image_id=p.image_ids[index],
-            original_size=(p.sizes[index, 0], p.sizes[index, 1]),
-            resized_size=(p.resized[index, 0], p.resized[index, 1]),
-            win_box=p.win_box[w0:w1],
-            win_pad=p.win_pad[w0:w1],
-            win_grid=p.win_grid[w0:w1],
-            tensors=tensors,
+        return ImageFeatures(  # positional (index, image_id, original_size, resized_size, ...)
+            index,
+            p.image_ids[index],
+            (p.sizes[index, 0], p.sizes[index, 1]),
+            (p.resized[index, 0], p.resized[index, 1]),
+            p.win_box[w0:w1],
+            p.win_pad[w0:w1],
+            p.win_grid[w0:w1],
+            tensors,
         )
 
     def encode(self, a) -> np.ndarray:
@@ -1427,6 +1425,7 @@ class FeatureSet:
         wanted = None if indices is None else set(int(i) for i in indices)
         specs = [s for s in self.specs if names is None or s.name in names]
         sdt = _storage_dtype(self.dtype)
+        plan = self._read_plan()
         ahead = _ReadAhead(self, specs) if self.store.is_remote else None
         try:
             for b in range(self.n_blocks):
@@ -1456,21 +1455,21 @@ class FeatureSet:
                     for i in imgs:
                         tensors = {}
                         for s in specs:
-                            sl = self.local_rows(s.unit, i)
+                            t = plan.tensor[s.name]
+                            start = t.row_start[i] - b * t.block_rows  # row inside the chunk
+                            count = t.row_count[i]
                             src = sources[s.name]
-                            shape = (sl.stop - sl.start, *s.row_shape)
                             if isinstance(src, np.ndarray):
-                                arr = src[sl]
+                                arr = src[start : start + count]
                             else:
-                                arr = np.empty(shape, dtype=sdt)
+                                arr = np.empty((count, *t.row_shape), dtype=sdt)
                                 if src is None:
                                     arr[...] = 0
-                                elif arr.size:
-                                    row_bytes = int(np.prod(s.row_shape)) * sdt.itemsize
+                                elif count:
                                     got = os.preadv(
                                         src.fileno(),
                                         [memoryview(arr).cast("B")],
-                                        sl.start * row_bytes,
+                                        start * t.row_bytes,
                                     )
                                     if got != arr.nbytes:
                                         raise CorruptStoreError(
