@@ -131,10 +131,11 @@ class AlignedSegmenter(Segmenter):
         x = torch.from_numpy(np.asarray(feats.tensors[self.tensor], np.float32)).to(self.device)
         with torch.no_grad():
             z = align_features(self.module, x, feats.win_grid)
-        cos = PrototypeIndex(vocab.embeddings.float(), backend=self.config.backend).scores(z)
+        text = vocab.embeddings.float().to(self.device)  # the lookup runs on the device
+        cos = PrototypeIndex(text, backend=self.config.backend).scores(z)
         windows, start = [], 0
         for (gh, gw), box, pad in zip(feats.win_grid, feats.win_box, feats.win_pad, strict=True):
-            w = cos[start : start + gh * gw].T.reshape(-1, gh, gw).cpu()
+            w = cos[start : start + gh * gw].T.reshape(-1, gh, gw)
             start += gh * gw
             windows.append(window_logits_to_box(w, box, pad))
         canvas = feats.resized_size

@@ -410,7 +410,7 @@ class LastBlockSegmenter(Segmenter):
             with torch.inference_mode():
                 feat = self.window_features(tokens.to(self.device), cls.to(self.device), (gh, gw))
                 cos = F.normalize(feat.float(), dim=-1) @ text.T
-            logits = cos.T.reshape(-1, gh, gw).cpu()
+            logits = cos.T.reshape(-1, gh, gw)  # merged on the device
             windows.append(window_logits_to_box(logits, f.win_box[w], f.win_pad[w]))
         return merge_window_logits(windows, f.win_box, f.resized_size), f.resized_size
 

@@ -139,6 +139,6 @@ class MaskCLIPSegmenter(Segmenter):
             with torch.inference_mode():
                 feat = fn(tokens.to(self.device), cls.to(self.device), self.block)
                 cos = torch.nn.functional.normalize(feat.float(), dim=-1) @ text.T
-            logits = cos.T.reshape(-1, gh, gw).cpu()
+            logits = cos.T.reshape(-1, gh, gw)  # merged on the device
             windows.append(window_logits_to_box(logits, f.win_box[w], f.win_pad[w]))
         return merge_window_logits(windows, f.win_box, f.resized_size), f.resized_size

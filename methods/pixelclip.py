@@ -927,7 +927,7 @@ class PixelCLIPSegmenter(Segmenter):
             prob_thd=scoring.prob_thd,
             area_thd=scoring.area_thd,
         )
-        return labels.numpy(), max_prob.numpy(), cos
+        return labels.cpu().numpy(), max_prob.cpu().numpy(), cos
 
     def cosine_logits(self, index: int, vocab: Vocab) -> tuple[torch.Tensor, tuple[int, int]]:
         feats = self.dense_features(index).float()
@@ -943,7 +943,7 @@ class PixelCLIPSegmenter(Segmenter):
             feats.permute(2, 0, 1)[None], size=(g, g), mode="bilinear", align_corners=False
         )[0]
         text = l2n(vocab.embeddings.float().to(up.device))
-        cos = torch.einsum("ehw,qe->qhw", l2n(up, dim=0), text).cpu()
+        cos = torch.einsum("ehw,qe->qhw", l2n(up, dim=0), text)  # upsampled on the device
         h, w = (int(v) for v in self.store.image_table()["size"][index])
         from methods.scoring import upsample_bilinear
 

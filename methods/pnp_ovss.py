@@ -294,11 +294,11 @@ def dropout_patches(u: torch.Tensor, dropped: torch.Tensor, rule: str, k: int = 
     if rule == "topk":
         score = u.clone().double()
         score[dropped] = float("-inf")
-        order = np.argsort(score.numpy(), kind="stable")
+        order = np.argsort(score.cpu().numpy(), kind="stable")
         n = min(k, int(remaining.sum()))
         out = torch.zeros_like(dropped)
         if n:
-            out[torch.from_numpy(order[-n:].copy())] = True
+            out[torch.from_numpy(order[-n:].copy()).to(out.device)] = True
         return out
     raise ValueError(f"dropout_rule must be one of {', '.join(DROPOUT_RULES)}, not {rule!r}")
 
@@ -353,7 +353,7 @@ def saliency_dropout(
     patch = int(blip.info.patch_size)
     grid = pixels.shape[-1] // patch
     n = grid * grid
-    dropped = torch.zeros(n, dtype=torch.bool)
+    dropped = torch.zeros(n, dtype=torch.bool, device=pixels.device)
     total = None
     first = None
     trace = DropoutTrace(maps=torch.empty(0))
@@ -455,6 +455,7 @@ def maps_to_labels(
 
     h, w = image.shape[:2]
     t = time.perf_counter()
+    maps = maps.cpu()  # the blur (scipy) and the CRF run on the CPU
     masked = threshold_maps(maps, threshold)
     scores = image_scores(masked, (h, w), background)
     scores = blur_scores(scores, blur_sigma * max(h, w))

@@ -118,13 +118,14 @@ class PrototypeSegmenter(Segmenter):
         fs = self.sets["dense"]
         name = self.config.stored_tensors[0]
         feats = fs.read(index, names=[name])
-        tokens = torch.from_numpy(np.asarray(feats.tensors[name], np.float32))
+        tokens = torch.from_numpy(np.asarray(feats.tensors[name], np.float32)).to(self.device)
         if self.block is not None:  # clip-dense: the value path into CLIP's text space
             from methods.clip_dense import maskclip_dense
 
             with torch.inference_mode():
-                tokens = maskclip_dense(tokens.to(self.device), None, self.block).float().cpu()
-        index_ = PrototypeIndex(vocab.embeddings.float(), backend=self.config.backend)
+                tokens = maskclip_dense(tokens, None, self.block).float()
+        text = vocab.embeddings.float().to(self.device)  # the lookup runs on the device
+        index_ = PrototypeIndex(text, backend=self.config.backend)
         cos = index_.scores(tokens)  # (n_tokens, Q)
         windows, start = [], 0
         for (gh, gw), box, pad in zip(feats.win_grid, feats.win_box, feats.win_pad, strict=True):

@@ -193,6 +193,6 @@ class ProxyCLIPSegmenter(Segmenter):
                     self.config.gamma,
                 )
                 cos = F.normalize(feat.float(), dim=-1) @ text.T
-            logits = cos.T.reshape(-1, vh, vw).cpu()
+            logits = cos.T.reshape(-1, vh, vw)  # merged on the device
             windows.append(window_logits_to_box(logits, d.win_box[w], d.win_pad[w]))
         return merge_window_logits(windows, d.win_box, d.resized_size), d.resized_size

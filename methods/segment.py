@@ -76,6 +76,8 @@ def segment_image(seg: Segmenter, index: int, vocab: Vocab, scoring: ScoringConf
     cos, _ = seg.cosine_logits(index, vocab)
     fs = next(iter(seg.sets.values()))
     h, w = (int(x) for x in fs.image_sizes[index])
+    # PAMR and the scoring run on the method's device (a no-op on the CPU).
+    cos = cos.to(seg.device)
     cos = refine_cosine(seg, index, cos, (h, w))  # PAMR at (h, w) when the config turns it on
     labels, max_prob = score_logits(
         cos.float(),
@@ -86,7 +88,7 @@ def segment_image(seg: Segmenter, index: int, vocab: Vocab, scoring: ScoringConf
         prob_thd=scoring.prob_thd,
         area_thd=scoring.area_thd,
     )
-    labels, max_prob = labels.numpy(), max_prob.numpy()
+    labels, max_prob = labels.cpu().numpy(), max_prob.cpu().numpy()
     refine = getattr(seg, "refine", None)  # optional second stage (Trident's SAM refinement)
     if refine is not None:
         labels, max_prob = refine(index, cos, labels, max_prob, vocab, scoring)

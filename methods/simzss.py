@@ -644,7 +644,7 @@ class SimZSSSegmenter(Segmenter):
             feats.window_tokens("patch"), feats.win_box, feats.win_pad, strict=True
         ):
             x = l2n(torch.from_numpy(np.asarray(w, np.float32)).to(self.device))
-            cos = torch.einsum("hwd,qd->qhw", x, text).cpu()
+            cos = torch.einsum("hwd,qd->qhw", x, text)  # merged on the device
             windows.append(window_logits_to_box(cos, box, pad))
         canvas = feats.resized_size
         return merge_window_logits(windows, feats.win_box, canvas), canvas

@@ -528,7 +528,7 @@ def _labels(seg: Segmenter, index: int, cos: Any, vocab: Vocab, scoring: Scoring
 
 def _refined(seg: Segmenter, index: int, cos: Any, labels: Any, max_prob: Any, vocab, scoring):
     """The method's own refinement hook (e.g. Trident's SAM refinement) after the scoring."""
-    labels, max_prob = labels.numpy(), max_prob.numpy()
+    labels, max_prob = labels.cpu().numpy(), max_prob.cpu().numpy()
     refine = getattr(seg, "refine", None)
     if refine is not None:
         labels, max_prob = refine(index, cos, labels, max_prob, vocab, scoring)
@@ -764,6 +764,7 @@ def _image_labels(
 
     fs = next(iter(seg.sets.values()))
     hw = tuple(int(x) for x in fs.image_sizes[i])
+    cos = cos.to(seg.device)  # PAMR and the scoring on the method's device, as the driver
     cos = refine_cosine(seg, i, cos, hw)  # PAMR when the config turns it on, as the driver
     # Rows that differ only in prob_thd share one scoring pass (area rule off).
     groups: dict[float, list[int]] = {}

@@ -1329,7 +1329,7 @@ class TridentSegmenter(Segmenter):
             for w, o in enumerate(outs):
                 gh, gw = o.shape[:2]
                 cos = self._features_to_cos(o.reshape(gh * gw, -1), text)
-                grid = cos.T.reshape(-1, gh, gw).cpu()
+                grid = cos.T.reshape(-1, gh, gw)  # merged on the device
                 logits.append(window_logits_to_box(grid, c.win_box[w], c.win_pad[w]))
             return merge_window_logits(logits, c.win_box, c.resized_size), c.resized_size
         parts = self._sam_parts(c.index)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,8 @@ class TuneRequest:
             the model's size).
         log: trials log (JSON lines); resumed when it exists.
         out: where the best configuration is written (JSON), or None.
-        device: where BLIP and CLIP run.
+        device: where BLIP and CLIP run: ``auto`` (a GPU when there is one, see
+            ``featurestore.extract.resolve_device``), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
         data_root: root of a ``custom`` dataset vocabulary.
     """
 
@@ -108,7 +109,7 @@ class TuneRequest:
     blur_sigmas: tuple[float, ...] = BLUR_SIGMAS
     log: str | None = None
     out: str | None = None
-    device: str = "cpu"
+    device: str = "auto"
     data_root: str | None = None
 
 
@@ -261,10 +262,12 @@ def tune(request: TuneRequest, progress: Progress | None = None) -> TuneResult:
             whatever the method or the CLIPs raise (one line each).
     """
     from featurestore.backbones import create_backbone
+    from featurestore.extract import resolve_device
     from featurestore.store import FeatureStore
     from methods.base import build_config, get_method
     from methods.pnp_ovss import PnPOVSS, background_index, maps_to_labels
 
+    request = replace(request, device=str(resolve_device(request.device)))
     cls = get_method(request.method)
     if not issubclass(cls, PnPOVSS):
         raise OvssError(f"method {request.method} defines no label-free reward (pnp-ovss does)")
