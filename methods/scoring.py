@@ -36,9 +36,13 @@ On both:
   of upsampled logits (the kernel gives those columns bitwise).
 
 So the labels equal the reference's except where the reference itself is a float32 coin flip
-(two probabilities equal to the last bit, whose order then depends on memory layout). Peak memory
-is ``4 * Q * h * W`` bytes with the kernel (the width-resized logits), ``4 * Q * H * W`` on the
-torch path (the reference needs three such tensors).
+(two probabilities equal to the last bit, whose order then depends on memory layout). Extra
+memory: ``2 * 4 * Q * W`` bytes per thread with the kernel (two width-resized source rows),
+``4 * Q * H * W`` on the torch path (the reference needs three such tensors).
+
+``merge_window_logits`` runs on the same kernel where it can: each window is upsampled and added
+to the canvas row by row, the same float32 additions in the same order as the torch loop, so
+the canvas is bitwise the same without a ``(Q, box)`` temporary per window.
 """
 
 from __future__ import annotations
@@ -156,10 +160,58 @@ def merge_window_logits(
         raise OvssError("the windows do not cover the whole canvas (mmseg requires full coverage)")
 
     device = window_logits[0].device
-    canvas = torch.zeros(q, out_h, out_w, dtype=torch.float32, device=device)
-    for logits, (y1, x1, y2, x2) in zip(window_logits, box_arr, strict=True):
-        canvas[:, y1:y2, x1:x2] += upsample_bilinear(logits.float(), (int(y2 - y1), int(x2 - x1)))
-    return canvas / count.to(device)
+    canvas = _merge_native(window_logits, box_arr, (out_h, out_w)) if device.type == "cpu" else None
+    if canvas is None:
+        canvas = torch.zeros(q, out_h, out_w, dtype=torch.float32, device=device)
+        for logits, (y1, x1, y2, x2) in zip(window_logits, box_arr, strict=True):
+            size = (int(y2 - y1), int(x2 - x1))
+            canvas[:, y1:y2, x1:x2] += upsample_bilinear(logits.float(), size)
+    return canvas.div_(count.to(device))  # in place: bitwise ``canvas / count``
+
+
+def _merge_native(
+    window_logits: Sequence[torch.Tensor], boxes: np.ndarray, canvas_hw: tuple[int, int]
+) -> torch.Tensor | None:
+    """The ``(Q, H, W)`` sum ``canvas[:, y1:y2, x1:x2] += upsample_bilinear(window, box size)``
+    over the windows in order, from the C kernel (one query plane at a time, no ``(Q, box)``
+    temporaries), bitwise the torch loop's sums; ``None`` when the kernel does not run here or
+    its probe refuses one of the window sizes (the caller then runs the torch loop)."""
+    lib = _kernel()
+    if lib is None:
+        return None
+    wins = [w.float().contiguous() for w in window_logits]
+    sizes = [
+        (w.shape[1], w.shape[2], int(y2 - y1), int(x2 - x1))
+        for w, (y1, x1, y2, x2) in zip(wins, boxes, strict=True)
+    ]
+    if not all(_kernel_matches(lib, *key) for key in set(sizes)):
+        return None
+    q, (out_h, out_w) = wins[0].shape[0], canvas_hw
+    tables = [_axis_tables(lib, h, bh) + _axis_tables(lib, w, bw) for h, w, bh, bw in sizes]
+    dims = torch.tensor(
+        [[*size, int(y1), int(x1)] for size, (y1, x1, _, _) in zip(sizes, boxes, strict=True)],
+        dtype=torch.int64,
+    )
+    n = len(wins)
+    win_ptrs = (ctypes.c_void_p * n)(*(w.data_ptr() for w in wins))
+    table_ptrs = (ctypes.c_void_p * (8 * n))(*(t.data_ptr() for ts in tables for t in ts))
+    canvas = torch.empty(q, out_h, out_w)
+    workers = max(1, min(torch.get_num_threads(), q))
+    bounds = [q * i // (2 * workers) for i in range(2 * workers + 1)]
+    failed = []
+
+    def part(a: int, b: int) -> None:
+        rc = lib.ovss_merge_windows(
+            n, win_ptrs, _ptr(dims), table_ptrs, _ptr(canvas), out_h, out_w, a, b
+        )
+        if rc != 0:
+            failed.append(rc)
+
+    tasks = [(part, (a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    _in_parallel(tasks, workers)
+    if failed:
+        raise MemoryError("the scoring kernel could not allocate its scratch buffer")
+    return canvas
 
 
 def _check_scoring_inputs(
@@ -398,34 +450,12 @@ class _KernelUpsampler:
     be built, or for inputs it does not take; the torch path then runs.
     """
 
-    _verified: dict[tuple[int, int, int, int], bool] = {}
-
     def __init__(self, lib, cos: torch.Tensor, hw: tuple[int, int], workers: int) -> None:
         self.lib, self.workers = lib, workers
         self.q, self.h, self.w = cos.shape
         self.out_h, self.out_w = hw
         self.cos = cos.contiguous()
-        self.y0, self.y1, self.wy0, self.wy1 = self._axis(self.h, self.out_h)
-        self.x0, self.x1, self.wx0, self.wx1 = self._axis(self.w, self.out_w)
-        self.tmp = torch.empty(self.h, self.q, self.out_w)  # the kernel's (h, Q, W) layout
-        rows = self.q * self.h
-        self._run(
-            rows,
-            lambda a, b: lib.ovss_width_pass(
-                _ptr(self.cos),
-                self.q,
-                self.h,
-                self.w,
-                self.out_w,
-                _ptr(self.x0),
-                _ptr(self.x1),
-                _ptr(self.wx0),
-                _ptr(self.wx1),
-                a,
-                b,
-                _ptr(self.tmp),
-            ),
-        )
+        self.tables = _axis_tables(lib, self.h, self.out_h) + _axis_tables(lib, self.w, self.out_w)
 
     @classmethod
     def create(
@@ -434,24 +464,8 @@ class _KernelUpsampler:
         lib = _kernel()
         if lib is None or cos.dtype != torch.float32 or max(cos.shape[0], *hw) >= 2**31:
             return None
-        key = (cos.shape[1], cos.shape[2], hw[0], hw[1])
-        ok = cls._verified.get(key)
-        if ok is None:
-            probe = torch.rand(
-                min(cos.shape[0], 8), *key[:2], generator=torch.Generator().manual_seed(0)
-            )
-            ours = cls(lib, probe, hw, 1).upsampled()
-            ok = torch.equal(ours, upsample_bilinear(probe, hw))
-            if len(cls._verified) > 4096:
-                cls._verified.clear()
-            cls._verified[key] = ok
+        ok = _kernel_matches(lib, cos.shape[1], cos.shape[2], hw[0], hw[1])
         return cls(lib, cos, hw, workers) if ok else None
-
-    def _axis(self, n_in: int, n_out: int) -> tuple[torch.Tensor, ...]:
-        i0, i1 = torch.empty(n_out, dtype=torch.int32), torch.empty(n_out, dtype=torch.int32)
-        w0, w1 = torch.empty(n_out), torch.empty(n_out)
-        self.lib.ovss_axis(n_in, n_out, _ptr(i0), _ptr(i1), _ptr(w0), _ptr(w1))
-        return i0, i1, w0, w1
 
     def _run(self, n: int, fn: Callable[[int, int], object]) -> None:
         """``fn(start, stop)`` over ``[0, n)`` in about 4 chunks per worker (the GIL is released
@@ -461,23 +475,21 @@ class _KernelUpsampler:
         tasks = [(fn, (a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
         _in_parallel(tasks, self.workers)
 
-    def _heights(self) -> tuple:
-        return (_ptr(self.y0), _ptr(self.y1), _ptr(self.wy0), _ptr(self.wy1))
+    def _head(self) -> tuple:
+        """The leading kernel arguments: logits, Q, h, w."""
+        return (_ptr(self.cos), self.q, self.h, self.w)
+
+    def _tables(self) -> tuple:
+        return tuple(_ptr(t) for t in self.tables)
 
     def upsampled(self) -> torch.Tensor:
         """All ``(Q, H, W)`` upsampled values (the probe check; the scoring never builds them)."""
         out = torch.empty(self.q, self.out_h, self.out_w)
-        self.lib.ovss_height_pass(
-            _ptr(self.tmp),
-            self.q,
-            self.h,
-            self.out_h,
-            self.out_w,
-            *self._heights(),
-            0,
-            self.out_h,
-            _ptr(out),
+        rc = self.lib.ovss_height_pass(
+            *self._head(), self.out_h, self.out_w, *self._tables(), 0, self.out_h, _ptr(out)
         )
+        if rc != 0:
+            raise MemoryError("the scoring kernel could not allocate its scratch buffer")
         return out
 
     def pixels(self, idx: torch.Tensor) -> torch.Tensor:
@@ -486,14 +498,7 @@ class _KernelUpsampler:
         out = torch.empty(self.q, idx.numel())
         if idx.numel():
             self.lib.ovss_pixels(
-                _ptr(self.tmp),
-                self.q,
-                self.h,
-                self.out_w,
-                *self._heights(),
-                _ptr(idx),
-                idx.numel(),
-                _ptr(out),
+                *self._head(), self.out_w, *self._tables(), _ptr(idx), idx.numel(), _ptr(out)
             )
         return out
 
@@ -509,11 +514,9 @@ class _KernelUpsampler:
 
         def rows(a: int, b: int) -> None:
             rc = self.lib.ovss_score_rows(
-                _ptr(self.tmp),
-                self.q,
-                self.h,
+                *self._head(),
                 self.out_w,
-                *self._heights(),
+                *self._tables(),
                 a,
                 b,
                 ctypes.c_float(logit_scale),
@@ -538,6 +541,46 @@ class _KernelUpsampler:
         return best_query, max_prob, unsure
 
 
+def _axis_tables(lib, n_in: int, n_out: int) -> tuple[torch.Tensor, ...]:
+    """``(i0, i1, w0, w1)`` of one axis resized from ``n_in`` to ``n_out`` (the kernel's)."""
+    i0, i1 = torch.empty(n_out, dtype=torch.int32), torch.empty(n_out, dtype=torch.int32)
+    w0, w1 = torch.empty(n_out), torch.empty(n_out)
+    lib.ovss_axis(n_in, n_out, _ptr(i0), _ptr(i1), _ptr(w0), _ptr(w1))
+    return i0, i1, w0, w1
+
+
+_verified: dict[tuple[int, int, int, int], bool] = {}
+#: Outputs up to this many pixels are probed whole; larger ones axis by axis.
+_WHOLE_PROBE_PIXELS = 1 << 16
+
+
+def _kernel_matches(lib, h: int, w: int, out_h: int, out_w: int) -> bool:
+    """Whether the kernel's upsampling of ``(h, w)`` to ``(out_h, out_w)`` is bitwise
+    ``upsample_bilinear``'s here, checked on random probes (cached per sizes).
+
+    Small outputs are probed whole. Larger ones (``H * W > 2**16``, so ``H + W > 128``: PyTorch's
+    generic separable kernel) are probed one axis at a time, ``(h, 1) -> (H, 128)`` and
+    ``(1, w) -> (128, W)``: the same index, weight and rounding steps as the whole resize, in
+    ``128 * (H + W)`` pixels instead of ``H * W`` (each image size of a dataset is new).
+    """
+    if out_h * out_w <= _WHOLE_PROBE_PIXELS:
+        return _probe(lib, h, w, out_h, out_w)
+    return _probe(lib, h, 1, out_h, 128) and _probe(lib, 1, w, 128, out_w)
+
+
+def _probe(lib, h: int, w: int, out_h: int, out_w: int) -> bool:
+    key = (int(h), int(w), int(out_h), int(out_w))
+    ok = _verified.get(key)
+    if ok is None:
+        probe = torch.rand(2, h, w, generator=torch.Generator().manual_seed(0))
+        ours = _KernelUpsampler(lib, probe, (out_h, out_w), 1).upsampled()
+        ok = torch.equal(ours, upsample_bilinear(probe, (out_h, out_w)))
+        if len(_verified) > 4096:
+            _verified.clear()
+        _verified[key] = ok
+    return ok
+
+
 def _column_values(
     cos: torch.Tensor, hw: tuple[int, int]
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -554,25 +597,16 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
+_P, _I = ctypes.c_void_p, ctypes.c_int64
 _KERNEL_SIGNATURES = {
-    "ovss_axis": [ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 4,
-    "ovss_width_pass": [ctypes.c_void_p]
-    + [ctypes.c_int64] * 4
-    + [ctypes.c_void_p] * 4
-    + [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p],
-    "ovss_score_rows": [ctypes.c_void_p]
-    + [ctypes.c_int64] * 3
-    + [ctypes.c_void_p] * 4
-    + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
-    + [ctypes.c_void_p] * 3,
-    "ovss_pixels": [ctypes.c_void_p]
-    + [ctypes.c_int64] * 3
-    + [ctypes.c_void_p] * 5
-    + [ctypes.c_int64, ctypes.c_void_p],
-    "ovss_height_pass": [ctypes.c_void_p]
-    + [ctypes.c_int64] * 4
-    + [ctypes.c_void_p] * 4
-    + [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p],
+    "ovss_axis": ([_I, _I] + [_P] * 4, None),
+    "ovss_score_rows": (
+        [_P] + [_I] * 4 + [_P] * 8 + [_I, _I, ctypes.c_float, ctypes.c_int] + [_P] * 3,
+        ctypes.c_int,
+    ),
+    "ovss_pixels": ([_P] + [_I] * 4 + [_P] * 9 + [_I, _P], None),
+    "ovss_height_pass": ([_P] + [_I] * 5 + [_P] * 8 + [_I, _I, _P], ctypes.c_int),
+    "ovss_merge_windows": ([_I, _P, _P, _P, _P] + [_I] * 4, ctypes.c_int),
 }
 
 
@@ -585,10 +619,9 @@ def _kernel():
     lib = library("scoring_kernel")
     if lib is None:
         return None
-    for name, args in _KERNEL_SIGNATURES.items():
+    for name, (args, result) in _KERNEL_SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes = args
-        fn.restype = ctypes.c_int if name == "ovss_score_rows" else None
+        fn.argtypes, fn.restype = args, result
     return lib
 
 

@@ -346,14 +346,14 @@ def test_a_kernel_that_disagrees_with_f_interpolate_is_not_used(monkeypatch) -> 
 
     _kernel_or_skip()
     real = scoring.upsample_bilinear
-    monkeypatch.setattr(scoring._KernelUpsampler, "_verified", {})
+    monkeypatch.setattr(scoring, "_verified", {})
     monkeypatch.setattr(scoring, "upsample_bilinear", lambda x, hw: real(x, hw) * (1 + 1e-7))
     cos = torch.rand(11, 9, 13, generator=_gen(2))
     assert scoring._KernelUpsampler.create(cos, (31, 29), 1) is None
     monkeypatch.setattr(scoring, "upsample_bilinear", real)
     labels, _ = score_logits(cos, (31, 29), torch.arange(11), 11)  # cached verdict: torch path
     assert torch.equal(labels, score_logits_reference(cos, (31, 29), torch.arange(11), 11)[0])
-    assert scoring._KernelUpsampler._verified == {(9, 13, 31, 29): False}
+    assert scoring._verified == {(9, 13, 31, 29): False}  # a whole probe: 31 * 29 pixels
 
 
 def test_native_build_falls_back_cleanly(tmp_path) -> None:

@@ -2,7 +2,9 @@
  * ovss scoring kernel: bilinear upsampling (align_corners=False) of (Q, h, w) cosine logits to
  * (Q, H, W), fused with the per-pixel decisions of methods/scoring.py: the best query, whether
  * the best two are close enough for float32 rounding to matter, and the softmax denominator
- * sum_q exp(scale * (v_q - v_best)).  The (Q, H, W) logits are never stored.
+ * sum_q exp(scale * (v_q - v_best)).  Neither the (Q, H, W) logits nor the width-resized
+ * (Q, h, W) ones are stored: each thread keeps the two width-resized source rows that its
+ * current band of output rows reads.
  *
  * The interpolation is separable, width first, with explicit fused multiply-adds:
  *     source index  real = max(fma(in/out, d + 0.5, -0.5), 0)
@@ -46,20 +48,22 @@ void ovss_axis(int64_t in_size, int64_t out_size, int32_t *i0, int32_t *i1, floa
     }
 }
 
-/* Width pass: rows [r_start, r_end) of x, (Q * h) rows of length w, into tmp, laid out
- * (h, Q, W): source row i of query q goes to tmp[(i * Q + q) * W].  That layout keeps the
- * Q rows that one output row reads next to each other. */
-void ovss_width_pass(const float *x, int64_t Q, int64_t h, int64_t w, int64_t W,
-                     const int32_t *x0, const int32_t *x1, const float *wx0, const float *wx1,
-                     int64_t r_start, int64_t r_end, float *tmp)
+/* One source row (length w) resized to length W: dst[X] = fma(src[x0], wx0, src[x1] * wx1). */
+static inline void width_row(const float *restrict src, int64_t W, const int32_t *restrict x0,
+                             const int32_t *restrict x1, const float *restrict wx0,
+                             const float *restrict wx1, float *restrict dst)
 {
-    for (int64_t r = r_start; r < r_end; r++) {
-        const int64_t q = r / h, i = r % h;
-        const float *src = x + r * w;
-        float *dst = tmp + (i * Q + q) * W;
-        for (int64_t X = 0; X < W; X++)
-            dst[X] = fmaf(src[x0[X]], wx0[X], src[x1[X]] * wx1[X]);
-    }
+    for (int64_t X = 0; X < W; X++)
+        dst[X] = fmaf(src[x0[X]], wx0[X], src[x1[X]] * wx1[X]);
+}
+
+/* Source row r of every query of x (Q, h, w), width-resized, into rows (Q, W). */
+static void width_rows(const float *x, int64_t Q, int64_t h, int64_t w, int64_t W, int64_t r,
+                       const int32_t *x0, const int32_t *x1, const float *wx0, const float *wx1,
+                       float *rows)
+{
+    for (int64_t q = 0; q < Q; q++)
+        width_row(x + (q * h + r) * w, W, x0, x1, wx0, wx1, rows + q * W);
 }
 
 /* exp(x) for x <= ~0 (Cody-Waite reduction, degree-6 polynomial; relative error < 3e-7);
@@ -114,22 +118,30 @@ track_best(const float *restrict t, const float *restrict u, float a, float b, i
 
 /* Height pass and decisions for output rows [y_start, y_end).
  *
- * tmp: the (h, Q, W) width-pass result.  For every pixel p = Y * W + X of those rows it writes
+ * x: the (Q, h, w) logits.  For every pixel p = Y * W + X of those rows it writes
  * best_q[p] (first query of the largest value), gap[p] = scale * best - scale * second (+inf
  * with one query) and, when need_sum, denom[p] = sum_q exp(scale * v_q - scale * best).
- * Rows are taken in bands that read the same two source rows, and each band in runs of RUN
- * pixels, so that the 2 * Q * RUN source values of a run stay in cache for the whole band.
- * Returns 0, or -1 when the scratch buffer cannot be allocated.
+ * Rows are taken in bands that read the same two source rows (width-resized once per band,
+ * kept while the next band reads them too), and each band in runs of RUN pixels, so that the
+ * 2 * Q * RUN source values of a run stay in cache for the whole band.
+ * Returns 0, or -1 when the scratch buffers cannot be allocated.
  */
-int ovss_score_rows(const float *tmp, int64_t Q, int64_t h, int64_t W, const int32_t *y0,
-                    const int32_t *y1, const float *wy0, const float *wy1, int64_t y_start,
-                    int64_t y_end, float scale, int need_sum, int64_t *best_q, float *gap,
-                    float *denom)
+int ovss_score_rows(const float *x, int64_t Q, int64_t h, int64_t w, int64_t W,
+                    const int32_t *y0, const int32_t *y1, const float *wy0, const float *wy1,
+                    const int32_t *x0, const int32_t *x1, const float *wx0, const float *wx1,
+                    int64_t y_start, int64_t y_end, float scale, int need_sum, int64_t *best_q,
+                    float *gap, float *denom)
 {
-    (void)h;
     float *buf = (float *)malloc(sizeof(float) * (size_t)(need_sum ? Q : 1) * RUN);
-    if (buf == NULL)
+    float *slot[2] = {(float *)malloc(sizeof(float) * (size_t)Q * (size_t)W),
+                      (float *)malloc(sizeof(float) * (size_t)Q * (size_t)W)};
+    int64_t held[2] = {-1, -1};
+    if (buf == NULL || slot[0] == NULL || slot[1] == NULL) {
+        free(buf);
+        free(slot[0]);
+        free(slot[1]);
         return -1;
+    }
     float best[RUN], second[RUN], sum[RUN], sbest[RUN];
     int32_t bq[RUN];
     int64_t band_start = y_start;
@@ -138,8 +150,19 @@ int ovss_score_rows(const float *tmp, int64_t Q, int64_t h, int64_t W, const int
         while (band_end < y_end && y0[band_end] == y0[band_start] &&
                y1[band_end] == y1[band_start])
             band_end++;
-        const float *top = tmp + (int64_t)y0[band_start] * Q * W;
-        const float *bot = tmp + (int64_t)y1[band_start] * Q * W;
+        const int64_t r0 = y0[band_start], r1 = y1[band_start];
+        if (held[0] != r0 && held[1] != r0) {
+            const int k = held[0] == r1 ? 1 : 0;
+            width_rows(x, Q, h, w, W, r0, x0, x1, wx0, wx1, slot[k]);
+            held[k] = r0;
+        }
+        if (held[0] != r1 && held[1] != r1) {
+            const int k = held[0] == r0 ? 1 : 0;
+            width_rows(x, Q, h, w, W, r1, x0, x1, wx0, wx1, slot[k]);
+            held[k] = r1;
+        }
+        const float *top = slot[held[0] == r0 ? 0 : 1];
+        const float *bot = slot[held[0] == r1 ? 0 : 1];
         for (int64_t X0 = 0; X0 < W; X0 += RUN) {
             const int64_t n = W - X0 < RUN ? W - X0 : RUN;
             for (int64_t Y = band_start; Y < band_end; Y++) {
@@ -180,39 +203,99 @@ int ovss_score_rows(const float *tmp, int64_t Q, int64_t h, int64_t W, const int
         band_start = band_end;
     }
     free(buf);
+    free(slot[0]);
+    free(slot[1]);
     return 0;
 }
 
 /* The upsampled values of a list of pixels: out[q * n + k] for pixel idx[k] (= Y * W + X),
  * bitwise the values ovss_score_rows decided on. */
-void ovss_pixels(const float *tmp, int64_t Q, int64_t h, int64_t W, const int32_t *y0,
-                 const int32_t *y1, const float *wy0, const float *wy1, const int64_t *idx,
+void ovss_pixels(const float *x, int64_t Q, int64_t h, int64_t w, int64_t W, const int32_t *y0,
+                 const int32_t *y1, const float *wy0, const float *wy1, const int32_t *x0,
+                 const int32_t *x1, const float *wx0, const float *wx1, const int64_t *idx,
                  int64_t n, float *out)
 {
-    (void)h;
     for (int64_t k = 0; k < n; k++) {
         const int64_t Y = idx[k] / W, X = idx[k] % W;
         const float a = wy0[Y], b = wy1[Y];
-        const float *top = tmp + (int64_t)y0[Y] * Q * W + X;
-        const float *bot = tmp + (int64_t)y1[Y] * Q * W + X;
-        for (int64_t q = 0; q < Q; q++)
-            out[q * n + k] = fmaf(top[q * W], a, bot[q * W] * b);
+        for (int64_t q = 0; q < Q; q++) {
+            const float *s0 = x + (q * h + y0[Y]) * w, *s1 = x + (q * h + y1[Y]) * w;
+            const float t = fmaf(s0[x0[X]], wx0[X], s0[x1[X]] * wx1[X]);
+            const float u = fmaf(s1[x0[X]], wx0[X], s1[x1[X]] * wx1[X]);
+            out[q * n + k] = fmaf(t, a, u * b);
+        }
     }
 }
 
-/* All upsampled values of rows [y_start, y_end): out is (Q, H, W). */
-void ovss_height_pass(const float *tmp, int64_t Q, int64_t h, int64_t H, int64_t W,
-                      const int32_t *y0, const int32_t *y1, const float *wy0, const float *wy1,
-                      int64_t y_start, int64_t y_end, float *out)
+/* All upsampled values of rows [y_start, y_end): out is (Q, H, W).  Returns 0, or -1 without
+ * scratch memory. */
+int ovss_height_pass(const float *x, int64_t Q, int64_t h, int64_t w, int64_t H, int64_t W,
+                     const int32_t *y0, const int32_t *y1, const float *wy0, const float *wy1,
+                     const int32_t *x0, const int32_t *x1, const float *wx0, const float *wx1,
+                     int64_t y_start, int64_t y_end, float *out)
 {
-    (void)h;
+    float *t = (float *)malloc(sizeof(float) * 2 * (size_t)W);
+    if (t == NULL)
+        return -1;
+    float *u = t + W;
     for (int64_t q = 0; q < Q; q++)
         for (int64_t Y = y_start; Y < y_end; Y++) {
             const float a = wy0[Y], b = wy1[Y];
-            const float *t = tmp + ((int64_t)y0[Y] * Q + q) * W;
-            const float *u = tmp + ((int64_t)y1[Y] * Q + q) * W;
+            width_row(x + (q * h + y0[Y]) * w, W, x0, x1, wx0, wx1, t);
+            width_row(x + (q * h + y1[Y]) * w, W, x0, x1, wx0, wx1, u);
             float *o = out + (q * H + Y) * W;
             for (int64_t X = 0; X < W; X++)
                 o[X] = fmaf(t[X], a, u[X] * b);
         }
+    free(t);
+    return 0;
+}
+
+/* mmseg's slide merge for queries [q_start, q_end): each query's canvas plane (H, W) is set to
+ * zero, then every window's logits (n_win windows, in order) are upsampled to their box and
+ * added to it: canvas += v, the same float32 additions in the same order as the reference's
+ * canvas[:, y1:y2, x1:x2] += F.interpolate(...), one plane at a time so that it stays in cache.
+ *
+ * win[k]: the (Q, h, w) logits of window k; dims[6k..6k+5] = h, w, box height, box width, box
+ * top, box left; tables[8k..8k+7] = y0, y1, wy0, wy1 (box height) and x0, x1, wx0, wx1 (box
+ * width).  Returns 0, or -1 without scratch memory. */
+int ovss_merge_windows(int64_t n_win, const float *const *win, const int64_t *dims,
+                       void *const *tables, float *canvas, int64_t H, int64_t W,
+                       int64_t q_start, int64_t q_end)
+{
+    int64_t scratch = 1;
+    for (int64_t k = 0; k < n_win; k++)
+        if (dims[6 * k] * dims[6 * k + 3] > scratch)
+            scratch = dims[6 * k] * dims[6 * k + 3];
+    float *tmp = (float *)malloc(sizeof(float) * (size_t)scratch);
+    if (tmp == NULL)
+        return -1;
+    for (int64_t q = q_start; q < q_end; q++) {
+        float *plane = canvas + q * H * W;
+        memset(plane, 0, sizeof(float) * (size_t)(H * W));
+        for (int64_t k = 0; k < n_win; k++) {
+            const int64_t h = dims[6 * k], w = dims[6 * k + 1], bh = dims[6 * k + 2];
+            const int64_t bw = dims[6 * k + 3], oy = dims[6 * k + 4], ox = dims[6 * k + 5];
+            const int32_t *y0 = (const int32_t *)tables[8 * k];
+            const int32_t *y1 = (const int32_t *)tables[8 * k + 1];
+            const float *wy0 = (const float *)tables[8 * k + 2];
+            const float *wy1 = (const float *)tables[8 * k + 3];
+            const int32_t *x0 = (const int32_t *)tables[8 * k + 4];
+            const int32_t *x1 = (const int32_t *)tables[8 * k + 5];
+            const float *wx0 = (const float *)tables[8 * k + 6];
+            const float *wx1 = (const float *)tables[8 * k + 7];
+            for (int64_t i = 0; i < h; i++)
+                width_row(win[k] + (q * h + i) * w, bw, x0, x1, wx0, wx1, tmp + i * bw);
+            for (int64_t Y = 0; Y < bh; Y++) {
+                const float a = wy0[Y], b = wy1[Y];
+                const float *restrict t = tmp + (int64_t)y0[Y] * bw;
+                const float *restrict u = tmp + (int64_t)y1[Y] * bw;
+                float *restrict row = plane + (oy + Y) * W + ox;
+                for (int64_t X = 0; X < bw; X++)
+                    row[X] += fmaf(t[X], a, u[X] * b);
+            }
+        }
+    }
+    free(tmp);
+    return 0;
 }
