@@ -758,8 +758,9 @@ def demo(out, model, weights, seed, n_train, n_val, with_maskclip, as_json, quie
 @click.option("--store", "store_path", help="Also check that this store opens.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def doctor(store_path, as_json):
-    """Environment report: versions, devices, FAISS, weights found or missing."""
-    from featurestore.doctor import doctor_report
+    """Environment report: versions, devices, FAISS, weights found or missing, whether the
+    scoring kernel is compiled."""
+    from methods.doctor import doctor_report
 
     render.doctor(doctor_report(store_path), as_json)
 

@@ -265,6 +265,9 @@ def test_doctor_and_models():
     r = CliRunner()
     res = r.invoke(cli, ["doctor", "--json"])
     assert res.exit_code == 0 and "torch" in json.loads(res.output)
+    from methods.scoring import kernel_status
+
+    assert json.loads(res.output)["scoring kernel"] == kernel_status()
     res = r.invoke(cli, ["models", "--json"])
     names = [m["name"] for m in json.loads(res.output)]
     assert "dinov2-s14" in names and "dino-b8" in names
