@@ -15,6 +15,13 @@ same with the max-probability map; ``score_labels``, labels only).
   float32 reference) on this input; ``torch_path_s`` / ``torch_labels_identical``: the same for
   the torch path (what runs without a C compiler); ``kernel``: whether the C kernel runs here.
 
+- ``windows``: the sliding-window case of the SCLIP-lineage methods: 6 windows of 21 x 21 cosine
+  logits (336-px crops at patch 16, stride 224) merged on a 448 x 597 canvas
+  (``merge_window_logits``, mmseg's slide merge) and scored at 512 x 683: seconds of the merge
+  and of ``score_logits`` on the canvas beside the torch path's (the merge loop of
+  ``F.interpolate`` calls, ``score_logits`` without the kernel), canvas bitwise and labels
+  identical.
+
 Environment knobs: BENCH_SCORING_CLASSES (default 150), BENCH_SCORING_SIZE (``HxW``, default
 683x512).
 """
@@ -58,6 +65,47 @@ def copy_bandwidth(nbytes: int = 1 << 28) -> float:
     return 2 * src.numel() * 4 / t
 
 
+def bench_windows(q: int) -> dict:
+    """Merge + scoring of the 6-window ADE-sized case, C kernel vs the torch path."""
+    import numpy as np
+
+    import methods.scoring as scoring
+
+    g = torch.Generator().manual_seed(1)
+    boxes = np.array([(y, x, y + 336, x + 336) for y in (0, 112) for x in (0, 224, 261)])
+    wins = [torch.rand(q, 21, 21, generator=g) * 0.4 - 0.1 for _ in boxes]
+    canvas_hw, out_hw, q2c = (448, 597), (512, 683), torch.arange(q)
+
+    def torch_merge():
+        kernel = scoring._kernel
+        scoring._kernel = lambda: None  # the torch loop (what runs without a compiler)
+        try:
+            return scoring.merge_window_logits(wins, boxes, canvas_hw)
+        finally:
+            scoring._kernel = kernel
+
+    merge_s, canvas = _best(lambda: scoring.merge_window_logits(wins, boxes, canvas_hw))
+    torch_merge_s, torch_canvas = _best(torch_merge)
+    score_s, (labels, _) = _best(lambda: score_logits(canvas, out_hw, q2c, q))
+    torch_score_s, (torch_labels, _) = _best(
+        lambda: _score(canvas, out_hw, q2c, q, 40.0, 0.0, None, True, 1 << 22, native=False)
+    )
+    ref_labels, _ = score_logits_reference(torch_canvas, out_hw, q2c, q)
+    return {
+        "canvas_hw": list(canvas_hw),
+        "out_hw": list(out_hw),
+        "merge_s": round(merge_s, 3),
+        "score_s": round(score_s, 3),
+        "torch_merge_s": round(torch_merge_s, 3),
+        "torch_score_s": round(torch_score_s, 3),
+        "speedup": round((torch_merge_s + torch_score_s) / (merge_s + score_s), 2),
+        "canvas_identical": bool(torch.equal(canvas, torch_canvas)),
+        "labels_identical": bool(
+            torch.equal(labels, ref_labels) and torch.equal(torch_labels, ref_labels)
+        ),
+    }
+
+
 def bench_scoring(_tmp=None) -> dict:
     q = int(os.environ.get("BENCH_SCORING_CLASSES", "150"))
     h, w = (int(x) for x in os.environ.get("BENCH_SCORING_SIZE", "683x512").split("x"))
@@ -89,6 +137,7 @@ def bench_scoring(_tmp=None) -> dict:
         "torch_ratio_to_bound": round(torch_s / bound, 2),
         "torch_labels_identical": bool(torch.equal(torch_labels, ref_labels)),
         "kernel": kernel_status(),
+        "windows": bench_windows(q),
         "target": TARGET_RATIO,
     }
 
