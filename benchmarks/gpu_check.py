@@ -8,6 +8,10 @@ writes ``bench_out/gpu_check.json``:
   (short side), CLIP-B/16 windows (short 448, crop 336, stride 224) and SAM-B (long side 1024),
   each after a 2-image warm-up run (model build, kernel selection), on ``--images`` synthetic
   JPEGs (default 32);
+- text embedding prompts/s on ``cuda`` (``featurestore.text.embed_vocabulary``, CLIP-B/16's
+  text tower, random-init, float32): ADE20K's 150 classes x the 80 OpenAI templates (12,000
+  prompts, length-sorted batches of 256 truncated to their longest prompt), after a warm-up
+  call on one class;
 - Trident seconds per image from the store (``methods.evaluate.evaluate_store`` on ``cuda``:
   CLIP-B/16 + DINO-B/16 windows, SAM-B's 64 x 64 grid affinity, scoring) on ``--images // 4``
   collages (at least 2) of 448 x 448, best of 2 calls;
@@ -143,6 +147,35 @@ def _trident(tmp: Path, n: int, device: str, smoke: bool) -> dict:
     }
 
 
+def _text(device: str, smoke: bool) -> dict:
+    from featurestore.backbones.base import tiny_arch_overrides
+    from featurestore.text import embed_vocabulary, get_templates, parse_vocab
+    from featurestore.text_encoders import create_text_encoder
+
+    vocab = parse_vocab("ade20k")
+    templates = get_templates("clip7" if smoke else "openai80")
+    if smoke:
+        vocab = parse_vocab([q[0] for q in vocab.class_names[:8]])
+    encoder = create_text_encoder(
+        "clip-b16",
+        random_init=True,
+        arch_overrides=tiny_arch_overrides("clip-b16") if smoke else None,
+        device=device,
+    )
+    embed_vocabulary(encoder, None, parse_vocab(vocab.class_names[:1]), templates)  # warm-up
+    n = len(vocab.queries) * len(templates)
+    _sync(device)
+    t = time.perf_counter()
+    embed_vocabulary(encoder, None, vocab, templates)
+    _sync(device)
+    seconds = time.perf_counter() - t
+    return {
+        "what": "text embedding CLIP-B/16 (ADE20K x openai80)",
+        "prompts": n,
+        "prompts_per_s": round(n / seconds, 1),
+    }
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch
@@ -183,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = _extraction(tmp, n, device, args.smoke)
         rows.append(_trident(tmp, 2 if args.smoke else max(2, n // 4), device, args.smoke))
+        rows.append(_text(device, args.smoke))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     wall = time.perf_counter() - start
@@ -202,8 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     for c in ("figure", "value"):
         t.add_column(c)
     for row in rows:
-        value = row.get("images_per_s")
-        t.add_row(row["what"], f"{value} img/s" if value else f"{row['s_per_image']} s/image")
+        if "images_per_s" in row:
+            t.add_row(row["what"], f"{row['images_per_s']} img/s")
+        elif "prompts_per_s" in row:
+            t.add_row(row["what"], f"{row['prompts_per_s']} prompts/s")
+        else:
+            t.add_row(row["what"], f"{row['s_per_image']} s/image")
     Console().print(t)
     if out["cpu_bench"] is None:
         print(f"no CPU bench results at {args.bench_json} (run `make bench` first)")

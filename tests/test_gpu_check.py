@@ -27,10 +27,12 @@ def test_smoke_runs_every_figure_and_reads_the_cpu_table(tmp_path, monkeypatch, 
     assert out["smoke"] and out["device"] == "cpu (smoke)"
     whats = [r["what"] for r in out["rows"]]
     assert whats == [f"extract {label}" for label, _, _ in gpu_check.EXTRACTION] + [
-        "trident eval from the store"
+        "trident eval from the store",
+        "text embedding CLIP-B/16 (ADE20K x openai80)",
     ]
     assert all(r.get("images_per_s", 0) > 0 for r in out["rows"][:3])
     assert out["rows"][3]["s_per_image"] > 0
+    assert out["rows"][4]["prompts"] == 8 * 7 and out["rows"][4]["prompts_per_s"] > 0
     assert out["cpu_bench"] == [{k: row[k] for k in ("benchmark", "ratio", "target", "met")}]
     assert "CPU bench ratios" in capsys.readouterr().out
 
@@ -43,3 +45,4 @@ def test_on_a_gpu_within_the_budget(tmp_path, monkeypatch):
     assert gpu_check.main(["--images", "8", "--bench-json", str(tmp_path / "none.json")]) == 0
     out = json.loads((tmp_path / "gpu_check.json").read_text())
     assert not out["smoke"] and out["within_budget"] and out["cpu_bench"] is None
+    assert out["rows"][4]["prompts"] == 150 * 80
