@@ -508,8 +508,8 @@ class _KernelUpsampler:
         """``(best_query, max_prob, unsure)`` of every pixel, as ``_torch_decide``."""
         n = self.out_h * self.out_w
         best_query = torch.empty(n, dtype=torch.int64)
-        gap = torch.empty(n)
-        denom = torch.empty(n) if need_prob else torch.empty(1)
+        max_prob = torch.empty(n) if need_prob else torch.empty(1)
+        unsure = torch.empty(n, dtype=torch.uint8)
         failed = []
 
         def rows(a: int, b: int) -> None:
@@ -521,9 +521,12 @@ class _KernelUpsampler:
                 b,
                 ctypes.c_float(logit_scale),
                 int(need_prob),
+                ctypes.c_float(_TIE_TOL),
+                ctypes.c_float(prob_thd if need_prob else 0.0),
+                ctypes.c_float(_PROB_RTOL),
                 _ptr(best_query),
-                _ptr(gap),
-                _ptr(denom),
+                _ptr(max_prob),
+                _ptr(unsure),
             )
             if rc != 0:
                 failed.append(rc)
@@ -531,14 +534,7 @@ class _KernelUpsampler:
         self._run(self.out_h, rows)
         if failed:
             raise MemoryError("the scoring kernel could not allocate its scratch buffer")
-        unsure = ~(gap >= _TIE_TOL)  # NaN gaps are unsure too
-        max_prob = None
-        if need_prob:
-            max_prob = denom.reciprocal_()
-            unsure |= ~torch.isfinite(max_prob)
-            if prob_thd > 0:
-                unsure |= (max_prob - prob_thd).abs() <= _PROB_RTOL * prob_thd
-        return best_query, max_prob, unsure
+        return best_query, max_prob if need_prob else None, unsure.view(torch.bool)
 
 
 def _axis_tables(lib, n_in: int, n_out: int) -> tuple[torch.Tensor, ...]:
@@ -597,11 +593,11 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-_P, _I = ctypes.c_void_p, ctypes.c_int64
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _KERNEL_SIGNATURES = {
     "ovss_axis": ([_I, _I] + [_P] * 4, None),
     "ovss_score_rows": (
-        [_P] + [_I] * 4 + [_P] * 8 + [_I, _I, ctypes.c_float, ctypes.c_int] + [_P] * 3,
+        [_P] + [_I] * 4 + [_P] * 8 + [_I, _I, _F, ctypes.c_int, _F, _F, _F] + [_P] * 3,
         ctypes.c_int,
     ),
     "ovss_pixels": ([_P] + [_I] * 4 + [_P] * 9 + [_I, _P], None),

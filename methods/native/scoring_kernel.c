@@ -18,6 +18,7 @@
  * added by the compiler.  The pixel loops are written branch-free over short runs of a row so
  * that the compiler vectorises them.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -116,9 +117,11 @@ track_best(const float *restrict t, const float *restrict u, float a, float b, i
 
 /* Height pass and decisions for output rows [y_start, y_end).
  *
- * x: the (Q, h, w) logits.  For every pixel p = Y * W + X of those rows it writes
- * best_q[p] (first query of the largest value), gap[p] = scale * best - scale * second (+inf
- * with one query) and, when need_sum, denom[p] = sum_q exp(scale * v_q - scale * best).
+ * x: the (Q, h, w) logits.  For every pixel p = Y * W + X of those rows it writes best_q[p]
+ * (first query of the largest value) and unsure[p] = 1 where float32 rounding could change the
+ * decision: scale * best - scale * second < tie_tol (or NaN); and, when need_sum, the max
+ * probability max_prob[p] = 1 / sum_q exp(scale * v_q - scale * best), with unsure[p] = 1 also
+ * where it is not finite or, when prob_thd > 0, within prob_rtol * prob_thd of prob_thd.
  * Rows are taken in bands that read the same two source rows (width-resized once per band,
  * kept while the next band reads them too), and each band in runs of RUN pixels, so that the
  * 2 * Q * RUN source values of a run stay in cache for the whole band.
@@ -127,8 +130,9 @@ track_best(const float *restrict t, const float *restrict u, float a, float b, i
 int ovss_score_rows(const float *x, int64_t Q, int64_t h, int64_t w, int64_t W,
                     const int32_t *y0, const int32_t *y1, const float *wy0, const float *wy1,
                     const int32_t *x0, const int32_t *x1, const float *wx0, const float *wx1,
-                    int64_t y_start, int64_t y_end, float scale, int need_sum, int64_t *best_q,
-                    float *gap, float *denom)
+                    int64_t y_start, int64_t y_end, float scale, int need_sum, float tie_tol,
+                    float prob_thd, float prob_rtol, int64_t *best_q, float *max_prob,
+                    uint8_t *unsure)
 {
     float *buf = (float *)malloc(sizeof(float) * (size_t)(need_sum ? Q : 1) * RUN);
     float *slot[2] = {(float *)malloc(sizeof(float) * (size_t)Q * (size_t)W),
@@ -183,7 +187,8 @@ int ovss_score_rows(const float *x, int64_t Q, int64_t h, int64_t w, int64_t W,
                 for (int64_t i = 0; i < n; i++) {
                     sbest[i] = best[i] * scale;
                     best_q[p0 + i] = bq[i];
-                    gap[p0 + i] = Q > 1 ? sbest[i] - second[i] * scale : INFINITY;
+                    const float gap = Q > 1 ? sbest[i] - second[i] * scale : INFINITY;
+                    unsure[p0 + i] = !(gap >= tie_tol);
                     sum[i] = 0.0f;
                 }
                 if (need_sum) {
@@ -193,8 +198,14 @@ int ovss_score_rows(const float *x, int64_t Q, int64_t h, int64_t w, int64_t W,
                         else
                             accumulate_exp(sum, buf + q * RUN, sbest, scale, n);
                     }
-                    for (int64_t i = 0; i < n; i++)
-                        denom[p0 + i] = sum[i];
+                    const float band = prob_rtol * prob_thd;
+                    for (int64_t i = 0; i < n; i++) {
+                        const float mp = 1.0f / sum[i];
+                        max_prob[p0 + i] = mp;
+                        const int off = !(mp <= FLT_MAX) || (prob_thd > 0.0f &&
+                                                             fabsf(mp - prob_thd) <= band);
+                        unsure[p0 + i] |= (uint8_t)off;
+                    }
                 }
             }
         }
