@@ -269,6 +269,7 @@ KERNEL_SHAPES = [
     (150, (28, 37), (683, 512)),  # an ADE20K-sized upsampling at patch 16
     (13, (17, 23), (141, 37)),
     (9, (200, 151), (119, 90)),  # downsampling
+    (4, (300, 400), (100, 90)),  # 4x down: 16 outputs read more than 32 inputs (no permutes)
     (5, (80, 70), (80, 70)),  # same size
     (3, (1, 7), (200, 1)),  # one-pixel rows and columns
     (1, (5, 6), (90, 70)),

@@ -19,6 +19,9 @@
  * that the compiler vectorises them.
  */
 #include <float.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -58,13 +61,95 @@ static inline void width_row(const float *restrict src, int64_t W, const int32_t
         dst[X] = fmaf(src[x0[X]], wx0[X], src[x1[X]] * wx1[X]);
 }
 
+/* The width pass of many rows with one pair of axis tables.  With AVX-512, each block of 16
+ * outputs whose sources lie in a window of 32 consecutive inputs (every block when upsampling)
+ * takes them with two loads and two in-register permutes instead of two gathers; the
+ * arithmetic is the same fused multiply-add as width_row, value for value. */
+typedef struct {
+    int64_t w, W;
+    const int32_t *x0, *x1;
+    const float *wx0, *wx1;
+    int64_t *base;   /* per block of 16 outputs: the first source index of its window, or -1 */
+    int32_t *rel0;   /* per output: x0 - base, x1 - base */
+    int32_t *rel1;
+} width_plan;
+
+static int width_plan_init(width_plan *p, int64_t w, int64_t W, const int32_t *x0,
+                           const int32_t *x1, const float *wx0, const float *wx1)
+{
+    p->w = w;
+    p->W = W;
+    p->x0 = x0;
+    p->x1 = x1;
+    p->wx0 = wx0;
+    p->wx1 = wx1;
+    const int64_t blocks = W / 16;
+    p->base = (int64_t *)malloc(sizeof(int64_t) * (size_t)(blocks + 1));
+    p->rel0 = (int32_t *)malloc(sizeof(int32_t) * (size_t)(W + 1));
+    p->rel1 = (int32_t *)malloc(sizeof(int32_t) * (size_t)(W + 1));
+    if (p->base == NULL || p->rel0 == NULL || p->rel1 == NULL) {
+        free(p->base);
+        free(p->rel0);
+        free(p->rel1);
+        return -1;
+    }
+    for (int64_t k = 0; k < blocks; k++) {
+        const int64_t start = x0[16 * k];
+        int64_t top = start;
+        for (int64_t i = 16 * k; i < 16 * k + 16; i++) {
+            top = x1[i] > top ? x1[i] : top;
+            top = x0[i] > top ? x0[i] : top;
+        }
+        const int fits = top - start < 32 && start + 32 <= w && x0[16 * k] <= x0[16 * k + 15];
+        p->base[k] = fits ? start : -1;
+        for (int64_t i = 16 * k; i < 16 * k + 16; i++) {
+            p->rel0[i] = (int32_t)(x0[i] - start);
+            p->rel1[i] = (int32_t)(x1[i] - start);
+        }
+    }
+    return 0;
+}
+
+static void width_plan_free(width_plan *p)
+{
+    free(p->base);
+    free(p->rel0);
+    free(p->rel1);
+}
+
+static inline void width_row_planned(const width_plan *p, const float *restrict src,
+                                     float *restrict dst)
+{
+    const int64_t W = p->W;
+    int64_t X = 0;
+#if defined(__AVX512F__)
+    for (int64_t k = 0; k < W / 16; k++) {
+        const int64_t base = p->base[k];
+        const int64_t o = 16 * k;
+        if (base < 0) {
+            for (int64_t i = o; i < o + 16; i++)
+                dst[i] = fmaf(src[p->x0[i]], p->wx0[i], src[p->x1[i]] * p->wx1[i]);
+            continue;
+        }
+        const __m512 lo = _mm512_loadu_ps(src + base), hi = _mm512_loadu_ps(src + base + 16);
+        const __m512 a = _mm512_permutex2var_ps(lo, _mm512_loadu_si512(p->rel0 + o), hi);
+        const __m512 b = _mm512_permutex2var_ps(lo, _mm512_loadu_si512(p->rel1 + o), hi);
+        const __m512 v = _mm512_fmadd_ps(a, _mm512_loadu_ps(p->wx0 + o),
+                                         _mm512_mul_ps(b, _mm512_loadu_ps(p->wx1 + o)));
+        _mm512_storeu_ps(dst + o, v);
+    }
+    X = (W / 16) * 16;
+#endif
+    for (; X < W; X++)
+        dst[X] = fmaf(src[p->x0[X]], p->wx0[X], src[p->x1[X]] * p->wx1[X]);
+}
+
 /* Source row r of every query of x (Q, h, w), width-resized, into rows (Q, W). */
-static void width_rows(const float *x, int64_t Q, int64_t h, int64_t w, int64_t W, int64_t r,
-                       const int32_t *x0, const int32_t *x1, const float *wx0, const float *wx1,
+static void width_rows(const float *x, int64_t Q, int64_t h, const width_plan *plan, int64_t r,
                        float *rows)
 {
     for (int64_t q = 0; q < Q; q++)
-        width_row(x + (q * h + r) * w, W, x0, x1, wx0, wx1, rows + q * W);
+        width_row_planned(plan, x + (q * h + r) * plan->w, rows + q * plan->W);
 }
 
 /* exp(x) for x <= ~0: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a degree-6 polynomial
@@ -138,10 +223,14 @@ int ovss_score_rows(const float *x, int64_t Q, int64_t h, int64_t w, int64_t W,
     float *slot[2] = {(float *)malloc(sizeof(float) * (size_t)Q * (size_t)W),
                       (float *)malloc(sizeof(float) * (size_t)Q * (size_t)W)};
     int64_t held[2] = {-1, -1};
-    if (buf == NULL || slot[0] == NULL || slot[1] == NULL) {
+    width_plan plan;
+    const int planned = width_plan_init(&plan, w, W, x0, x1, wx0, wx1) == 0;
+    if (buf == NULL || slot[0] == NULL || slot[1] == NULL || !planned) {
         free(buf);
         free(slot[0]);
         free(slot[1]);
+        if (planned)
+            width_plan_free(&plan);
         return -1;
     }
     float best[RUN], second[RUN], sum[RUN], sbest[RUN];
@@ -155,12 +244,12 @@ int ovss_score_rows(const float *x, int64_t Q, int64_t h, int64_t w, int64_t W,
         const int64_t r0 = y0[band_start], r1 = y1[band_start];
         if (held[0] != r0 && held[1] != r0) {
             const int k = held[0] == r1 ? 1 : 0;
-            width_rows(x, Q, h, w, W, r0, x0, x1, wx0, wx1, slot[k]);
+            width_rows(x, Q, h, &plan, r0, slot[k]);
             held[k] = r0;
         }
         if (held[0] != r1 && held[1] != r1) {
             const int k = held[0] == r0 ? 1 : 0;
-            width_rows(x, Q, h, w, W, r1, x0, x1, wx0, wx1, slot[k]);
+            width_rows(x, Q, h, &plan, r1, slot[k]);
             held[k] = r1;
         }
         const float *top = slot[held[0] == r0 ? 0 : 1];
@@ -214,6 +303,7 @@ int ovss_score_rows(const float *x, int64_t Q, int64_t h, int64_t w, int64_t W,
     free(buf);
     free(slot[0]);
     free(slot[1]);
+    width_plan_free(&plan);
     return 0;
 }
 
@@ -277,8 +367,23 @@ int ovss_merge_windows(int64_t n_win, const float *const *win, const int64_t *di
         if (dims[6 * k] * dims[6 * k + 3] > scratch)
             scratch = dims[6 * k] * dims[6 * k + 3];
     float *tmp = (float *)malloc(sizeof(float) * (size_t)scratch);
-    if (tmp == NULL)
+    width_plan *plans = (width_plan *)calloc((size_t)n_win, sizeof(width_plan));
+    int64_t ready = 0;
+    if (tmp != NULL && plans != NULL)
+        for (; ready < n_win; ready++)
+            if (width_plan_init(&plans[ready], dims[6 * ready + 1], dims[6 * ready + 3],
+                                (const int32_t *)tables[8 * ready + 4],
+                                (const int32_t *)tables[8 * ready + 5],
+                                (const float *)tables[8 * ready + 6],
+                                (const float *)tables[8 * ready + 7]) != 0)
+                break;
+    if (tmp == NULL || plans == NULL || ready < n_win) {
+        for (int64_t k = 0; k < ready; k++)
+            width_plan_free(&plans[k]);
+        free(plans);
+        free(tmp);
         return -1;
+    }
     for (int64_t q = q_start; q < q_end; q++) {
         float *plane = canvas + q * H * W;
         memset(plane, 0, sizeof(float) * (size_t)(H * W));
@@ -289,12 +394,8 @@ int ovss_merge_windows(int64_t n_win, const float *const *win, const int64_t *di
             const int32_t *y1 = (const int32_t *)tables[8 * k + 1];
             const float *wy0 = (const float *)tables[8 * k + 2];
             const float *wy1 = (const float *)tables[8 * k + 3];
-            const int32_t *x0 = (const int32_t *)tables[8 * k + 4];
-            const int32_t *x1 = (const int32_t *)tables[8 * k + 5];
-            const float *wx0 = (const float *)tables[8 * k + 6];
-            const float *wx1 = (const float *)tables[8 * k + 7];
             for (int64_t i = 0; i < h; i++)
-                width_row(win[k] + (q * h + i) * w, bw, x0, x1, wx0, wx1, tmp + i * bw);
+                width_row_planned(&plans[k], win[k] + (q * h + i) * w, tmp + i * bw);
             for (int64_t Y = 0; Y < bh; Y++) {
                 const float a = wy0[Y], b = wy1[Y];
                 const float *restrict t = tmp + (int64_t)y0[Y] * bw;
@@ -305,6 +406,9 @@ int ovss_merge_windows(int64_t n_win, const float *const *win, const int64_t *di
             }
         }
     }
+    for (int64_t k = 0; k < n_win; k++)
+        width_plan_free(&plans[k]);
+    free(plans);
     free(tmp);
     return 0;
 }
