@@ -20,7 +20,8 @@ upsampled logits. Two paths compute the same decisions:
   is upsampled both ways and must agree to the last bit (PyTorch's generic CPU kernel, which
   runs for outputs with ``H + W > 128`` on AVX2/AVX-512 builds, does; for smaller outputs
   PyTorch rounds differently and the torch path runs). 150 classes at 683 x 512 on 2 cores:
-  ~25 ms, ~10x the torch path;
+  ~15 ms on a quiet machine (1.4x the time to write and read those logits once), ~15x the
+  torch path;
 - the torch path (no compiler, ``OVSS_NATIVE=0``, sizes the probe refuses): the upsampled
   logits come from the same ``F.interpolate`` call as the reference's (so they are bitwise its
   values) and are reduced in cache-sized blocks of rows on ``torch.get_num_threads()`` worker
