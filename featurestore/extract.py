@@ -4,6 +4,14 @@ Decoding and preprocessing run in background threads, store writes in a backgrou
 thread, so the model forward is the only thing on the critical path. Work is done block by
 block (see ``featurestore.store``): a block is written whole and only then marked finished, so a
 killed run resumes at the first unfinished block of its shard.
+
+The stream [ours]: images reach the forward one by one as they are decoded (the first batch
+of a block starts as soon as its own images are ready, not when the whole block is), with the
+decoders a batch and more ahead; the windows of a block are batched exactly as before
+(``batch_size`` windows of one shape, in image order, a block's last batch possibly short), so
+the stored bytes do not depend on the timing. On CUDA a batch goes up from pinned memory and
+its outputs come down while the next batch computes (they are placed into the block buffers
+after the next forward is launched).
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -367,28 +376,37 @@ def _extract_model(
     t0 = time.perf_counter()
     failures: dict[str, str] = {}
     n_done = 0
+
+    def image_done() -> None:
+        nonlocal n_done
+        n_done += 1
+        if progress:
+            progress(info.name, n_before + n_done, n_mine)
+
+    runner = _BatchRunner(fs, backbone, specs, geos, cfg, device, image_done)
     writer = _BlockWriter(fs)
+    block: _Block | None = None
     try:
-        for b, images in _decoded_blocks(
-            fs, records, geos, todo, backbone, cfg.workers, cfg.max_pixels
+        for b, d in _decoded_images(
+            fs,
+            records,
+            geos,
+            todo,
+            backbone,
+            cfg.workers,
+            cfg.max_pixels,
+            lookahead=_lookahead(cfg.workers, cfg.batch_size),
         ):
-            buffers = fs.new_block_buffers(b)
-            status = np.full(len(images), STATUS_OK, dtype=np.uint8)
-            errors = [""] * len(images)
-            for j, d in enumerate(images):
-                if d.error:
-                    status[j] = STATUS_FAILED
-                    errors[j] = d.error
-                    failures[records[d.index].image_id] = d.error
-
-            def image_done() -> None:
-                nonlocal n_done
-                n_done += 1
-                if progress:
-                    progress(info.name, n_before + n_done, n_mine)
-
-            _run_block(fs, backbone, specs, images, buffers, cfg, device, geos, image_done)
-            writer.put(b, buffers, status, errors)
+            if block is None:
+                block = _Block(b, fs.block_images(b), fs.new_block_buffers(b))
+            if d.error:
+                failures[records[d.index].image_id] = d.error
+            block.add(d)
+            runner.add(d, block.buffers)
+            if block.complete:
+                runner.finish()  # the block's last (possibly short) batch, all outputs placed
+                writer.put(b, block.buffers, block.status, block.errors)
+                block = None
     finally:
         writer.close()
     dt = time.perf_counter() - t0
@@ -415,7 +433,13 @@ class DecodedImage:
     error: str = ""
 
 
-def _decoded_blocks(
+def _lookahead(workers: int, batch_size: int) -> int:
+    """Images decoded ahead of the forward: a batch and each decoder's next image (at least 4,
+    at most 64 + workers) [ours]."""
+    return max(4, 2 * max(1, workers), min(batch_size, 64) + max(1, workers))
+
+
+def _decoded_images(
     fs: FeatureSet,
     records: Sequence[ImageRecord],
     geos: list[ImageGeometry],
@@ -423,10 +447,12 @@ def _decoded_blocks(
     backbone: Backbone,
     workers: int,
     max_pixels: int = HUGE_IMAGE_PIXELS,
-) -> Iterator[tuple[int, list[DecodedImage]]]:
-    """Yield ``(block, [DecodedImage, ...])`` with decoding done ahead in background threads
-    (bounded look-ahead). Images above ``max_pixels`` are decoded reduced
-    (:func:`decode_for`)."""
+    lookahead: int = 4,
+) -> Iterator[tuple[int, DecodedImage]]:
+    """Yield ``(block, DecodedImage)`` for every image of ``blocks``, in block then image
+    order, each as soon as it is decoded; ``workers`` background threads keep ``lookahead``
+    images in flight. Images above ``max_pixels`` are decoded reduced (:func:`decode_for`).
+    """
 
     wants_image = any(s.unit == "image" for s in backbone.tensor_specs())
 
@@ -448,29 +474,26 @@ def _decoded_blocks(
         return DecodedImage(i, backbone.preprocess(img, g), whole)
 
     order = [(b, i) for b in blocks for i in fs.block_images(b)]
-    lookahead = max(4, 2 * workers)
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="ovss-decode") as ex:
-        futures: list = []
-        pos = 0
+    # The decoders keep the process's torch thread count: the resize and normalisation results
+    # depend (in the last bits) on how their loops are split between threads.
+    ex = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="ovss-decode")
+    futures: deque = deque()
+    pos = 0
 
-        def fill() -> None:
-            nonlocal pos
-            while pos < len(order) and len(futures) < lookahead:
-                futures.append((order[pos][0], ex.submit(load, order[pos][1])))
-                pos += 1
+    def fill() -> None:
+        nonlocal pos
+        while pos < len(order) and len(futures) < lookahead:
+            futures.append((order[pos][0], ex.submit(load, order[pos][1])))
+            pos += 1
 
+    try:
         fill()
-        current, items = None, []
         while futures:
-            b, fut = futures.pop(0)
+            b, fut = futures.popleft()
             fill()
-            if current is not None and b != current:
-                yield current, items
-                items = []
-            current = b
-            items.append(fut.result())
-        if current is not None:
-            yield current, items
+            yield b, fut.result()
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
 
 
 def probe_failure(path: str) -> str:
@@ -504,69 +527,150 @@ def decode_for(
     return load_image_reduced(path, (need_h, need_w))
 
 
-def _run_block(
-    fs: FeatureSet,
-    backbone: Backbone,
-    specs: list[TensorSpec],
-    images: list[DecodedImage],
-    buffers: dict[str, np.ndarray],
-    cfg: ExtractConfig,
-    device: torch.device,
-    geos: list[ImageGeometry],
-    image_done: Callable[[], None] | None = None,
-) -> None:
-    """Forward all windows of a block (batched by shape) and place outputs in the buffers.
+class _Block:
+    """One block being filled: its chunk buffers, per-image status and errors."""
 
-    ``image_done`` is called once per image when its last window has been computed (and once
-    per failed image), to drive progress.
-    """
-    pending: list[tuple[int, int, int, torch.Tensor]] = []  # image, window, token offset, x
-    n_windows = {d.index: len(d.windows) for d in images}
-    window_specs = [s for s in specs if s.unit != "image"]
-    image_specs = [s for s in specs if s.unit == "image"]
+    def __init__(self, b: int, images: range, buffers: dict[str, np.ndarray]):
+        self.b, self.images, self.buffers = b, images, buffers
+        self.status = np.full(len(images), STATUS_OK, dtype=np.uint8)
+        self.errors = [""] * len(images)
+        self.received = 0
 
-    def flush() -> None:
-        if not pending:
-            return
-        x = torch.stack([p[3] for p in pending]).to(device, non_blocking=True)
-        grids = [geos[i].windows[w].grid for i, w, _, _ in pending]
-        with torch.inference_mode(), _autocast(device, cfg.precision):
-            out = backbone.forward_dense(x, grids)
-        for s in window_specs:
-            arr = fs.encode(out[s.name])
-            for k, (i, w, tok_off, _) in enumerate(pending):
-                if s.unit == "token":
-                    gh, gw = grids[k]
-                    base = fs.local_rows("token", i).start + tok_off
-                    buffers[s.name][base : base + gh * gw] = arr[k][: gh * gw]
-                else:
-                    buffers[s.name][fs.local_rows("window", i).start + w] = arr[k]
-        if image_done:
-            for i, w, _, _ in pending:
-                if w == n_windows[i] - 1:
-                    image_done()
-        pending.clear()
-
-    for d in images:
-        i, windows = d.index, d.windows
+    def add(self, d: DecodedImage) -> None:
         if d.error:
-            if image_done:
-                image_done()
-            continue
-        if image_specs:
-            x = d.image_input[None].to(device)
-            with torch.inference_mode(), _autocast(device, cfg.precision):
-                out = backbone.forward_image(x)
-            for s in image_specs:
-                buffers[s.name][fs.local_rows("image", i).start] = fs.encode(out[s.name])[0]
+            j = d.index - self.images.start
+            self.status[j] = STATUS_FAILED
+            self.errors[j] = d.error
+        self.received += 1
+
+    @property
+    def complete(self) -> bool:
+        return self.received == len(self.images)
+
+
+class _BatchRunner:
+    """Forward the windows of a block's images in batches and place the outputs in its buffers.
+
+    Windows are batched in image order, ``batch_size`` of one shape per ``forward_dense`` (a
+    window of another shape, or :meth:`finish` at the block's end, closes a batch); each image's
+    ``image``-unit tensors come from a ``forward_image`` of that image alone, run when the image
+    arrives. A forward's outputs are placed after the next forward has been launched (on CUDA
+    their device->host copy overlaps it; on the CPU this is the same work in the same order of
+    results). ``image_done`` is called once per image when its last window has been placed (and
+    once per failed image, when it arrives), to drive progress.
+    """
+
+    def __init__(
+        self,
+        fs: FeatureSet,
+        backbone: Backbone,
+        specs: list[TensorSpec],
+        geos: list[ImageGeometry],
+        cfg: ExtractConfig,
+        device: torch.device,
+        image_done: Callable[[], None] | None = None,
+    ):
+        self.fs, self.backbone, self.geos, self.device = fs, backbone, geos, device
+        self.batch_size, self.precision = cfg.batch_size, cfg.precision
+        self.window_specs = [s for s in specs if s.unit != "image"]
+        self.image_specs = [s for s in specs if s.unit == "image"]
+        self.image_done = image_done
+        # (image, window, token offset, x, the block's buffers)
+        self.pending: list[tuple[int, int, int, torch.Tensor, dict[str, np.ndarray]]] = []
+        self.unplaced: tuple | None = None  # (outputs on the host, wait for them, place)
+
+    def add(self, d: DecodedImage, buffers: dict[str, np.ndarray]) -> None:
+        """Queue the windows of one decoded image (forwarding full batches)."""
+        if d.error:
+            if self.image_done:
+                self.image_done()
+            return
+        i = d.index
+        if self.image_specs:
+            x = d.image_input[None].to(self.device)
+            self._launch(lambda: self.backbone.forward_image(x), self._image_placer(i, buffers))
         tok_off = 0
-        for w, x in enumerate(windows):
-            if pending and (len(pending) >= cfg.batch_size or pending[0][3].shape != x.shape):
-                flush()
-            pending.append((i, w, tok_off, x))
-            gh, gw = geos[i].windows[w].grid
+        for w, x in enumerate(d.windows):
+            p = self.pending
+            if p and (len(p) >= self.batch_size or p[0][3].shape != x.shape):
+                self._flush()
+            self.pending.append((i, w, tok_off, x, buffers))
+            gh, gw = self.geos[i].windows[w].grid
             tok_off += gh * gw
-    flush()
+
+    def finish(self) -> None:
+        """Forward what is queued and place every output (the block is then complete)."""
+        self._flush()
+        self._place()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        batch, self.pending = self.pending, []
+        xs = [p[3] for p in batch]
+        if self.device.type == "cuda":  # up from pinned memory, asynchronously
+            x = torch.stack(xs, out=torch.empty((len(xs), *xs[0].shape), pin_memory=True))
+            x = x.to(self.device, non_blocking=True)
+        else:
+            x = torch.stack(xs).to(self.device)
+        grids = [self.geos[i].windows[w].grid for i, w, _, _, _ in batch]
+        self._launch(lambda: self.backbone.forward_dense(x, grids), self._window_placer(batch))
+
+    def _launch(self, forward: Callable[[], dict], place: Callable[[dict], None]) -> None:
+        """Run ``forward``, start bringing its outputs to the host, place the previous ones."""
+        with torch.inference_mode(), _autocast(self.device, self.precision):
+            out = forward()
+        if self.device.type == "cuda":
+            # Pinned host copies, ready when the event is; the values are those of .cpu().
+            out = {k: v.to("cpu", non_blocking=True) for k, v in out.items()}
+            ready = torch.cuda.Event()
+            ready.record()
+            wait = ready.synchronize
+        else:
+            wait = _nothing
+        self._place()
+        self.unplaced = (out, wait, place)
+
+    def _place(self) -> None:
+        if self.unplaced is not None:
+            out, wait, place = self.unplaced
+            self.unplaced = None
+            wait()
+            place(out)
+
+    def _image_placer(self, i: int, buffers: dict[str, np.ndarray]) -> Callable[[dict], None]:
+        fs = self.fs
+
+        def place(out: dict) -> None:
+            for s in self.image_specs:
+                buffers[s.name][fs.local_rows("image", i).start] = fs.encode(out[s.name])[0]
+
+        return place
+
+    def _window_placer(self, batch: list) -> Callable[[dict], None]:
+        fs, geos = self.fs, self.geos
+
+        def place(out: dict) -> None:
+            for s in self.window_specs:
+                arr = fs.encode(out[s.name])
+                buf = batch[0][4][s.name]
+                for k, (i, w, tok_off, _, _) in enumerate(batch):
+                    if s.unit == "token":
+                        gh, gw = geos[i].windows[w].grid
+                        base = fs.local_rows("token", i).start + tok_off
+                        buf[base : base + gh * gw] = arr[k][: gh * gw]
+                    else:
+                        buf[fs.local_rows("window", i).start + w] = arr[k]
+            if self.image_done:
+                for i, w, _, _, _ in batch:
+                    if w == geos[i].n_windows - 1:
+                        self.image_done()
+
+        return place
+
+
+def _nothing() -> None:
+    return None
 
 
 class _BlockWriter:
