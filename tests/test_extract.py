@@ -78,6 +78,85 @@ def test_features_equal_direct_forward(tmp_path):
     assert prov["protocol"]["crop"] == 42
 
 
+def _batched_reference(bb, recs, fs, protocol, batch):
+    """The outputs of a direct forward, batched as extract batches (per block, ``batch``
+    windows in image order; one window shape here), stored as float16: image -> tensors."""
+    want = {}
+    for b in range(fs.n_blocks):
+        idx = list(fs.block_images(b))
+        wins, owner = [], []
+        for i in idx:
+            img = load_image_rgb(recs[i].path)
+            for w in bb.preprocess(img, bb.geometry(protocol, *img.shape[:2])):
+                wins.append(w)
+                owner.append(i)
+        outs: dict[str, list] = {}
+        for k in range(0, len(wins), batch):
+            with torch.inference_mode():
+                out = bb.forward_dense(torch.stack(wins[k : k + batch]))
+            for name, t in out.items():
+                outs.setdefault(name, []).extend(t.numpy().astype(np.float16))
+        for j, i in enumerate(owner):
+            got = want.setdefault(i, {})
+            for name, rows in outs.items():
+                got.setdefault(name, []).append(rows[j])
+    return {
+        i: {n: np.concatenate([r.reshape(-1, r.shape[-1]) for r in v]) for n, v in t.items()}
+        for i, t in want.items()
+    }
+
+
+def test_stored_bytes_equal_a_direct_forward_batched_alike(tmp_path):
+    """Exact: every stored float16 tensor is the direct forward's output, batched the same way
+    (3 windows per forward across images, short batches at block ends), converted alike; the
+    progress callback reaches every image once, in order. (This tiny model's outputs do not
+    depend on the batching; the bench-size models' do, and were checked by hand.)"""
+    recs = list_folder_images(write_images(tmp_path / "imgs", n=8, seed=3))
+    square = Protocol(resize="square", size=42)
+    calls = []
+    extract(
+        recs,
+        cfg(tmp_path / "s.zarr", protocol=square, block_mb=0.004),
+        progress=lambda m, done, total: calls.append((done, total)),
+    )
+    fs = FeatureStore.open(tmp_path / "s.zarr").require("dinov2-s14", square)
+    assert fs.n_blocks > 1 and any(len(fs.block_images(b)) % 3 for b in range(fs.n_blocks))
+    assert calls == [(k, 8) for k in range(9)]
+    bb = create_backbone("dinov2-s14", random_init=True, arch_overrides=TINY).eval()
+    want = _batched_reference(bb, recs, fs, square, 3)
+    for i in range(len(recs)):
+        got = fs.read(i).tensors
+        assert set(got) == set(want[i])
+        for name in got:
+            assert got[name].dtype == np.float16
+            np.testing.assert_array_equal(got[name].reshape(want[i][name].shape), want[i][name])
+
+
+def test_clip_whole_image_and_window_tensors_equal_direct_forwards(tmp_path):
+    """Exact at batch 1 with CLIP's image-level tensor: each window and each whole-image
+    input forwarded alone give the stored float16 rows."""
+    from featurestore.backbones.base import tiny_arch_overrides
+
+    recs = list_folder_images(write_images(tmp_path / "imgs", n=3, seed=4))
+    tiny = tiny_arch_overrides("clip-b16")
+    extract(recs, cfg(tmp_path / "s.zarr", models=["clip-b16"], arch_overrides=tiny, batch_size=1))
+    fs = FeatureStore.open(tmp_path / "s.zarr").require("clip-b16", PROTO)
+    bb = create_backbone("clip-b16", random_init=True, arch_overrides=tiny).eval()
+    for i, r in enumerate(recs):
+        img = load_image_rgb(r.path)
+        geo = bb.geometry(PROTO, *img.shape[:2])
+        with torch.inference_mode():
+            wins = [bb.forward_dense(w[None]) for w in bb.preprocess(img, geo)]
+            whole = bb.forward_image(bb.preprocess_image(img, geo)[None])
+        got = fs.read(i).tensors
+        for name in ("pre_last", "pre_last_cls", "global"):
+            want = np.concatenate([o[name].reshape(-1, o[name].shape[-1]).numpy() for o in wins])
+            np.testing.assert_array_equal(got[name].reshape(want.shape), want.astype(np.float16))
+        np.testing.assert_array_equal(
+            got["global_image"].reshape(1, -1), whole["global_image"].numpy().astype(np.float16)
+        )
+
+
 def test_dry_run_plan(tmp_path):
     recs = list_folder_images(write_images(tmp_path / "imgs", n=4))
     (row,) = plan(recs, cfg(tmp_path / "s.zarr"))
