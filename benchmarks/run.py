@@ -446,7 +446,8 @@ print(code, ",".join(m for m in heavy if m in sys.modules) or "-")
 
 def bench_startup(tmp: Path) -> dict:
     """``ovss store info`` on a small store in a fresh process (best of 3 wall seconds), and
-    the model libraries loaded by the commands that need no model."""
+    the model libraries loaded by the commands that need no model (``--help``, ``store info``,
+    ``store ls``, ``methods``, ``models``)."""
     path = tmp / "startup.zarr"
     synthetic_store(path, 8, dim=16)
     env = dict(os.environ, PYTHONPATH=os.getcwd())
@@ -462,7 +463,13 @@ def bench_startup(tmp: Path) -> dict:
         )
         times.append(time.perf_counter() - t)
     loaded = {}
-    for args in (["--help"], ["store", "info", str(path)], ["store", "ls", str(path)]):
+    for args in (
+        ["--help"],
+        ["store", "info", str(path)],
+        ["store", "ls", str(path)],
+        ["methods"],
+        ["models"],
+    ):
         res = subprocess.run(
             [sys.executable, "-c", STARTUP_PROBE, *args],
             check=True,
