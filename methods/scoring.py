@@ -185,7 +185,7 @@ def _merge_native(
         (w.shape[1], w.shape[2], int(y2 - y1), int(x2 - x1))
         for w, (y1, x1, y2, x2) in zip(wins, boxes, strict=True)
     ]
-    if not all(_kernel_matches(lib, *key) for key in set(sizes)):
+    if not all(_kernel_matches(lib, wins[0].shape[0], *key) for key in set(sizes)):
         return None
     q, (out_h, out_w) = wins[0].shape[0], canvas_hw
     tables = [_axis_tables(lib, h, bh) + _axis_tables(lib, w, bw) for h, w, bh, bw in sizes]
@@ -465,7 +465,7 @@ class _KernelUpsampler:
         lib = _kernel()
         if lib is None or cos.dtype != torch.float32 or max(cos.shape[0], *hw) >= 2**31:
             return None
-        ok = _kernel_matches(lib, cos.shape[1], cos.shape[2], hw[0], hw[1])
+        ok = _kernel_matches(lib, cos.shape[0], cos.shape[1], cos.shape[2], hw[0], hw[1])
         return cls(lib, cos, hw, workers) if ok else None
 
     def _run(self, n: int, fn: Callable[[int, int], object]) -> None:
@@ -546,30 +546,34 @@ def _axis_tables(lib, n_in: int, n_out: int) -> tuple[torch.Tensor, ...]:
     return i0, i1, w0, w1
 
 
-_verified: dict[tuple[int, int, int, int], bool] = {}
+_verified: dict[tuple[int, ...], bool] = {}
 #: Outputs up to this many pixels are probed whole; larger ones axis by axis.
 _WHOLE_PROBE_PIXELS = 1 << 16
 
 
-def _kernel_matches(lib, h: int, w: int, out_h: int, out_w: int) -> bool:
-    """Whether the kernel's upsampling of ``(h, w)`` to ``(out_h, out_w)`` is bitwise
-    ``upsample_bilinear``'s here, checked on random probes (cached per sizes).
+def _kernel_matches(lib, q: int, h: int, w: int, out_h: int, out_w: int) -> bool:
+    """Whether the kernel's upsampling of ``q`` channels of ``(h, w)`` to ``(out_h, out_w)`` is
+    bitwise ``upsample_bilinear``'s here, checked on random probes (cached per sizes).
 
-    Small outputs are probed whole. Larger ones (``H * W > 2**16``, so ``H + W > 128``: PyTorch's
-    generic separable kernel) are probed one axis at a time, ``(h, 1) -> (H, 128)`` and
+    PyTorch picks its CPU kernel by the sizes, the channel count and the thread count (e.g. its
+    channels-last kernel for 3 channels on one thread), so a probe has the call's channel count
+    (up to 4; beyond that the choice no longer depends on it) and runs under the caller's thread
+    count. Small outputs are probed whole. Larger ones (``H * W > 2**16``, so ``H + W > 128``:
+    the generic separable kernel) one axis at a time, ``(h, 1) -> (H, 128)`` and
     ``(1, w) -> (128, W)``: the same index, weight and rounding steps as the whole resize, in
     ``128 * (H + W)`` pixels instead of ``H * W`` (each image size of a dataset is new).
     """
+    c = min(int(q), 4)
     if out_h * out_w <= _WHOLE_PROBE_PIXELS:
-        return _probe(lib, h, w, out_h, out_w)
-    return _probe(lib, h, 1, out_h, 128) and _probe(lib, 1, w, 128, out_w)
+        return _probe(lib, c, h, w, out_h, out_w)
+    return _probe(lib, c, h, 1, out_h, 128) and _probe(lib, c, 1, w, 128, out_w)
 
 
-def _probe(lib, h: int, w: int, out_h: int, out_w: int) -> bool:
-    key = (int(h), int(w), int(out_h), int(out_w))
+def _probe(lib, c: int, h: int, w: int, out_h: int, out_w: int) -> bool:
+    key = (c, int(h), int(w), int(out_h), int(out_w), torch.get_num_threads() == 1)
     ok = _verified.get(key)
     if ok is None:
-        probe = torch.rand(2, h, w, generator=torch.Generator().manual_seed(0))
+        probe = torch.rand(c, h, w, generator=torch.Generator().manual_seed(0))
         ours = _KernelUpsampler(lib, probe, (out_h, out_w), 1).upsampled()
         ok = torch.equal(ours, upsample_bilinear(probe, (out_h, out_w)))
         if len(_verified) > 4096:
