@@ -15,9 +15,7 @@ from click.testing import CliRunner
 from ovss_cli.main import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-OUTSIDE = re.compile(
-    r"spec/|METHODS\.md|EVAL\.md|PRODUCT\.md|STYLE\.md|\.\./shared|paper 00\d|§\d"
-)
+OUTSIDE = re.compile(r"spec/|METHODS\.md|EVAL\.md|PRODUCT\.md|STYLE\.md|\.\./shared|paper 00\d|§\d")
 
 
 def _hits(where: str, text: str) -> list[str]:
