@@ -10,9 +10,10 @@ copy drifts from the registry; regenerate it with ``python -m featurestore.model
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+from featurestore.catalog_file import read_rows, render_rows, write_rows
 
 #: The generated copy of the registry (``python -m featurestore.model_catalog`` writes it).
 CATALOG_PATH = Path(__file__).parent / "data" / "models.json"
@@ -20,7 +21,7 @@ CATALOG_PATH = Path(__file__).parent / "data" / "models.json"
 
 def catalog_rows() -> list[dict[str, str]]:
     """The rows of :data:`CATALOG_PATH`: ``{name, doc}`` per registered backbone, sorted."""
-    return json.loads(CATALOG_PATH.read_text(encoding="utf-8"))
+    return read_rows(CATALOG_PATH)
 
 
 def live_rows() -> list[dict[str, str]]:
@@ -43,15 +44,14 @@ def model_rows() -> list[dict[str, str]]:
     return live_rows() if registry_in_use() else catalog_rows()
 
 
-def render_catalog(rows: list[dict[str, str]]) -> str:
-    """The file text of ``rows`` (2-space JSON, one trailing newline)."""
-    return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
+def render_catalog(rows: list) -> str:
+    """The file text of ``rows`` (``featurestore.catalog_file.render_rows``)."""
+    return render_rows(rows)
 
 
 def write_catalog(path: Path = CATALOG_PATH) -> Path:
-    """Write the live registry's rows to ``path`` (default :data:`CATALOG_PATH`)."""
-    path.write_text(render_catalog(live_rows()), encoding="utf-8")
-    return path
+    """Write the live rows to ``path`` (default :data:`CATALOG_PATH`); returns the path."""
+    return write_rows(path, live_rows())
 
 
 if __name__ == "__main__":  # pragma: no cover - the regeneration entry point

@@ -13,10 +13,11 @@ the live table; regenerate it with ``python -m methods.method_catalog``.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from featurestore.catalog_file import read_rows, render_rows, write_rows
 
 #: The generated copy of the live table (``python -m methods.method_catalog`` writes it).
 CATALOG_PATH = Path(__file__).with_name("method_catalog.json")
@@ -25,7 +26,7 @@ CATALOG_PATH = Path(__file__).with_name("method_catalog.json")
 def catalog_rows() -> list[dict[str, Any]]:
     """The rows of :data:`CATALOG_PATH`: per built-in method ``name``, ``doc``, ``default``
     and ``options`` (as ``methods.segment.describe_methods``)."""
-    return json.loads(CATALOG_PATH.read_text(encoding="utf-8"))
+    return read_rows(CATALOG_PATH)
 
 
 def live_rows() -> list[dict[str, Any]]:
@@ -49,15 +50,14 @@ def describe_methods() -> list[dict[str, Any]]:
     return live_rows() if registry_in_use() else catalog_rows()
 
 
-def render_catalog(rows: list[dict[str, Any]]) -> str:
-    """The file text of ``rows`` (2-space JSON, key order kept, one trailing newline)."""
-    return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
+def render_catalog(rows: list) -> str:
+    """The file text of ``rows`` (``featurestore.catalog_file.render_rows``)."""
+    return render_rows(rows)
 
 
 def write_catalog(path: Path = CATALOG_PATH) -> Path:
-    """Write the live table to ``path`` (default :data:`CATALOG_PATH`); returns the path."""
-    path.write_text(render_catalog(live_rows()), encoding="utf-8")
-    return path
+    """Write the live rows to ``path`` (default :data:`CATALOG_PATH`); returns the path."""
+    return write_rows(path, live_rows())
 
 
 if __name__ == "__main__":  # pragma: no cover - the regeneration entry point
