@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from featurestore.catalog_file import read_rows, render_rows, write_rows
+from featurestore.catalog_file import read_rows, write_rows
 
 #: The generated copy of the registry (``python -m featurestore.model_catalog`` writes it).
 CATALOG_PATH = Path(__file__).parent / "data" / "models.json"
@@ -42,11 +42,6 @@ def model_rows() -> list[dict[str, str]]:
     """``{name, doc}`` per backbone ``ovss extract --model`` accepts: the generated copy while
     no backbone is registered in this process, else the live registry."""
     return live_rows() if registry_in_use() else catalog_rows()
-
-
-def render_catalog(rows: list) -> str:
-    """The file text of ``rows`` (``featurestore.catalog_file.render_rows``)."""
-    return render_rows(rows)
 
 
 def write_catalog(path: Path = CATALOG_PATH) -> Path:

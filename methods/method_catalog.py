@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from featurestore.catalog_file import read_rows, render_rows, write_rows
+from featurestore.catalog_file import read_rows, write_rows
 
 #: The generated copy of the live table (``python -m methods.method_catalog`` writes it).
 CATALOG_PATH = Path(__file__).with_name("method_catalog.json")
@@ -48,11 +48,6 @@ def describe_methods() -> list[dict[str, Any]]:
     of ``{name, type, default, required, help, choices}``): the generated copy while no method
     is registered in this process, else the live table."""
     return live_rows() if registry_in_use() else catalog_rows()
-
-
-def render_catalog(rows: list) -> str:
-    """The file text of ``rows`` (``featurestore.catalog_file.render_rows``)."""
-    return render_rows(rows)
 
 
 def write_catalog(path: Path = CATALOG_PATH) -> Path:
