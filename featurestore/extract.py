@@ -9,9 +9,7 @@ The stream [ours]: images reach the forward one by one as they are decoded (the 
 of a block starts as soon as its own images are ready, not when the whole block is), with the
 decoders a batch and more ahead; the windows of a block are batched exactly as before
 (``batch_size`` windows of one shape, in image order, a block's last batch possibly short), so
-the stored bytes do not depend on the timing. With the forward on the CPU, the decoders and the
-writer run at the lowest CPU priority (they fill the forward's gaps rather than preempt its
-threads; ``_lower_this_thread``). On CUDA a batch goes up from pinned memory and
+the stored bytes do not depend on the timing. On CUDA a batch goes up from pinned memory and
 its outputs come down while the next batch computes (they are placed into the block buffers
 after the next forward is launched).
 """
@@ -20,7 +18,6 @@ from __future__ import annotations
 
 import os
 import queue
-import sys
 import threading
 import time
 from collections import deque
@@ -387,7 +384,7 @@ def _extract_model(
             progress(info.name, n_before + n_done, n_mine)
 
     runner = _BatchRunner(fs, backbone, specs, geos, cfg, device, image_done)
-    writer = _BlockWriter(fs, background=device.type == "cpu")
+    writer = _BlockWriter(fs)
     block: _Block | None = None
     try:
         for b, d in _decoded_images(
@@ -399,7 +396,6 @@ def _extract_model(
             cfg.workers,
             cfg.max_pixels,
             lookahead=_lookahead(cfg.workers, cfg.batch_size),
-            background=device.type == "cpu",
         ):
             if block is None:
                 block = _Block(b, fs.block_images(b), fs.new_block_buffers(b))
@@ -452,12 +448,10 @@ def _decoded_images(
     workers: int,
     max_pixels: int = HUGE_IMAGE_PIXELS,
     lookahead: int = 4,
-    background: bool = False,
 ) -> Iterator[tuple[int, DecodedImage]]:
     """Yield ``(block, DecodedImage)`` for every image of ``blocks``, in block then image
     order, each as soon as it is decoded; ``workers`` background threads keep ``lookahead``
     images in flight. Images above ``max_pixels`` are decoded reduced (:func:`decode_for`).
-    ``background``: the decoders run at the lowest CPU priority (:func:`_lower_this_thread`).
     """
 
     wants_image = any(s.unit == "image" for s in backbone.tensor_specs())
@@ -482,11 +476,7 @@ def _decoded_images(
     order = [(b, i) for b in blocks for i in fs.block_images(b)]
     # The decoders keep the process's torch thread count: the resize and normalisation results
     # depend (in the last bits) on how their loops are split between threads.
-    ex = ThreadPoolExecutor(
-        max_workers=max(1, workers),
-        thread_name_prefix="ovss-decode",
-        initializer=_lower_this_thread if background else None,
-    )
+    ex = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="ovss-decode")
     futures: deque = deque()
     pos = 0
 
@@ -683,38 +673,17 @@ def _nothing() -> None:
     return None
 
 
-def _lower_this_thread() -> None:
-    """Run the calling thread (and the torch thread team it starts) at the lowest CPU priority
-    (nice 19; Linux, where a thread has its own) [ours].
-
-    Used for the decoders and the writer when the forward runs on the CPU: on cores the forward
-    keeps busy they then run in its gaps instead of preempting one of its threads, which would
-    stall the others at the next per-op barrier. Their work and thread counts are unchanged
-    (so are the stored bytes); elsewhere, or where refused, nothing happens.
-    """
-    if sys.platform != "linux":
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except OSError:
-        pass
-
-
 class _BlockWriter:
-    """One background thread writing finished blocks, so compute continues meanwhile
-    (``background``: at the lowest CPU priority, :func:`_lower_this_thread`)."""
+    """One background thread writing finished blocks, so compute continues meanwhile."""
 
-    def __init__(self, fs: FeatureSet, depth: int = 2, background: bool = False):
+    def __init__(self, fs: FeatureSet, depth: int = 2):
         self.fs = fs
-        self.background = background
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="ovss-writer", daemon=True)
         self.thread.start()
 
     def _loop(self) -> None:
-        if self.background:
-            _lower_this_thread()
         while True:
             item = self.q.get()
             if item is None:
