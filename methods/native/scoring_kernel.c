@@ -29,6 +29,13 @@
 
 #define RUN 64 /* pixels of one output row decided together (Q * RUN floats of scratch) */
 
+/* The one rounding rule of both passes, PyTorch's: p * w0 + q * w1 with q * w1 rounded first and
+ * the rest fused (the AVX-512 width pass computes the same with _mm512_fmadd_ps). */
+static inline float blend(float p, float w0, float q, float w1)
+{
+    return fmaf(p, w0, q * w1);
+}
+
 /* Source indices and weights of one axis (PyTorch's area_pixel_compute_source_index rule). */
 void ovss_axis(int64_t in_size, int64_t out_size, int32_t *i0, int32_t *i1, float *w0, float *w1)
 {
@@ -58,7 +65,7 @@ static inline void width_row(const float *restrict src, int64_t W, const int32_t
                              const float *restrict wx1, float *restrict dst)
 {
     for (int64_t X = 0; X < W; X++)
-        dst[X] = fmaf(src[x0[X]], wx0[X], src[x1[X]] * wx1[X]);
+        dst[X] = blend(src[x0[X]], wx0[X], src[x1[X]], wx1[X]);
 }
 
 /* The width pass of many rows with one pair of axis tables.  With AVX-512, each block of 16
@@ -128,7 +135,7 @@ static inline void width_row_planned(const width_plan *p, const float *restrict 
         const int64_t o = 16 * k;
         if (base < 0) {
             for (int64_t i = o; i < o + 16; i++)
-                dst[i] = fmaf(src[p->x0[i]], p->wx0[i], src[p->x1[i]] * p->wx1[i]);
+                dst[i] = blend(src[p->x0[i]], p->wx0[i], src[p->x1[i]], p->wx1[i]);
             continue;
         }
         const __m512 lo = _mm512_loadu_ps(src + base), hi = _mm512_loadu_ps(src + base + 16);
@@ -141,7 +148,7 @@ static inline void width_row_planned(const width_plan *p, const float *restrict 
     X = (W / 16) * 16;
 #endif
     for (; X < W; X++)
-        dst[X] = fmaf(src[p->x0[X]], p->wx0[X], src[p->x1[X]] * p->wx1[X]);
+        dst[X] = blend(src[p->x0[X]], p->wx0[X], src[p->x1[X]], p->wx1[X]);
 }
 
 /* Source row r of every query of x (Q, h, w), width-resized, into rows (Q, W). */
@@ -189,7 +196,7 @@ track_best(const float *restrict t, const float *restrict u, float a, float b, i
            float *restrict v)
 {
     for (int64_t i = 0; i < n; i++) {
-        const float val = fmaf(t[i], a, u[i] * b);
+        const float val = blend(t[i], a, u[i], b);
         const float bi = best[i];
         const int gt = val > bi;
         const float s2 = second[i] > val ? second[i] : val;
@@ -319,8 +326,8 @@ void ovss_pixels(const float *x, int64_t Q, int64_t h, int64_t w, int64_t W, con
         const float a = wy0[Y], b = wy1[Y];
         for (int64_t q = 0; q < Q; q++) {
             const float *s0 = x + (q * h + y0[Y]) * w, *s1 = x + (q * h + y1[Y]) * w;
-            const float t = fmaf(s0[x0[X]], wx0[X], s0[x1[X]] * wx1[X]);
-            const float u = fmaf(s1[x0[X]], wx0[X], s1[x1[X]] * wx1[X]);
+            const float t = blend(s0[x0[X]], wx0[X], s0[x1[X]], wx1[X]);
+            const float u = blend(s1[x0[X]], wx0[X], s1[x1[X]], wx1[X]);
             out[q * n + k] = fmaf(t, a, u * b);
         }
     }
@@ -344,7 +351,7 @@ int ovss_height_pass(const float *x, int64_t Q, int64_t h, int64_t w, int64_t H,
             width_row(x + (q * h + y1[Y]) * w, W, x0, x1, wx0, wx1, u);
             float *o = out + (q * H + Y) * W;
             for (int64_t X = 0; X < W; X++)
-                o[X] = fmaf(t[X], a, u[X] * b);
+                o[X] = blend(t[X], a, u[X], b);
         }
     free(t);
     return 0;
@@ -402,7 +409,7 @@ int ovss_merge_windows(int64_t n_win, const float *const *win, const int64_t *di
                 const float *restrict u = tmp + (int64_t)y1[Y] * bw;
                 float *restrict row = plane + (oy + Y) * W + ox;
                 for (int64_t X = 0; X < bw; X++)
-                    row[X] += fmaf(t[X], a, u[X] * b);
+                    row[X] += blend(t[X], a, u[X], b);
             }
         }
     }
