@@ -410,18 +410,33 @@ def _gloo_worker(rank, world, port, path, out):
 
 
 def test_two_gloo_ranks_equal_one_process(toy):
+    """Batch 4 split 2 + 2 over two gloo ranks, gradients all-reduced: equal to one process up
+    to float summation order. Losses to rel 1e-5; weights to a fraction of their group's Adam
+    step: Adam divides each gradient by its own running magnitude, so an element whose
+    gradient is rounding-sized moves by a noise-driven part of a full step (measured on an AMD
+    EPYC, AVX2: prompts, lr 2e-3, differ by up to 1.4e-5, 0.7 % of a step; the decoder, lr
+    2e-4, by 9e-6). A rank that trained on its own gradients would differ by whole steps."""
     import torch.multiprocessing as mp
 
     root, path = toy
-    one = train_pixelclip(
-        TrainRequest(store=path, config=_cfg(trainable_blocks=1), out_dir=str(root / "one"))
-    )
+    cfg = _cfg(trainable_blocks=1)
+    one = train_pixelclip(TrainRequest(store=path, config=cfg, out_dir=str(root / "one")))
     mp.spawn(_gloo_worker, args=(2, _free_port(), path, str(root / "two")), nprocs=2)
     a, b = read_checkpoint(one.checkpoint), read_checkpoint(root / "two" / "last.pt")
     assert b["world_size"] == 2
     assert [x for x in a["losses"]] == pytest.approx([x for x in b["losses"]], rel=1e-5)
     for n, v in a["model"].items():
-        assert torch.allclose(v, b["model"][n], atol=1e-6), n
+        mult = (
+            cfg.prompt_lr_mult
+            if n == "prompts"
+            else 1.0
+            if n.startswith("decoder.")
+            else cfg.clip_lr_mult
+        )
+        step = cfg.lr * mult  # the largest per-element Adam step of this group
+        d = (v - b["model"][n]).abs()
+        assert float(d.max()) <= 0.1 * step, (n, float(d.max()), step)
+        assert float(d.float().mean()) <= 0.01 * step, (n, float(d.mean()), step)
 
 
 def test_pixel_path_with_augmentations_trains(toy):
